@@ -1,0 +1,27 @@
+"""Celery settings for every process of the platform. Names only, no logic: the broker and
+result backend URLs come from orchestrator.settings when the app is made (workers/app.py)."""
+
+from orchestrator.names import CONTROL_QUEUE
+
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+event_serializer = "json"
+
+# A step is acknowledged only once done: a node that dies mid-step gets it redelivered, and the
+# tasks are idempotent, so that is safe.
+task_acks_late = True
+task_reject_on_worker_lost = True
+worker_prefetch_multiplier = 1
+
+# Flower sees every step: sent, started, succeeded or failed, with readable arguments.
+worker_send_task_events = True
+task_send_sent_event = True
+task_track_started = True
+result_extended = True
+result_expires = 24 * 3600
+
+task_default_queue = CONTROL_QUEUE
+broker_connection_retry_on_startup = True
+broker_transport_options = {"visibility_timeout": 3600}
+worker_hijack_root_logger = False

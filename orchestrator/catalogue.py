@@ -1,0 +1,347 @@
+"""Keyword-only queries and mutations of the catalogue: f(*, session, ...).
+
+Callers own the transaction (they commit); these functions add, flush and read. The few
+conditional updates (claiming a service, moving a step on) are single UPDATE ... WHERE statements,
+so concurrent nodes and CLIs agree on who won without locks of their own.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+
+from sqlalchemy import func, update
+from sqlmodel import Session, col, select
+
+from orchestrator.models import (
+    ACTIVE_JOB_STATES,
+    Environment,
+    Host,
+    HostState,
+    Job,
+    JobPublic,
+    JobState,
+    Operation,
+    OperationPublic,
+    OpKind,
+    OpState,
+    OpTrigger,
+    Release,
+    Service,
+    ServicePublic,
+    ServiceType,
+    Step,
+    StepPublic,
+    StepState,
+    WorkerTarget,
+    utcnow,
+)
+from orchestrator.placement import HostLoad
+from orchestrator.sizes import parse_size
+
+
+class BadInput(Exception):
+    """The request is wrong; nothing was changed. The message is one line for the user."""
+
+
+class NotFound(BadInput):
+    pass
+
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def check_name(kind: str, name: str) -> str:
+    if not _DNS_LABEL.match(name):
+        raise BadInput(f"{kind} name {name!r} is not a DNS label (a-z, 0-9 and '-', at most 63)")
+    return name
+
+
+# --- hosts ----------------------------------------------------------------------------------------
+
+
+def add_host(*, session: Session, name: str, docker_url: str, address: str) -> Host:
+    check_name("host", name)
+    if not re.match(r"^(unix|tcp|ssh|http|https)://", docker_url):
+        raise BadInput(f"docker URL {docker_url!r} must start with unix://, tcp://, ssh:// or http(s)://")
+    if session.exec(select(Host).where(Host.name == name)).first() is not None:
+        raise BadInput(f"host {name} exists already")
+    host = Host(name=name, docker_url=docker_url, address=address)
+    session.add(host)
+    session.flush()
+    return host
+
+
+def get_host(*, session: Session, name: str) -> Host:
+    host = session.exec(select(Host).where(Host.name == name)).first()
+    if host is None:
+        raise NotFound(f"no host named {name}")
+    return host
+
+
+def list_hosts(*, session: Session) -> list[Host]:
+    return list(session.exec(select(Host).order_by(col(Host.name))))
+
+
+def host_loads(*, session: Session) -> list[HostLoad]:
+    """Every host with the CPU, memory and ports its active jobs hold."""
+    used_cpus: dict[str, float] = defaultdict(float)
+    used_mem: dict[str, int] = defaultdict(int)
+    ports: dict[str, set[int]] = defaultdict(set)
+    for job in session.exec(select(Job).where(col(Job.state).in_(ACTIVE_JOB_STATES))):
+        size = parse_size(job.size)
+        used_cpus[job.host] += size.cpus
+        used_mem[job.host] += size.memory_mb
+        if job.port is not None:
+            ports[job.host].add(job.port)
+    return [
+        HostLoad(
+            name=h.name, schedulable=h.state == HostState.up, cpus=h.cpus, memory_mb=h.memory_mb,
+            used_cpus=used_cpus[h.name], used_memory_mb=used_mem[h.name],
+            used_ports=frozenset(ports[h.name]),
+        )
+        for h in list_hosts(session=session)
+    ]
+
+
+# --- environments and services --------------------------------------------------------------------
+
+
+def create_env(*, session: Session, name: str, sandbox: bool) -> Environment:
+    check_name("environment", name)
+    if session.exec(select(Environment).where(Environment.name == name)).first() is not None:
+        raise BadInput(f"environment {name} exists already")
+    env = Environment(name=name, sandbox=sandbox)
+    session.add(env)
+    session.flush()
+    return env
+
+
+def get_env(*, session: Session, name: str) -> Environment:
+    env = session.exec(select(Environment).where(Environment.name == name)).first()
+    if env is None:
+        raise NotFound(f"no environment named {name}")
+    return env
+
+
+def list_envs(*, session: Session) -> list[Environment]:
+    return list(session.exec(select(Environment).order_by(col(Environment.name))))
+
+
+def add_service(*, session: Session, env: Environment, name: str, type: ServiceType,
+                image: str | None, command: str | None, scale: int, size: str) -> Service:
+    check_name("service", name)
+    if scale < 0:
+        raise BadInput("scale must be 0 or more")
+    try:
+        parse_size(size)
+    except ValueError as exc:
+        raise BadInput(str(exc)) from exc
+    exists = select(Service).where(Service.env_id == env.id, Service.name == name)
+    if session.exec(exists).first() is not None:
+        raise BadInput(f"service {name} exists already in {env.name}")
+    service = Service(env_id=env.id or 0, name=name, type=type, image=image, command=command,
+                      scale=scale, size=size)
+    session.add(service)
+    session.flush()
+    return service
+
+
+def get_service(*, session: Session, env: str, name: str) -> tuple[Environment, Service]:
+    environment = get_env(session=session, name=env)
+    service = session.exec(
+        select(Service).where(Service.env_id == environment.id, Service.name == name)
+    ).first()
+    if service is None:
+        raise NotFound(f"no service named {name} in environment {env}")
+    return environment, service
+
+
+def list_services(*, session: Session, env: Environment) -> list[Service]:
+    query = select(Service).where(Service.env_id == env.id).order_by(col(Service.name))
+    return list(session.exec(query))
+
+
+def service_public(service: Service, env: Environment) -> ServicePublic:
+    return ServicePublic(env=env.name, **service.model_dump(exclude={"env_id"}))
+
+
+def workers_of(*, session: Session, service: Service) -> list[WorkerTarget]:
+    query = select(WorkerTarget).where(WorkerTarget.service_id == service.id)
+    return list(session.exec(query.order_by(col(WorkerTarget.name))))
+
+
+# --- releases -------------------------------------------------------------------------------------
+
+
+def add_release(*, session: Session, service: Service, image: str) -> Release:
+    last = session.exec(
+        select(func.max(Release.number)).where(Release.service_id == service.id)
+    ).first()
+    release = Release(service_id=service.id or 0, number=(last or 0) + 1, image=image)
+    session.add(release)
+    session.flush()
+    return release
+
+
+def get_release(*, session: Session, service: Service, number: int) -> Release:
+    release = session.exec(
+        select(Release).where(Release.service_id == service.id, Release.number == number)
+    ).first()
+    if release is None:
+        raise NotFound(f"service {service.name} has no release {number}")
+    return release
+
+
+def list_releases(*, session: Session, service: Service) -> list[Release]:
+    query = select(Release).where(Release.service_id == service.id).order_by(col(Release.number))
+    return list(session.exec(query))
+
+
+# --- jobs -----------------------------------------------------------------------------------------
+
+
+def active_jobs(*, session: Session, service: Service) -> list[Job]:
+    query = select(Job).where(Job.service_id == service.id, col(Job.state).in_(ACTIVE_JOB_STATES))
+    return list(session.exec(query.order_by(col(Job.created_at), col(Job.id))))
+
+
+def list_jobs(*, session: Session, env: Environment, service: Service | None = None,
+              include_stopped: bool = False) -> list[JobPublic]:
+    services = {s.id: s for s in list_services(session=session, env=env)}
+    query = select(Job).where(col(Job.service_id).in_(list(services)))
+    if service is not None:
+        query = query.where(Job.service_id == service.id)
+    if not include_stopped:
+        query = query.where(col(Job.state).in_((*ACTIVE_JOB_STATES, JobState.stopping)))
+    jobs = session.exec(query.order_by(col(Job.service_id), col(Job.created_at), col(Job.id)))
+    return [job_public(j, env.name, services[j.service_id].name) for j in jobs]
+
+
+def job_public(job: Job, env: str, service: str) -> JobPublic:
+    return JobPublic(env=env, service=service, **job.model_dump())
+
+
+def set_job_state(*, session: Session, job_id: str, state: JobState, container_id: str | None = None,
+                  error: str | None = None) -> None:
+    values: dict[str, object] = {"state": state}
+    if container_id is not None:
+        values["container_id"] = container_id
+    if error is not None:
+        values["error"] = error
+    if state == JobState.running:
+        values["started_at"] = utcnow()
+    if state in (JobState.stopped, JobState.failed):
+        values["stopped_at"] = utcnow()
+    session.exec(update(Job).where(col(Job.id) == job_id).values(**values))
+
+
+# --- operations -----------------------------------------------------------------------------------
+
+
+def record_operation(*, session: Session, env: Environment, service: Service, kind: OpKind,
+                     trigger: OpTrigger, params: dict[str, object] | None = None) -> Operation:
+    op = Operation(kind=kind, env_id=env.id or 0, service_id=service.id or 0, trigger=trigger,
+                   params=dict(params or {}))
+    session.add(op)
+    session.flush()
+    return op
+
+
+def claim_next_operation(*, session: Session, service_id: int) -> Operation | None:
+    """Make the oldest queued operation of the service its active one, if none is active.
+
+    Whoever's UPDATE matches wins; everyone else gets None. Called after recording an operation
+    and after finishing one, so a queued operation is never left behind."""
+    op = session.exec(
+        select(Operation)
+        .where(Operation.service_id == service_id, Operation.state == OpState.queued)
+        .order_by(col(Operation.id))
+    ).first()
+    if op is None:
+        return None
+    won = session.exec(
+        update(Service)
+        .where(col(Service.id) == service_id, col(Service.active_op_id).is_(None))
+        .values(active_op_id=op.id)
+    ).rowcount
+    return op if won == 1 else None
+
+
+def release_service(*, session: Session, service_id: int, op_id: int) -> None:
+    session.exec(
+        update(Service)
+        .where(col(Service.id) == service_id, col(Service.active_op_id) == op_id)
+        .values(active_op_id=None)
+    )
+
+
+def end_operation(*, session: Session, op_id: int, state: OpState, error: str | None) -> bool:
+    """Running (or queued) -> succeeded/failed, once; False when another caller already ended it."""
+    return session.exec(
+        update(Operation)
+        .where(col(Operation.id) == op_id,
+               col(Operation.state).in_((OpState.running, OpState.queued)))
+        .values(state=state, error=error, finished_at=utcnow())
+    ).rowcount == 1
+
+
+def get_operation(*, session: Session, op_id: int) -> Operation:
+    op = session.get(Operation, op_id)
+    if op is None:
+        raise NotFound(f"no operation {op_id}")
+    return op
+
+
+def list_operations(*, session: Session, env: Environment | None = None,
+                    limit: int = 50) -> list[Operation]:
+    query = select(Operation)
+    if env is not None:
+        query = query.where(Operation.env_id == env.id)
+    return list(session.exec(query.order_by(col(Operation.id).desc()).limit(limit)))
+
+
+def steps_of(*, session: Session, op_id: int) -> list[Step]:
+    query = select(Step).where(Step.op_id == op_id).order_by(col(Step.stage), col(Step.id))
+    return list(session.exec(query))
+
+
+def operation_public(*, session: Session, op: Operation, steps: Sequence[Step] | None = None
+                     ) -> OperationPublic:
+    env = session.get(Environment, op.env_id)
+    service = session.get(Service, op.service_id)
+    if steps is None:
+        steps = steps_of(session=session, op_id=op.id or 0)
+    return OperationPublic(
+        env=env.name if env else "?", service=service.name if service else "?",
+        steps=[StepPublic(job=s.job_id, **s.model_dump()) for s in steps],
+        **op.model_dump(exclude={"env_id", "service_id"}),
+    )
+
+
+# --- steps ----------------------------------------------------------------------------------------
+
+
+def begin_step(*, session: Session, step_id: int) -> Step | None:
+    """pending -> running; None when the step already ran or was skipped (a redelivery)."""
+    moved = session.exec(
+        update(Step)
+        .where(col(Step.id) == step_id, col(Step.state) == StepState.pending)
+        .values(state=StepState.running, started_at=utcnow())
+    ).rowcount
+    return session.get(Step, step_id) if moved == 1 else None
+
+
+def end_step(*, session: Session, step_id: int, state: StepState, error: str | None = None) -> None:
+    session.exec(
+        update(Step).where(col(Step.id) == step_id)
+        .values(state=state, error=error, finished_at=utcnow())
+    )
+
+
+def skip_pending_steps(*, session: Session, op_id: int, stages: Iterable[int] | None = None) -> None:
+    query = update(Step).where(col(Step.op_id) == op_id, col(Step.state) == StepState.pending)
+    if stages is not None:
+        query = query.where(col(Step.stage).in_(list(stages)))
+    session.exec(query.values(state=StepState.skipped, finished_at=utcnow()))

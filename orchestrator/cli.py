@@ -1,0 +1,537 @@
+"""The ``orchestrator`` command: a thin adapter over the catalogue and operations.
+
+Exit status: 0 success, 1 the operation failed, 2 bad input (one line on stderr, nothing changed).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from functools import cached_property, wraps
+from typing import Any, TypeVar
+
+import click
+from pydantic import BaseModel
+
+from orchestrator import catalogue, operations
+from orchestrator.catalogue import BadInput
+from orchestrator.models import (
+    EnvironmentPublic,
+    HostPublic,
+    OperationPublic,
+    OpState,
+    OpTrigger,
+    ReleasePublic,
+    ServiceType,
+)
+from orchestrator.settings import Settings, get_settings
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Context:
+    """Built lazily so ``--help`` and bad input need no database or broker."""
+
+    @cached_property
+    def settings(self) -> Settings:
+        return get_settings()
+
+    @cached_property
+    def platform(self) -> operations.Platform:
+        from orchestrator.db import make_engine
+        from workers.app import create_app
+
+        return operations.Platform(make_engine(self.settings.database_url),
+                                   create_app(self.settings), self.settings)
+
+
+pass_ctx = click.make_pass_decorator(Context, ensure=True)
+
+
+def fail(message: str, code: int = 2) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def bad_input_exits_2(fn: F) -> F:
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except BadInput as exc:
+            fail(str(exc))
+    return wrapper  # type: ignore[return-value]
+
+
+def emit(data: Any) -> None:
+    def plain(x: Any) -> Any:
+        if isinstance(x, BaseModel):
+            return x.model_dump(mode="json")
+        if isinstance(x, list):
+            return [plain(i) for i in x]
+        return x
+
+    click.echo(json.dumps(plain(data), indent=2, default=str))
+
+
+def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> None:
+    cells = [[("" if c is None else str(c)) for c in row] for row in [headers, *rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for row in cells:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+wait_option = click.option("--wait", is_flag=True, help="Follow the operation to its end.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """A small platform-as-a-service control plane."""
+
+
+# --- hosts ----------------------------------------------------------------------------------------
+
+
+@main.group()
+def hosts() -> None:
+    """Docker hosts the platform runs jobs on."""
+
+
+@hosts.command("add")
+@click.argument("name")
+@click.option("--docker-url", required=True, help="e.g. unix:///var/run/docker.sock")
+@click.option("--address", default="127.0.0.1", show_default=True,
+              help="Where this host's jobs are reached.")
+@pass_ctx
+@bad_input_exits_2
+def hosts_add(ctx: Context, name: str, docker_url: str, address: str) -> None:
+    with ctx.platform.session() as s:
+        catalogue.add_host(session=s, name=name, docker_url=docker_url, address=address)
+        s.commit()
+    click.echo(f"host {name} added")
+
+
+@hosts.command("list")
+@json_option
+@pass_ctx
+def hosts_list(ctx: Context, as_json: bool) -> None:
+    with ctx.platform.session() as s:
+        rows = [HostPublic.model_validate(h, from_attributes=True)
+                for h in catalogue.list_hosts(session=s)]
+    if as_json:
+        emit(rows)
+    else:
+        table([(h.name, h.state, h.docker_url, h.address, h.last_seen) for h in rows],
+              ["NAME", "STATE", "DOCKER", "ADDRESS", "LAST SEEN"])
+
+
+# --- node -----------------------------------------------------------------------------------------
+
+
+@main.group()
+def node() -> None:
+    """The Celery worker node of a Docker host."""
+
+
+@node.command("run")
+@click.argument("name")
+@click.option("--concurrency", type=int, default=None, help="Steps run at once (threads).")
+@click.option("--loglevel", default="INFO", show_default=True)
+@pass_ctx
+@bad_input_exits_2
+def node_run(ctx: Context, name: str, concurrency: int | None, loglevel: str) -> None:
+    """Consume queue host.NAME and drive that host's Docker engine."""
+    from workers.node import run_node
+
+    run_node(ctx.platform, name, concurrency=concurrency or ctx.settings.node_concurrency,
+             loglevel=loglevel)
+
+
+# --- environments ---------------------------------------------------------------------------------
+
+
+@main.group()
+def env() -> None:
+    """Environments: named sets of services."""
+
+
+@env.command("create")
+@click.argument("name")
+@click.option("--sandbox", is_flag=True, help="A sandbox gets no monitoring service.")
+@click.option("--no-defaults", is_flag=True, help="Skip the auto-included services.")
+@pass_ctx
+@bad_input_exits_2
+def env_create(ctx: Context, name: str, sandbox: bool, no_defaults: bool) -> None:
+    with ctx.platform.session() as s:
+        catalogue.create_env(session=s, name=name, sandbox=sandbox)
+        s.commit()
+    click.echo(f"environment {name} created")
+
+
+@env.command("list")
+@json_option
+@pass_ctx
+def env_list(ctx: Context, as_json: bool) -> None:
+    with ctx.platform.session() as s:
+        rows = [EnvironmentPublic.model_validate(e, from_attributes=True)
+                for e in catalogue.list_envs(session=s)]
+    if as_json:
+        emit(rows)
+    else:
+        table([(e.name, "yes" if e.sandbox else "no") for e in rows], ["NAME", "SANDBOX"])
+
+
+# --- services -------------------------------------------------------------------------------------
+
+
+@main.group()
+def services() -> None:
+    """Services: how an environment's jobs start."""
+
+
+@services.command("add")
+@click.argument("env_name", metavar="ENV")
+@click.argument("name", metavar="SVC")
+@click.option("--type", "type_", required=True, type=click.Choice([t.value for t in ServiceType]))
+@click.option("--image", default=None)
+@click.option("--command", default=None, help="Run through /bin/sh -c; $PORT is set.")
+@click.option("--scale", type=int, default=1, show_default=True)
+@click.option("--size", default="s", show_default=True, help="xs, s, m, l, xl or MEM[:CPUS]")
+@pass_ctx
+@bad_input_exits_2
+def services_add(ctx: Context, env_name: str, name: str, type_: str, image: str | None,
+                 command: str | None, scale: int, size: str) -> None:
+    kind = ServiceType(type_)
+    if kind != ServiceType.code and not image:
+        raise BadInput(f"a {kind} service needs --image")
+    with ctx.platform.session() as s:
+        environment = catalogue.get_env(session=s, name=env_name)
+        catalogue.add_service(session=s, env=environment, name=name, type=kind,
+                              image=image if kind != ServiceType.code else None,
+                              command=command, scale=scale, size=size)
+        s.commit()
+    click.echo(f"service {name} added to {env_name}")
+    if kind == ServiceType.code:
+        if image:
+            click.echo("code services run their releases: `orchestrator push` deploys an image")
+        return
+    op = operations.request_deploy(ctx.platform, env=env_name, service=name,
+                                   trigger=OpTrigger.create)
+    click.echo(f"operation {op.id} deploys it")
+
+
+@services.command("list")
+@click.argument("env_name", metavar="ENV")
+@json_option
+@pass_ctx
+@bad_input_exits_2
+def services_list(ctx: Context, env_name: str, as_json: bool) -> None:
+    with ctx.platform.session() as s:
+        environment = catalogue.get_env(session=s, name=env_name)
+        rows = [catalogue.service_public(svc, environment)
+                for svc in catalogue.list_services(session=s, env=environment)]
+    if as_json:
+        emit(rows)
+    else:
+        table([(r.name, r.type, r.image, r.scale, r.size, r.overlap, r.redeployable) for r in rows],
+              ["NAME", "TYPE", "IMAGE", "SCALE", "SIZE", "OVERLAP", "REDEPLOYABLE"])
+
+
+@services.command("show")
+@click.argument("env_name", metavar="ENV")
+@click.argument("name", metavar="SVC")
+@json_option
+@pass_ctx
+@bad_input_exits_2
+def services_show(ctx: Context, env_name: str, name: str, as_json: bool) -> None:
+    with ctx.platform.session() as s:
+        environment, svc = catalogue.get_service(session=s, env=env_name, name=name)
+        public = catalogue.service_public(svc, environment)
+        jobs = catalogue.list_jobs(session=s, env=environment, service=svc)
+    data = {**public.model_dump(mode="json"), "jobs": [j.model_dump(mode="json") for j in jobs]}
+    if as_json:
+        emit(data)
+        return
+    for key, value in public.model_dump().items():
+        click.echo(f"{key:13} {value}")
+    click.echo(f"{'jobs':13} {len(jobs)}")
+
+
+@services.command("update")
+@click.argument("env_name", metavar="ENV")
+@click.argument("name", metavar="SVC")
+@click.option("--overlap", type=int, default=None, help="Seconds (support only).")
+@click.option("--redeployable/--not-redeployable", default=None, help="(support only)")
+@click.option("--support", is_flag=True, help="Act as the support role.")
+@pass_ctx
+@bad_input_exits_2
+def services_update(ctx: Context, env_name: str, name: str, overlap: int | None,
+                    redeployable: bool | None, support: bool) -> None:
+    if overlap is None and redeployable is None:
+        raise BadInput("nothing to update: give --overlap or --redeployable/--not-redeployable")
+    if not support:
+        raise BadInput("only support may set the overlap period or the redeployable flag (--support)")
+    if overlap is not None and overlap < 0:
+        raise BadInput("overlap must be 0 or more seconds")
+    with ctx.platform.session() as s:
+        _, svc = catalogue.get_service(session=s, env=env_name, name=name)
+        if overlap is not None:
+            if overlap and svc.type != ServiceType.code:
+                raise BadInput("an overlap period is for code services only")
+            svc.overlap = overlap
+        if redeployable is not None:
+            svc.redeployable = redeployable
+        s.add(svc)
+        s.commit()
+    click.echo(f"service {name} updated")
+
+
+# --- variables ------------------------------------------------------------------------------------
+
+
+@main.group("vars")
+def vars_() -> None:
+    """User variables of a service (they take effect at the next redeploy)."""
+
+
+@vars_.command("set")
+@click.argument("env_name", metavar="ENV")
+@click.argument("name", metavar="SVC")
+@click.argument("pairs", nargs=-1, required=True, metavar="KEY=VALUE...")
+@pass_ctx
+@bad_input_exits_2
+def vars_set(ctx: Context, env_name: str, name: str, pairs: tuple[str, ...]) -> None:
+    updates = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise BadInput(f"{pair!r} is not KEY=VALUE")
+        if not key.replace("_", "a").isalnum() or key[0].isdigit():
+            raise BadInput(f"variable name {key!r} must be letters, digits and _, not starting with a digit")
+        updates[key] = value
+    with ctx.platform.session() as s:
+        _, svc = catalogue.get_service(session=s, env=env_name, name=name)
+        svc.variables = {**svc.variables, **updates}
+        s.add(svc)
+        s.commit()
+    click.echo(f"set {', '.join(updates)} on {name}: redeploy to apply")
+
+
+@vars_.command("unset")
+@click.argument("env_name", metavar="ENV")
+@click.argument("name", metavar="SVC")
+@click.argument("keys", nargs=-1, required=True, metavar="KEY...")
+@pass_ctx
+@bad_input_exits_2
+def vars_unset(ctx: Context, env_name: str, name: str, keys: tuple[str, ...]) -> None:
+    with ctx.platform.session() as s:
+        _, svc = catalogue.get_service(session=s, env=env_name, name=name)
+        missing = [k for k in keys if k not in svc.variables]
+        if missing:
+            raise BadInput(f"service {name} has no variable {missing[0]}")
+        svc.variables = {k: v for k, v in svc.variables.items() if k not in keys}
+        s.add(svc)
+        s.commit()
+    click.echo(f"unset {', '.join(keys)} on {name}: redeploy to apply")
+
+
+@vars_.command("list")
+@click.argument("env_name", metavar="ENV")
+@click.argument("name", metavar="SVC")
+@json_option
+@pass_ctx
+@bad_input_exits_2
+def vars_list(ctx: Context, env_name: str, name: str, as_json: bool) -> None:
+    with ctx.platform.session() as s:
+        _, svc = catalogue.get_service(session=s, env=env_name, name=name)
+        variables = dict(svc.variables)
+    if as_json:
+        emit([{"name": k, "value": v, "source": "user"} for k, v in sorted(variables.items())])
+    else:
+        table([(k, v, "user") for k, v in sorted(variables.items())], ["NAME", "VALUE", "SOURCE"])
+
+
+# --- operations -----------------------------------------------------------------------------------
+
+
+def started(ctx: Context, op: Any, wait: bool) -> None:
+    click.echo(f"operation {op.id} ({op.kind}) {op.state}")
+    if wait:
+        sys.exit(follow(ctx, op.id))
+
+
+@main.command()
+@click.argument("env_name", metavar="ENV")
+@click.argument("name", metavar="SVC")
+@click.argument("image")
+@wait_option
+@pass_ctx
+@bad_input_exits_2
+def push(ctx: Context, env_name: str, name: str, image: str, wait: bool) -> None:
+    """A new release of a code service: the first push deploys, later ones redeploy."""
+    started(ctx, operations.request_push(ctx.platform, env=env_name, service=name, image=image), wait)
+
+
+@main.command()
+@click.argument("env_name", metavar="ENV")
+@click.argument("name", metavar="SVC")
+@wait_option
+@click.option("--support", is_flag=True, help="Act as support (services not redeployable).")
+@pass_ctx
+@bad_input_exits_2
+def redeploy(ctx: Context, env_name: str, name: str, wait: bool, support: bool) -> None:
+    """Replace every job of the service with new ones from its current spec."""
+    op = operations.request_redeploy(ctx.platform, env=env_name, service=name, support=support)
+    started(ctx, op, wait)
+
+
+@main.command()
+@click.argument("env_name", metavar="ENV")
+@click.argument("name", metavar="SVC")
+@click.argument("scale", type=int)
+@wait_option
+@pass_ctx
+@bad_input_exits_2
+def scale(ctx: Context, env_name: str, name: str, scale: int, wait: bool) -> None:
+    """Start only the extra jobs, or stop only the surplus."""
+    started(ctx, operations.request_scale(ctx.platform, env=env_name, service=name, scale=scale),
+            wait)
+
+
+@main.command()
+@click.argument("env_name", metavar="ENV")
+@click.argument("name", metavar="SVC")
+@click.argument("release", type=int)
+@wait_option
+@pass_ctx
+@bad_input_exits_2
+def rollback(ctx: Context, env_name: str, name: str, release: int, wait: bool) -> None:
+    """Redeploy an earlier release."""
+    op = operations.request_redeploy(ctx.platform, env=env_name, service=name, release=release)
+    started(ctx, op, wait)
+
+
+@main.group()
+def releases() -> None:
+    """Releases of code services."""
+
+
+@releases.command("list")
+@click.argument("env_name", metavar="ENV")
+@click.argument("name", metavar="SVC")
+@json_option
+@pass_ctx
+@bad_input_exits_2
+def releases_list(ctx: Context, env_name: str, name: str, as_json: bool) -> None:
+    with ctx.platform.session() as s:
+        _, svc = catalogue.get_service(session=s, env=env_name, name=name)
+        rows = [ReleasePublic.model_validate(r, from_attributes=True)
+                for r in catalogue.list_releases(session=s, service=svc)]
+        current = svc.release
+    if as_json:
+        emit(rows)
+    else:
+        table([(r.number, r.image, r.created_at, "*" if r.number == current else "") for r in rows],
+              ["RELEASE", "IMAGE", "CREATED", "CURRENT"])
+
+
+@main.group()
+def jobs() -> None:
+    """Jobs: one container each."""
+
+
+@jobs.command("list")
+@click.argument("env_name", metavar="ENV")
+@click.argument("name", metavar="SVC", required=False)
+@click.option("--all", "include_stopped", is_flag=True, help="Include stopped and failed jobs.")
+@json_option
+@pass_ctx
+@bad_input_exits_2
+def jobs_list(ctx: Context, env_name: str, name: str | None, include_stopped: bool,
+              as_json: bool) -> None:
+    with ctx.platform.session() as s:
+        environment = catalogue.get_env(session=s, name=env_name)
+        svc = catalogue.get_service(session=s, env=env_name, name=name)[1] if name else None
+        rows = catalogue.list_jobs(session=s, env=environment, service=svc,
+                                   include_stopped=include_stopped)
+    if as_json:
+        emit(rows)
+    else:
+        table([(j.id, j.service, j.kind, j.target, j.host, j.port, j.state, j.release,
+                (j.container_id or "")[:12]) for j in rows],
+              ["JOB", "SERVICE", "KIND", "TARGET", "HOST", "PORT", "STATE", "RELEASE", "CONTAINER"])
+
+
+@main.group()
+def ops() -> None:
+    """Operations and their steps."""
+
+
+@ops.command("list")
+@click.argument("env_name", metavar="ENV", required=False)
+@json_option
+@pass_ctx
+@bad_input_exits_2
+def ops_list(ctx: Context, env_name: str | None, as_json: bool) -> None:
+    with ctx.platform.session() as s:
+        environment = catalogue.get_env(session=s, name=env_name) if env_name else None
+        rows = [catalogue.operation_public(session=s, op=op)
+                for op in catalogue.list_operations(session=s, env=environment)]
+    if as_json:
+        emit(rows)
+    else:
+        table([(o.id, o.kind, o.env, o.service, o.trigger, o.state, o.created_at) for o in rows],
+              ["ID", "KIND", "ENV", "SERVICE", "TRIGGER", "STATE", "CREATED"])
+
+
+@ops.command("show")
+@click.argument("op_id", metavar="OP", type=int)
+@json_option
+@pass_ctx
+@bad_input_exits_2
+def ops_show(ctx: Context, op_id: int, as_json: bool) -> None:
+    op = load_op(ctx, op_id)
+    if as_json:
+        emit(op)
+        return
+    click.echo(f"operation {op.id}: {op.kind} {op.env}/{op.service} ({op.trigger}) {op.state}")
+    if op.error:
+        click.echo(f"error: {op.error}")
+    table([(st.stage, st.state, st.name, st.error or "") for st in op.steps],
+          ["STAGE", "STATE", "STEP", "ERROR"])
+
+
+@ops.command("watch")
+@click.argument("op_id", metavar="OP", type=int)
+@pass_ctx
+@bad_input_exits_2
+def ops_watch(ctx: Context, op_id: int) -> None:
+    """Follow an operation's steps live until it ends."""
+    load_op(ctx, op_id)
+    sys.exit(follow(ctx, op_id))
+
+
+def load_op(ctx: Context, op_id: int) -> OperationPublic:
+    with ctx.platform.session() as s:
+        return catalogue.operation_public(session=s, op=catalogue.get_operation(session=s, op_id=op_id))
+
+
+def follow(ctx: Context, op_id: int, poll: float = 0.2) -> int:
+    """Print each step as it changes until the operation ends; 0 if it succeeded, else 1."""
+    from orchestrator.progress import Progress
+
+    progress = Progress(click.echo)
+    while True:
+        op = load_op(ctx, op_id)
+        progress.update(op)
+        if op.state in (OpState.succeeded, OpState.failed):
+            progress.done(op)
+            return 0 if op.state == OpState.succeeded else 1
+        time.sleep(poll)
+
+
+if __name__ == "__main__":
+    main()

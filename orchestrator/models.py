@@ -1,0 +1,275 @@
+"""The catalogue's SQLModel tables, and the public shapes the CLI and API print."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import JSON, Column, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class ServiceType(StrEnum):
+    code = "code"
+    postgresql = "postgresql"
+    mysql = "mysql"
+    redis = "redis"
+    memcached = "memcached"
+    service_proxy = "service_proxy"
+    logging = "logging"
+    monitoring = "monitoring"
+
+
+class HostState(StrEnum):
+    up = "up"
+    down = "down"
+    draining = "draining"
+
+
+class JobKind(StrEnum):
+    deploy = "deploy"
+    worker = "worker"
+
+
+class JobState(StrEnum):
+    scheduled = "scheduled"
+    starting = "starting"
+    running = "running"
+    stopping = "stopping"
+    stopped = "stopped"
+    failed = "failed"
+
+
+ACTIVE_JOB_STATES = (JobState.scheduled, JobState.starting, JobState.running)
+
+
+class OpKind(StrEnum):
+    deploy = "deploy"
+    redeploy = "redeploy"
+    scale = "scale"
+    worker_deploy = "worker_deploy"
+    worker_scale = "worker_scale"
+    worker_rm = "worker_rm"
+
+
+class OpTrigger(StrEnum):
+    manual = "manual"
+    push = "push"
+    support = "support"
+    create = "create"
+    rollback = "rollback"
+
+
+class OpState(StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+
+
+class StepState(StrEnum):
+    pending = "pending"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    skipped = "skipped"
+
+
+class StepAction(StrEnum):
+    check_image = "check_image"
+    start = "start"
+    stop = "stop"
+    wait = "wait"
+
+
+# --- tables -------------------------------------------------------------------------------------
+
+
+class Host(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(unique=True, index=True)
+    docker_url: str
+    address: str = "127.0.0.1"
+    state: HostState = HostState.up
+    last_seen: datetime | None = None
+    cpus: float = 0.0  # 0: not reported yet, no limit assumed
+    memory_mb: int = 0
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Environment(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(unique=True, index=True)
+    sandbox: bool = False
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Service(SQLModel, table=True):
+    __table_args__ = (UniqueConstraint("env_id", "name"),)
+    id: int | None = Field(default=None, primary_key=True)
+    env_id: int = Field(foreign_key="environment.id", index=True)
+    name: str
+    type: ServiceType
+    image: str | None = None  # code services: the image of the current release
+    command: str | None = None
+    size: str = "s"
+    scale: int = 1
+    overlap: int = 0  # seconds old jobs outlive new ones on a redeploy
+    redeployable: bool = True
+    release: int | None = None  # code services: the release now deployed (or being deployed)
+    variables: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    active_op_id: int | None = None  # the one operation allowed to touch this service's jobs
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class WorkerTarget(SQLModel, table=True):
+    __table_args__ = (UniqueConstraint("service_id", "name"),)
+    id: int | None = Field(default=None, primary_key=True)
+    service_id: int = Field(foreign_key="service.id", index=True)
+    name: str
+    command: str
+    scale: int = 1
+
+
+class Release(SQLModel, table=True):
+    __table_args__ = (UniqueConstraint("service_id", "number"),)
+    id: int | None = Field(default=None, primary_key=True)
+    service_id: int = Field(foreign_key="service.id", index=True)
+    number: int
+    image: str
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Job(SQLModel, table=True):
+    id: str = Field(primary_key=True)
+    service_id: int = Field(foreign_key="service.id", index=True)
+    kind: JobKind
+    target: str | None = None
+    host: str
+    port: int | None = None
+    container_name: str
+    container_id: str | None = None
+    state: JobState = JobState.scheduled
+    release: int | None = None
+    image: str
+    command: str | None = None
+    size: str
+    environment: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    op_id: int | None = None
+    error: str | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    started_at: datetime | None = None
+    stopped_at: datetime | None = None
+
+
+class Operation(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    kind: OpKind
+    env_id: int = Field(foreign_key="environment.id", index=True)
+    service_id: int = Field(foreign_key="service.id", index=True)
+    trigger: OpTrigger = OpTrigger.manual
+    state: OpState = OpState.queued
+    params: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    error: str | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class Step(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    op_id: int = Field(foreign_key="operation.id", index=True)
+    stage: int
+    name: str
+    action: StepAction
+    host: str | None = None
+    job_id: str | None = None
+    seconds: int | None = None  # wait steps
+    image: str | None = None  # check_image steps
+    state: StepState = StepState.pending
+    error: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+# --- public shapes ------------------------------------------------------------------------------
+
+
+class HostPublic(SQLModel):
+    name: str
+    docker_url: str
+    address: str
+    state: HostState
+    last_seen: datetime | None
+
+
+class EnvironmentPublic(SQLModel):
+    name: str
+    sandbox: bool
+
+
+class ServicePublic(SQLModel):
+    env: str
+    name: str
+    type: ServiceType
+    image: str | None
+    command: str | None
+    size: str
+    scale: int
+    overlap: int
+    redeployable: bool
+    release: int | None
+
+
+class JobPublic(SQLModel):
+    id: str
+    env: str
+    service: str
+    kind: JobKind
+    target: str | None
+    host: str
+    port: int | None
+    container_id: str | None
+    container_name: str
+    state: JobState
+    release: int | None
+    image: str
+    error: str | None
+
+
+class ReleasePublic(SQLModel):
+    number: int
+    image: str
+    created_at: datetime
+
+
+class StepPublic(SQLModel):
+    name: str
+    action: StepAction
+    stage: int
+    host: str | None
+    job: str | None
+    state: StepState
+    error: str | None
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class OperationPublic(SQLModel):
+    id: int
+    kind: OpKind
+    env: str
+    service: str
+    trigger: OpTrigger
+    state: OpState
+    params: dict[str, Any]
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    steps: list[StepPublic]

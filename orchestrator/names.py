@@ -1,0 +1,37 @@
+"""Every label, queue, task and container name the platform uses, in one place."""
+
+from __future__ import annotations
+
+LABEL_PREFIX = "orchestrator."
+LABEL_ENV = "orchestrator.env"
+LABEL_SERVICE = "orchestrator.service"
+LABEL_JOB = "orchestrator.job"
+LABEL_KIND = "orchestrator.kind"
+LABEL_TARGET = "orchestrator.target"
+LABEL_RELEASE = "orchestrator.release"
+LABEL_CONFIG_HASH = "orchestrator.config-hash"
+
+CONTROL_QUEUE = "orchestrator"
+HOST_QUEUE_PREFIX = "host."
+
+# Tasks run by a host's node: the steps of an operation.
+TASK_CHECK_IMAGE = "orchestrator.step.check_image"
+TASK_START_JOB = "orchestrator.step.start_job"
+TASK_STOP_JOB = "orchestrator.step.stop_job"
+TASK_WAIT = "orchestrator.step.wait"
+TASK_FINISH = "orchestrator.op.finish"
+
+
+def host_queue(host: str) -> str:
+    """The Celery queue consumed by the node of ``host``."""
+    return f"{HOST_QUEUE_PREFIX}{host}"
+
+
+def container_name(env: str, service: str, job_id: str) -> str:
+    """Deterministic container name of a job: a redelivered start adopts it instead of doubling."""
+    return f"orch-{env}-{service}-{job_id}"
+
+
+def volume_name(env: str, service: str) -> str:
+    """The named volume that keeps a database service's data across redeploys."""
+    return f"orch-{env}-{service}-data"

@@ -1,0 +1,350 @@
+"""Operations from request to dispatch: record, claim the service, plan, send.
+
+Every way in (CLI, API, control tasks) calls ``request_*`` here; the finish task calls
+``finish`` and the next queued operation of the service starts from there.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+
+from celery import Celery
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+
+from orchestrator import catalogue, dispatch, planner
+from orchestrator.catalogue import BadInput
+from orchestrator.db import session as new_session
+from orchestrator.models import (
+    ACTIVE_JOB_STATES,
+    Environment,
+    Job,
+    JobKind,
+    JobState,
+    Operation,
+    OpKind,
+    OpState,
+    OpTrigger,
+    Service,
+    ServiceType,
+    Step,
+    StepAction,
+    StepState,
+    utcnow,
+)
+from orchestrator.names import volume_name
+from orchestrator.settings import Settings
+from orchestrator.sizes import parse_size
+
+USER_REDEPLOY_REFUSED = frozenset({ServiceType.logging, ServiceType.monitoring})
+DATABASE_TYPES = frozenset({ServiceType.postgresql, ServiceType.mysql})
+
+
+class Platform:
+    """What the control side needs to act: the catalogue's engine, the Celery app, settings."""
+
+    def __init__(self, engine: Engine, app: Celery, settings: Settings) -> None:
+        self.engine = engine
+        self.app = app
+        self.settings = settings
+
+    def session(self) -> Session:
+        return new_session(self.engine)
+
+
+# --- requests (validate, record, start) ------------------------------------------------------------
+
+
+def request_push(p: Platform, *, env: str, service: str, image: str) -> Operation:
+    """A new release of a code service: the first push deploys it, later ones redeploy it."""
+    with p.session() as s:
+        environment, svc = catalogue.get_service(session=s, env=env, name=service)
+        if svc.type != ServiceType.code:
+            raise BadInput(f"service {service} is a {svc.type} service: only code services take pushes")
+        if not image.strip() or any(c.isspace() for c in image):
+            raise BadInput(f"image {image!r} is not an image reference")
+        release = catalogue.add_release(session=s, service=svc, image=image)
+        kind = OpKind.redeploy if svc.release is not None or _has_ops(s, svc) else OpKind.deploy
+        op = catalogue.record_operation(
+            session=s, env=environment, service=svc, kind=kind, trigger=OpTrigger.push,
+            params={"release": release.number, "image": image},
+        )
+        s.commit()
+    return _started(p, op)
+
+
+def request_redeploy(p: Platform, *, env: str, service: str, support: bool = False,
+                     release: int | None = None) -> Operation:
+    """A manual redeploy, a support redeploy, or (with ``release``) a rollback."""
+    with p.session() as s:
+        environment, svc = catalogue.get_service(session=s, env=env, name=service)
+        if svc.type in USER_REDEPLOY_REFUSED:
+            raise BadInput(f"{svc.type} services cannot be redeployed through the CLI or API")
+        if not svc.redeployable and not support:
+            raise BadInput(f"service {service} is marked not redeployable: only support may redeploy it (--support)")
+        params: dict[str, object] = {}
+        trigger = OpTrigger.support if support else OpTrigger.manual
+        if release is not None:
+            rel = catalogue.get_release(session=s, service=svc, number=release)
+            params = {"release": rel.number, "image": rel.image}
+            trigger = OpTrigger.support if support else OpTrigger.rollback
+        elif svc.type == ServiceType.code and not catalogue.list_releases(session=s, service=svc):
+            raise BadInput(f"service {service} has no release yet: push an image first")
+        op = catalogue.record_operation(session=s, env=environment, service=svc,
+                                        kind=OpKind.redeploy, trigger=trigger, params=params)
+        s.commit()
+    return _started(p, op)
+
+
+def request_deploy(p: Platform, *, env: str, service: str, trigger: OpTrigger) -> Operation:
+    with p.session() as s:
+        environment, svc = catalogue.get_service(session=s, env=env, name=service)
+        op = catalogue.record_operation(session=s, env=environment, service=svc,
+                                        kind=OpKind.deploy, trigger=trigger)
+        s.commit()
+    return _started(p, op)
+
+
+def request_scale(p: Platform, *, env: str, service: str, scale: int) -> Operation:
+    with p.session() as s:
+        environment, svc = catalogue.get_service(session=s, env=env, name=service)
+        if scale < 0:
+            raise BadInput("scale must be 0 or more")
+        if svc.type in DATABASE_TYPES and scale > 1:
+            raise BadInput(f"{svc.type} services run one job: scale above 1 is refused")
+        op = catalogue.record_operation(session=s, env=environment, service=svc,
+                                        kind=OpKind.scale, trigger=OpTrigger.manual,
+                                        params={"scale": scale})
+        s.commit()
+    return _started(p, op)
+
+
+def _has_ops(s: Session, svc: Service) -> bool:
+    from sqlmodel import select
+
+    return s.exec(select(Operation.id).where(Operation.service_id == svc.id)).first() is not None
+
+
+def _started(p: Platform, op: Operation) -> Operation:
+    start_next(p, op.service_id)
+    with p.session() as s:
+        return catalogue.get_operation(session=s, op_id=op.id or 0)
+
+
+# --- start: claim, plan, record, send ---------------------------------------------------------------
+
+
+def start_next(p: Platform, service_id: int) -> None:
+    """Start queued operations of the service while it has none running (one at a time)."""
+    while True:
+        with p.session() as s:
+            op = catalogue.claim_next_operation(session=s, service_id=service_id)
+            s.commit()
+        if op is None:
+            return
+        if _start(p, op):
+            return
+
+
+def _start(p: Platform, op: Operation) -> bool:
+    """Plan and send a claimed operation. False when it ended at once (nothing to do, or it
+    could not be planned), so the caller moves on to the next queued one."""
+    op_id = op.id or 0
+    try:
+        with p.session() as s:
+            svc = s.get(Service, op.service_id)
+            env = s.get(Environment, op.env_id)
+            assert svc is not None and env is not None
+            previous = _apply_params(s, op, svc)
+            plan = _plan(p, s, op, svc, env)
+            stages = _record_plan(s, op, env, svc, plan)
+            running = s.get(Operation, op_id)
+            assert running is not None
+            running.state = OpState.running if stages else OpState.succeeded
+            running.started_at = utcnow()
+            if previous:
+                running.params = {**running.params, **previous}
+            if not stages:
+                running.finished_at = running.started_at
+                catalogue.release_service(session=s, service_id=svc.id or 0, op_id=op_id)
+            s.commit()
+            env_name, svc_name = env.name, svc.name
+    except (planner.PlanError, BadInput) as exc:
+        _fail_unstarted(p, op, str(exc))
+        return False
+    if not stages:
+        return False
+    try:
+        dispatch.send_operation(p.app, op_id, stages, env=env_name, service=svc_name)
+    except Exception as exc:  # the broker is down: nothing ran, say so and free the service
+        with p.session() as s:
+            catalogue.skip_pending_steps(session=s, op_id=op_id)
+            for stage in stages:
+                for step in stage:
+                    if step.action == StepAction.start and step.job_id:
+                        catalogue.set_job_state(session=s, job_id=step.job_id, state=JobState.failed,
+                                                error="never sent")
+            s.commit()
+        _fail_unstarted(p, op, f"could not send the operation to the broker: {exc}")
+        return False
+    return True
+
+
+def _fail_unstarted(p: Platform, op: Operation, error: str) -> None:
+    with p.session() as s:
+        catalogue.end_operation(session=s, op_id=op.id or 0, state=OpState.failed, error=error)
+        catalogue.release_service(session=s, service_id=op.service_id, op_id=op.id or 0)
+        s.commit()
+
+
+def _apply_params(s: Session, op: Operation, svc: Service) -> dict[str, object]:
+    """Spec changes the operation carries take effect when it starts; returns what they replaced."""
+    previous: dict[str, object] = {}
+    if "release" in op.params:
+        previous = {"previous_release": svc.release, "previous_image": svc.image}
+        svc.release = int(op.params["release"])
+        svc.image = str(op.params["image"])
+    if op.kind == OpKind.scale:
+        previous = {"previous_scale": svc.scale}
+        svc.scale = int(op.params["scale"])
+    s.add(svc)
+    s.flush()
+    return previous
+
+
+def service_spec(s: Session, env: Environment, svc: Service) -> planner.ServiceSpec:
+    workers = tuple(
+        planner.WorkerSpec(w.name, w.command, w.scale)
+        for w in catalogue.workers_of(session=s, service=svc)
+    )
+    if not svc.image:
+        raise BadInput(f"service {svc.name} has no image to run")
+    return planner.ServiceSpec(
+        env=env.name, name=svc.name, type=svc.type, image=svc.image, command=svc.command,
+        size_name=svc.size, size=parse_size(svc.size), scale=svc.scale, overlap=svc.overlap,
+        variables=dict(svc.variables), release=svc.release, workers=workers,
+        volume=volume_name(env.name, svc.name) if svc.type in DATABASE_TYPES else None,
+    )
+
+
+def _plan(p: Platform, s: Session, op: Operation, svc: Service, env: Environment) -> planner.Plan:
+    spec = service_spec(s, env, svc)
+    jobs = [
+        planner.ObservedJob(j.id, j.kind, j.target, j.host, j.port)
+        for j in catalogue.active_jobs(session=s, service=svc)
+    ]
+    hosts = catalogue.host_loads(session=s)
+    ports = planner.PortRange(p.settings.port_min, p.settings.port_max)
+    if op.kind in (OpKind.deploy, OpKind.redeploy):
+        return planner.plan_redeploy(spec, jobs, hosts, _new_id, ports)
+    if op.kind == OpKind.scale:
+        return planner.plan_scale(spec, jobs, hosts, _new_id, kind=JobKind.deploy, target=None,
+                                  scale=svc.scale, ports=ports)
+    raise planner.PlanError(f"operation kind {op.kind} is not supported yet")
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def _record_plan(s: Session, op: Operation, env: Environment, svc: Service,
+                 plan: planner.Plan) -> list[list[Step]]:
+    """Jobs the plan starts become catalogue rows (scheduled); each step becomes a Step row."""
+    stages: list[list[Step]] = []
+    for index, stage in enumerate(plan.stages):
+        rows = []
+        for item in stage:
+            step = _step_row(op.id or 0, index, svc.name, item)
+            if isinstance(item, planner.StartJob):
+                j = item.job
+                s.add(Job(
+                    id=j.id, service_id=svc.id or 0, kind=JobKind(j.kind), target=j.target,
+                    host=j.host, port=j.port, container_name=j.container_name,
+                    state=JobState.scheduled, release=j.release, image=j.image, command=j.command,
+                    size=j.size_name, environment=dict(j.environment), op_id=op.id,
+                ))
+            s.add(step)
+            rows.append(step)
+        stages.append(rows)
+    s.flush()
+    return stages
+
+
+def _step_row(op_id: int, stage: int, service: str, item: planner.Step) -> Step:
+    if isinstance(item, planner.CheckImage):
+        return Step(op_id=op_id, stage=stage, action=StepAction.check_image, host=item.host,
+                    image=item.image, name=f"check image {item.image} on {item.host}")
+    if isinstance(item, planner.StartJob):
+        j = item.job
+        what = f"{service} {j.kind}" + (f" {j.target}" if j.target else "")
+        port = f" port {j.port}" if j.port is not None else ""
+        return Step(op_id=op_id, stage=stage, action=StepAction.start, host=j.host, job_id=j.id,
+                    name=f"start {what} job {j.id} on {j.host}{port}")
+    if isinstance(item, planner.StopJob):
+        return Step(op_id=op_id, stage=stage, action=StepAction.stop, host=item.host,
+                    job_id=item.job_id, name=f"stop {service} job {item.job_id} on {item.host}")
+    return Step(op_id=op_id, stage=stage, action=StepAction.wait, seconds=item.seconds,
+                name=f"overlap: old jobs live {item.seconds}s more")
+
+
+# --- finish -------------------------------------------------------------------------------------
+
+
+def unfinished_steps(steps: Sequence[Step], failed_stage: int) -> list[Step]:
+    """Steps that were sent (stage up to the failed one) and have not ended yet."""
+    return [st for st in steps if st.stage <= failed_stage
+            and st.state in (StepState.pending, StepState.running)]
+
+
+def finish(p: Platform, op_id: int) -> bool | None:
+    """End the operation from its steps' states, free its service, start the next queued one.
+
+    Returns None while steps sent alongside a failed one are still running (the caller asks
+    again later), else whether this call ended the operation."""
+    with p.session() as s:
+        op = catalogue.get_operation(session=s, op_id=op_id)
+        if op.state not in (OpState.running, OpState.queued):
+            return False
+        steps = catalogue.steps_of(session=s, op_id=op_id)
+        failed = [st for st in steps if st.state == StepState.failed]
+        if failed and unfinished_steps(steps, max(st.stage for st in failed)):
+            return None
+        error = None
+        if failed:
+            catalogue.skip_pending_steps(session=s, op_id=op_id)
+            _restore_params(s, op)
+            error = f"{failed[0].name}: {failed[0].error}. {service_summary(s, op.service_id)}"
+        ended = catalogue.end_operation(session=s, op_id=op_id,
+                                        state=OpState.failed if failed else OpState.succeeded,
+                                        error=error)
+        catalogue.release_service(session=s, service_id=op.service_id, op_id=op_id)
+        s.commit()
+    start_next(p, op.service_id)
+    return ended
+
+
+def _restore_params(s: Session, op: Operation) -> None:
+    """A failed release deploy leaves the last good release as the service's current one."""
+    if "previous_image" not in op.params:
+        return
+    svc = s.get(Service, op.service_id)
+    if svc is None:
+        return
+    svc.release = op.params.get("previous_release")
+    svc.image = op.params.get("previous_image")
+    s.add(svc)
+
+
+def service_summary(s: Session, service_id: int) -> str:
+    """What the service runs now, in words, for a failed operation's error."""
+    svc = s.get(Service, service_id)
+    if svc is None:
+        return ""
+    jobs = catalogue.active_jobs(session=s, service=svc)
+    running = sum(1 for j in jobs if j.kind == JobKind.deploy and j.state in ACTIVE_JOB_STATES)
+    note = f"Service {svc.name} now runs {running} of {svc.scale} deploy jobs"
+    workers = [j for j in jobs if j.kind == JobKind.worker]
+    if workers:
+        note += f" and {len(workers)} worker jobs"
+    return note + "."

@@ -1,0 +1,62 @@
+"""Which host gets the next job. Pure: no I/O, only the numbers it is given."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+from orchestrator.sizes import Size
+
+
+@dataclass(frozen=True)
+class HostLoad:
+    """What placement knows about a host. ``cpus``/``memory_mb`` of 0 mean "not reported": no cap."""
+
+    name: str
+    schedulable: bool = True
+    cpus: float = 0.0
+    memory_mb: int = 0
+    used_cpus: float = 0.0
+    used_memory_mb: int = 0
+    used_ports: frozenset[int] = field(default_factory=frozenset)
+
+    def fits(self, size: Size) -> bool:
+        cpu_ok = self.cpus <= 0 or self.used_cpus + size.cpus <= self.cpus + 1e-9
+        mem_ok = self.memory_mb <= 0 or self.used_memory_mb + size.memory_mb <= self.memory_mb
+        return cpu_ok and mem_ok
+
+    @property
+    def load(self) -> float:
+        """The larger of the committed CPU and memory fractions (absolute memory when unreported)."""
+        cpu = self.used_cpus / self.cpus if self.cpus > 0 else 0.0
+        mem = self.used_memory_mb / self.memory_mb if self.memory_mb > 0 else 0.0
+        if self.cpus <= 0 and self.memory_mb <= 0:
+            return self.used_memory_mb / 1_000_000
+        return max(cpu, mem)
+
+    def with_job(self, size: Size, port: int | None) -> HostLoad:
+        ports = self.used_ports | {port} if port is not None else self.used_ports
+        return replace(
+            self,
+            used_cpus=self.used_cpus + size.cpus,
+            used_memory_mb=self.used_memory_mb + size.memory_mb,
+            used_ports=ports,
+        )
+
+
+def choose_host(hosts: Sequence[HostLoad], size: Size, service_jobs: Mapping[str, int]) -> str | None:
+    """The schedulable host that fits ``size`` with the fewest jobs of this service, then the
+    lightest load, then the name (for determinism); None when no host fits."""
+    candidates = [h for h in hosts if h.schedulable and h.fits(size)]
+    if not candidates:
+        return None
+    best = min(candidates, key=lambda h: (service_jobs.get(h.name, 0), h.load, h.name))
+    return best.name
+
+
+def free_port(used: frozenset[int], port_min: int, port_max: int) -> int | None:
+    """The lowest port of the range that no job on the host holds."""
+    for port in range(port_min, port_max + 1):
+        if port not in used:
+            return port
+    return None

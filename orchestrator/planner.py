@@ -1,0 +1,272 @@
+"""PURE planning: (desired spec, observed jobs, hosts) -> a Plan of frozen steps.
+
+Nothing here talks to Docker, Redis or the database; dispatch executes what this returns.
+A plan is a sequence of stages run one after the other; the steps inside a stage run in parallel.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from orchestrator.names import container_name
+from orchestrator.placement import HostLoad, choose_host, free_port
+from orchestrator.sizes import Size
+
+
+class PlanError(Exception):
+    """The wanted state cannot be planned (no host fits, no free port, nothing to run)."""
+
+
+PORTLESS_TYPES = frozenset({"logging", "monitoring"})
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    name: str
+    command: str
+    scale: int
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    env: str
+    name: str
+    type: str
+    image: str
+    command: str | None
+    size_name: str
+    size: Size
+    scale: int
+    overlap: int = 0
+    variables: Mapping[str, str] = field(default_factory=dict)
+    release: int | None = None
+    workers: tuple[WorkerSpec, ...] = ()
+    volume: str | None = None
+
+
+@dataclass(frozen=True)
+class ObservedJob:
+    """A job the catalogue says is active, oldest first in the lists the planner gets."""
+
+    id: str
+    kind: str
+    target: str | None
+    host: str
+    port: int | None = None
+
+
+@dataclass(frozen=True)
+class NewJob:
+    id: str
+    kind: str
+    target: str | None
+    host: str
+    port: int | None
+    image: str
+    command: str | None
+    size_name: str
+    size: Size
+    release: int | None
+    container_name: str
+    environment: tuple[tuple[str, str], ...]
+    volume: str | None = None
+
+
+@dataclass(frozen=True)
+class CheckImage:
+    host: str
+    image: str
+
+
+@dataclass(frozen=True)
+class StartJob:
+    job: NewJob
+
+
+@dataclass(frozen=True)
+class StopJob:
+    job_id: str
+    host: str
+
+
+@dataclass(frozen=True)
+class Wait:
+    seconds: int
+
+
+Step = CheckImage | StartJob | StopJob | Wait
+
+
+@dataclass(frozen=True)
+class Plan:
+    stages: tuple[tuple[Step, ...], ...] = ()
+
+    @property
+    def steps(self) -> tuple[Step, ...]:
+        return tuple(step for stage in self.stages for step in stage)
+
+
+@dataclass(frozen=True)
+class PortRange:
+    low: int = 20000
+    high: int = 29999
+
+
+def job_environment(spec: ServiceSpec, job_id: str, kind: str, target: str | None,
+                    host: str, port: int | None) -> dict[str, str]:
+    """User variables, then the automatic ones, which win: the platform owns PORT and ORCH_*."""
+    env = dict(spec.variables)
+    env.update(
+        ORCH_ENV=spec.env,
+        ORCH_SERVICE=spec.name,
+        ORCH_JOB=job_id,
+        ORCH_KIND=kind,
+        ORCH_HOST=host,
+    )
+    if spec.release is not None:
+        env["ORCH_RELEASE"] = str(spec.release)
+    if target is not None:
+        env["ORCH_TARGET"] = target
+    if port is not None:
+        env["PORT"] = str(port)
+    return env
+
+
+class _Placer:
+    """Places new jobs one by one, keeping the load and ports it has handed out."""
+
+    def __init__(self, hosts: Sequence[HostLoad], service_jobs: Iterable[str], ports: PortRange):
+        self.hosts = {h.name: h for h in hosts}
+        self.service_jobs = Counter(service_jobs)
+        self.ports = ports
+
+    def place(self, size: Size, needs_port: bool) -> tuple[str, int | None]:
+        host = choose_host(list(self.hosts.values()), size, self.service_jobs)
+        if host is None:
+            raise PlanError(f"no up host has room for a job of {size.memory_mb}m/{size.cpus} CPU")
+        port = None
+        if needs_port:
+            port = free_port(self.hosts[host].used_ports, self.ports.low, self.ports.high)
+            if port is None:
+                raise PlanError(f"host {host} has no free port in {self.ports.low}-{self.ports.high}")
+        self.hosts[host] = self.hosts[host].with_job(size, port)
+        self.service_jobs[host] += 1
+        return host, port
+
+
+def _new_jobs(spec: ServiceSpec, wanted: Sequence[tuple[str, str | None, str | None]],
+              placer: _Placer, new_id: Callable[[], str]) -> list[NewJob]:
+    jobs = []
+    for kind, target, command in wanted:
+        needs_port = kind == "deploy" and spec.type not in PORTLESS_TYPES
+        host, port = placer.place(spec.size, needs_port)
+        job_id = new_id()
+        env = job_environment(spec, job_id, kind, target, host, port)
+        jobs.append(NewJob(
+            id=job_id, kind=kind, target=target, host=host, port=port, image=spec.image,
+            command=command, size_name=spec.size_name, size=spec.size, release=spec.release,
+            container_name=container_name(spec.env, spec.name, job_id),
+            environment=tuple(sorted(env.items())),
+            volume=spec.volume if kind == "deploy" else None,
+        ))
+    return jobs
+
+
+def _wanted_jobs(spec: ServiceSpec) -> list[tuple[str, str | None, str | None]]:
+    wanted: list[tuple[str, str | None, str | None]] = [("deploy", None, spec.command)] * spec.scale
+    for worker in spec.workers:
+        wanted += [("worker", worker.name, worker.command)] * worker.scale
+    return wanted
+
+
+def _check_images(image: str, jobs: Iterable[NewJob]) -> tuple[Step, ...]:
+    return tuple(CheckImage(host, image) for host in sorted({j.host for j in jobs}))
+
+
+def plan_redeploy(spec: ServiceSpec, jobs: Sequence[ObservedJob], hosts: Sequence[HostLoad],
+                  new_id: Callable[[], str], ports: PortRange = PortRange()) -> Plan:
+    """Replace every active deploy and worker job with new ones from the current spec.
+
+    The image is checked on every host first, so a missing image fails before anything stops.
+    Without overlap: stop the old jobs, then start the new ones (short downtime). With overlap:
+    start the new jobs, wait ``spec.overlap`` seconds, then stop the old ones (no downtime).
+    A deploy is a redeploy with nothing to replace.
+    """
+    overlap = spec.overlap > 0 and bool(jobs)
+    # Without overlap the old jobs are gone before the new ones start: their room is free again.
+    kept = jobs if overlap else []
+    placer = _Placer(_hosts_with(hosts, kept, spec.size, jobs), [j.host for j in kept], ports)
+    new = _new_jobs(spec, _wanted_jobs(spec), placer, new_id)
+    if not new and not jobs:
+        return Plan()
+    check = _check_images(spec.image, new)
+    starts = tuple(StartJob(j) for j in new)
+    stops = tuple(StopJob(j.id, j.host) for j in jobs)
+    stages: list[tuple[Step, ...]] = [check] if check else []
+    if overlap:
+        stages += [starts, (Wait(spec.overlap),), stops]
+    else:
+        stages += [stops, starts]
+    return Plan(tuple(s for s in stages if s))
+
+
+def plan_scale(spec: ServiceSpec, jobs: Sequence[ObservedJob], hosts: Sequence[HostLoad],
+               new_id: Callable[[], str], *, kind: str, target: str | None, scale: int,
+               ports: PortRange = PortRange()) -> Plan:
+    """Bring the jobs of one kind (deploy, or one worker target) to ``scale``: start only the
+    extra jobs, or stop only the surplus (from the hosts holding most of them, newest first)."""
+    if scale < 0:
+        raise PlanError("scale must be 0 or more")
+    mine = [j for j in jobs if j.kind == kind and j.target == target]
+    if scale > len(mine):
+        command = spec.command
+        if kind == "worker":
+            command = next((w.command for w in spec.workers if w.name == target), None)
+            if command is None:
+                raise PlanError(f"service {spec.name} has no worker target {target}")
+        placer = _Placer(_hosts_with(hosts, jobs, spec.size, jobs), [j.host for j in jobs], ports)
+        wanted = [(kind, target, command)] * (scale - len(mine))
+        new = _new_jobs(spec, wanted, placer, new_id)
+        return Plan((_check_images(spec.image, new), tuple(StartJob(j) for j in new)))
+    surplus = _pick_surplus(mine, len(mine) - scale)
+    return Plan((tuple(StopJob(j.id, j.host) for j in surplus),)) if surplus else Plan()
+
+
+def plan_stop(jobs: Sequence[ObservedJob], *, kind: str, target: str | None) -> Plan:
+    """Stop every active job of one kind/target (``worker rm``)."""
+    stops = tuple(StopJob(j.id, j.host) for j in jobs if j.kind == kind and j.target == target)
+    return Plan((stops,)) if stops else Plan()
+
+
+def _pick_surplus(jobs: Sequence[ObservedJob], count: int) -> list[ObservedJob]:
+    remaining = list(jobs)
+    picked: list[ObservedJob] = []
+    for _ in range(count):
+        per_host = Counter(j.host for j in remaining)
+        host = max(per_host, key=lambda h: (per_host[h], h))
+        job = [j for j in remaining if j.host == host][-1]
+        remaining.remove(job)
+        picked.append(job)
+    return picked
+
+
+def _hosts_with(hosts: Sequence[HostLoad], kept: Sequence[ObservedJob], size: Size,
+                all_jobs: Sequence[ObservedJob]) -> list[HostLoad]:
+    """Host loads as given, minus the service's own jobs that the plan stops before it starts.
+
+    ``hosts`` already count every active job, this service's included; ports of jobs that stop
+    stay taken so a new job never reuses a port a stopping job may still hold."""
+    kept_ids = {j.id for j in kept}
+    freed = Counter(j.host for j in all_jobs if j.id not in kept_ids)
+    result = []
+    for h in hosts:
+        n = freed.get(h.name, 0)
+        result.append(HostLoad(
+            name=h.name, schedulable=h.schedulable, cpus=h.cpus, memory_mb=h.memory_mb,
+            used_cpus=max(0.0, h.used_cpus - n * size.cpus),
+            used_memory_mb=max(0, h.used_memory_mb - n * size.memory_mb),
+            used_ports=h.used_ports,
+        ))
+    return result

@@ -1,0 +1,47 @@
+"""Live progress of an operation for people at a terminal: one line per step change."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from orchestrator.models import OperationPublic, StepState
+
+_MARK = {
+    StepState.pending: "..",
+    StepState.running: "->",
+    StepState.succeeded: "ok",
+    StepState.failed: "!!",
+    StepState.skipped: "--",
+}
+
+
+class Progress:
+    def __init__(self, echo: Callable[[str], None]) -> None:
+        self.echo = echo
+        self.t0 = time.monotonic()
+        self.seen: dict[str, StepState] = {}
+        self.op_state: str | None = None
+
+    def _line(self, text: str) -> None:
+        self.echo(f"[{time.monotonic() - self.t0:6.1f}s] {text}")
+
+    def update(self, op: OperationPublic) -> None:
+        if op.state != self.op_state:
+            self.op_state = op.state
+            self._line(f"operation {op.id} {op.kind} {op.env}/{op.service}: {op.state}")
+        total = len(op.steps)
+        for step in op.steps:
+            key = f"{step.stage}:{step.name}"
+            if self.seen.get(key) == step.state or step.state == StepState.pending:
+                continue
+            self.seen[key] = step.state
+            done = sum(1 for s in op.steps if s.state in (StepState.succeeded, StepState.skipped))
+            error = f": {step.error}" if step.error else ""
+            self._line(f"  {_MARK[step.state]} [{done}/{total}] {step.name} {step.state}{error}")
+
+    def done(self, op: OperationPublic) -> None:
+        self.update(op)
+        if op.error:
+            self._line(f"error: {op.error}")
+        self._line(f"operation {op.id} {op.state}")

@@ -1,0 +1,27 @@
+"""One validated settings class, read from ORCH_* environment variables when asked for."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ORCH_", env_file=".orchestrator.env", extra="ignore")
+
+    database_url: str = "sqlite:///orchestrator.db"
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    result_backend: str = ""  # empty: the broker's Redis
+    port_min: int = Field(default=20000, ge=1024, le=65535)
+    port_max: int = Field(default=29999, ge=1024, le=65535)
+    start_timeout: float = Field(default=30.0, gt=0)  # seconds for a new job to be ready
+    stop_timeout: int = Field(default=10, ge=0)  # seconds between SIGTERM and SIGKILL
+    node_concurrency: int = Field(default=16, ge=1)
+
+    @property
+    def backend_url(self) -> str:
+        return self.result_backend or self.broker_url
+
+
+def get_settings() -> Settings:
+    return Settings()

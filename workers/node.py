@@ -1,0 +1,30 @@
+"""A node: the Celery worker of one Docker host, consuming queue host.<name>."""
+
+from __future__ import annotations
+
+import socket
+
+from orchestrator import catalogue, names
+from orchestrator.operations import Platform
+from workers.app import NodeContext, OrchestratorCelery
+from workers.runtime.docker import DockerRuntime
+
+
+def run_node(platform: Platform, host_name: str, *, concurrency: int, loglevel: str) -> None:
+    """Run the node of ``host_name`` until stopped (blocks)."""
+    with platform.session() as s:
+        host = catalogue.get_host(session=s, name=host_name)
+    app = platform.app
+    assert isinstance(app, OrchestratorCelery)
+    runtime = DockerRuntime(host.docker_url, pool_size=concurrency + 4)
+    app.node = NodeContext(platform=platform, host=host.name, address=host.address, runtime=runtime)
+    app.worker_main([
+        "worker",
+        "--queues", names.host_queue(host.name),
+        "--hostname", f"{host.name}@{socket.gethostname()}",
+        "--pool", "threads",
+        "--concurrency", str(concurrency),
+        "--loglevel", loglevel,
+        "--without-gossip", "--without-mingle",
+        "--events",
+    ])

@@ -1,0 +1,54 @@
+"""The Runtime protocol: everything a node does to its Docker host goes through it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class RuntimeError_(Exception):
+    """A container operation failed; the message says why in one line."""
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    name: str
+    image: str
+    labels: Mapping[str, str]
+    environment: Mapping[str, str]
+    command: str | None = None  # run through /bin/sh -c so $PORT and friends expand
+    memory_mb: int | None = None
+    cpus: float | None = None
+    volumes: Mapping[str, str] = field(default_factory=dict)  # volume name -> mount path
+
+
+@dataclass(frozen=True)
+class ContainerState:
+    id: str
+    name: str
+    status: str  # Docker's: created, running, restarting, exited, ...
+    exit_code: int
+    restart_count: int
+    labels: Mapping[str, str]
+
+
+class Runtime(Protocol):
+    def has_image(self, image: str) -> bool:
+        """Whether ``image`` is present on the host (nothing is ever pulled)."""
+
+    def run(self, spec: ContainerSpec) -> ContainerState:
+        """Create and start the container; one of that name already there is adopted (started if
+        it is not running), so a redelivered start never makes a second container."""
+
+    def inspect(self, name: str) -> ContainerState | None:
+        """The container's state, or None when there is none of that name."""
+
+    def logs(self, name: str, tail: int = 20) -> str:
+        """The last lines the container wrote; empty when it is gone."""
+
+    def stop(self, name: str, timeout: int) -> None:
+        """Stop (SIGTERM, SIGKILL after ``timeout`` s) and remove; a missing container is fine."""
+
+    def list(self, labels: Mapping[str, str]) -> list[ContainerState]:
+        """Containers, running or not, carrying all of ``labels``."""

@@ -1,0 +1,145 @@
+"""The Runtime on a real Docker engine, through docker-py. Containers use host networking."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import docker
+from docker.errors import APIError, ImageNotFound, NotFound
+from docker.models.containers import Container
+
+from orchestrator.names import LABEL_CONFIG_HASH
+from workers.runtime.base import ContainerSpec, ContainerState, RuntimeError_
+
+
+def config_hash(spec: ContainerSpec) -> str:
+    body = json.dumps(
+        [spec.image, spec.command, sorted(spec.environment.items()), spec.memory_mb, spec.cpus,
+         sorted(spec.volumes.items())],
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+class DockerRuntime:
+    def __init__(self, base_url: str, pool_size: int = 16, timeout: int = 120) -> None:
+        self.client = docker.DockerClient(
+            base_url=base_url, version="auto", timeout=timeout, max_pool_size=pool_size
+        )
+
+    def close(self) -> None:
+        self.client.close()
+
+    def has_image(self, image: str) -> bool:
+        try:
+            self.client.images.get(image)
+        except ImageNotFound:
+            return False
+        return True
+
+    def run(self, spec: ContainerSpec) -> ContainerState:
+        wanted_hash = config_hash(spec)
+        existing = self._get(spec.name)
+        if existing is not None and existing.labels.get(LABEL_CONFIG_HASH) != wanted_hash:
+            existing.remove(force=True)  # same name, other config: never adopt a stale container
+            existing = None
+        if existing is None:
+            try:
+                existing = self._create(spec, wanted_hash)
+            except APIError as exc:
+                if exc.status_code != 409:  # 409: created meanwhile by a redelivered twin
+                    raise RuntimeError_(_reason(exc)) from exc
+                existing = self.client.containers.get(spec.name)
+        if existing.status != "running":
+            try:
+                existing.start()
+            except APIError as exc:
+                raise RuntimeError_(_reason(exc)) from exc
+            existing.reload()
+        return _state(existing)
+
+    def _create(self, spec: ContainerSpec, wanted_hash: str) -> Container:
+        labels = {**spec.labels, LABEL_CONFIG_HASH: wanted_hash}
+        options: dict[str, Any] = {
+            "name": spec.name,
+            "labels": labels,
+            "environment": dict(spec.environment),
+            "network_mode": "host",
+            "restart_policy": {"Name": "unless-stopped"},
+            "detach": True,
+            "init": True,  # a real PID 1 forwards SIGTERM, so stops are quick and graceful
+        }
+        if spec.command:
+            options["entrypoint"] = ["/bin/sh", "-c"]
+            options["command"] = [spec.command]
+        if spec.memory_mb:
+            options["mem_limit"] = f"{spec.memory_mb}m"
+            options["memswap_limit"] = f"{spec.memory_mb}m"
+        if spec.cpus:
+            options["nano_cpus"] = int(spec.cpus * 1e9)
+        if spec.volumes:
+            options["volumes"] = {name: {"bind": path, "mode": "rw"} for name, path in spec.volumes.items()}
+        try:
+            container: Container = self.client.containers.create(spec.image, **options)
+        except ImageNotFound as exc:
+            raise RuntimeError_(f"image {spec.image} is not on this host") from exc
+        return container
+
+    def inspect(self, name: str) -> ContainerState | None:
+        container = self._get(name)
+        return _state(container) if container is not None else None
+
+    def logs(self, name: str, tail: int = 20) -> str:
+        container = self._get(name)
+        if container is None:
+            return ""
+        data: bytes = container.logs(tail=tail)
+        return data.decode(errors="replace")
+
+    def stop(self, name: str, timeout: int) -> None:
+        container = self._get(name)
+        if container is None:
+            return
+        try:
+            container.stop(timeout=timeout)
+            container.remove(v=True)
+        except NotFound:
+            return
+        except APIError as exc:
+            if exc.status_code == 409 and "in progress" in str(exc):
+                return  # removal already under way
+            raise RuntimeError_(_reason(exc)) from exc
+
+    def list(self, labels: Mapping[str, str]) -> list[ContainerState]:
+        filters: dict[str, str | list[str] | bool] = {"label": [f"{k}={v}" for k, v in labels.items()]}
+        return [_state(c) for c in self.client.containers.list(all=True, filters=filters)]
+
+    def _get(self, name: str) -> Container | None:
+        try:
+            container: Container = self.client.containers.get(name)
+        except NotFound:
+            return None
+        return container
+
+
+def _state(container: Container) -> ContainerState:
+    attrs = container.attrs
+    state = attrs.get("State", {})
+    return ContainerState(
+        id=container.id or "",
+        name=container.name or "",
+        status=state.get("Status", container.status),
+        exit_code=int(state.get("ExitCode", 0)),
+        restart_count=int(attrs.get("RestartCount", 0)),
+        labels=dict(container.labels),
+    )
+
+
+def _reason(exc: APIError) -> str:
+    explanation = exc.explanation
+    if isinstance(explanation, bytes):
+        explanation = explanation.decode(errors="replace")
+    return str(explanation or exc).splitlines()[0]

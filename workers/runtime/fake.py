@@ -1,0 +1,55 @@
+"""An in-memory Runtime for unit tests of the node's logic; the contract tests keep it honest."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Mapping
+from dataclasses import replace
+
+from workers.runtime.base import ContainerSpec, ContainerState, RuntimeError_
+
+
+class FakeRuntime:
+    def __init__(self, images: set[str] | None = None, crashing: set[str] | None = None) -> None:
+        self.images = set(images or ())
+        self.crashing = set(crashing or ())  # images whose containers exit at once
+        self.containers: dict[str, ContainerState] = {}
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def has_image(self, image: str) -> bool:
+        return image in self.images
+
+    def run(self, spec: ContainerSpec) -> ContainerState:
+        with self._lock:
+            if spec.image not in self.images:
+                raise RuntimeError_(f"image {spec.image} is not on this host")
+            state = self.containers.get(spec.name)
+            if state is None:
+                state = ContainerState(
+                    id=f"fake{next(self._ids):060d}", name=spec.name, status="created",
+                    exit_code=0, restart_count=0, labels=dict(spec.labels),
+                )
+            if spec.image in self.crashing:
+                state = replace(state, status="exited", exit_code=1)
+            else:
+                state = replace(state, status="running")
+            self.containers[spec.name] = state
+            return state
+
+    def inspect(self, name: str) -> ContainerState | None:
+        return self.containers.get(name)
+
+    def logs(self, name: str, tail: int = 20) -> str:
+        return "crashed\n" if name in self.containers and self.containers[name].exit_code else ""
+
+    def stop(self, name: str, timeout: int) -> None:
+        with self._lock:
+            self.containers.pop(name, None)
+
+    def list(self, labels: Mapping[str, str]) -> list[ContainerState]:
+        return [
+            c for c in self.containers.values()
+            if all(c.labels.get(k) == v for k, v in labels.items())
+        ]

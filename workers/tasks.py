@@ -1,0 +1,228 @@
+"""The tasks a node runs: thin and idempotent, a step id in, a small result out.
+
+Every step moves its catalogue row pending -> running -> succeeded/failed. A failed step also
+asks for the operation's finish (the chain stops at a failure), then raises so Flower shows it.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+from celery import Task
+from celery.exceptions import Retry
+
+from orchestrator import catalogue, dispatch, names, operations
+from orchestrator.models import Job, JobState, Step, StepState, utcnow
+from orchestrator.sizes import parse_size
+from workers.app import NodeContext, OrchestratorCelery
+from workers.runtime.base import ContainerSpec, Runtime
+
+
+class StepFailed(Exception):
+    """A step could not do its work; the message is the reason shown in ``ops show``."""
+
+
+def node_of(task: Task) -> NodeContext:
+    app = task.app
+    if not isinstance(app, OrchestratorCelery) or app.node is None:
+        raise StepFailed("this worker is not a node: it has no Docker host")
+    return app.node
+
+
+def run_step(task: Task, step_id: int, body: Callable[[NodeContext, Step], dict[str, Any]]
+             ) -> dict[str, Any]:
+    """Run ``body`` as step ``step_id``, recording its state in the catalogue."""
+    node = node_of(task)
+    p = node.platform
+    with p.session() as s:
+        step = catalogue.begin_step(session=s, step_id=step_id)
+        if step is None:
+            # Already running: a redelivery after a lost node, or a wait asking again. Run again
+            # (the bodies are idempotent); anything else already ended and is left alone.
+            again = s.get(Step, step_id)
+            step = again if again is not None and again.state == StepState.running else None
+        s.commit()
+    if step is None:
+        return {"step": step_id, "skipped": True}
+    try:
+        result = body(node, step)
+    except Retry:
+        raise
+    except Exception as exc:
+        error = _one_line(exc)
+        with p.session() as s:
+            catalogue.end_step(session=s, step_id=step_id, state=StepState.failed, error=error)
+            op = catalogue.get_operation(session=s, op_id=step.op_id)
+            s.commit()
+        env, service = _names_of(task)
+        dispatch.send_finish(p.app, op.id or 0, env=env, service=service,
+                             queue=names.host_queue(node.host))
+        raise StepFailed(error) from None
+    with p.session() as s:
+        catalogue.end_step(session=s, step_id=step_id, state=StepState.succeeded)
+        s.commit()
+    return {"step": step_id, **result}
+
+
+def _names_of(task: Task) -> tuple[str, str]:
+    kwargs = task.request.kwargs or {}
+    return str(kwargs.get("env", "")), str(kwargs.get("service", ""))
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return " ".join(text.split())[:2000]
+
+
+# --- step bodies ----------------------------------------------------------------------------------
+
+
+def check_image(node: NodeContext, step: Step) -> dict[str, Any]:
+    """Fail before anything is stopped when the image is not on the host (nothing is pulled)."""
+    if not step.image or not node.runtime.has_image(step.image):
+        raise StepFailed(f"image {step.image} is not on host {node.host} (build or load it there)")
+    return {"image": step.image}
+
+
+def start_job(node: NodeContext, step: Step) -> dict[str, Any]:
+    """Start the job's container (adopting one of the same name) and wait until it is ready."""
+    p = node.platform
+    with p.session() as s:
+        job = _job(s, step)
+        catalogue.set_job_state(session=s, job_id=job.id, state=JobState.starting)
+        s.commit()
+    spec = container_spec(job, s_env=_env_name(node, job))
+    try:
+        state = node.runtime.run(spec)
+        wait_ready(node.runtime, job, node.address, p.settings.start_timeout)
+    except Exception as exc:
+        node.runtime.stop(job.container_name, timeout=0)  # leave Docker as true as the catalogue
+        with p.session() as s:
+            catalogue.set_job_state(session=s, job_id=job.id, state=JobState.failed,
+                                    error=_one_line(exc))
+            s.commit()
+        raise
+    with p.session() as s:
+        catalogue.set_job_state(session=s, job_id=job.id, state=JobState.running,
+                                container_id=state.id)
+        s.commit()
+    return {"job": job.id, "container": state.id, "port": job.port}
+
+
+def stop_job(node: NodeContext, step: Step) -> dict[str, Any]:
+    """Stop and remove the job's container; one that is already gone counts as stopped."""
+    p = node.platform
+    with p.session() as s:
+        job = _job(s, step)
+        catalogue.set_job_state(session=s, job_id=job.id, state=JobState.stopping)
+        s.commit()
+    node.runtime.stop(job.container_name, timeout=p.settings.stop_timeout)
+    with p.session() as s:
+        catalogue.set_job_state(session=s, job_id=job.id, state=JobState.stopped)
+        s.commit()
+    return {"job": job.id}
+
+
+def _job(s: Any, step: Step) -> Job:
+    job = s.get(Job, step.job_id) if step.job_id else None
+    if job is None:
+        raise StepFailed(f"step {step.id} names no known job")
+    return job  # type: ignore[no-any-return]
+
+
+def _env_name(node: NodeContext, job: Job) -> str:
+    return job.environment.get("ORCH_ENV", "")
+
+
+def container_spec(job: Job, *, s_env: str) -> ContainerSpec:
+    size = parse_size(job.size)
+    labels = {
+        names.LABEL_ENV: s_env,
+        names.LABEL_SERVICE: job.environment.get("ORCH_SERVICE", ""),
+        names.LABEL_JOB: job.id,
+        names.LABEL_KIND: job.kind,
+    }
+    if job.target:
+        labels[names.LABEL_TARGET] = job.target
+    if job.release is not None:
+        labels[names.LABEL_RELEASE] = str(job.release)
+    return ContainerSpec(
+        name=job.container_name, image=job.image, labels=labels,
+        environment=dict(job.environment), command=job.command,
+        memory_mb=size.memory_mb, cpus=size.cpus,
+    )
+
+
+def wait_ready(runtime: Runtime, job: Job, address: str, timeout: float) -> None:
+    """Ready = still running and, for a job with a port, accepting TCP connections on it.
+    A container that exits or restarts meanwhile fails at once, with its last log lines."""
+    deadline = time.monotonic() + timeout
+    settle = time.monotonic() + 0.3
+    while True:
+        state = runtime.inspect(job.container_name)
+        if state is None:
+            raise StepFailed(f"container {job.container_name} vanished while starting")
+        if state.status != "running" or state.restart_count > 0:
+            logs = " | ".join(runtime.logs(job.container_name, tail=5).splitlines())
+            raise StepFailed(
+                f"container exited at once (exit code {state.exit_code})"
+                + (f"; last output: {logs}" if logs else "")
+            )
+        if job.port is not None:
+            if _accepts(address, job.port):
+                return
+        elif time.monotonic() >= settle:
+            return
+        if time.monotonic() >= deadline:
+            raise StepFailed(f"job did not listen on port {job.port} within {timeout:g}s")
+        time.sleep(0.05)
+
+
+def _accepts(address: str, port: int) -> bool:
+    try:
+        with socket.create_connection((address, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+# --- registration ---------------------------------------------------------------------------------
+
+
+def register(app: OrchestratorCelery) -> None:
+    """Register the node's tasks on ``app`` under their stable names."""
+
+    @app.task(name=names.TASK_CHECK_IMAGE, bind=True)
+    def check_image_task(self: Task, step_id: int, **labels: Any) -> dict[str, Any]:
+        return run_step(self, step_id, check_image)
+
+    @app.task(name=names.TASK_START_JOB, bind=True)
+    def start_job_task(self: Task, step_id: int, **labels: Any) -> dict[str, Any]:
+        return run_step(self, step_id, start_job)
+
+    @app.task(name=names.TASK_STOP_JOB, bind=True)
+    def stop_job_task(self: Task, step_id: int, **labels: Any) -> dict[str, Any]:
+        return run_step(self, step_id, stop_job)
+
+    @app.task(name=names.TASK_WAIT, bind=True, max_retries=None)
+    def wait_task(self: Task, step_id: int, **labels: Any) -> dict[str, Any]:
+        def body(node: NodeContext, step: Step) -> dict[str, Any]:
+            started = step.started_at or utcnow()
+            remaining = (started + timedelta(seconds=step.seconds or 0) - utcnow()).total_seconds()
+            if remaining > 0.05:
+                # Ask again later instead of sleeping: the wait holds no worker slot.
+                raise self.retry(countdown=remaining)
+            return {"waited": step.seconds}
+
+        return run_step(self, step_id, body)
+
+    @app.task(name=names.TASK_FINISH, bind=True, max_retries=None)
+    def finish_task(self: Task, op_id: int, **labels: Any) -> dict[str, Any]:
+        ended = operations.finish(node_of(self).platform, op_id)
+        if ended is None:
+            raise self.retry(countdown=0.5)
+        return {"op": op_id, "ended": ended}

@@ -96,6 +96,9 @@ def start_job(node: NodeContext, step: Step) -> dict[str, Any]:
         catalogue.set_job_state(session=s, job_id=job.id, state=JobState.starting)
         s.commit()
     spec = container_spec(job, s_env=_env_name(node, job))
+    if job.port is not None and node.runtime.inspect(job.container_name) is None \
+            and _accepts(node.address, job.port):
+        raise StepFailed(f"port {job.port} on host {node.host} is held by a program outside the platform")
     try:
         state = node.runtime.run(spec)
         wait_ready(node.runtime, job, node.address, p.settings.start_timeout)
@@ -196,19 +199,19 @@ def _accepts(address: str, port: int) -> bool:
 def register(app: OrchestratorCelery) -> None:
     """Register the node's tasks on ``app`` under their stable names."""
 
-    @app.task(name=names.TASK_CHECK_IMAGE, bind=True)
+    @app.task(name=names.TASK_CHECK_IMAGE, shared=False, bind=True)
     def check_image_task(self: Task, step_id: int, **labels: Any) -> dict[str, Any]:
         return run_step(self, step_id, check_image)
 
-    @app.task(name=names.TASK_START_JOB, bind=True)
+    @app.task(name=names.TASK_START_JOB, shared=False, bind=True)
     def start_job_task(self: Task, step_id: int, **labels: Any) -> dict[str, Any]:
         return run_step(self, step_id, start_job)
 
-    @app.task(name=names.TASK_STOP_JOB, bind=True)
+    @app.task(name=names.TASK_STOP_JOB, shared=False, bind=True)
     def stop_job_task(self: Task, step_id: int, **labels: Any) -> dict[str, Any]:
         return run_step(self, step_id, stop_job)
 
-    @app.task(name=names.TASK_WAIT, bind=True, max_retries=None)
+    @app.task(name=names.TASK_WAIT, shared=False, bind=True, max_retries=None)
     def wait_task(self: Task, step_id: int, **labels: Any) -> dict[str, Any]:
         def body(node: NodeContext, step: Step) -> dict[str, Any]:
             started = step.started_at or utcnow()
@@ -220,7 +223,7 @@ def register(app: OrchestratorCelery) -> None:
 
         return run_step(self, step_id, body)
 
-    @app.task(name=names.TASK_FINISH, bind=True, max_retries=None)
+    @app.task(name=names.TASK_FINISH, shared=False, bind=True, max_retries=None)
     def finish_task(self: Task, op_id: int, **labels: Any) -> dict[str, Any]:
         ended = operations.finish(node_of(self).platform, op_id)
         if ended is None:

@@ -7,7 +7,9 @@ so concurrent nodes and CLIs agree on who won without locks of their own.
 
 from __future__ import annotations
 
+import hashlib
 import re
+import secrets
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
@@ -16,6 +18,7 @@ from sqlmodel import Session, col, select
 
 from orchestrator.models import (
     ACTIVE_JOB_STATES,
+    ApiToken,
     Environment,
     Host,
     HostState,
@@ -28,6 +31,7 @@ from orchestrator.models import (
     OpState,
     OpTrigger,
     Release,
+    Role,
     Service,
     ServicePublic,
     ServiceType,
@@ -56,6 +60,29 @@ def check_name(kind: str, name: str) -> str:
     if not _DNS_LABEL.match(name):
         raise BadInput(f"{kind} name {name!r} is not a DNS label (a-z, 0-9 and '-', at most 63)")
     return name
+
+
+# --- API tokens -----------------------------------------------------------------------------------
+
+
+def create_token(*, session: Session, name: str, role: Role) -> str:
+    """A new bearer token; only its hash is stored, so the returned value is shown once."""
+    check_name("token", name)
+    if session.exec(select(ApiToken).where(ApiToken.name == name)).first() is not None:
+        raise BadInput(f"token {name} exists already")
+    raw = "orch_" + secrets.token_urlsafe(32)
+    session.add(ApiToken(name=name, role=role, token_hash=_token_hash(raw)))
+    session.flush()
+    return raw
+
+
+def role_of_token(*, session: Session, raw: str) -> Role | None:
+    token = session.exec(select(ApiToken).where(ApiToken.token_hash == _token_hash(raw))).first()
+    return token.role if token is not None else None
+
+
+def _token_hash(raw: str) -> str:
+    return hashlib.sha256(raw.encode()).hexdigest()
 
 
 # --- hosts ----------------------------------------------------------------------------------------
@@ -163,6 +190,61 @@ def list_services(*, session: Session, env: Environment) -> list[Service]:
     return list(session.exec(query))
 
 
+def update_service(*, session: Session, service: Service, overlap: int | None,
+                   redeployable: bool | None, support: bool) -> Service:
+    """The support-only settings: the overlap period and the redeployable flag."""
+    if overlap is None and redeployable is None:
+        raise BadInput("nothing to update: give the overlap or the redeployable flag")
+    if not support:
+        raise BadInput("only support may set the overlap period or the redeployable flag")
+    if overlap is not None:
+        if overlap < 0:
+            raise BadInput("overlap must be 0 or more seconds")
+        if overlap and service.type != ServiceType.code:
+            raise BadInput("an overlap period is for code services only")
+        service.overlap = overlap
+    if redeployable is not None:
+        service.redeployable = redeployable
+    session.add(service)
+    return service
+
+
+_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def parse_assignments(pairs: Iterable[str]) -> dict[str, str]:
+    """KEY=VALUE words -> a dict; a word without '=' or a bad name is refused."""
+    updates = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise BadInput(f"{pair!r} is not KEY=VALUE")
+        updates[key] = value
+    return updates
+
+
+def set_variables(*, session: Session, service: Service, values: dict[str, str]) -> None:
+    """User variables; they take effect at the next redeploy."""
+    if not values:
+        raise BadInput("no variables given")
+    for key, value in values.items():
+        if not _VAR_NAME.match(key):
+            raise BadInput(f"variable name {key!r} must be letters, digits and _, not starting with a digit")
+        if not isinstance(value, str) or "\x00" in value:
+            raise BadInput(f"variable {key} must be a string without NUL characters")
+    service.variables = {**service.variables, **values}
+    session.add(service)
+
+
+def unset_variables(*, session: Session, service: Service, keys: Iterable[str]) -> None:
+    keys = list(keys)
+    missing = [k for k in keys if k not in service.variables]
+    if missing:
+        raise BadInput(f"service {service.name} has no variable {missing[0]}")
+    service.variables = {k: v for k, v in service.variables.items() if k not in keys}
+    session.add(service)
+
+
 def service_public(service: Service, env: Environment) -> ServicePublic:
     return ServicePublic(env=env.name, **service.model_dump(exclude={"env_id"}))
 
@@ -170,6 +252,18 @@ def service_public(service: Service, env: Environment) -> ServicePublic:
 def workers_of(*, session: Session, service: Service) -> list[WorkerTarget]:
     query = select(WorkerTarget).where(WorkerTarget.service_id == service.id)
     return list(session.exec(query.order_by(col(WorkerTarget.name))))
+
+
+def find_worker(*, session: Session, service: Service, name: str) -> WorkerTarget | None:
+    query = select(WorkerTarget).where(WorkerTarget.service_id == service.id, WorkerTarget.name == name)
+    return session.exec(query).first()
+
+
+def get_worker(*, session: Session, service: Service, name: str) -> WorkerTarget:
+    worker = find_worker(session=session, service=service, name=name)
+    if worker is None:
+        raise NotFound(f"service {service.name} has no worker target {name}")
+    return worker
 
 
 # --- releases -------------------------------------------------------------------------------------

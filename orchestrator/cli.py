@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from collections.abc import Callable, Sequence
 from functools import cached_property, wraps
 from typing import Any, TypeVar
@@ -15,15 +14,15 @@ from typing import Any, TypeVar
 import click
 from pydantic import BaseModel
 
-from orchestrator import catalogue, operations
+from orchestrator import catalogue, operations, progress
 from orchestrator.catalogue import BadInput
 from orchestrator.models import (
     EnvironmentPublic,
     HostPublic,
     OperationPublic,
-    OpState,
     OpTrigger,
     ReleasePublic,
+    Role,
     ServiceType,
 )
 from orchestrator.settings import Settings, get_settings
@@ -40,11 +39,9 @@ class Context:
 
     @cached_property
     def platform(self) -> operations.Platform:
-        from orchestrator.db import make_engine
-        from workers.app import create_app
+        from workers.app import make_platform
 
-        return operations.Platform(make_engine(self.settings.database_url),
-                                   create_app(self.settings), self.settings)
+        return make_platform(self.settings)
 
 
 pass_ctx = click.make_pass_decorator(Context, ensure=True)
@@ -148,6 +145,77 @@ def node_run(ctx: Context, name: str, concurrency: int | None, loglevel: str) ->
 
     run_node(ctx.platform, name, concurrency=concurrency or ctx.settings.node_concurrency,
              loglevel=loglevel)
+
+
+@main.group()
+def control() -> None:
+    """The control worker: runs the task API other services call (queue orchestrator)."""
+
+
+@control.command("run")
+@click.option("--concurrency", type=int, default=4, show_default=True)
+@click.option("--loglevel", default="INFO", show_default=True)
+@pass_ctx
+def control_run(ctx: Context, concurrency: int, loglevel: str) -> None:
+    from workers.node import run_control
+
+    run_control(ctx.platform, concurrency=concurrency, loglevel=loglevel)
+
+
+@main.command()
+@click.option("--port", type=int, default=None, help="Serve the HTTP API on this port.")
+@click.option("--demo", is_flag=True, help="Run a push, a redeploy and an overlap redeploy, then exit.")
+def dev(port: int | None, demo: bool) -> None:
+    """The whole platform in one process: catalogue, broker, a node for local Docker, the API."""
+    from workers.embedded import dev_settings, run_dev
+
+    sys.exit(run_dev(dev_settings(), api_port=port, demo=demo, echo=click.echo))
+
+
+@main.command()
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--host", "bind", default="127.0.0.1", show_default=True, help="Address to bind.")
+@pass_ctx
+def api(ctx: Context, port: int, bind: str) -> None:
+    """Serve the HTTP API under /api/v1 (OpenAPI at /api/v1/openapi.json)."""
+    from orchestrator.api.serve import serve
+
+    serve(ctx.platform, port, bind)
+
+
+@main.group()
+def tokens() -> None:
+    """Bearer tokens for the HTTP API."""
+
+
+@tokens.command("create")
+@click.argument("name")
+@click.option("--role", type=click.Choice([r.value for r in Role]), default="user", show_default=True)
+@pass_ctx
+@bad_input_exits_2
+def tokens_create(ctx: Context, name: str, role: str) -> None:
+    """Print a new token once; only its hash is kept."""
+    with ctx.platform.session() as s:
+        raw = catalogue.create_token(session=s, name=name, role=Role(role))
+        s.commit()
+    click.echo(raw)
+
+
+@main.command()
+@click.option("--port", type=int, default=5555, show_default=True)
+@click.option("--basic-auth", required=True, metavar="USER:PASS", help="Flower's login.")
+@click.option("--address", default="127.0.0.1", show_default=True)
+@pass_ctx
+@bad_input_exits_2
+def flower(ctx: Context, port: int, basic_auth: str, address: str) -> None:
+    """Flower on the platform's broker, behind basic auth: every step of every operation."""
+    user, sep, password = basic_auth.partition(":")
+    if not sep or not user or not password:
+        raise BadInput("--basic-auth must be USER:PASS")
+    ctx.platform.app.start([
+        "flower", f"--port={port}", f"--address={address}", f"--basic-auth={basic_auth}",
+        "--persistent=False", "--purge_offline_workers=60",
+    ])
 
 
 # --- environments ---------------------------------------------------------------------------------
@@ -270,21 +338,10 @@ def services_show(ctx: Context, env_name: str, name: str, as_json: bool) -> None
 @bad_input_exits_2
 def services_update(ctx: Context, env_name: str, name: str, overlap: int | None,
                     redeployable: bool | None, support: bool) -> None:
-    if overlap is None and redeployable is None:
-        raise BadInput("nothing to update: give --overlap or --redeployable/--not-redeployable")
-    if not support:
-        raise BadInput("only support may set the overlap period or the redeployable flag (--support)")
-    if overlap is not None and overlap < 0:
-        raise BadInput("overlap must be 0 or more seconds")
     with ctx.platform.session() as s:
         _, svc = catalogue.get_service(session=s, env=env_name, name=name)
-        if overlap is not None:
-            if overlap and svc.type != ServiceType.code:
-                raise BadInput("an overlap period is for code services only")
-            svc.overlap = overlap
-        if redeployable is not None:
-            svc.redeployable = redeployable
-        s.add(svc)
+        catalogue.update_service(session=s, service=svc, overlap=overlap, redeployable=redeployable,
+                                 support=support)
         s.commit()
     click.echo(f"service {name} updated")
 
@@ -304,18 +361,10 @@ def vars_() -> None:
 @pass_ctx
 @bad_input_exits_2
 def vars_set(ctx: Context, env_name: str, name: str, pairs: tuple[str, ...]) -> None:
-    updates = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise BadInput(f"{pair!r} is not KEY=VALUE")
-        if not key.replace("_", "a").isalnum() or key[0].isdigit():
-            raise BadInput(f"variable name {key!r} must be letters, digits and _, not starting with a digit")
-        updates[key] = value
+    updates = catalogue.parse_assignments(pairs)
     with ctx.platform.session() as s:
         _, svc = catalogue.get_service(session=s, env=env_name, name=name)
-        svc.variables = {**svc.variables, **updates}
-        s.add(svc)
+        catalogue.set_variables(session=s, service=svc, values=updates)
         s.commit()
     click.echo(f"set {', '.join(updates)} on {name}: redeploy to apply")
 
@@ -329,11 +378,7 @@ def vars_set(ctx: Context, env_name: str, name: str, pairs: tuple[str, ...]) -> 
 def vars_unset(ctx: Context, env_name: str, name: str, keys: tuple[str, ...]) -> None:
     with ctx.platform.session() as s:
         _, svc = catalogue.get_service(session=s, env=env_name, name=name)
-        missing = [k for k in keys if k not in svc.variables]
-        if missing:
-            raise BadInput(f"service {name} has no variable {missing[0]}")
-        svc.variables = {k: v for k, v in svc.variables.items() if k not in keys}
-        s.add(svc)
+        catalogue.unset_variables(session=s, service=svc, keys=keys)
         s.commit()
     click.echo(f"unset {', '.join(keys)} on {name}: redeploy to apply")
 
@@ -412,6 +457,74 @@ def rollback(ctx: Context, env_name: str, name: str, release: int, wait: bool) -
     """Redeploy an earlier release."""
     op = operations.request_redeploy(ctx.platform, env=env_name, service=name, release=release)
     started(ctx, op, wait)
+
+
+@main.group()
+def worker() -> None:
+    """Worker targets of a code service: jobs without a port, with their own command and scale."""
+
+
+@worker.command("deploy")
+@click.argument("env_name", metavar="ENV")
+@click.argument("name", metavar="SVC")
+@click.argument("target")
+@click.option("--command", required=True, help="Run through /bin/sh -c.")
+@wait_option
+@pass_ctx
+@bad_input_exits_2
+def worker_deploy(ctx: Context, env_name: str, name: str, target: str, command: str, wait: bool) -> None:
+    op = operations.request_worker_deploy(ctx.platform, env=env_name, service=name, target=target,
+                                          command=command)
+    started(ctx, op, wait)
+
+
+@worker.command("scale")
+@click.argument("env_name", metavar="ENV")
+@click.argument("name", metavar="SVC")
+@click.argument("target")
+@click.argument("scale", metavar="N|+N|-N")
+@wait_option
+@pass_ctx
+@bad_input_exits_2
+def worker_scale(ctx: Context, env_name: str, name: str, target: str, scale: str, wait: bool) -> None:
+    op = operations.request_worker_scale(ctx.platform, env=env_name, service=name, target=target,
+                                         scale=scale)
+    started(ctx, op, wait)
+
+
+@worker.command("rm")
+@click.argument("env_name", metavar="ENV")
+@click.argument("name", metavar="SVC")
+@click.argument("target")
+@wait_option
+@pass_ctx
+@bad_input_exits_2
+def worker_rm(ctx: Context, env_name: str, name: str, target: str, wait: bool) -> None:
+    op = operations.request_worker_rm(ctx.platform, env=env_name, service=name, target=target)
+    started(ctx, op, wait)
+
+
+@worker.command("list")
+@click.argument("env_name", metavar="ENV")
+@click.argument("name", metavar="SVC")
+@json_option
+@pass_ctx
+@bad_input_exits_2
+def worker_list(ctx: Context, env_name: str, name: str, as_json: bool) -> None:
+    with ctx.platform.session() as s:
+        environment, svc = catalogue.get_service(session=s, env=env_name, name=name)
+        jobs = catalogue.list_jobs(session=s, env=environment, service=svc)
+        rows = [
+            {"target": w.name, "command": w.command, "scale": w.scale,
+             "running": sum(1 for j in jobs if j.kind == "worker" and j.target == w.name
+                            and j.state == "running")}
+            for w in catalogue.workers_of(session=s, service=svc)
+        ]
+    if as_json:
+        emit(rows)
+    else:
+        table([(r["target"], r["scale"], r["running"], r["command"]) for r in rows],
+              ["TARGET", "SCALE", "RUNNING", "COMMAND"])
 
 
 @main.group()
@@ -519,18 +632,9 @@ def load_op(ctx: Context, op_id: int) -> OperationPublic:
         return catalogue.operation_public(session=s, op=catalogue.get_operation(session=s, op_id=op_id))
 
 
-def follow(ctx: Context, op_id: int, poll: float = 0.2) -> int:
-    """Print each step as it changes until the operation ends; 0 if it succeeded, else 1."""
-    from orchestrator.progress import Progress
-
-    progress = Progress(click.echo)
-    while True:
-        op = load_op(ctx, op_id)
-        progress.update(op)
-        if op.state in (OpState.succeeded, OpState.failed):
-            progress.done(op)
-            return 0 if op.state == OpState.succeeded else 1
-        time.sleep(poll)
+def follow(ctx: Context, op_id: int) -> int:
+    """Live progress until the operation ends; 0 if it succeeded, else 1."""
+    return progress.follow(lambda: load_op(ctx, op_id), click.echo)
 
 
 if __name__ == "__main__":

@@ -273,3 +273,16 @@ class OperationPublic(SQLModel):
     started_at: datetime | None
     finished_at: datetime | None
     steps: list[StepPublic]
+
+
+class Role(StrEnum):
+    user = "user"
+    support = "support"
+
+
+class ApiToken(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(unique=True, index=True)
+    role: Role
+    token_hash: str = Field(unique=True, index=True)  # sha256 of the token; the token is shown once
+    created_at: datetime = Field(default_factory=utcnow)

@@ -21,6 +21,12 @@ TASK_STOP_JOB = "orchestrator.step.stop_job"
 TASK_WAIT = "orchestrator.step.wait"
 TASK_FINISH = "orchestrator.op.finish"
 
+# The public task API on the control queue (send_task by other services): keep these stable.
+TASK_API_REDEPLOY = "orchestrator.redeploy"
+TASK_API_SCALE = "orchestrator.scale"
+TASK_API_PUSH = "orchestrator.push"
+TASK_API_WORKER_SCALE = "orchestrator.worker_scale"
+
 
 def host_queue(host: str) -> str:
     """The Celery queue consumed by the node of ``host``."""

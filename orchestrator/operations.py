@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 
 from celery import Celery
 from sqlalchemy.engine import Engine
@@ -31,6 +32,7 @@ from orchestrator.models import (
     Step,
     StepAction,
     StepState,
+    WorkerTarget,
     utcnow,
 )
 from orchestrator.names import volume_name
@@ -118,6 +120,68 @@ def request_scale(p: Platform, *, env: str, service: str, scale: int) -> Operati
                                         params={"scale": scale})
         s.commit()
     return _started(p, op)
+
+
+def request_worker_deploy(p: Platform, *, env: str, service: str, target: str,
+                          command: str) -> Operation:
+    """Start (or replace) the worker jobs of a target; from then on they redeploy with the service."""
+    catalogue.check_name("worker target", target)
+    if not command.strip():
+        raise BadInput("a worker target needs a --command")
+    with p.session() as s:
+        environment, svc = catalogue.get_service(session=s, env=env, name=service)
+        _check_worker_service(s, svc)
+        op = catalogue.record_operation(session=s, env=environment, service=svc,
+                                        kind=OpKind.worker_deploy, trigger=OpTrigger.manual,
+                                        params={"target": target, "command": command})
+        s.commit()
+    return _started(p, op)
+
+
+def parse_worker_scale(text: str) -> tuple[str, int]:
+    """'N' sets the scale, '+N'/'-N' change it: returns ("set"|"add", number)."""
+    body = text.strip()
+    sign = body[:1] if body[:1] in "+-" else ""
+    digits = body[len(sign):]
+    if not digits.isdigit():
+        raise BadInput(f"worker scale {text!r} is not N, +N or -N")
+    number = int(digits)
+    if sign == "-":
+        return "add", -number
+    return ("add", number) if sign == "+" else ("set", number)
+
+
+def request_worker_scale(p: Platform, *, env: str, service: str, target: str,
+                         scale: str | int) -> Operation:
+    mode, number = parse_worker_scale(str(scale))
+    with p.session() as s:
+        environment, svc = catalogue.get_service(session=s, env=env, name=service)
+        worker = catalogue.get_worker(session=s, service=svc, name=target)
+        if (number if mode == "set" else worker.scale + number) < 0:
+            raise BadInput(f"worker target {target} would go below 0 (it has {worker.scale})")
+        op = catalogue.record_operation(session=s, env=environment, service=svc,
+                                        kind=OpKind.worker_scale, trigger=OpTrigger.manual,
+                                        params={"target": target, mode: number})
+        s.commit()
+    return _started(p, op)
+
+
+def request_worker_rm(p: Platform, *, env: str, service: str, target: str) -> Operation:
+    with p.session() as s:
+        environment, svc = catalogue.get_service(session=s, env=env, name=service)
+        catalogue.get_worker(session=s, service=svc, name=target)
+        op = catalogue.record_operation(session=s, env=environment, service=svc,
+                                        kind=OpKind.worker_rm, trigger=OpTrigger.manual,
+                                        params={"target": target})
+        s.commit()
+    return _started(p, op)
+
+
+def _check_worker_service(s: Session, svc: Service) -> None:
+    if svc.type != ServiceType.code:
+        raise BadInput(f"worker targets are for code services; {svc.name} is a {svc.type} service")
+    if not catalogue.list_releases(session=s, service=svc):
+        raise BadInput(f"service {svc.name} has no release yet: push an image first")
 
 
 def _has_ops(s: Session, svc: Service) -> bool:
@@ -208,6 +272,20 @@ def _apply_params(s: Session, op: Operation, svc: Service) -> dict[str, object]:
     if op.kind == OpKind.scale:
         previous = {"previous_scale": svc.scale}
         svc.scale = int(op.params["scale"])
+    if op.kind in (OpKind.worker_deploy, OpKind.worker_scale):
+        target = str(op.params["target"])
+        worker = catalogue.find_worker(session=s, service=svc, name=target)
+        if worker is None:
+            if op.kind == OpKind.worker_scale:
+                raise BadInput(f"service {svc.name} has no worker target {target}")
+            worker = WorkerTarget(service_id=svc.id or 0, name=target, command="", scale=1)
+        if op.kind == OpKind.worker_deploy:
+            worker.command = str(op.params["command"])
+        elif "set" in op.params:
+            worker.scale = int(op.params["set"])
+        else:
+            worker.scale = max(0, worker.scale + int(op.params["add"]))
+        s.add(worker)
     s.add(svc)
     s.flush()
     return previous
@@ -241,6 +319,21 @@ def _plan(p: Platform, s: Session, op: Operation, svc: Service, env: Environment
     if op.kind == OpKind.scale:
         return planner.plan_scale(spec, jobs, hosts, _new_id, kind=JobKind.deploy, target=None,
                                   scale=svc.scale, ports=ports)
+    target = str(op.params.get("target"))
+    if op.kind == OpKind.worker_scale:
+        worker = next(w for w in spec.workers if w.name == target)
+        return planner.plan_scale(spec, jobs, hosts, _new_id, kind=JobKind.worker, target=target,
+                                  scale=worker.scale, ports=ports)
+    if op.kind == OpKind.worker_deploy:
+        # A redeploy restricted to this target: its old jobs go, target.scale new ones come.
+        only = replace(spec, scale=0, workers=tuple(w for w in spec.workers if w.name == target))
+        mine = [j for j in jobs if j.kind == JobKind.worker and j.target == target]
+        return planner.plan_redeploy(only, mine, hosts, _new_id, ports)
+    if op.kind == OpKind.worker_rm:
+        worker_row = catalogue.find_worker(session=s, service=svc, name=target)
+        if worker_row is not None:
+            s.delete(worker_row)  # from now on redeploys leave this target out
+        return planner.plan_stop(jobs, kind=JobKind.worker, target=target)
     raise planner.PlanError(f"operation kind {op.kind} is not supported yet")
 
 

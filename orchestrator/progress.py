@@ -16,6 +16,18 @@ _MARK = {
 }
 
 
+def follow(load: Callable[[], OperationPublic], echo: Callable[[str], None], poll: float = 0.2) -> int:
+    """Print each step as it changes until the operation ends; 0 if it succeeded, else 1."""
+    progress = Progress(echo)
+    while True:
+        op = load()
+        progress.update(op)
+        if op.state in ("succeeded", "failed"):
+            progress.done(op)
+            return 0 if op.state == "succeeded" else 1
+        time.sleep(poll)
+
+
 class Progress:
     def __init__(self, echo: Callable[[str], None]) -> None:
         self.echo = echo

@@ -7,6 +7,7 @@ from typing import Any
 
 from celery import Celery
 
+from orchestrator.db import make_engine
 from orchestrator.operations import Platform
 from orchestrator.settings import Settings
 from workers.runtime.base import Runtime
@@ -23,11 +24,12 @@ class NodeContext:
 
 
 class OrchestratorCelery(Celery):
-    node: NodeContext | None = None
+    """A Celery app that carries the platform it serves (and, on a node, the node's host)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.node = None
+        self.platform: Platform | None = None
+        self.node: NodeContext | None = None
 
 
 def create_app(settings: Settings) -> OrchestratorCelery:
@@ -36,7 +38,17 @@ def create_app(settings: Settings) -> OrchestratorCelery:
     app.config_from_object("celeryconfig")
     app.conf.broker_url = settings.broker_url
     app.conf.result_backend = settings.backend_url
-    from workers import tasks
+    from orchestrator.control import register as register_control
+    from workers.tasks import register as register_steps
 
-    tasks.register(app)
+    register_steps(app)
+    register_control(app)
     return app
+
+
+def make_platform(settings: Settings) -> Platform:
+    """The catalogue's engine and the Celery app, bound together."""
+    app = create_app(settings)
+    platform = Platform(make_engine(settings.database_url), app, settings)
+    app.platform = platform
+    return platform

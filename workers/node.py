@@ -18,10 +18,22 @@ def run_node(platform: Platform, host_name: str, *, concurrency: int, loglevel: 
     assert isinstance(app, OrchestratorCelery)
     runtime = DockerRuntime(host.docker_url, pool_size=concurrency + 4)
     app.node = NodeContext(platform=platform, host=host.name, address=host.address, runtime=runtime)
+    _work(app, [names.host_queue(host.name)], f"{host.name}@{socket.gethostname()}",
+          concurrency, loglevel)
+
+
+def run_control(platform: Platform, *, concurrency: int, loglevel: str) -> None:
+    """Run the control worker (queue ``orchestrator``) until stopped (blocks)."""
+    _work(platform.app, [names.CONTROL_QUEUE], f"control@{socket.gethostname()}", concurrency,
+          loglevel)
+
+
+def _work(app: OrchestratorCelery, queues: list[str], hostname: str, concurrency: int,
+          loglevel: str) -> None:
     app.worker_main([
         "worker",
-        "--queues", names.host_queue(host.name),
-        "--hostname", f"{host.name}@{socket.gethostname()}",
+        "--queues", ",".join(queues),
+        "--hostname", hostname,
         "--pool", "threads",
         "--concurrency", str(concurrency),
         "--loglevel", loglevel,

@@ -26,6 +26,13 @@ class StepFailed(Exception):
     """A step could not do its work; the message is the reason shown in ``ops show``."""
 
 
+def platform_of(task: Task) -> operations.Platform:
+    app = task.app
+    if not isinstance(app, OrchestratorCelery) or app.platform is None:
+        raise StepFailed("this worker has no catalogue")
+    return app.platform
+
+
 def node_of(task: Task) -> NodeContext:
     app = task.app
     if not isinstance(app, OrchestratorCelery) or app.node is None:
@@ -225,7 +232,7 @@ def register(app: OrchestratorCelery) -> None:
 
     @app.task(name=names.TASK_FINISH, shared=False, bind=True, max_retries=None)
     def finish_task(self: Task, op_id: int, **labels: Any) -> dict[str, Any]:
-        ended = operations.finish(node_of(self).platform, op_id)
+        ended = operations.finish(platform_of(self), op_id)
         if ended is None:
             raise self.retry(countdown=0.5)
         return {"op": op_id, "ended": ended}

@@ -1,0 +1,232 @@
+"""The HTTP API under /api/v1: a thin adapter over the catalogue and operations.
+
+Bearer tokens (``orchestrator tokens create``) carry a role; support-only actions are checked
+here, server-side. Bad input is a 4xx with a reason, never a 500.
+"""
+
+from collections.abc import Callable, Iterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, status
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field
+from sqlmodel import Session
+
+from orchestrator import catalogue, operations
+from orchestrator.catalogue import BadInput, NotFound
+from orchestrator.models import (
+    EnvironmentPublic,
+    JobPublic,
+    OperationPublic,
+    ReleasePublic,
+    Role,
+    ServicePublic,
+)
+
+MAX_NAME = 63
+
+
+class OperationAccepted(BaseModel):
+    id: int
+    kind: str
+    state: str
+    url: str
+
+
+class PushBody(BaseModel):
+    image: str = Field(min_length=1, max_length=512)
+
+
+class HookBody(BaseModel):
+    env: str = Field(min_length=1, max_length=MAX_NAME)
+    service: str = Field(min_length=1, max_length=MAX_NAME)
+    image: str = Field(min_length=1, max_length=512)
+
+
+class RedeployBody(BaseModel):
+    support: bool = False
+
+
+class ScaleBody(BaseModel):
+    scale: int = Field(ge=0, le=1000)
+
+
+class WorkerScaleBody(BaseModel):
+    scale: str = Field(pattern=r"^[+-]?\d{1,4}$", description="N, +N or -N")
+
+
+class ServicePatch(BaseModel):
+    overlap: int | None = Field(default=None, ge=0, le=86400)
+    redeployable: bool | None = None
+
+
+class VariablesBody(BaseModel):
+    set: dict[str, str] = Field(default_factory=dict)
+    unset: list[str] = Field(default_factory=list)
+
+
+class Variable(BaseModel):
+    name: str
+    value: str
+    source: str
+
+
+_bearer = HTTPBearer(auto_error=False)
+
+
+def _platform(request: Request) -> operations.Platform:
+    platform: operations.Platform = request.app.state.platform
+    return platform
+
+
+def _session(request: Request) -> Iterator[Session]:
+    with _platform(request).session() as s:
+        yield s
+
+
+def _role(request: Request,
+          creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Role:
+    if creds is None or creds.scheme.lower() != "bearer":
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "a bearer token is required",
+                            headers={"WWW-Authenticate": "Bearer"})
+    with _platform(request).session() as s:
+        found = catalogue.role_of_token(session=s, raw=creds.credentials)
+    if found is None:
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "unknown token",
+                            headers={"WWW-Authenticate": "Bearer"})
+    return found
+
+
+def support_only(who: Role) -> None:
+    if who != Role.support:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "only the support role may do this")
+
+
+Db = Annotated[Session, Depends(_session)]
+Who = Annotated[Role, Depends(_role)]
+
+
+def create_api(platform: operations.Platform) -> FastAPI:
+    api = FastAPI(title="orchestrator", version="1", openapi_url="/api/v1/openapi.json",
+                  docs_url="/docs")
+    api.state.platform = platform
+    v1 = APIRouter(prefix="/api/v1")
+
+    @api.exception_handler(BadInput)
+    async def bad_input(_: Request, exc: BadInput) -> JSONResponse:
+        code = status.HTTP_404_NOT_FOUND if isinstance(exc, NotFound) else status.HTTP_400_BAD_REQUEST
+        return JSONResponse({"detail": str(exc)}, status_code=code)
+
+    def accepted(op: Any) -> JSONResponse:
+        body = OperationAccepted(id=op.id, kind=op.kind, state=op.state,
+                                 url=f"/api/v1/operations/{op.id}")
+        return JSONResponse(body.model_dump(), status_code=status.HTTP_202_ACCEPTED)
+
+    def start(request: Callable[..., Any], **kwargs: Any) -> JSONResponse:
+        return accepted(request(platform, **kwargs))
+
+    @v1.get("/envs", response_model=list[EnvironmentPublic])
+    def list_envs(db: Db, _: Who) -> Any:
+        return catalogue.list_envs(session=db)
+
+    @v1.get("/envs/{env}", response_model=EnvironmentPublic)
+    def get_env(env: str, db: Db, _: Who) -> Any:
+        return catalogue.get_env(session=db, name=env)
+
+    @v1.get("/envs/{env}/services", response_model=list[ServicePublic])
+    def list_services(env: str, db: Db, _: Who) -> Any:
+        environment = catalogue.get_env(session=db, name=env)
+        return [catalogue.service_public(s, environment)
+                for s in catalogue.list_services(session=db, env=environment)]
+
+    @v1.get("/envs/{env}/services/{svc}", response_model=ServicePublic)
+    def get_service(env: str, svc: str, db: Db, _: Who) -> Any:
+        environment, service = catalogue.get_service(session=db, env=env, name=svc)
+        return catalogue.service_public(service, environment)
+
+    @v1.patch("/envs/{env}/services/{svc}", response_model=ServicePublic)
+    def patch_service(env: str, svc: str, body: ServicePatch, db: Db, who: Who) -> Any:
+        support_only(who)
+        environment, service = catalogue.get_service(session=db, env=env, name=svc)
+        catalogue.update_service(session=db, service=service, overlap=body.overlap,
+                                 redeployable=body.redeployable, support=True)
+        db.commit()
+        return catalogue.service_public(service, environment)
+
+    @v1.get("/envs/{env}/services/{svc}/variables", response_model=list[Variable])
+    def list_variables(env: str, svc: str, db: Db, _: Who) -> Any:
+        _env, service = catalogue.get_service(session=db, env=env, name=svc)
+        return [Variable(name=k, value=v, source="user") for k, v in sorted(service.variables.items())]
+
+    @v1.patch("/envs/{env}/services/{svc}/variables", response_model=list[Variable])
+    def change_variables(env: str, svc: str, body: VariablesBody, db: Db, _: Who) -> Any:
+        _env, service = catalogue.get_service(session=db, env=env, name=svc)
+        if not body.set and not body.unset:
+            raise BadInput("give variables to set or unset")
+        if body.unset:
+            catalogue.unset_variables(session=db, service=service, keys=body.unset)
+        if body.set:
+            catalogue.set_variables(session=db, service=service, values=body.set)
+        db.commit()
+        return [Variable(name=k, value=v, source="user") for k, v in sorted(service.variables.items())]
+
+    @v1.get("/envs/{env}/services/{svc}/releases", response_model=list[ReleasePublic])
+    def list_releases(env: str, svc: str, db: Db, _: Who) -> Any:
+        _env, service = catalogue.get_service(session=db, env=env, name=svc)
+        return catalogue.list_releases(session=db, service=service)
+
+    @v1.get("/envs/{env}/jobs", response_model=list[JobPublic])
+    def list_env_jobs(env: str, db: Db, _: Who) -> Any:
+        return catalogue.list_jobs(session=db, env=catalogue.get_env(session=db, name=env))
+
+    @v1.get("/envs/{env}/services/{svc}/jobs", response_model=list[JobPublic])
+    def list_jobs(env: str, svc: str, db: Db, _: Who) -> Any:
+        environment, service = catalogue.get_service(session=db, env=env, name=svc)
+        return catalogue.list_jobs(session=db, env=environment, service=service)
+
+    @v1.get("/operations", response_model=list[OperationPublic])
+    def list_operations(db: Db, _: Who, env: str | None = None) -> Any:
+        environment = catalogue.get_env(session=db, name=env) if env else None
+        return [catalogue.operation_public(session=db, op=op)
+                for op in catalogue.list_operations(session=db, env=environment)]
+
+    @v1.get("/operations/{op_id}", response_model=OperationPublic)
+    def get_operation(op_id: int, db: Db, _: Who) -> Any:
+        if not 0 < op_id < 2**62:
+            raise NotFound(f"no operation {op_id}")
+        return catalogue.operation_public(session=db, op=catalogue.get_operation(session=db, op_id=op_id))
+
+    @v1.post("/envs/{env}/services/{svc}/push", status_code=202, response_model=OperationAccepted)
+    def push(env: str, svc: str, body: PushBody, _: Who) -> Any:
+        return start(operations.request_push, env=env, service=svc, image=body.image)
+
+    @v1.post("/hooks/push", status_code=202, response_model=OperationAccepted)
+    def push_hook(body: HookBody, _: Who) -> Any:
+        """The code-push webhook: a new image for a code service makes a release and deploys it."""
+        return start(operations.request_push, env=body.env, service=body.service, image=body.image)
+
+    @v1.post("/envs/{env}/services/{svc}/redeploy", status_code=202, response_model=OperationAccepted)
+    def redeploy(env: str, svc: str, who: Who, body: RedeployBody | None = None) -> Any:
+        support = bool(body and body.support)
+        if support:
+            support_only(who)
+        return start(operations.request_redeploy, env=env, service=svc, support=support)
+
+    @v1.post("/envs/{env}/services/{svc}/rollback/{release}", status_code=202,
+             response_model=OperationAccepted)
+    def rollback(env: str, svc: str, release: int, _: Who) -> Any:
+        return start(operations.request_redeploy, env=env, service=svc, release=release)
+
+    @v1.post("/envs/{env}/services/{svc}/scale", status_code=202, response_model=OperationAccepted)
+    def scale(env: str, svc: str, body: ScaleBody, _: Who) -> Any:
+        return start(operations.request_scale, env=env, service=svc, scale=body.scale)
+
+    @v1.post("/envs/{env}/services/{svc}/workers/{target}/scale", status_code=202,
+             response_model=OperationAccepted)
+    def worker_scale(env: str, svc: str, target: str, body: WorkerScaleBody, _: Who) -> Any:
+        return start(operations.request_worker_scale, env=env, service=svc, target=target,
+                     scale=body.scale)
+
+    api.include_router(v1)
+    return api

@@ -122,13 +122,18 @@ def host_loads(*, session: Session) -> list[HostLoad]:
         used_mem[job.host] += size.memory_mb
         if job.port is not None:
             ports[job.host].add(job.port)
+    hosts = list_hosts(session=session)
+    # Hosts that share an address (several daemons on one machine) share its ports.
+    by_address: dict[str, set[int]] = defaultdict(set)
+    for h in hosts:
+        by_address[h.address] |= ports[h.name]
     return [
         HostLoad(
-            name=h.name, schedulable=h.state == HostState.up, cpus=h.cpus, memory_mb=h.memory_mb,
-            used_cpus=used_cpus[h.name], used_memory_mb=used_mem[h.name],
-            used_ports=frozenset(ports[h.name]),
+            name=h.name, schedulable=h.state == HostState.up, address=h.address, cpus=h.cpus,
+            memory_mb=h.memory_mb, used_cpus=used_cpus[h.name], used_memory_mb=used_mem[h.name],
+            used_ports=frozenset(by_address[h.address]),
         )
-        for h in list_hosts(session=session)
+        for h in hosts
     ]
 
 

@@ -244,11 +244,7 @@ def _start(p: Platform, op: Operation) -> bool:
     except Exception as exc:  # the broker is down: nothing ran, say so and free the service
         with p.session() as s:
             catalogue.skip_pending_steps(session=s, op_id=op_id)
-            for stage in stages:
-                for step in stage:
-                    if step.action == StepAction.start and step.job_id:
-                        catalogue.set_job_state(session=s, job_id=step.job_id, state=JobState.failed,
-                                                error="never sent")
+            _forget_unstarted_jobs(s, op_id)
             s.commit()
         _fail_unstarted(p, op, f"could not send the operation to the broker: {exc}")
         return False
@@ -406,6 +402,7 @@ def finish(p: Platform, op_id: int) -> bool | None:
         error = None
         if failed:
             catalogue.skip_pending_steps(session=s, op_id=op_id)
+            _forget_unstarted_jobs(s, op_id)
             _restore_params(s, op)
             error = f"{failed[0].name}: {failed[0].error}. {service_summary(s, op.service_id)}"
         ended = catalogue.end_operation(session=s, op_id=op_id,
@@ -415,6 +412,14 @@ def finish(p: Platform, op_id: int) -> bool | None:
         s.commit()
     start_next(p, op.service_id)
     return ended
+
+
+def _forget_unstarted_jobs(s: Session, op_id: int) -> None:
+    """Jobs the operation planned but never got to start hold no port, memory or count."""
+    for step in catalogue.steps_of(session=s, op_id=op_id):
+        if step.action == StepAction.start and step.state == StepState.skipped and step.job_id:
+            catalogue.set_job_state(session=s, job_id=step.job_id, state=JobState.failed,
+                                    error=f"never started: operation {op_id} failed first")
 
 
 def _restore_params(s: Session, op: Operation) -> None:

@@ -14,6 +14,7 @@ class HostLoad:
 
     name: str
     schedulable: bool = True
+    address: str = ""  # hosts sharing an address share one port space
     cpus: float = 0.0
     memory_mb: int = 0
     used_cpus: float = 0.0

@@ -6,9 +6,9 @@ A plan is a sequence of stages run one after the other; the steps inside a stage
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from orchestrator.names import container_name
 from orchestrator.placement import HostLoad, choose_host, free_port
@@ -44,6 +44,9 @@ class ServiceSpec:
     release: int | None = None
     workers: tuple[WorkerSpec, ...] = ()
     volume: str | None = None
+    port: int | None = None  # databases and caches keep one port, so connection URLs stay true
+    pinned_host: str | None = None  # databases live where their volume is
+    args: tuple[str, ...] = ()  # flags for the image's own entrypoint (databases, caches)
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,7 @@ class ObservedJob:
     target: str | None
     host: str
     port: int | None = None
+    size: Size | None = None  # None: the spec's size
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,7 @@ class NewJob:
     container_name: str
     environment: tuple[tuple[str, str], ...]
     volume: str | None = None
+    args: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -142,26 +147,42 @@ class _Placer:
         self.service_jobs = Counter(service_jobs)
         self.ports = ports
 
-    def place(self, size: Size, needs_port: bool) -> tuple[str, int | None]:
-        host = choose_host(list(self.hosts.values()), size, self.service_jobs)
-        if host is None:
+    def place(self, size: Size, needs_port: bool, *, host: str | None = None,
+              port: int | None = None) -> tuple[str, int | None]:
+        if host is not None:
+            pinned = self.hosts.get(host)
+            if pinned is None or not pinned.schedulable:
+                raise PlanError(f"this service's data lives on host {host}, which is not up")
+            chosen: str | None = host
+        else:
+            chosen = choose_host(list(self.hosts.values()), size, self.service_jobs)
+        if chosen is None:
             raise PlanError(f"no up host has room for a job of {size.memory_mb}m/{size.cpus} CPU")
-        port = None
-        if needs_port:
-            port = free_port(self.hosts[host].used_ports, self.ports.low, self.ports.high)
+        if needs_port and port is None:
+            port = free_port(self.hosts[chosen].used_ports, self.ports.low, self.ports.high)
             if port is None:
-                raise PlanError(f"host {host} has no free port in {self.ports.low}-{self.ports.high}")
-        self.hosts[host] = self.hosts[host].with_job(size, port)
-        self.service_jobs[host] += 1
-        return host, port
+                raise PlanError(f"host {chosen} has no free port in {self.ports.low}-{self.ports.high}")
+        if not needs_port:
+            port = None
+        self.hosts[chosen] = self.hosts[chosen].with_job(size, port)
+        if port is not None and self.hosts[chosen].address:
+            # Hosts on one address (several daemons on one machine) share its ports.
+            for name, other in self.hosts.items():
+                if name != chosen and other.address == self.hosts[chosen].address:
+                    self.hosts[name] = replace(other, used_ports=other.used_ports | {port})
+        self.service_jobs[chosen] += 1
+        return chosen, port
 
 
 def _new_jobs(spec: ServiceSpec, wanted: Sequence[tuple[str, str | None, str | None]],
               placer: _Placer, new_id: Callable[[], str]) -> list[NewJob]:
     jobs = []
     for kind, target, command in wanted:
-        needs_port = kind == "deploy" and spec.type not in PORTLESS_TYPES
-        host, port = placer.place(spec.size, needs_port)
+        deploy = kind == "deploy"
+        needs_port = deploy and spec.type not in PORTLESS_TYPES
+        host, port = placer.place(spec.size, needs_port,
+                                  host=spec.pinned_host if deploy else None,
+                                  port=spec.port if deploy else None)
         job_id = new_id()
         env = job_environment(spec, job_id, kind, target, host, port)
         jobs.append(NewJob(
@@ -169,7 +190,8 @@ def _new_jobs(spec: ServiceSpec, wanted: Sequence[tuple[str, str | None, str | N
             command=command, size_name=spec.size_name, size=spec.size, release=spec.release,
             container_name=container_name(spec.env, spec.name, job_id),
             environment=tuple(sorted(env.items())),
-            volume=spec.volume if kind == "deploy" else None,
+            volume=spec.volume if deploy else None,
+            args=spec.args if deploy and command is None else (),
         ))
     return jobs
 
@@ -196,8 +218,9 @@ def plan_redeploy(spec: ServiceSpec, jobs: Sequence[ObservedJob], hosts: Sequenc
     """
     overlap = spec.overlap > 0 and bool(jobs)
     # Without overlap the old jobs are gone before the new ones start: their room is free again.
+    # With it they still hold their room, but they count for nothing in the spread: they go.
     kept = jobs if overlap else []
-    placer = _Placer(_hosts_with(hosts, kept, spec.size, jobs), [j.host for j in kept], ports)
+    placer = _Placer(_hosts_with(hosts, kept, spec.size, jobs), [], ports)
     new = _new_jobs(spec, _wanted_jobs(spec), placer, new_id)
     if not new and not jobs:
         return Plan()
@@ -230,7 +253,8 @@ def plan_scale(spec: ServiceSpec, jobs: Sequence[ObservedJob], hosts: Sequence[H
         wanted = [(kind, target, command)] * (scale - len(mine))
         new = _new_jobs(spec, wanted, placer, new_id)
         return Plan((_check_images(spec.image, new), tuple(StartJob(j) for j in new)))
-    surplus = _pick_surplus(mine, len(mine) - scale)
+    draining = {h.name for h in hosts if not h.schedulable}
+    surplus = _pick_surplus(mine, len(mine) - scale, draining)
     return Plan((tuple(StopJob(j.id, j.host) for j in surplus),)) if surplus else Plan()
 
 
@@ -240,12 +264,14 @@ def plan_stop(jobs: Sequence[ObservedJob], *, kind: str, target: str | None) -> 
     return Plan((stops,)) if stops else Plan()
 
 
-def _pick_surplus(jobs: Sequence[ObservedJob], count: int) -> list[ObservedJob]:
+def _pick_surplus(jobs: Sequence[ObservedJob], count: int,
+                  draining: frozenset[str] | set[str] = frozenset()) -> list[ObservedJob]:
+    """Jobs on hosts that take no new work go first, then those on the fullest host, newest first."""
     remaining = list(jobs)
     picked: list[ObservedJob] = []
     for _ in range(count):
         per_host = Counter(j.host for j in remaining)
-        host = max(per_host, key=lambda h: (per_host[h], h))
+        host = max(per_host, key=lambda h: (h in draining, per_host[h], h))
         job = [j for j in remaining if j.host == host][-1]
         remaining.remove(job)
         picked.append(job)
@@ -259,14 +285,14 @@ def _hosts_with(hosts: Sequence[HostLoad], kept: Sequence[ObservedJob], size: Si
     ``hosts`` already count every active job, this service's included; ports of jobs that stop
     stay taken so a new job never reuses a port a stopping job may still hold."""
     kept_ids = {j.id for j in kept}
-    freed = Counter(j.host for j in all_jobs if j.id not in kept_ids)
-    result = []
-    for h in hosts:
-        n = freed.get(h.name, 0)
-        result.append(HostLoad(
-            name=h.name, schedulable=h.schedulable, cpus=h.cpus, memory_mb=h.memory_mb,
-            used_cpus=max(0.0, h.used_cpus - n * size.cpus),
-            used_memory_mb=max(0, h.used_memory_mb - n * size.memory_mb),
-            used_ports=h.used_ports,
-        ))
-    return result
+    freed_cpus: dict[str, float] = defaultdict(float)
+    freed_mem: dict[str, int] = defaultdict(int)
+    for j in all_jobs:
+        if j.id not in kept_ids:
+            freed_cpus[j.host] += (j.size or size).cpus
+            freed_mem[j.host] += (j.size or size).memory_mb
+    return [
+        replace(h, used_cpus=max(0.0, h.used_cpus - freed_cpus[h.name]),
+                used_memory_mb=max(0, h.used_memory_mb - freed_mem[h.name]))
+        for h in hosts
+    ]

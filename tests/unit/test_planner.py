@@ -349,9 +349,6 @@ def test_redeploy_with_overlap_keeps_a_balanced_spread() -> None:
     assert per_host(started(plan)) == {"h1": 2, "h2": 2}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "planner bug: with overlap, the old jobs (about to stop) count toward the spread, so new jobs "
-    "pile onto the host the old ones avoided; after the overlap every job is on one host"))
 def test_redeploy_with_overlap_spreads_the_new_jobs_among_themselves() -> None:
     # Two old jobs both on h1 (placed before h2 joined); a redeploy should end 1 and 1.
     old = old_jobs("h1", "h1")

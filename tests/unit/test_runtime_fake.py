@@ -18,8 +18,3 @@ class TestFakeRuntime(RuntimeContract):
         return Target(runtime=runtime, image=IMAGE, crash_image=CRASH_IMAGE,
                       missing_image="orch/missing:0", label=("orch-contract", "fake"))
 
-    @pytest.mark.xfail(strict=True, reason=(
-        "fake drift: FakeRuntime.run adopts a container of the same name whatever its config, "
-        "DockerRuntime.run replaces it when the config hash differs"))
-    def test_run_again_with_another_config_replaces_the_container(self, target: Target) -> None:
-        super().test_run_again_with_another_config_replaces_the_container(target)

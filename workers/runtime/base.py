@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -18,6 +20,7 @@ class ContainerSpec:
     labels: Mapping[str, str]
     environment: Mapping[str, str]
     command: str | None = None  # run through /bin/sh -c so $PORT and friends expand
+    args: tuple[str, ...] = ()  # without a command: arguments to the image's own entrypoint
     memory_mb: int | None = None
     cpus: float | None = None
     volumes: Mapping[str, str] = field(default_factory=dict)  # volume name -> mount path
@@ -33,13 +36,24 @@ class ContainerState:
     labels: Mapping[str, str]
 
 
+def config_hash(spec: ContainerSpec) -> str:
+    """A short hash of everything that makes a container what it is (kept in a label)."""
+    body = json.dumps(
+        [spec.image, spec.command, list(spec.args), sorted(spec.environment.items()), spec.memory_mb,
+         spec.cpus, sorted(spec.volumes.items())],
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
 class Runtime(Protocol):
     def has_image(self, image: str) -> bool:
         """Whether ``image`` is present on the host (nothing is ever pulled)."""
 
     def run(self, spec: ContainerSpec) -> ContainerState:
-        """Create and start the container; one of that name already there is adopted (started if
-        it is not running), so a redelivered start never makes a second container."""
+        """Create and start the container; one of that name and config already there is adopted
+        (started if it is not running), so a redelivered start never makes a second container.
+        One of that name with another config is replaced."""
 
     def inspect(self, name: str) -> ContainerState | None:
         """The container's state, or None when there is none of that name."""

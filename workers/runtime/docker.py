@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -12,16 +11,7 @@ from docker.errors import APIError, ImageNotFound, NotFound
 from docker.models.containers import Container
 
 from orchestrator.names import LABEL_CONFIG_HASH
-from workers.runtime.base import ContainerSpec, ContainerState, RuntimeError_
-
-
-def config_hash(spec: ContainerSpec) -> str:
-    body = json.dumps(
-        [spec.image, spec.command, sorted(spec.environment.items()), spec.memory_mb, spec.cpus,
-         sorted(spec.volumes.items())],
-        separators=(",", ":"),
-    )
-    return hashlib.sha256(body.encode()).hexdigest()[:16]
+from workers.runtime.base import ContainerSpec, ContainerState, RuntimeError_, config_hash
 
 
 class DockerRuntime:
@@ -52,7 +42,7 @@ class DockerRuntime:
             except APIError as exc:
                 if exc.status_code != 409:  # 409: created meanwhile by a redelivered twin
                     raise RuntimeError_(_reason(exc)) from exc
-                existing = self.client.containers.get(spec.name)
+                existing = self._await_twin(spec.name, exc)
         if existing.status != "running":
             try:
                 existing.start()
@@ -60,6 +50,16 @@ class DockerRuntime:
                 raise RuntimeError_(_reason(exc)) from exc
             existing.reload()
         return _state(existing)
+
+    def _await_twin(self, name: str, conflict: APIError, timeout: float = 10.0) -> Container:
+        """Docker reserves a name before the container can be looked up: wait for the twin."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = self._get(name)
+            if found is not None:
+                return found
+            time.sleep(0.05)
+        raise RuntimeError_(_reason(conflict)) from conflict
 
     def _create(self, spec: ContainerSpec, wanted_hash: str) -> Container:
         labels = {**spec.labels, LABEL_CONFIG_HASH: wanted_hash}
@@ -75,6 +75,8 @@ class DockerRuntime:
         if spec.command:
             options["entrypoint"] = ["/bin/sh", "-c"]
             options["command"] = [spec.command]
+        elif spec.args:
+            options["command"] = list(spec.args)
         if spec.memory_mb:
             options["mem_limit"] = f"{spec.memory_mb}m"
             options["memswap_limit"] = f"{spec.memory_mb}m"

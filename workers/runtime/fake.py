@@ -7,7 +7,7 @@ import threading
 from collections.abc import Mapping
 from dataclasses import replace
 
-from workers.runtime.base import ContainerSpec, ContainerState, RuntimeError_
+from workers.runtime.base import ContainerSpec, ContainerState, RuntimeError_, config_hash
 
 
 class FakeRuntime:
@@ -15,6 +15,7 @@ class FakeRuntime:
         self.images = set(images or ())
         self.crashing = set(crashing or ())  # images whose containers exit at once
         self.containers: dict[str, ContainerState] = {}
+        self.hashes: dict[str, str] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
 
@@ -26,6 +27,10 @@ class FakeRuntime:
             if spec.image not in self.images:
                 raise RuntimeError_(f"image {spec.image} is not on this host")
             state = self.containers.get(spec.name)
+            wanted = config_hash(spec)
+            if state is not None and self.hashes.get(spec.name) != wanted:
+                state = None  # same name, other config: replaced, as Docker's runtime does
+            self.hashes[spec.name] = wanted
             if state is None:
                 state = ContainerState(
                     id=f"fake{next(self._ids):060d}", name=spec.name, status="created",
@@ -47,6 +52,7 @@ class FakeRuntime:
     def stop(self, name: str, timeout: int) -> None:
         with self._lock:
             self.containers.pop(name, None)
+            self.hashes.pop(name, None)
 
     def list(self, labels: Mapping[str, str]) -> list[ContainerState]:
         return [

@@ -1,0 +1,206 @@
+"""Failures: a missing image fails before anything stops; a container that exits at once fails the
+operation with the reason and the service's state; steps are idempotent when Docker changed
+behind the platform's back."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from typing import Any
+
+import docker
+import pytest
+
+from tests.conftest import HTTPD, SAMPLE_IMAGE, Cli, containers
+
+pytestmark = pytest.mark.e2e
+
+# Exits 3 with a message when CRASH is set (a variable: it takes effect at the next start).
+CRASHY = 'if [ -n "$CRASH" ]; then echo "boom: $CRASH"; exit 3; fi; exec ' + HTTPD
+
+
+def op_of(output: str) -> int:
+    match = re.search(r"operation (\d+)", output)
+    assert match, output
+    return int(match.group(1))
+
+
+def show(cli: Cli, op_id: int) -> dict[str, Any]:
+    return json.loads(cli.ok("ops", "show", str(op_id), "--json"))  # type: ignore[no-any-return]
+
+
+def jobs_json(cli: Cli, env: str, service: str) -> list[dict[str, Any]]:
+    return json.loads(cli.ok("jobs", "list", env, service, "--json"))  # type: ignore[no-any-return]
+
+
+def service_json(cli: Cli, env: str, service: str) -> dict[str, Any]:
+    return json.loads(cli.ok("services", "show", env, service, "--json"))  # type: ignore[no-any-return]
+
+
+def runs_now(error: str) -> tuple[int, int]:
+    """(running, wanted) from the "now runs N of M deploy jobs" part of an operation's error."""
+    match = re.search(r"runs (\d+) of (\d+) deploy jobs", error)
+    assert match, f"the error does not say how many jobs the service runs: {error!r}"
+    return int(match.group(1)), int(match.group(2))
+
+
+def failed_op(cli: Cli, *args: str) -> dict[str, Any]:
+    result = cli(*args, "--wait")
+    assert result.exit_code == 1, (result.exit_code, result.output)
+    op = show(cli, op_of(result.stdout))
+    assert op["state"] == "failed" and op["error"], op
+    return op
+
+
+def push_missing_image(cli: Cli, env: str, client: docker.DockerClient
+                       ) -> tuple[dict[str, str], list[dict[str, Any]], str, dict[str, Any]]:
+    """web runs 2 jobs of SAMPLE_IMAGE, then a push of an image no host has fails."""
+    cli.ok("services", "add", env, "web", "--type", "code", "--command", HTTPD, "--scale", "2")
+    cli.ok("push", env, "web", SAMPLE_IMAGE, "--wait")
+    before = containers(client, env, "web")
+    jobs_before = jobs_json(cli, env, "web")
+    assert len(before) == 2 and all(j["state"] == "running" for j in jobs_before)
+    missing = f"orch/missing-{uuid.uuid4().hex[:8]}:1"
+    return before, jobs_before, missing, failed_op(cli, "push", env, "web", missing)
+
+
+def test_push_of_a_missing_image_fails_before_anything_stops(
+        cli: Cli, env_name: str, docker_client: docker.DockerClient) -> None:
+    before, jobs_before, missing, op = push_missing_image(cli, env_name, docker_client)
+
+    failed = [s for s in op["steps"] if s["state"] == "failed"]
+    assert [s["action"] for s in failed] == ["check_image"], op["steps"]
+    assert missing in failed[0]["error"] and missing in op["error"]
+    # Nothing was stopped or started: every later step was skipped without running.
+    later = [s for s in op["steps"] if s["action"] in ("stop", "start")]
+    assert later and all(s["state"] == "skipped" and s["started_at"] is None for s in later), later
+    assert min(s["stage"] for s in later) > failed[0]["stage"]
+
+    # Docker runs the very same containers, and the catalogue still lists them running.
+    assert containers(docker_client, env_name, "web") == before
+    assert len(containers(docker_client, env_name, "web", running=False)) == 2
+    running = {j["id"]: j for j in jobs_json(cli, env_name, "web") if j["state"] == "running"}
+    assert running == {j["id"]: j for j in jobs_before}
+    # The failed release did not become the current one: a redeploy runs the last good image.
+    svc = service_json(cli, env_name, "web")
+    assert (svc["image"], svc["release"]) == (SAMPLE_IMAGE, 1)
+    cli.ok("redeploy", env_name, "web", "--wait")
+    after = containers(docker_client, env_name, "web")
+    assert len(after) == 2 and not set(after.values()) & set(before.values())
+    images = {docker_client.containers.get(c).attrs["Config"]["Image"] for c in after.values()}
+    assert images == {SAMPLE_IMAGE}
+    assert {j["id"]: j["container_id"] for j in jobs_json(cli, env_name, "web")} == after
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "product bug: the jobs a failed operation planned but never started stay 'scheduled' "
+    "(listed, counted by service_summary, holding ports and memory); see the report"))
+def test_push_of_a_missing_image_leaves_the_catalogue_as_it_was(
+        cli: Cli, env_name: str, docker_client: docker.DockerClient) -> None:
+    _, jobs_before, _, op = push_missing_image(cli, env_name, docker_client)
+    assert runs_now(op["error"]) == (2, 2)
+    assert jobs_json(cli, env_name, "web") == jobs_before
+
+
+def test_first_push_whose_container_exits_at_once_fails_with_the_reason(
+        cli: Cli, env_name: str, docker_client: docker.DockerClient) -> None:
+    cli.ok("services", "add", env_name, "web", "--type", "code", "--command", "echo oops; exit 3",
+           "--scale", "2")
+    op = failed_op(cli, "push", env_name, "web", SAMPLE_IMAGE)
+    assert "exit code 3" in op["error"] and "oops" in op["error"], op["error"]
+    assert runs_now(op["error"]) == (0, 2)
+    starts = [s for s in op["steps"] if s["action"] == "start"]
+    assert starts and all(s["state"] == "failed" for s in starts), starts
+    # Docker keeps nothing of the failed jobs, and the catalogue agrees.
+    assert containers(docker_client, env_name, "web", running=False) == {}
+    assert jobs_json(cli, env_name, "web") == []
+
+
+def test_redeploy_whose_containers_exit_at_once_says_what_runs(
+        cli: Cli, env_name: str, docker_client: docker.DockerClient) -> None:
+    cli.ok("services", "add", env_name, "web", "--type", "code", "--command", CRASHY, "--scale", "2")
+    cli.ok("push", env_name, "web", SAMPLE_IMAGE, "--wait")
+    assert len(containers(docker_client, env_name, "web")) == 2
+
+    cli.ok("vars", "set", env_name, "web", "CRASH=now")
+    op = failed_op(cli, "redeploy", env_name, "web")
+    assert "exit code 3" in op["error"] and "boom: now" in op["error"], op["error"]
+    running, wanted = runs_now(op["error"])
+    assert wanted == 2
+    # What the error says is what Docker runs and what the catalogue lists.
+    assert len(containers(docker_client, env_name, "web")) == running
+    assert len([j for j in jobs_json(cli, env_name, "web") if j["state"] == "running"]) == running
+    assert len(containers(docker_client, env_name, "web", running=False)) == running
+
+
+def test_overlap_redeploy_whose_new_containers_exit_at_once_keeps_the_old_ones(
+        cli: Cli, env_name: str, docker_client: docker.DockerClient) -> None:
+    cli.ok("services", "add", env_name, "web", "--type", "code", "--command", CRASHY, "--scale", "2")
+    cli.ok("push", env_name, "web", SAMPLE_IMAGE, "--wait")
+    cli.ok("services", "update", env_name, "web", "--overlap", "30", "--support")
+    before = containers(docker_client, env_name, "web")
+    cli.ok("vars", "set", env_name, "web", "CRASH=overlap")
+
+    op = failed_op(cli, "redeploy", env_name, "web")
+    assert "exit code 3" in op["error"] and "boom: overlap" in op["error"], op["error"]
+    assert runs_now(op["error"]) == (2, 2)
+    # The new jobs failed before the overlap wait: it and the stops of the old jobs never ran.
+    assert all(s["state"] == "skipped" for s in op["steps"] if s["action"] in ("wait", "stop"))
+    assert containers(docker_client, env_name, "web") == before
+    assert len(containers(docker_client, env_name, "web", running=False)) == 2
+    assert {j["id"]: j["container_id"] for j in jobs_json(cli, env_name, "web")} == before
+
+
+def test_scale_up_whose_new_containers_exit_at_once_keeps_the_old_ones(
+        cli: Cli, env_name: str, docker_client: docker.DockerClient) -> None:
+    cli.ok("services", "add", env_name, "web", "--type", "code", "--command", CRASHY, "--scale", "2")
+    cli.ok("push", env_name, "web", SAMPLE_IMAGE, "--wait")
+    before = containers(docker_client, env_name, "web")
+    cli.ok("vars", "set", env_name, "web", "CRASH=scaled")  # only the new jobs get it
+
+    op = failed_op(cli, "scale", env_name, "web", "4")
+    assert "exit code 3" in op["error"] and "boom: scaled" in op["error"], op["error"]
+    assert runs_now(op["error"]) == (2, 4)
+    assert containers(docker_client, env_name, "web") == before
+    assert len(containers(docker_client, env_name, "web", running=False)) == 2
+    jobs = jobs_json(cli, env_name, "web")
+    assert {j["id"]: j["container_id"] for j in jobs} == before
+
+
+def test_scale_down_after_containers_were_removed_behind_the_platform(
+        cli: Cli, env_name: str, docker_client: docker.DockerClient) -> None:
+    cli.ok("services", "add", env_name, "web", "--type", "code", "--command", HTTPD, "--scale", "3")
+    cli.ok("push", env_name, "web", SAMPLE_IMAGE, "--wait")
+    for cid in containers(docker_client, env_name, "web").values():
+        docker_client.containers.get(cid).remove(force=True)
+
+    result = cli("scale", env_name, "web", "1", "--wait")
+    assert result.exit_code == 0, result.output
+    op = show(cli, op_of(result.stdout))
+    stops = [s for s in op["steps"] if s["action"] == "stop"]
+    assert len(stops) == 2 and all(s["state"] == "succeeded" for s in stops), op
+    assert len(jobs_json(cli, env_name, "web")) == 1
+
+    # The last job's container is gone too: a redeploy stops it (a no-op) and starts a new one.
+    result = cli("redeploy", env_name, "web", "--wait")
+    assert result.exit_code == 0, result.output
+    now = containers(docker_client, env_name, "web")
+    assert len(now) == 1
+    assert {j["id"]: j["container_id"] for j in jobs_json(cli, env_name, "web")} == now
+
+
+def test_redeploy_after_containers_were_removed_or_stopped_behind_the_platform(
+        cli: Cli, env_name: str, docker_client: docker.DockerClient) -> None:
+    cli.ok("services", "add", env_name, "web", "--type", "code", "--command", HTTPD, "--scale", "3")
+    cli.ok("push", env_name, "web", SAMPLE_IMAGE, "--wait")
+    before = list(containers(docker_client, env_name, "web").values())
+    docker_client.containers.get(before[0]).remove(force=True)  # gone
+    docker_client.containers.get(before[1]).stop(timeout=1)  # exited, still there
+
+    result = cli("redeploy", env_name, "web", "--wait")
+    assert result.exit_code == 0, result.output
+    now = containers(docker_client, env_name, "web")
+    assert len(now) == 3 and not set(now.values()) & set(before)
+    assert len(containers(docker_client, env_name, "web", running=False)) == 3  # old ones removed
+    assert {j["id"]: j["container_id"] for j in jobs_json(cli, env_name, "web")} == now

@@ -1,0 +1,204 @@
+"""Push, redeploy, scale and concurrent redeploys with a PostgreSQL catalogue.
+
+A fresh database per test session, its own node process (own host name, Redis database and port
+range, so it never meets the SQLite platform of the other tests), real containers checked in Docker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import datetime
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import docker
+import psycopg
+import pytest
+import redis
+
+from orchestrator.names import LABEL_ENV
+from tests.conftest import DOCKER_URL, HTTPD, SAMPLE_IMAGE, Cli, containers, start_node
+
+pytestmark = pytest.mark.e2e
+
+ADMIN_URL = os.environ.get("ORCH_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+PG_REDIS_DB = 13
+PG_PORT_MIN, PG_PORT_MAX = 30750, 30999
+
+
+@pytest.fixture(scope="module")
+def pg_url() -> Iterator[str]:
+    name = f"orch_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module")
+def pg_platform(pg_url: str, docker_client: docker.DockerClient,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cli, str]]:
+    """The platform env with the PostgreSQL catalogue, a host and its node running."""
+    r = redis.Redis(host="127.0.0.1", port=6379, db=PG_REDIS_DB)
+    r.flushdb()
+    r.close()
+    env = {
+        "ORCH_DATABASE_URL": pg_url,
+        "ORCH_BROKER_URL": f"redis://127.0.0.1:6379/{PG_REDIS_DB}",
+        "ORCH_STOP_TIMEOUT": "5",
+        "ORCH_START_TIMEOUT": "10",
+        "ORCH_PORT_MIN": str(PG_PORT_MIN),
+        "ORCH_PORT_MAX": str(PG_PORT_MAX),
+    }
+    cli = Cli(env)
+    host = f"pg{uuid.uuid4().hex[:6]}"
+    cli.ok("hosts", "add", host, "--docker-url", DOCKER_URL, "--address", "127.0.0.1")
+    log: Path = tmp_path_factory.mktemp("pgnode") / f"{host}.log"
+    proc = start_node(env, host, log)
+    try:
+        yield cli, host
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def pg_env(pg_platform: tuple[Cli, str], docker_client: docker.DockerClient) -> Iterator[str]:
+    cli, _ = pg_platform
+    name = f"p{uuid.uuid4().hex[:8]}"
+    cli.ok("env", "create", name, "--sandbox", "--no-defaults")
+    yield name
+    for c in docker_client.containers.list(all=True, filters={"label": f"{LABEL_ENV}={name}"}):
+        c.remove(force=True)
+
+
+def jobs_json(cli: Cli, env: str, service: str) -> list[dict[str, Any]]:
+    return json.loads(cli.ok("jobs", "list", env, service, "--json"))  # type: ignore[no-any-return]
+
+
+def show(cli: Cli, op_id: int) -> dict[str, Any]:
+    return json.loads(cli.ok("ops", "show", str(op_id), "--json"))  # type: ignore[no-any-return]
+
+
+def op_of(output: str) -> int:
+    match = re.search(r"operation (\d+)", output)
+    assert match, output
+    return int(match.group(1))
+
+
+def ts(value: str | None) -> datetime:
+    assert value is not None
+    return datetime.fromisoformat(value)
+
+
+def in_postgres(url: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    with psycopg.connect(url) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def test_push_redeploy_scale_with_postgres(pg_platform: tuple[Cli, str], pg_env: str, pg_url: str,
+                                           docker_client: docker.DockerClient) -> None:
+    cli, host = pg_platform
+    cli.ok("services", "add", pg_env, "web", "--type", "code", "--command", HTTPD, "--scale", "2")
+    assert containers(docker_client, pg_env) == {}
+
+    op_id = op_of(cli.ok("push", pg_env, "web", SAMPLE_IMAGE, "--wait"))
+    first = containers(docker_client, pg_env, "web")
+    assert len(first) == 2
+    jobs = jobs_json(cli, pg_env, "web")
+    assert {j["id"]: j["container_id"] for j in jobs} == first
+    assert all(j["state"] == "running" and j["release"] == 1 and j["host"] == host for j in jobs)
+    for j in jobs:
+        assert PG_PORT_MIN <= j["port"] <= PG_PORT_MAX
+    op = show(cli, op_id)
+    assert op["state"] == "succeeded" and op["trigger"] == "push"
+    assert all(s["state"] == "succeeded" and s["started_at"] and s["finished_at"] for s in op["steps"])
+
+    # The catalogue really is this PostgreSQL database.
+    rows = in_postgres(pg_url, "SELECT id, container_id, state FROM job WHERE state = 'running'")
+    assert {r[0]: r[1] for r in rows} == first
+    assert in_postgres(pg_url, "SELECT state FROM operation WHERE id = %s", op_id) == [("succeeded",)]
+
+    cli.ok("vars", "set", pg_env, "web", "GREETING=from-postgres")
+    cli.ok("redeploy", pg_env, "web", "--wait")
+    second = containers(docker_client, pg_env, "web")
+    assert len(second) == 2 and not set(second.values()) & set(first.values())
+    for cid in second.values():
+        out = docker_client.containers.get(cid).exec_run(["sh", "-c", "echo $GREETING"]).output
+        assert isinstance(out, bytes) and out.decode().strip() == "from-postgres"
+    assert len(containers(docker_client, pg_env, "web", running=False)) == 2
+
+    cli.ok("scale", pg_env, "web", "3", "--wait")
+    third = containers(docker_client, pg_env, "web")
+    assert len(third) == 3 and set(second.items()) <= set(third.items())
+    cli.ok("scale", pg_env, "web", "1", "--wait")
+    fourth = containers(docker_client, pg_env, "web")
+    assert len(fourth) == 1 and set(fourth.items()) <= set(third.items())
+    assert {j["id"]: j["container_id"] for j in jobs_json(cli, pg_env, "web")} == fourth
+
+
+def test_overlap_redeploy_with_postgres(pg_platform: tuple[Cli, str], pg_env: str,
+                                        docker_client: docker.DockerClient) -> None:
+    """The overlap wait reads its step's start time back from the catalogue: PostgreSQL too."""
+    cli, _ = pg_platform
+    cli.ok("services", "add", pg_env, "web", "--type", "code", "--command", HTTPD, "--scale", "2")
+    cli.ok("push", pg_env, "web", SAMPLE_IMAGE, "--wait")
+    old = set(containers(docker_client, pg_env, "web").values())
+    cli.ok("services", "update", pg_env, "web", "--overlap", "3", "--support")
+    proc = cli.popen("redeploy", pg_env, "web", "--wait")
+    seen_both_at = None
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and proc.poll() is None:
+        now = set(containers(docker_client, pg_env, "web").values())
+        if len(now) == 4 and old <= now:
+            seen_both_at = time.monotonic()
+            break
+        time.sleep(0.1)
+    assert seen_both_at is not None, "old and new jobs never ran side by side"
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out + err
+    assert time.monotonic() - seen_both_at >= 2.5  # the old jobs lived on for the overlap period
+    final = set(containers(docker_client, pg_env, "web").values())
+    assert len(final) == 2 and not final & old
+    wait = [s for s in show(cli, op_of(out))["steps"] if s["action"] == "wait"]
+    assert len(wait) == 1 and wait[0]["state"] == "succeeded"
+    assert (ts(wait[0]["finished_at"]) - ts(wait[0]["started_at"])).total_seconds() >= 3
+
+
+def test_concurrent_redeploys_are_serialized_with_postgres(pg_platform: tuple[Cli, str],
+                                                           pg_env: str,
+                                                           docker_client: docker.DockerClient
+                                                           ) -> None:
+    """The one-operation-per-service claim is an UPDATE ... WHERE: it must hold on PostgreSQL too."""
+    cli, _ = pg_platform
+    cli.ok("services", "add", pg_env, "web", "--type", "code", "--command", HTTPD, "--scale", "2")
+    cli.ok("push", pg_env, "web", SAMPLE_IMAGE, "--wait")
+    original = containers(docker_client, pg_env, "web")
+
+    procs = [cli.popen("redeploy", pg_env, "web", "--wait") for _ in range(3)]
+    outputs = [p.communicate(timeout=60) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    ops = sorted((show(cli, op_of(out)) for out, _ in outputs), key=lambda o: o["id"])
+    for earlier, later in pairwise(ops):
+        earlier_end = max(ts(s["finished_at"]) for s in earlier["steps"])
+        later_start = min(ts(s["started_at"]) for s in later["steps"])
+        assert later_start >= earlier_end, (earlier["steps"], later["steps"])
+        assert {s["job"] for s in later["steps"] if s["action"] == "stop"} == \
+            {s["job"] for s in earlier["steps"] if s["action"] == "start"}
+
+    final = containers(docker_client, pg_env, "web")
+    assert len(final) == 2 and not set(final.values()) & set(original.values())
+    assert len(containers(docker_client, pg_env, "web", running=False)) == 2
+    assert {j["id"]: j["container_id"] for j in jobs_json(cli, pg_env, "web")} == final

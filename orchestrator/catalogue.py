@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from sqlalchemy import func, update
 from sqlmodel import Session, col, select
 
+from orchestrator import service_types
 from orchestrator.models import (
     ACTIVE_JOB_STATES,
     ApiToken,
@@ -166,6 +167,12 @@ def add_service(*, session: Session, env: Environment, name: str, type: ServiceT
     check_name("service", name)
     if scale < 0:
         raise BadInput("scale must be 0 or more")
+    kind = service_types.profile(type)
+    if kind.single_job and scale > 1:
+        raise BadInput(f"{type} services run one job (one copy of the data): scale above 1 is refused")
+    image = image or kind.default_image
+    if not image and type != ServiceType.code:
+        raise BadInput(f"a {type} service needs --image")
     try:
         parse_size(size)
     except ValueError as exc:
@@ -174,7 +181,8 @@ def add_service(*, session: Session, env: Environment, name: str, type: ServiceT
     if session.exec(exists).first() is not None:
         raise BadInput(f"service {name} exists already in {env.name}")
     service = Service(env_id=env.id or 0, name=name, type=type, image=image, command=command,
-                      scale=scale, size=size)
+                      scale=scale, size=size,
+                      credentials=service_types.new_credentials(type, name))
     session.add(service)
     session.flush()
     return service
@@ -251,7 +259,7 @@ def unset_variables(*, session: Session, service: Service, keys: Iterable[str]) 
 
 
 def service_public(service: Service, env: Environment) -> ServicePublic:
-    return ServicePublic(env=env.name, **service.model_dump(exclude={"env_id"}))
+    return ServicePublic(env=env.name, **service.model_dump(exclude={"env_id", "credentials"}))
 
 
 def workers_of(*, session: Session, service: Service) -> list[WorkerTarget]:

@@ -20,11 +20,11 @@ from orchestrator.models import (
     EnvironmentPublic,
     HostPublic,
     OperationPublic,
-    OpTrigger,
     ReleasePublic,
     Role,
     ServiceType,
 )
+from orchestrator.service_types import mask
 from orchestrator.settings import Settings, get_settings
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -233,10 +233,11 @@ def env() -> None:
 @pass_ctx
 @bad_input_exits_2
 def env_create(ctx: Context, name: str, sandbox: bool, no_defaults: bool) -> None:
-    with ctx.platform.session() as s:
-        catalogue.create_env(session=s, name=name, sandbox=sandbox)
-        s.commit()
+    ops_started = operations.create_env(ctx.platform, name=name, sandbox=sandbox,
+                                        defaults=not no_defaults)
     click.echo(f"environment {name} created")
+    for op in ops_started:
+        click.echo(f"operation {op.id} deploys {op_service(ctx, op)}")
 
 
 @env.command("list")
@@ -273,22 +274,13 @@ def services() -> None:
 def services_add(ctx: Context, env_name: str, name: str, type_: str, image: str | None,
                  command: str | None, scale: int, size: str) -> None:
     kind = ServiceType(type_)
-    if kind != ServiceType.code and not image:
-        raise BadInput(f"a {kind} service needs --image")
-    with ctx.platform.session() as s:
-        environment = catalogue.get_env(session=s, name=env_name)
-        catalogue.add_service(session=s, env=environment, name=name, type=kind,
-                              image=image if kind != ServiceType.code else None,
-                              command=command, scale=scale, size=size)
-        s.commit()
+    op = operations.add_service(ctx.platform, env=env_name, name=name, type=kind, image=image,
+                                command=command, scale=scale, size=size)
     click.echo(f"service {name} added to {env_name}")
-    if kind == ServiceType.code:
-        if image:
-            click.echo("code services run their releases: `orchestrator push` deploys an image")
-        return
-    op = operations.request_deploy(ctx.platform, env=env_name, service=name,
-                                   trigger=OpTrigger.create)
-    click.echo(f"operation {op.id} deploys it")
+    if op is not None:
+        click.echo(f"operation {op.id} deploys it")
+    elif image:
+        click.echo("code services run their releases: `orchestrator push` deploys an image")
 
 
 @services.command("list")
@@ -386,17 +378,21 @@ def vars_unset(ctx: Context, env_name: str, name: str, keys: tuple[str, ...]) ->
 @vars_.command("list")
 @click.argument("env_name", metavar="ENV")
 @click.argument("name", metavar="SVC")
+@click.option("--show-secrets", is_flag=True, help="Show passwords and credentials in URLs.")
 @json_option
 @pass_ctx
 @bad_input_exits_2
-def vars_list(ctx: Context, env_name: str, name: str, as_json: bool) -> None:
+def vars_list(ctx: Context, env_name: str, name: str, show_secrets: bool, as_json: bool) -> None:
+    """User and automatic variables with their source (secrets masked)."""
     with ctx.platform.session() as s:
-        _, svc = catalogue.get_service(session=s, env=env_name, name=name)
-        variables = dict(svc.variables)
+        environment, svc = catalogue.get_service(session=s, env=env_name, name=name)
+        found = operations.variables_for(s, environment, svc)
+    rows = [{"name": v.name, "source": v.source, "secret": v.secret,
+             "value": v.value if show_secrets or not v.secret else mask(v.value)} for v in found]
     if as_json:
-        emit([{"name": k, "value": v, "source": "user"} for k, v in sorted(variables.items())])
+        emit(rows)
     else:
-        table([(k, v, "user") for k, v in sorted(variables.items())], ["NAME", "VALUE", "SOURCE"])
+        table([(r["name"], r["value"], r["source"]) for r in rows], ["NAME", "VALUE", "SOURCE"])
 
 
 # --- operations -----------------------------------------------------------------------------------
@@ -625,6 +621,10 @@ def ops_watch(ctx: Context, op_id: int) -> None:
     """Follow an operation's steps live until it ends."""
     load_op(ctx, op_id)
     sys.exit(follow(ctx, op_id))
+
+
+def op_service(ctx: Context, op: Any) -> str:
+    return load_op(ctx, op.id).service
 
 
 def load_op(ctx: Context, op_id: int) -> OperationPublic:

@@ -123,6 +123,9 @@ class Service(SQLModel, table=True):
     redeployable: bool = True
     release: int | None = None  # code services: the release now deployed (or being deployed)
     variables: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    credentials: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    port: int | None = None  # databases and caches: the one port all their jobs use
+    host: str | None = None  # databases: the host that holds their data volume
     active_op_id: int | None = None  # the one operation allowed to touch this service's jobs
     created_at: datetime = Field(default_factory=utcnow)
 
@@ -160,6 +163,8 @@ class Job(SQLModel, table=True):
     command: str | None = None
     size: str
     environment: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    args: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    mounts: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     op_id: int | None = None
     error: str | None = None
     created_at: datetime = Field(default_factory=utcnow)
@@ -224,10 +229,13 @@ class ServicePublic(SQLModel):
     overlap: int
     redeployable: bool
     release: int | None
+    port: int | None
+    host: str | None
 
 
 class JobPublic(SQLModel):
     id: str
+    op_id: int | None
     env: str
     service: str
     kind: JobKind

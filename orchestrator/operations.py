@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from celery import Celery
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from orchestrator import catalogue, dispatch, planner
+from orchestrator import catalogue, dispatch, planner, service_types
 from orchestrator.catalogue import BadInput
 from orchestrator.db import session as new_session
 from orchestrator.models import (
@@ -38,9 +38,6 @@ from orchestrator.models import (
 from orchestrator.names import volume_name
 from orchestrator.settings import Settings
 from orchestrator.sizes import parse_size
-
-USER_REDEPLOY_REFUSED = frozenset({ServiceType.logging, ServiceType.monitoring})
-DATABASE_TYPES = frozenset({ServiceType.postgresql, ServiceType.mysql})
 
 
 class Platform:
@@ -81,7 +78,7 @@ def request_redeploy(p: Platform, *, env: str, service: str, support: bool = Fal
     """A manual redeploy, a support redeploy, or (with ``release``) a rollback."""
     with p.session() as s:
         environment, svc = catalogue.get_service(session=s, env=env, name=service)
-        if svc.type in USER_REDEPLOY_REFUSED:
+        if not service_types.profile(svc.type).user_redeploy:
             raise BadInput(f"{svc.type} services cannot be redeployed through the CLI or API")
         if not svc.redeployable and not support:
             raise BadInput(f"service {service} is marked not redeployable: only support may redeploy it (--support)")
@@ -99,6 +96,38 @@ def request_redeploy(p: Platform, *, env: str, service: str, support: bool = Fal
     return _started(p, op)
 
 
+def create_env(p: Platform, *, name: str, sandbox: bool, defaults: bool = True) -> list[Operation]:
+    """A new environment; unless ``defaults`` is off, its auto-included services (logging, the
+    service proxy and, outside sandboxes, monitoring) are created and deployed."""
+    images = {ServiceType.logging: p.settings.image_logging,
+              ServiceType.service_proxy: p.settings.image_service_proxy,
+              ServiceType.monitoring: p.settings.image_monitoring}
+    with p.session() as s:
+        environment = catalogue.create_env(session=s, name=name, sandbox=sandbox)
+        included = [i for i in service_types.INCLUDED_SERVICES
+                    if defaults and (i.sandbox_too or not sandbox)]
+        for item in included:
+            catalogue.add_service(session=s, env=environment, name=item.name, type=item.type,
+                                  image=images[item.type], command=item.command, scale=1, size="xs")
+        s.commit()
+    return [request_deploy(p, env=name, service=i.name, trigger=OpTrigger.create) for i in included]
+
+
+def add_service(p: Platform, *, env: str, name: str, type: ServiceType, image: str | None,
+                command: str | None, scale: int, size: str) -> Operation | None:
+    """A new service; databases, caches and the included types deploy at once, code services
+    wait for their first push."""
+    with p.session() as s:
+        environment = catalogue.get_env(session=s, name=env)
+        catalogue.add_service(session=s, env=environment, name=name, type=type,
+                              image=image if type != ServiceType.code else None,
+                              command=command, scale=scale, size=size)
+        s.commit()
+    if not service_types.profile(type).deploys_on_create:
+        return None
+    return request_deploy(p, env=env, service=name, trigger=OpTrigger.create)
+
+
 def request_deploy(p: Platform, *, env: str, service: str, trigger: OpTrigger) -> Operation:
     with p.session() as s:
         environment, svc = catalogue.get_service(session=s, env=env, name=service)
@@ -113,8 +142,8 @@ def request_scale(p: Platform, *, env: str, service: str, scale: int) -> Operati
         environment, svc = catalogue.get_service(session=s, env=env, name=service)
         if scale < 0:
             raise BadInput("scale must be 0 or more")
-        if svc.type in DATABASE_TYPES and scale > 1:
-            raise BadInput(f"{svc.type} services run one job: scale above 1 is refused")
+        if service_types.profile(svc.type).single_job and scale > 1:
+            raise BadInput(f"{svc.type} services run one job (one copy of the data): scale above 1 is refused")
         op = catalogue.record_operation(session=s, env=environment, service=svc,
                                         kind=OpKind.scale, trigger=OpTrigger.manual,
                                         params={"scale": scale})
@@ -287,6 +316,51 @@ def _apply_params(s: Session, op: Operation, svc: Service) -> dict[str, object]:
     return previous
 
 
+@dataclass(frozen=True)
+class Variable:
+    name: str
+    value: str
+    source: str  # user, connection, platform, job (computed per job at start)
+    secret: bool
+
+
+def variables_for(s: Session, env: Environment, svc: Service) -> list[Variable]:
+    """The variables the service's next jobs get, with where each comes from. Which wins:
+    connection variables < user variables < the platform's own (the type's image variables and
+    the per-job PORT and ORCH_*), so a user can point DATABASE_URL elsewhere but cannot break
+    the credentials the platform keeps or the port it assigns."""
+    merged: dict[str, tuple[str, str]] = {}
+    if svc.type == ServiceType.code:
+        for name, value in service_types.connection_variables(_endpoints(s, env)).items():
+            merged[name] = (value, "connection")
+    for name, value in svc.variables.items():
+        merged[name] = (value, "user")
+    for name, value in service_types.container_variables(svc.type, svc.credentials).items():
+        merged[name] = (value, "platform")
+    result = [Variable(n, v, src, service_types.is_secret(n, v)) for n, (v, src) in merged.items()]
+    job_vars = ["ORCH_ENV", "ORCH_SERVICE", "ORCH_JOB", "ORCH_KIND", "ORCH_HOST", "ORCH_RELEASE"]
+    if svc.type not in planner.PORTLESS_TYPES:
+        job_vars.insert(0, "PORT")
+    result += [Variable(n, "(set per job)", "job", False) for n in job_vars]
+    return sorted(result, key=lambda v: v.name)
+
+
+def _endpoints(s: Session, env: Environment) -> list[service_types.Endpoint]:
+    """The environment's deployed databases and caches, where code services reach them."""
+    addresses = {h.name: h.address for h in catalogue.list_hosts(session=s)}
+    endpoints = []
+    for other in catalogue.list_services(session=s, env=env):
+        if service_types.profile(other.type).url_variable is None or other.port is None:
+            continue
+        jobs = catalogue.active_jobs(session=s, service=other)
+        host = other.host or (jobs[0].host if jobs else None)
+        if host is None:
+            continue
+        endpoints.append(service_types.Endpoint(other.name, other.type, addresses.get(host, host),
+                                                other.port, other.credentials))
+    return endpoints
+
+
 def service_spec(s: Session, env: Environment, svc: Service) -> planner.ServiceSpec:
     workers = tuple(
         planner.WorkerSpec(w.name, w.command, w.scale)
@@ -294,18 +368,22 @@ def service_spec(s: Session, env: Environment, svc: Service) -> planner.ServiceS
     )
     if not svc.image:
         raise BadInput(f"service {svc.name} has no image to run")
+    kind = service_types.profile(svc.type)
+    variables = {v.name: v.value for v in variables_for(s, env, svc) if v.source != "job"}
     return planner.ServiceSpec(
         env=env.name, name=svc.name, type=svc.type, image=svc.image, command=svc.command,
         size_name=svc.size, size=parse_size(svc.size), scale=svc.scale, overlap=svc.overlap,
-        variables=dict(svc.variables), release=svc.release, workers=workers,
-        volume=volume_name(env.name, svc.name) if svc.type in DATABASE_TYPES else None,
+        variables=variables, release=svc.release, workers=workers,
+        volume=f"{volume_name(env.name, svc.name)}:{kind.data_dir}" if kind.data_dir else None,
+        port=svc.port, pinned_host=svc.host if kind.data_dir else None,
+        args=service_types.entrypoint_args(svc.type, svc.credentials),
     )
 
 
 def _plan(p: Platform, s: Session, op: Operation, svc: Service, env: Environment) -> planner.Plan:
     spec = service_spec(s, env, svc)
     jobs = [
-        planner.ObservedJob(j.id, j.kind, j.target, j.host, j.port)
+        planner.ObservedJob(j.id, j.kind, j.target, j.host, j.port, parse_size(j.size))
         for j in catalogue.active_jobs(session=s, service=svc)
     ]
     hosts = catalogue.host_loads(session=s)
@@ -347,17 +425,31 @@ def _record_plan(s: Session, op: Operation, env: Environment, svc: Service,
             step = _step_row(op.id or 0, index, svc.name, item)
             if isinstance(item, planner.StartJob):
                 j = item.job
+                mounts = dict([j.volume.split(":", 1)]) if j.volume else {}
                 s.add(Job(
                     id=j.id, service_id=svc.id or 0, kind=JobKind(j.kind), target=j.target,
                     host=j.host, port=j.port, container_name=j.container_name,
                     state=JobState.scheduled, release=j.release, image=j.image, command=j.command,
-                    size=j.size_name, environment=dict(j.environment), op_id=op.id,
+                    size=j.size_name, environment=dict(j.environment), args=list(j.args),
+                    mounts=mounts, op_id=op.id,
                 ))
+                if j.kind == JobKind.deploy:
+                    _remember_placement(svc, j)
             s.add(step)
             rows.append(step)
         stages.append(rows)
     s.flush()
     return stages
+
+
+def _remember_placement(svc: Service, job: planner.NewJob) -> None:
+    """Databases and caches keep their first port (connection URLs stay true); databases keep
+    their first host (their data volume is there)."""
+    kind = service_types.profile(svc.type)
+    if kind.stable_port and svc.port is None:
+        svc.port = job.port
+    if kind.data_dir and svc.host is None:
+        svc.host = job.host
 
 
 def _step_row(op_id: int, stage: int, service: str, item: planner.Step) -> Step:

@@ -19,7 +19,7 @@ class PlanError(Exception):
     """The wanted state cannot be planned (no host fits, no free port, nothing to run)."""
 
 
-PORTLESS_TYPES = frozenset({"logging", "monitoring"})
+PORTLESS_TYPES = frozenset({"monitoring"})
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class ServiceSpec:
     variables: Mapping[str, str] = field(default_factory=dict)
     release: int | None = None
     workers: tuple[WorkerSpec, ...] = ()
-    volume: str | None = None
+    volume: str | None = None  # "name:/mount/path" of the data volume of deploy jobs
     port: int | None = None  # databases and caches keep one port, so connection URLs stay true
     pinned_host: str | None = None  # databases live where their volume is
     args: tuple[str, ...] = ()  # flags for the image's own entrypoint (databases, caches)
@@ -191,7 +191,8 @@ def _new_jobs(spec: ServiceSpec, wanted: Sequence[tuple[str, str | None, str | N
             container_name=container_name(spec.env, spec.name, job_id),
             environment=tuple(sorted(env.items())),
             volume=spec.volume if deploy else None,
-            args=spec.args if deploy and command is None else (),
+            args=tuple(a.replace("{port}", str(port)) for a in spec.args)
+            if deploy and command is None else (),
         ))
     return jobs
 

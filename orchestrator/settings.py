@@ -17,6 +17,10 @@ class Settings(BaseSettings):
     start_timeout: float = Field(default=30.0, gt=0)  # seconds for a new job to be ready
     stop_timeout: int = Field(default=10, ge=0)  # seconds between SIGTERM and SIGKILL
     node_concurrency: int = Field(default=16, ge=1)
+    # Images of the auto-included services (built locally by scripts/build-images).
+    image_logging: str = "orch/busybox:1"
+    image_service_proxy: str = "orch/busybox:1"
+    image_monitoring: str = "orch/busybox:1"
 
     @property
     def backend_url(self) -> str:

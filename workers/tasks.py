@@ -162,8 +162,8 @@ def container_spec(job: Job, *, s_env: str) -> ContainerSpec:
         labels[names.LABEL_RELEASE] = str(job.release)
     return ContainerSpec(
         name=job.container_name, image=job.image, labels=labels,
-        environment=dict(job.environment), command=job.command,
-        memory_mb=size.memory_mb, cpus=size.cpus,
+        environment=dict(job.environment), command=job.command, args=tuple(job.args),
+        memory_mb=size.memory_mb, cpus=size.cpus, volumes=dict(job.mounts),
     )
 
 

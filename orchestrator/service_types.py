@@ -1,0 +1,160 @@
+"""What each service type means for its jobs: default image, credentials, data volume, port flags
+and the connection variables code services get. Pure: data in, data out."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from orchestrator.models import ServiceType
+
+
+@dataclass(frozen=True)
+class TypeProfile:
+    default_image: str | None = None
+    data_dir: str | None = None  # a named volume is mounted here and survives redeploys
+    single_job: bool = False  # scale above 1 is refused
+    stable_port: bool = False  # every job of the service gets the same port
+    deploys_on_create: bool = True
+    user_redeploy: bool = True  # False: the CLI and API refuse a redeploy
+    args: tuple[str, ...] = ()  # flags for the image's entrypoint; {port} is the job's port
+    url_variable: str | None = None  # e.g. DATABASE_URL, for the env's code services
+    secret_keys: frozenset[str] = field(default_factory=frozenset)
+
+
+PROFILES: dict[ServiceType, TypeProfile] = {
+    ServiceType.code: TypeProfile(deploys_on_create=False),
+    ServiceType.postgresql: TypeProfile(
+        default_image="postgres:16", data_dir="/var/lib/postgresql/data", single_job=True,
+        stable_port=True, args=("-p", "{port}"), url_variable="DATABASE_URL",
+        secret_keys=frozenset({"POSTGRES_PASSWORD"}),
+    ),
+    ServiceType.mysql: TypeProfile(
+        default_image="mysql:8.4", data_dir="/var/lib/mysql", single_job=True, stable_port=True,
+        args=("--port={port}",), url_variable="DATABASE_URL",
+        secret_keys=frozenset({"MYSQL_PASSWORD", "MYSQL_ROOT_PASSWORD"}),
+    ),
+    ServiceType.redis: TypeProfile(
+        default_image="redis:7", stable_port=True, url_variable="REDIS_URL",
+        args=("--port", "{port}", "--requirepass", "{password}"),
+    ),
+    ServiceType.memcached: TypeProfile(
+        default_image="memcached:1.6", stable_port=True, url_variable="MEMCACHED_URL",
+        args=("-p", "{port}"),
+    ),
+    ServiceType.service_proxy: TypeProfile(default_image=None, stable_port=True),
+    ServiceType.logging: TypeProfile(default_image=None, user_redeploy=False),
+    ServiceType.monitoring: TypeProfile(default_image=None, user_redeploy=False),
+}
+
+DATABASE_TYPES = frozenset({ServiceType.postgresql, ServiceType.mysql})
+
+
+def profile(kind: ServiceType) -> TypeProfile:
+    return PROFILES[kind]
+
+
+def new_credentials(kind: ServiceType, service: str) -> dict[str, str]:
+    """Generated once, when the service is created, and kept by the platform."""
+    name = service.replace("-", "_")
+    if kind in DATABASE_TYPES:
+        creds = {"user": "app", "password": secrets.token_urlsafe(18), "database": name}
+        if kind == ServiceType.mysql:
+            creds["root_password"] = secrets.token_urlsafe(18)
+        return creds
+    if kind == ServiceType.redis:
+        return {"password": secrets.token_urlsafe(18)}
+    return {}
+
+
+def container_variables(kind: ServiceType, creds: Mapping[str, str]) -> dict[str, str]:
+    """The variables the type's own image reads (the official images' conventions)."""
+    if kind == ServiceType.postgresql:
+        return {"POSTGRES_USER": creds["user"], "POSTGRES_PASSWORD": creds["password"],
+                "POSTGRES_DB": creds["database"]}
+    if kind == ServiceType.mysql:
+        return {"MYSQL_ROOT_PASSWORD": creds["root_password"], "MYSQL_USER": creds["user"],
+                "MYSQL_PASSWORD": creds["password"], "MYSQL_DATABASE": creds["database"]}
+    return {}
+
+
+def entrypoint_args(kind: ServiceType, creds: Mapping[str, str]) -> tuple[str, ...]:
+    """Flags for the image, with {port} left for the planner to fill per job."""
+    return tuple(a.replace("{password}", creds.get("password", "")) for a in PROFILES[kind].args)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A deployed database or cache, as a code service in the same environment sees it."""
+
+    name: str
+    type: ServiceType
+    address: str
+    port: int
+    credentials: Mapping[str, str]
+
+
+def connection_url(e: Endpoint) -> str:
+    c = e.credentials
+    if e.type == ServiceType.postgresql:
+        return f"postgresql://{c['user']}:{c['password']}@{e.address}:{e.port}/{c['database']}"
+    if e.type == ServiceType.mysql:
+        return f"mysql://{c['user']}:{c['password']}@{e.address}:{e.port}/{c['database']}"
+    if e.type == ServiceType.redis:
+        return f"redis://:{c['password']}@{e.address}:{e.port}/0"
+    return f"memcached://{e.address}:{e.port}"
+
+
+def connection_variables(endpoints: Iterable[Endpoint]) -> dict[str, str]:
+    """DATABASE_URL, REDIS_URL, MEMCACHED_URL (the first service of each kind, by name) and
+    <NAME>_URL for every one, e.g. a postgresql service "orders-db" gives ORDERS_DB_URL."""
+    variables: dict[str, str] = {}
+    for e in sorted(endpoints, key=lambda e: e.name):
+        url = connection_url(e)
+        variables[f"{e.name.upper().replace('-', '_')}_URL"] = url
+        generic = PROFILES[e.type].url_variable
+        if generic and generic not in variables:
+            variables[generic] = url
+            if e.type == ServiceType.memcached:
+                variables["MEMCACHE_SERVERS"] = f"{e.address}:{e.port}"
+    return variables
+
+
+def is_secret(name: str, value: str) -> bool:
+    upper = name.upper()
+    return any(w in upper for w in ("PASSWORD", "SECRET", "TOKEN", "KEY")) or (
+        "://" in value and "@" in value.split("://", 1)[1]
+    )
+
+
+def mask(value: str) -> str:
+    if "://" in value and "@" in value:
+        scheme, rest = value.split("://", 1)
+        userinfo, host = rest.rsplit("@", 1)
+        user = userinfo.split(":", 1)[0]
+        return f"{scheme}://{user}:*****@{host}"
+    return "*****"
+
+
+@dataclass(frozen=True)
+class IncludedService:
+    """A service every environment gets (monitoring: every non-sandbox one)."""
+
+    name: str
+    type: ServiceType
+    command: str
+    sandbox_too: bool = True
+
+
+def _placeholder_page(title: str) -> str:
+    return (f'mkdir -p /tmp/www && echo "{title} of $ORCH_ENV" > /tmp/www/index.html'
+            " && exec httpd -f -p $PORT -h /tmp/www")
+
+
+INCLUDED_SERVICES = (
+    IncludedService("logging", ServiceType.logging, _placeholder_page("logging dashboard")),
+    IncludedService("service-proxy", ServiceType.service_proxy, _placeholder_page("service proxy")),
+    IncludedService("monitoring", ServiceType.monitoring, "exec sh -c 'while :; do sleep 30; done'",
+                    sandbox_too=False),
+)

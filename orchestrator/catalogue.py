@@ -22,6 +22,7 @@ from orchestrator.models import (
     ApiToken,
     Environment,
     Host,
+    HostPublic,
     HostState,
     Job,
     JobPublic,
@@ -112,17 +113,38 @@ def list_hosts(*, session: Session) -> list[Host]:
     return list(session.exec(select(Host).order_by(col(Host.name))))
 
 
+def host_views(*, session: Session) -> list[HostPublic]:
+    """Hosts with their active jobs and the capacity those leave free."""
+    loads = {h.name: h for h in host_loads(session=session)}
+    counts: dict[str, int] = defaultdict(int)
+    for job in session.exec(select(Job).where(col(Job.state).in_(ACTIVE_JOB_STATES))):
+        counts[job.host] += 1
+    views = []
+    for h in list_hosts(session=session):
+        load = loads[h.name]
+        views.append(HostPublic(
+            name=h.name, docker_url=h.docker_url, address=h.address, state=h.state,
+            last_seen=h.last_seen, jobs=counts[h.name], cpus=h.cpus, memory_mb=h.memory_mb,
+            free_cpus=round(max(0.0, h.cpus - load.used_cpus), 3),
+            free_memory_mb=max(0, h.memory_mb - load.used_memory_mb),
+        ))
+    return views
+
+
 def host_loads(*, session: Session) -> list[HostLoad]:
     """Every host with the CPU, memory and ports its active jobs hold."""
     used_cpus: dict[str, float] = defaultdict(float)
     used_mem: dict[str, int] = defaultdict(int)
     ports: dict[str, set[int]] = defaultdict(set)
-    for job in session.exec(select(Job).where(col(Job.state).in_(ACTIVE_JOB_STATES))):
-        size = parse_size(job.size)
-        used_cpus[job.host] += size.cpus
-        used_mem[job.host] += size.memory_mb
+    # A lost job's container may still hold its port on its (unreachable) host: keep it taken.
+    holding = (*ACTIVE_JOB_STATES, JobState.stopping, JobState.lost)
+    for job in session.exec(select(Job).where(col(Job.state).in_(holding))):
         if job.port is not None:
             ports[job.host].add(job.port)
+        if job.state in ACTIVE_JOB_STATES:
+            size = parse_size(job.size)
+            used_cpus[job.host] += size.cpus
+            used_mem[job.host] += size.memory_mb
     hosts = list_hosts(session=session)
     # Hosts that share an address (several daemons on one machine) share its ports.
     by_address: dict[str, set[int]] = defaultdict(set)
@@ -155,6 +177,13 @@ def get_env(*, session: Session, name: str) -> Environment:
     env = session.exec(select(Environment).where(Environment.name == name)).first()
     if env is None:
         raise NotFound(f"no environment named {name}")
+    return env
+
+
+def get_env_by_id(*, session: Session, env_id: int) -> Environment:
+    env = session.get(Environment, env_id)
+    if env is None:
+        raise NotFound(f"no environment {env_id}")
     return env
 
 

@@ -18,7 +18,6 @@ from orchestrator import catalogue, operations, progress
 from orchestrator.catalogue import BadInput
 from orchestrator.models import (
     EnvironmentPublic,
-    HostPublic,
     OperationPublic,
     ReleasePublic,
     Role,
@@ -84,7 +83,21 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Machine-read
 wait_option = click.option("--wait", is_flag=True, help="Follow the operation to its end.")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineGroup(click.Group):
+    """Usage errors end as one line on stderr and exit 2, like every other bad input."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("standalone_mode", False)
+        try:
+            return super().main(*args, **kwargs)
+        except click.UsageError as exc:
+            fail(" ".join(exc.format_message().split()))
+        except click.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """A small platform-as-a-service control plane."""
 
@@ -116,13 +129,48 @@ def hosts_add(ctx: Context, name: str, docker_url: str, address: str) -> None:
 @pass_ctx
 def hosts_list(ctx: Context, as_json: bool) -> None:
     with ctx.platform.session() as s:
-        rows = [HostPublic.model_validate(h, from_attributes=True)
-                for h in catalogue.list_hosts(session=s)]
+        rows = catalogue.host_views(session=s)
     if as_json:
         emit(rows)
     else:
-        table([(h.name, h.state, h.docker_url, h.address, h.last_seen) for h in rows],
-              ["NAME", "STATE", "DOCKER", "ADDRESS", "LAST SEEN"])
+        table([(h.name, h.state, h.jobs, f"{h.free_cpus:g}/{h.cpus:g}",
+                f"{h.free_memory_mb}/{h.memory_mb}", h.address, h.last_seen) for h in rows],
+              ["NAME", "STATE", "JOBS", "FREE CPU", "FREE MB", "ADDRESS", "LAST SEEN"])
+
+
+@hosts.command("drain")
+@click.argument("name")
+@pass_ctx
+@bad_input_exits_2
+def hosts_drain(ctx: Context, name: str) -> None:
+    """Move every job off the host (start elsewhere first) and place nothing new there."""
+    from orchestrator import fleet
+
+    started_ops = fleet.drain(ctx.platform, host=name)
+    click.echo(f"host {name} draining; operations {', '.join(map(str, started_ops)) or '(none)'}")
+
+
+@hosts.command("undrain")
+@click.argument("name")
+@pass_ctx
+@bad_input_exits_2
+def hosts_undrain(ctx: Context, name: str) -> None:
+    from orchestrator import fleet
+
+    fleet.undrain(ctx.platform, host=name)
+    click.echo(f"host {name} takes jobs again")
+
+
+@hosts.command("rm")
+@click.argument("name")
+@pass_ctx
+@bad_input_exits_2
+def hosts_rm(ctx: Context, name: str) -> None:
+    """Forget a host; refused while jobs remain on it."""
+    from orchestrator import fleet
+
+    fleet.remove(ctx.platform, host=name)
+    click.echo(f"host {name} removed")
 
 
 # --- node -----------------------------------------------------------------------------------------
@@ -429,7 +477,7 @@ def redeploy(ctx: Context, env_name: str, name: str, wait: bool, support: bool) 
     started(ctx, op, wait)
 
 
-@main.command()
+@main.command(context_settings={"ignore_unknown_options": True})
 @click.argument("env_name", metavar="ENV")
 @click.argument("name", metavar="SVC")
 @click.argument("scale", type=int)
@@ -474,7 +522,7 @@ def worker_deploy(ctx: Context, env_name: str, name: str, target: str, command: 
     started(ctx, op, wait)
 
 
-@worker.command("scale")
+@worker.command("scale", context_settings={"ignore_unknown_options": True})
 @click.argument("env_name", metavar="ENV")
 @click.argument("name", metavar="SVC")
 @click.argument("target")

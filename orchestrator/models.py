@@ -43,6 +43,7 @@ class JobState(StrEnum):
     stopping = "stopping"
     stopped = "stopped"
     failed = "failed"
+    lost = "lost"  # its host went down; replaced elsewhere, its container removed on return
 
 
 ACTIVE_JOB_STATES = (JobState.scheduled, JobState.starting, JobState.running)
@@ -55,6 +56,8 @@ class OpKind(StrEnum):
     worker_deploy = "worker_deploy"
     worker_scale = "worker_scale"
     worker_rm = "worker_rm"
+    recover = "recover"  # back to scale after a host was lost
+    drain = "drain"  # jobs moved off a draining host
 
 
 class OpTrigger(StrEnum):
@@ -63,6 +66,8 @@ class OpTrigger(StrEnum):
     support = "support"
     create = "create"
     rollback = "rollback"
+    host_lost = "host-lost"
+    drain = "drain"
 
 
 class OpState(StrEnum):
@@ -211,6 +216,11 @@ class HostPublic(SQLModel):
     address: str
     state: HostState
     last_seen: datetime | None
+    jobs: int = 0
+    cpus: float = 0.0
+    memory_mb: int = 0
+    free_cpus: float = 0.0
+    free_memory_mb: int = 0
 
 
 class EnvironmentPublic(SQLModel):

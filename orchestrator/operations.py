@@ -142,6 +142,8 @@ def request_scale(p: Platform, *, env: str, service: str, scale: int) -> Operati
         environment, svc = catalogue.get_service(session=s, env=env, name=service)
         if scale < 0:
             raise BadInput("scale must be 0 or more")
+        if svc.type == ServiceType.code and not catalogue.list_releases(session=s, service=svc):
+            raise BadInput(f"service {service} has no release yet: push an image first")
         if service_types.profile(svc.type).single_job and scale > 1:
             raise BadInput(f"{svc.type} services run one job (one copy of the data): scale above 1 is refused")
         op = catalogue.record_operation(session=s, env=environment, service=svc,
@@ -386,13 +388,20 @@ def _plan(p: Platform, s: Session, op: Operation, svc: Service, env: Environment
         planner.ObservedJob(j.id, j.kind, j.target, j.host, j.port, parse_size(j.size))
         for j in catalogue.active_jobs(session=s, service=svc)
     ]
-    hosts = catalogue.host_loads(session=s)
+    # CPU limits cap a container, they reserve nothing: a host takes more than its cores.
+    hosts = [replace(h, cpus=h.cpus * p.settings.cpu_overcommit)
+             for h in catalogue.host_loads(session=s)]
     ports = planner.PortRange(p.settings.port_min, p.settings.port_max)
     if op.kind in (OpKind.deploy, OpKind.redeploy):
         return planner.plan_redeploy(spec, jobs, hosts, _new_id, ports)
     if op.kind == OpKind.scale:
         return planner.plan_scale(spec, jobs, hosts, _new_id, kind=JobKind.deploy, target=None,
                                   scale=svc.scale, ports=ports)
+    if op.kind == OpKind.recover:
+        return planner.plan_recover(spec, jobs, hosts, _new_id, ports)
+    if op.kind == OpKind.drain:
+        return planner.plan_move(spec, jobs, hosts, _new_id, away_from=str(op.params["host"]),
+                                 ports=ports)
     target = str(op.params.get("target"))
     if op.kind == OpKind.worker_scale:
         worker = next(w for w in spec.workers if w.name == target)
@@ -434,7 +443,7 @@ def _record_plan(s: Session, op: Operation, env: Environment, svc: Service,
                     mounts=mounts, op_id=op.id,
                 ))
                 if j.kind == JobKind.deploy:
-                    _remember_placement(svc, j)
+                    _remember_placement(svc, j, moved=op.kind == OpKind.drain)
             s.add(step)
             rows.append(step)
         stages.append(rows)
@@ -442,11 +451,11 @@ def _record_plan(s: Session, op: Operation, env: Environment, svc: Service,
     return stages
 
 
-def _remember_placement(svc: Service, job: planner.NewJob) -> None:
+def _remember_placement(svc: Service, job: planner.NewJob, *, moved: bool = False) -> None:
     """Databases and caches keep their first port (connection URLs stay true); databases keep
-    their first host (their data volume is there)."""
+    their first host (their data volume is there). A drain moves a cache to a new port."""
     kind = service_types.profile(svc.type)
-    if kind.stable_port and svc.port is None:
+    if kind.stable_port and (svc.port is None or moved):
         svc.port = job.port
     if kind.data_dir and svc.host is None:
         svc.host = job.host
@@ -495,8 +504,8 @@ def finish(p: Platform, op_id: int) -> bool | None:
         if failed:
             catalogue.skip_pending_steps(session=s, op_id=op_id)
             _forget_unstarted_jobs(s, op_id)
-            _restore_params(s, op)
-            error = f"{failed[0].name}: {failed[0].error}. {service_summary(s, op.service_id)}"
+            summary = service_summary(s, op.service_id)  # against the scale this operation wanted
+            error = f"{failed[0].name}: {failed[0].error}. {summary}{_restore_params(s, op)}"
         ended = catalogue.end_operation(session=s, op_id=op_id,
                                         state=OpState.failed if failed else OpState.succeeded,
                                         error=error)
@@ -514,16 +523,23 @@ def _forget_unstarted_jobs(s: Session, op_id: int) -> None:
                                     error=f"never started: operation {op_id} failed first")
 
 
-def _restore_params(s: Session, op: Operation) -> None:
-    """A failed release deploy leaves the last good release as the service's current one."""
-    if "previous_image" not in op.params:
-        return
+def _restore_params(s: Session, op: Operation) -> str:
+    """A failed operation leaves the spec as it was: the last good release stays current, and a
+    failed scale change keeps the old scale (the error says how many jobs run)."""
     svc = s.get(Service, op.service_id)
     if svc is None:
-        return
-    svc.release = op.params.get("previous_release")
-    svc.image = op.params.get("previous_image")
+        return ""
+    note = ""
+    if "previous_image" in op.params:
+        svc.release = op.params.get("previous_release")
+        svc.image = op.params.get("previous_image")
+        if svc.release is not None:
+            note += f" Release {svc.release} stays current."
+    if "previous_scale" in op.params:
+        svc.scale = int(op.params["previous_scale"])
+        note += f" Its scale stays {svc.scale}."
     s.add(svc)
+    return note
 
 
 def service_summary(s: Session, service_id: int) -> str:

@@ -259,6 +259,42 @@ def plan_scale(spec: ServiceSpec, jobs: Sequence[ObservedJob], hosts: Sequence[H
     return Plan((tuple(StopJob(j.id, j.host) for j in surplus),)) if surplus else Plan()
 
 
+def plan_recover(spec: ServiceSpec, jobs: Sequence[ObservedJob], hosts: Sequence[HostLoad],
+                 new_id: Callable[[], str], ports: PortRange = PortRange()) -> Plan:
+    """Start what the service lacks to be back at its scale (deploy jobs and every worker
+    target), e.g. after a host was lost; stops nothing."""
+    wanted: list[tuple[str, str | None, str | None]] = []
+    have = Counter((j.kind, j.target) for j in jobs)
+    wanted += [("deploy", None, spec.command)] * max(0, spec.scale - have[("deploy", None)])
+    for worker in spec.workers:
+        wanted += [("worker", worker.name, worker.command)] * max(0, worker.scale - have[("worker", worker.name)])
+    if not wanted:
+        return Plan()
+    placer = _Placer(_hosts_with(hosts, jobs, spec.size, jobs), [j.host for j in jobs], ports)
+    new = _new_jobs(spec, wanted, placer, new_id)
+    return Plan((_check_images(spec.image, new), tuple(StartJob(j) for j in new)))
+
+
+def plan_move(spec: ServiceSpec, jobs: Sequence[ObservedJob], hosts: Sequence[HostLoad],
+              new_id: Callable[[], str], *, away_from: str, ports: PortRange = PortRange()) -> Plan:
+    """Move every job off host ``away_from`` (a drain): start each one's replacement elsewhere
+    first, then stop it, so the service never drops below its scale."""
+    leaving = [j for j in jobs if j.host == away_from]
+    if not leaving:
+        return Plan()
+    if spec.pinned_host == away_from:
+        raise PlanError(f"service {spec.name} keeps its data on host {away_from}: move it by hand")
+    staying = [j for j in jobs if j.host != away_from]
+    commands = {w.name: w.command for w in spec.workers}
+    wanted = [(j.kind, j.target, commands.get(j.target or "") if j.kind == "worker" else spec.command)
+              for j in leaving]
+    candidates = [h for h in hosts if h.name != away_from]
+    placer = _Placer(_hosts_with(candidates, jobs, spec.size, jobs), [j.host for j in staying], ports)
+    new = _new_jobs(replace(spec, pinned_host=None, port=None), wanted, placer, new_id)
+    return Plan((_check_images(spec.image, new), tuple(StartJob(j) for j in new),
+                 tuple(StopJob(j.id, j.host) for j in leaving)))
+
+
 def plan_stop(jobs: Sequence[ObservedJob], *, kind: str, target: str | None) -> Plan:
     """Stop every active job of one kind/target (``worker rm``)."""
     stops = tuple(StopJob(j.id, j.host) for j in jobs if j.kind == kind and j.target == target)

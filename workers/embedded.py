@@ -20,6 +20,7 @@ from orchestrator.models import ServiceType
 from orchestrator.progress import follow
 from orchestrator.settings import Settings
 from workers.app import NodeContext, OrchestratorCelery, make_platform
+from workers.heartbeat import Heartbeat
 from workers.runtime.docker import DockerRuntime
 
 LOCAL_HOST = "local"
@@ -78,6 +79,7 @@ def run_dev(settings: Settings, *, api_port: int | None, demo: bool,
         without_heartbeat=True, without_mingle=True, without_gossip=True, send_events=True,
         ready_callback=None,
     )
+    heartbeat = Heartbeat(platform, host.name, runtime).start()
     thread = threading.Thread(target=worker.start, name="node", daemon=True)
     thread.start()
     if not worker.started.wait(30):
@@ -98,6 +100,7 @@ def run_dev(settings: Settings, *, api_port: int | None, demo: bool,
     except KeyboardInterrupt:
         return 0
     finally:
+        heartbeat.stop()
         worker.stop(in_sighandler=False)
         thread.join(15)
 

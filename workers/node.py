@@ -7,6 +7,7 @@ import socket
 from orchestrator import catalogue, names
 from orchestrator.operations import Platform
 from workers.app import NodeContext, OrchestratorCelery
+from workers.heartbeat import Heartbeat
 from workers.runtime.docker import DockerRuntime
 
 
@@ -18,12 +19,14 @@ def run_node(platform: Platform, host_name: str, *, concurrency: int, loglevel: 
     assert isinstance(app, OrchestratorCelery)
     runtime = DockerRuntime(host.docker_url, pool_size=concurrency + 4)
     app.node = NodeContext(platform=platform, host=host.name, address=host.address, runtime=runtime)
+    Heartbeat(platform, host.name, runtime).start()
     _work(app, [names.host_queue(host.name)], f"{host.name}@{socket.gethostname()}",
           concurrency, loglevel)
 
 
 def run_control(platform: Platform, *, concurrency: int, loglevel: str) -> None:
     """Run the control worker (queue ``orchestrator``) until stopped (blocks)."""
+    Heartbeat(platform, None, None).start()
     _work(platform.app, [names.CONTROL_QUEUE], f"control@{socket.gethostname()}", concurrency,
           loglevel)
 

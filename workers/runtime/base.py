@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 from collections.abc import Mapping
@@ -66,3 +67,9 @@ class Runtime(Protocol):
 
     def list(self, labels: Mapping[str, str]) -> list[ContainerState]:
         """Containers, running or not, carrying all of ``labels``."""
+
+    def jobs(self) -> builtins.list[ContainerState]:
+        """Containers, running or not, of any platform job (labelled orchestrator.job)."""
+
+    def capacity(self) -> tuple[float, int]:
+        """What the host has: (CPUs, memory in MB)."""

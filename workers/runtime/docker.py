@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -10,7 +11,7 @@ import docker
 from docker.errors import APIError, ImageNotFound, NotFound
 from docker.models.containers import Container
 
-from orchestrator.names import LABEL_CONFIG_HASH
+from orchestrator.names import LABEL_CONFIG_HASH, LABEL_JOB
 from workers.runtime.base import ContainerSpec, ContainerState, RuntimeError_, config_hash
 
 
@@ -118,6 +119,14 @@ class DockerRuntime:
     def list(self, labels: Mapping[str, str]) -> list[ContainerState]:
         filters: dict[str, str | list[str] | bool] = {"label": [f"{k}={v}" for k, v in labels.items()]}
         return [_state(c) for c in self.client.containers.list(all=True, filters=filters)]
+
+    def jobs(self) -> builtins.list[ContainerState]:
+        found = self.client.containers.list(all=True, filters={"label": [LABEL_JOB]})
+        return [_state(c) for c in found]
+
+    def capacity(self) -> tuple[float, int]:
+        info = self.client.info()
+        return float(info.get("NCPU", 0)), int(info.get("MemTotal", 0)) // (1024 * 1024)
 
     def _get(self, name: str) -> Container | None:
         try:

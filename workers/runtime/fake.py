@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import builtins
 import itertools
 import threading
 from collections.abc import Mapping
 from dataclasses import replace
 
+from orchestrator.names import LABEL_JOB
 from workers.runtime.base import ContainerSpec, ContainerState, RuntimeError_, config_hash
 
 
@@ -16,6 +18,7 @@ class FakeRuntime:
         self.crashing = set(crashing or ())  # images whose containers exit at once
         self.containers: dict[str, ContainerState] = {}
         self.hashes: dict[str, str] = {}
+        self.cpus, self.memory_mb = 4.0, 8192
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
 
@@ -59,3 +62,9 @@ class FakeRuntime:
             c for c in self.containers.values()
             if all(c.labels.get(k) == v for k, v in labels.items())
         ]
+
+    def jobs(self) -> builtins.list[ContainerState]:
+        return [c for c in self.containers.values() if LABEL_JOB in c.labels]
+
+    def capacity(self) -> tuple[float, int]:
+        return self.cpus, self.memory_mb

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, inspect
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, SQLModel, create_engine
 
@@ -32,9 +33,60 @@ def make_engine(url: str) -> Engine:
     else:
         engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
     SQLModel.metadata.create_all(engine)
+    add_missing_columns(engine)
     return engine
 
 
+def add_missing_columns(engine: Engine) -> list[str]:
+    """Bring an older catalogue up to the current tables: create_all makes missing tables, this
+    adds missing columns (every column added since is nullable or has a default). Additive only:
+    nothing is dropped or rewritten. Returns what it added, as table.column."""
+    added = []
+    with engine.begin() as conn:
+        inspector = inspect(conn)  # on this connection: SQLite holds one writer at a time
+        for table in SQLModel.metadata.sorted_tables:
+            have = {c["name"] for c in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name in have:
+                    continue
+                kind = column.type.compile(dialect=engine.dialect)
+                default = _default_sql(column)
+                conn.exec_driver_sql(
+                    f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}{default}'
+                )
+                added.append(f"{table.name}.{column.name}")
+    return added
+
+
+def _default_sql(column: Any) -> str:
+    """A literal DEFAULT for NOT NULL columns (the model field's default), so rows already there
+    stay valid."""
+    if column.nullable:
+        return ""
+    value = _model_default(column)
+    if isinstance(value, bool):
+        return f" NOT NULL DEFAULT {int(value)}"
+    if isinstance(value, int | float):
+        return f" NOT NULL DEFAULT {value}"
+    text = json.dumps(value) if isinstance(value, dict | list) else str(value or "")
+    return " NOT NULL DEFAULT '" + text.replace("'", "''") + "'"
+
+
+def _model_default(column: Any) -> Any:
+    for model in _table_models():
+        if getattr(model, "__table__", None) is column.table and column.name in model.model_fields:
+            return model.model_fields[column.name].get_default(call_default_factory=True)
+    return ""
+
+
+def _table_models() -> list[type[SQLModel]]:
+    found, todo = [], list(SQLModel.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if hasattr(cls, "__table__"):
+            found.append(cls)
+    return found
 def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
     dbapi_conn.isolation_level = None  # let the "begin" listener issue BEGIN IMMEDIATE
     cursor = dbapi_conn.cursor()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import os
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -10,6 +11,8 @@ from typing import Any
 import docker
 from docker.errors import APIError, ImageNotFound, NotFound
 from docker.models.containers import Container
+from docker.tls import TLSConfig
+from docker.utils import kwargs_from_env
 
 from orchestrator.names import LABEL_CONFIG_HASH, LABEL_JOB
 from workers.runtime.base import ContainerSpec, ContainerState, RuntimeError_, config_hash
@@ -17,8 +20,11 @@ from workers.runtime.base import ContainerSpec, ContainerState, RuntimeError_, c
 
 class DockerRuntime:
     def __init__(self, base_url: str, pool_size: int = 16, timeout: int = 120) -> None:
+        tls: TLSConfig | bool = False
+        if base_url.startswith("tcp://") and os.environ.get("DOCKER_TLS_VERIFY"):
+            tls = kwargs_from_env().get("tls") or False  # client certificates from DOCKER_CERT_PATH
         self.client = docker.DockerClient(
-            base_url=base_url, version="auto", timeout=timeout, max_pool_size=pool_size
+            base_url=base_url, version="auto", timeout=timeout, max_pool_size=pool_size, tls=tls
         )
 
     def close(self) -> None:

@@ -82,7 +82,24 @@ def watch(p: Platform, *, down_after: float) -> list[str]:
             marked.append(name)
             host_lost(p, name)
     fail_steps_on_down_hosts(p)
+    finish_forgotten(p)
     return marked
+
+
+def finish_forgotten(p: Platform, *, grace: float = 10.0) -> None:
+    """An operation whose steps have all ended but which is still running lost its finish task
+    (e.g. it was queued on a host that died just after): finish it."""
+    cutoff = utcnow() - timedelta(seconds=grace)
+    with p.session() as s:
+        running = list(s.exec(select(Operation).where(Operation.state == OpState.running)))
+        forgotten = []
+        for op in running:
+            steps = catalogue.steps_of(session=s, op_id=op.id or 0)
+            ends = [st.finished_at for st in steps if st.finished_at is not None]
+            if steps and len(ends) == len(steps) and max(ends) < cutoff:
+                forgotten.append(op.id or 0)
+    for op_id in forgotten:
+        operations.finish(p, op_id)
 
 
 def host_lost(p: Platform, host: str) -> list[int]:

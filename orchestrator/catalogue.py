@@ -195,7 +195,7 @@ def add_service(*, session: Session, env: Environment, name: str, type: ServiceT
                 image: str | None, command: str | None, scale: int, size: str) -> Service:
     check_name("service", name)
     if scale < 0:
-        raise BadInput("scale must be 0 or more")
+        raise BadInput(f"scale {scale} is below 0: it must be 0 or more")
     kind = service_types.profile(type)
     if kind.single_job and scale > 1:
         raise BadInput(f"{type} services run one job (one copy of the data): scale above 1 is refused")

@@ -141,7 +141,7 @@ def request_scale(p: Platform, *, env: str, service: str, scale: int) -> Operati
     with p.session() as s:
         environment, svc = catalogue.get_service(session=s, env=env, name=service)
         if scale < 0:
-            raise BadInput("scale must be 0 or more")
+            raise BadInput(f"scale {scale} is below 0: it must be 0 or more")
         if svc.type == ServiceType.code and not catalogue.list_releases(session=s, service=svc):
             raise BadInput(f"service {service} has no release yet: push an image first")
         if service_types.profile(svc.type).single_job and scale > 1:

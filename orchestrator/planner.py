@@ -242,7 +242,7 @@ def plan_scale(spec: ServiceSpec, jobs: Sequence[ObservedJob], hosts: Sequence[H
     """Bring the jobs of one kind (deploy, or one worker target) to ``scale``: start only the
     extra jobs, or stop only the surplus (from the hosts holding most of them, newest first)."""
     if scale < 0:
-        raise PlanError("scale must be 0 or more")
+        raise PlanError(f"scale {scale} is below 0: it must be 0 or more")
     mine = [j for j in jobs if j.kind == kind and j.target == target]
     if scale > len(mine):
         command = spec.command

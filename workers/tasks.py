@@ -103,10 +103,10 @@ def start_job(node: NodeContext, step: Step) -> dict[str, Any]:
         catalogue.set_job_state(session=s, job_id=job.id, state=JobState.starting)
         s.commit()
     spec = container_spec(job, s_env=_env_name(node, job))
-    if job.port is not None and node.runtime.inspect(job.container_name) is None \
-            and _accepts(node.address, job.port):
-        raise StepFailed(f"port {job.port} on host {node.host} is held by a program outside the platform")
     try:
+        if job.port is not None and node.runtime.inspect(job.container_name) is None \
+                and _accepts(node.address, job.port):
+            raise StepFailed(f"port {job.port} on host {node.host} is held by a program outside the platform")
         state = node.runtime.run(spec)
         wait_ready(node.runtime, job, node.address, p.settings.start_timeout)
     except Exception as exc:

@@ -79,8 +79,7 @@ CASES = [
     # scale below 0
     Case("scale-below-0/services-add",
          lambda e: ["services", "add", e, "web2", "--type", "code", "--scale", "-1"], "scale"),
-    Case("scale-below-0/scale", lambda e: ["scale", e, "web", "-1"], "-1",
-         one_line_bug="click parses -1 as an unknown option and prints its multi-line usage error"),
+    Case("scale-below-0/scale", lambda e: ["scale", e, "web", "-1"], "-1"),
     Case("scale-below-0/scale-after-double-dash", lambda e: ["scale", e, "web", "--", "-1"], "scale"),
     # vars set without '='
     Case("vars-set/no-equals", lambda e: ["vars", "set", e, "web", "NOEQ"], "NOEQ"),
@@ -96,8 +95,7 @@ CASES = [
          lambda e: ["services", "update", e, "web", "--not-redeployable"], "support"),
     # unknown --type, bad --size
     Case("unknown-type", lambda e: ["services", "add", e, "web2", "--type", "nosuch",
-                                    "--image", SAMPLE_IMAGE], "nosuch",
-         one_line_bug="click.Choice rejects it with click's multi-line usage error"),
+                                    "--image", SAMPLE_IMAGE], "nosuch"),
     Case("bad-size/word", lambda e: ["services", "add", e, "web2", "--type", "code",
                                      "--size", "huge"], "huge"),
     Case("bad-size/too-small", lambda e: ["services", "add", e, "web2", "--type", "code",

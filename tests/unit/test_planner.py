@@ -165,11 +165,15 @@ def test_worker_targets_get_worker_jobs_without_a_port() -> None:
     assert deploy.port is not None and deploy.target is None
 
 
-@pytest.mark.parametrize("service_type", ["logging", "monitoring"])
-def test_portless_service_types_get_no_port(service_type: str) -> None:
-    jobs = started(plan_redeploy(make_spec(type=service_type), [], hosts("h1"), ids(), PORTS))
+def test_monitoring_gets_no_port() -> None:
+    jobs = started(plan_redeploy(make_spec(type="monitoring"), [], hosts("h1"), ids(), PORTS))
     assert [j.port for j in jobs] == [None, None]
     assert all("PORT" not in dict(j.environment) for j in jobs)
+
+
+def test_logging_serves_its_dashboard_on_a_port() -> None:
+    jobs = started(plan_redeploy(make_spec(type="logging"), [], hosts("h1"), ids(), PORTS))
+    assert all(j.port is not None and dict(j.environment)["PORT"] == str(j.port) for j in jobs)
 
 
 # --- ports -----------------------------------------------------------------------------------------

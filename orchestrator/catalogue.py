@@ -359,6 +359,25 @@ def job_public(job: Job, env: str, service: str) -> JobPublic:
     return JobPublic(env=env, service=service, **job.model_dump())
 
 
+def move_job_port(*, session: Session, job_id: str, port: int) -> Job:
+    """A job not yet started takes another port: its PORT, its flags and, for a database or
+    cache whose kept port it was, the service's port follow."""
+    job = session.get(Job, job_id)
+    if job is None:
+        raise NotFound(f"no job {job_id}")
+    old = str(job.port)
+    job.port = port
+    job.environment = {**job.environment, "PORT": str(port)}
+    job.args = [str(port) if a == old else a.replace(f"={old}", f"={port}") for a in job.args]
+    service = session.get(Service, job.service_id)
+    if service is not None and service.port is not None and str(service.port) == old:
+        service.port = port
+        session.add(service)
+    session.add(job)
+    session.flush()
+    return job
+
+
 def set_job_state(*, session: Session, job_id: str, state: JobState, container_id: str | None = None,
                   error: str | None = None) -> None:
     values: dict[str, object] = {"state": state}

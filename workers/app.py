@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Celery
@@ -21,6 +22,7 @@ class NodeContext:
     host: str
     address: str
     runtime: Runtime
+    port_lock: threading.Lock = field(default_factory=threading.Lock)  # one port move at a time
 
 
 class OrchestratorCelery(Celery):

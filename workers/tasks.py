@@ -102,12 +102,11 @@ def start_job(node: NodeContext, step: Step) -> dict[str, Any]:
         job = _job(s, step)
         catalogue.set_job_state(session=s, job_id=job.id, state=JobState.starting)
         s.commit()
-    spec = container_spec(job, s_env=_env_name(node, job))
     try:
         if job.port is not None and node.runtime.inspect(job.container_name) is None \
                 and _accepts(node.address, job.port):
-            raise StepFailed(f"port {job.port} on host {node.host} is held by a program outside the platform")
-        state = node.runtime.run(spec)
+            job = move_port(node, job)  # a program outside the platform holds it
+        state = node.runtime.run(container_spec(job, s_env=_env_name(node, job)))
         wait_ready(node.runtime, job, node.address, p.settings.start_timeout)
     except Exception as exc:
         node.runtime.stop(job.container_name, timeout=0)  # leave Docker as true as the catalogue
@@ -121,6 +120,20 @@ def start_job(node: NodeContext, step: Step) -> dict[str, Any]:
                                 container_id=state.id)
         s.commit()
     return {"job": job.id, "container": state.id, "port": job.port}
+
+
+def move_port(node: NodeContext, job: Job) -> Job:
+    """Give the job another free port of the range: one no job holds and nothing answers on."""
+    p = node.platform
+    with node.port_lock, p.session() as s:
+        load = next(h for h in catalogue.host_loads(session=s) if h.name == node.host)
+        for port in range(p.settings.port_min, p.settings.port_max + 1):
+            if port not in load.used_ports and not _accepts(node.address, port):
+                moved = catalogue.move_job_port(session=s, job_id=job.id, port=port)
+                s.commit()
+                return moved
+    raise StepFailed(f"port {job.port} on host {node.host} is held by a program outside the platform, "
+                     "and no other port of the range is free")
 
 
 def stop_job(node: NodeContext, step: Step) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
 
 import docker
@@ -67,3 +68,30 @@ def test_overlap_runs_old_and_new_side_by_side(cli: Cli, env_name: str,
     assert proc.wait(timeout=30) == 0
     final = set(containers(docker_client, env_name, "web").values())
     assert len(final) == 2 and not final & old
+
+
+def test_a_port_held_outside_the_platform_is_skipped(cli: Cli, env_name: str, node: str,
+                                                     platform_env: dict[str, str],
+                                                     docker_client: docker.DockerClient) -> None:
+    from orchestrator import catalogue
+    from orchestrator.db import make_engine, session
+    from orchestrator.placement import free_port
+
+    with session(make_engine(platform_env["ORCH_DATABASE_URL"])) as s:
+        load = next(h for h in catalogue.host_loads(session=s) if h.name == node)
+    wanted = free_port(load.used_ports, int(platform_env["ORCH_PORT_MIN"]),
+                       int(platform_env["ORCH_PORT_MAX"]))
+    assert wanted is not None
+    squatter = socket.create_server(("127.0.0.1", wanted))  # the port the planner will pick
+    try:
+        cli.ok("services", "add", env_name, "web", "--type", "code", "--command", HTTPD)
+        cli.ok("push", env_name, "web", SAMPLE_IMAGE, "--wait")
+        (job,) = jobs_json(cli, env_name)
+        assert job["state"] == "running" and job["port"] != wanted
+        container = docker_client.containers.get(str(job["container_id"]))
+        env = dict(e.split("=", 1) for e in container.attrs["Config"]["Env"])
+        assert env["PORT"] == str(job["port"])
+        with socket.create_connection(("127.0.0.1", int(str(job["port"]))), timeout=2):
+            pass
+    finally:
+        squatter.close()

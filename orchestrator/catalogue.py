@@ -198,7 +198,8 @@ def add_service(*, session: Session, env: Environment, name: str, type: ServiceT
         raise BadInput(f"scale {scale} is below 0: it must be 0 or more")
     kind = service_types.profile(type)
     if kind.single_job and scale > 1:
-        raise BadInput(f"{type} services run one job (one copy of the data): scale above 1 is refused")
+        raise BadInput(f"{type} services run one job (one copy of the data, one kept port): "
+                       "scale above 1 is refused")
     image = image or kind.default_image
     if not image and type != ServiceType.code:
         raise BadInput(f"a {type} service needs --image")
@@ -272,6 +273,8 @@ def set_variables(*, session: Session, service: Service, values: dict[str, str])
     for key, value in values.items():
         if not _VAR_NAME.match(key):
             raise BadInput(f"variable name {key!r} must be letters, digits and _, not starting with a digit")
+        if key == "PORT" or key.startswith("ORCH_"):
+            raise BadInput(f"{key} is set by the platform for every job and cannot be overridden")
         if not isinstance(value, str) or "\x00" in value:
             raise BadInput(f"variable {key} must be a string without NUL characters")
     service.variables = {**service.variables, **values}

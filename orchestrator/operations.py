@@ -145,7 +145,8 @@ def request_scale(p: Platform, *, env: str, service: str, scale: int) -> Operati
         if svc.type == ServiceType.code and not catalogue.list_releases(session=s, service=svc):
             raise BadInput(f"service {service} has no release yet: push an image first")
         if service_types.profile(svc.type).single_job and scale > 1:
-            raise BadInput(f"{svc.type} services run one job (one copy of the data): scale above 1 is refused")
+            raise BadInput(f"{svc.type} services run one job (one copy of the data, one kept port): "
+                           "scale above 1 is refused")
         op = catalogue.record_operation(session=s, env=environment, service=svc,
                                         kind=OpKind.scale, trigger=OpTrigger.manual,
                                         params={"scale": scale})

@@ -14,7 +14,7 @@ from orchestrator.models import ServiceType
 class TypeProfile:
     default_image: str | None = None
     data_dir: str | None = None  # a named volume is mounted here and survives redeploys
-    single_job: bool = False  # scale above 1 is refused
+    single_job: bool = False  # scale above 1 is refused (one copy of the data, one kept port)
     stable_port: bool = False  # every job of the service gets the same port
     deploys_on_create: bool = True
     user_redeploy: bool = True  # False: the CLI and API refuse a redeploy
@@ -36,14 +36,14 @@ PROFILES: dict[ServiceType, TypeProfile] = {
         secret_keys=frozenset({"MYSQL_PASSWORD", "MYSQL_ROOT_PASSWORD"}),
     ),
     ServiceType.redis: TypeProfile(
-        default_image="redis:7", stable_port=True, url_variable="REDIS_URL",
+        default_image="redis:7", single_job=True, stable_port=True, url_variable="REDIS_URL",
         args=("--port", "{port}", "--requirepass", "{password}"),
     ),
     ServiceType.memcached: TypeProfile(
-        default_image="memcached:1.6", stable_port=True, url_variable="MEMCACHED_URL",
+        default_image="memcached:1.6", single_job=True, stable_port=True, url_variable="MEMCACHED_URL",
         args=("-p", "{port}"),
     ),
-    ServiceType.service_proxy: TypeProfile(default_image=None, stable_port=True),
+    ServiceType.service_proxy: TypeProfile(default_image=None),
     ServiceType.logging: TypeProfile(default_image=None, user_redeploy=False),
     ServiceType.monitoring: TypeProfile(default_image=None, user_redeploy=False),
 }

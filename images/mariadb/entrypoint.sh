@@ -6,9 +6,11 @@ if [ "$1" = mysqld ]; then
   chown -R mysql:mysql /var/lib/mysql /run/mysqld
   if [ ! -d /var/lib/mysql/mysql ]; then
     : "${MYSQL_ROOT_PASSWORD:?MYSQL_ROOT_PASSWORD must be set}"
-    mariadb-install-db --user=mysql --datadir=/var/lib/mysql --auth-root-authentication-method=normal >/dev/null
+    mariadb-install-db --user=mysql --datadir=/var/lib/mysql --auth-root-authentication-method=normal --skip-test-db >/dev/null
     sql=$(mktemp)
     {
+      echo "FLUSH PRIVILEGES;"
+      echo "DELETE FROM mysql.global_priv WHERE User='';"
       echo "ALTER USER 'root'@'localhost' IDENTIFIED BY '$MYSQL_ROOT_PASSWORD';"
       [ -n "$MYSQL_DATABASE" ] && echo "CREATE DATABASE IF NOT EXISTS \`$MYSQL_DATABASE\`;"
       if [ -n "$MYSQL_USER" ]; then

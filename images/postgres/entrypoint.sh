@@ -11,7 +11,7 @@ if [ "$1" = postgres ] && [ ! -s "$PGDATA/PG_VERSION" ]; then
   : "${POSTGRES_PASSWORD:?POSTGRES_PASSWORD must be set}"
   user=${POSTGRES_USER:-postgres}
   pwfile=$(mktemp); printf '%s' "$POSTGRES_PASSWORD" > "$pwfile"
-  initdb -D "$PGDATA" -U "$user" --pwfile="$pwfile" --auth-host=scram-sha-256 --auth-local=trust >/dev/null
+  initdb -D "$PGDATA" -U "$user" --encoding=UTF8 --locale=C.UTF-8 --pwfile="$pwfile" --auth-host=scram-sha-256 --auth-local=trust >/dev/null
   rm -f "$pwfile"
   echo "listen_addresses = '127.0.0.1'" >> "$PGDATA/postgresql.conf"
   db=${POSTGRES_DB:-$user}

@@ -231,27 +231,16 @@ def test_sizes_are_enforced_on_containers(cli: Cli, env: str, docker_client: doc
                              "--size", "huge")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a cache may have scale > 1 but every deploy job is planned on the service's one stable port "
-    "(planner._Placer.place never checks a given port against used_ports). On one host a redeploy "
-    "of 2 jobs then either fails ('Address already in use', 1 of 2 left) or, when the twin already "
-    "listens, the node moves the job and services show port (hence REDIS_URL) follows it; a "
-    "scale-up moves it too. Fix: refuse scale > 1 for caches (single_job) or give the stable port "
-    "to one job only"))
-def test_cache_above_scale_one_keeps_its_port_or_is_refused(cli: Cli, env: str,
-                                                            docker_client: docker.DockerClient) -> None:
+def test_cache_above_scale_one_is_refused(cli: Cli, env: str, docker_client: docker.DockerClient) -> None:
+    """A cache keeps one port for life (its URL stays true), so it runs one job, like a database."""
     result = cli("services", "add", env, "cache", "--type", "redis", "--image", REDIS, "--scale", "2")
-    if result.exit_code == 2:  # refused like a database: acceptable
-        assert "scale" in result.stderr
-        return
-    assert result.exit_code == 0, result.output
-    wait_op(cli, op_of(result.stdout))
+    assert result.exit_code == 2 and "scale" in result.stderr, result.output
+    assert by_kind(docker_client, env, "cache", "deploy") == {}
+    wait_op(cli, op_of(cli.ok("services", "add", env, "cache", "--type", "redis", "--image", REDIS)))
     port = service_json(cli, env, "cache")["port"]
-    redeploy = cli("redeploy", env, "cache", "--wait")
-    assert redeploy.exit_code == 0, redeploy.output[-1500:]
-    assert len(by_kind(docker_client, env, "cache", "deploy")) == 2
-    assert service_json(cli, env, "cache")["port"] == port
-    cli.ok("scale", env, "cache", "3", "--wait")
+    assert "scale" in refused(cli, "scale", env, "cache", "2")
+    cli.ok("redeploy", env, "cache", "--wait")
+    assert len(by_kind(docker_client, env, "cache", "deploy")) == 1
     assert service_json(cli, env, "cache")["port"] == port
 
 

@@ -1,0 +1,112 @@
+"""Flower, started by ``orchestrator flower`` on the test platform's broker behind basic auth: an
+operator follows one redeploy there. Its steps are found through Flower's HTTP API, named
+``orchestrator.step.*`` with arguments that say which operation, environment, service, job and
+host each one serves, and they match ``ops show --json``."""
+
+from __future__ import annotations
+
+import ast
+import re
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import requests
+
+from tests.conftest import HTTPD, SAMPLE_IMAGE, Cli
+from tests.integration.procs import free_port, op_json, platform_process
+
+pytestmark = pytest.mark.e2e
+
+AUTH = ("operator", "s3cret-pass")
+TASK_OF = {"check_image": "orchestrator.step.check_image", "start": "orchestrator.step.start_job",
+           "stop": "orchestrator.step.stop_job", "wait": "orchestrator.step.wait"}
+
+
+def answers(url: str) -> bool:
+    try:
+        return requests.get(url, auth=AUTH, timeout=1).status_code == 200
+    except requests.ConnectionError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def flower(platform_env: dict[str, str], node: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = tmp_path_factory.mktemp("flower") / "flower.log"
+    with platform_process(["flower", "--port", str(port), "--basic-auth", ":".join(AUTH)], platform_env, log,
+                          ready=lambda _: answers(f"{base}/api/tasks")):
+        yield base
+
+
+def flower_tasks(base: str) -> dict[str, dict[str, Any]]:
+    response = requests.get(f"{base}/api/tasks", params={"limit": 5000}, auth=AUTH, timeout=10)
+    assert response.status_code == 200, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+def kwargs_of(task: dict[str, Any]) -> dict[str, Any]:
+    """Flower shows a task's kwargs as their repr."""
+    value = task.get("kwargs") or "{}"
+    parsed = ast.literal_eval(value) if isinstance(value, str) else value
+    assert isinstance(parsed, dict), value
+    return parsed
+
+
+def tasks_of_op(base: str, op_id: int) -> list[dict[str, Any]]:
+    found = []
+    for task in flower_tasks(base).values():
+        kwargs = kwargs_of(task)
+        if kwargs.get("op") == op_id or kwargs.get("op_id") == op_id:
+            found.append({**task, "kwargs": kwargs})
+    return found
+
+
+def follow_in_flower(base: str, op: dict[str, Any], timeout: float = 20) -> list[dict[str, Any]]:
+    """Poll Flower until it lists every step of ``op`` (from ``ops show --json``) as succeeded,
+    and its finish task; Flower learns of them from the workers' events, a moment later."""
+    wanted = sorted((TASK_OF[s["action"]], s["host"], s["job"]) for s in op["steps"])
+    deadline = time.monotonic() + timeout
+    while True:
+        tasks = tasks_of_op(base, op["id"])
+        steps = [t for t in tasks if t["name"].startswith("orchestrator.step.") and t["state"] == "SUCCESS"]
+        seen = sorted((t["name"], t["kwargs"]["host"], t["kwargs"]["job"]) for t in steps)
+        finished = [t for t in tasks if t["name"] == "orchestrator.op.finish" and t["state"] == "SUCCESS"]
+        if seen == wanted and finished:
+            return tasks
+        if time.monotonic() > deadline:
+            raise AssertionError(f"Flower shows {seen} (finish: {bool(finished)}) for operation {op['id']}, "
+                                 f"expected {wanted}")
+        time.sleep(0.25)
+
+
+def test_flower_needs_its_login(flower: str) -> None:
+    for path in ("/", "/api/tasks", "/api/workers", "/tasks"):
+        assert requests.get(flower + path, timeout=5).status_code == 401, path
+        assert requests.get(flower + path, auth=(AUTH[0], "wrong"), timeout=5).status_code == 401, path
+    assert requests.get(f"{flower}/api/tasks", auth=AUTH, timeout=5).status_code == 200
+
+
+def test_a_redeploy_is_followed_in_flower(flower: str, cli: Cli, env_name: str, node: str) -> None:
+    cli.ok("services", "add", env_name, "web", "--type", "code", "--command", HTTPD, "--scale", "2")
+    pushed = int(re.findall(r"operation (\d+)", cli.ok("push", env_name, "web", SAMPLE_IMAGE, "--wait"))[0])
+    follow_in_flower(flower, op_json(cli, pushed))
+
+    out = cli.ok("redeploy", env_name, "web", "--wait")
+    op = op_json(cli, int(re.findall(r"operation (\d+) \(redeploy\)", out)[0]))
+    assert op["state"] == "succeeded"
+    assert sorted(s["action"] for s in op["steps"]) == ["check_image", "start", "start", "stop", "stop"]
+    tasks = follow_in_flower(flower, op)
+
+    for task in tasks:
+        kwargs = task["kwargs"]
+        assert (kwargs["env"], kwargs["service"]) == (env_name, "web"), task
+        assert task["worker"].startswith(f"{node}@"), task  # run by the node of that host
+        if task["name"].startswith("orchestrator.step."):
+            assert kwargs["host"] == node and kwargs["op"] == op["id"], task
+    # Each start and stop names the job it serves, as ops show does.
+    jobs = {s["job"] for s in op["steps"] if s["action"] in ("start", "stop")}
+    assert {t["kwargs"]["job"] for t in tasks if t["name"] != "orchestrator.op.finish"} - {None} == jobs
+

@@ -6,6 +6,7 @@ Exit status: 0 success, 1 the operation failed, 2 bad input (one line on stderr,
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from functools import cached_property, wraps
@@ -128,7 +129,7 @@ def hosts_add(ctx: Context, name: str, docker_url: str, address: str) -> None:
 @json_option
 @pass_ctx
 def hosts_list(ctx: Context, as_json: bool) -> None:
-    with ctx.platform.session() as s:
+    with ctx.platform.reader() as s:
         rows = catalogue.host_views(session=s)
     if as_json:
         emit(rows)
@@ -292,7 +293,7 @@ def env_create(ctx: Context, name: str, sandbox: bool, no_defaults: bool) -> Non
 @json_option
 @pass_ctx
 def env_list(ctx: Context, as_json: bool) -> None:
-    with ctx.platform.session() as s:
+    with ctx.platform.reader() as s:
         rows = [EnvironmentPublic.model_validate(e, from_attributes=True)
                 for e in catalogue.list_envs(session=s)]
     if as_json:
@@ -337,7 +338,7 @@ def services_add(ctx: Context, env_name: str, name: str, type_: str, image: str 
 @pass_ctx
 @bad_input_exits_2
 def services_list(ctx: Context, env_name: str, as_json: bool) -> None:
-    with ctx.platform.session() as s:
+    with ctx.platform.reader() as s:
         environment = catalogue.get_env(session=s, name=env_name)
         rows = [catalogue.service_public(svc, environment)
                 for svc in catalogue.list_services(session=s, env=environment)]
@@ -355,7 +356,7 @@ def services_list(ctx: Context, env_name: str, as_json: bool) -> None:
 @pass_ctx
 @bad_input_exits_2
 def services_show(ctx: Context, env_name: str, name: str, as_json: bool) -> None:
-    with ctx.platform.session() as s:
+    with ctx.platform.reader() as s:
         environment, svc = catalogue.get_service(session=s, env=env_name, name=name)
         public = catalogue.service_public(svc, environment)
         jobs = catalogue.list_jobs(session=s, env=environment, service=svc)
@@ -432,7 +433,7 @@ def vars_unset(ctx: Context, env_name: str, name: str, keys: tuple[str, ...]) ->
 @bad_input_exits_2
 def vars_list(ctx: Context, env_name: str, name: str, show_secrets: bool, as_json: bool) -> None:
     """User and automatic variables with their source (secrets masked)."""
-    with ctx.platform.session() as s:
+    with ctx.platform.reader() as s:
         environment, svc = catalogue.get_service(session=s, env=env_name, name=name)
         found = operations.variables_for(s, environment, svc)
     rows = [{"name": v.name, "source": v.source, "secret": v.secret,
@@ -555,7 +556,7 @@ def worker_rm(ctx: Context, env_name: str, name: str, target: str, wait: bool) -
 @pass_ctx
 @bad_input_exits_2
 def worker_list(ctx: Context, env_name: str, name: str, as_json: bool) -> None:
-    with ctx.platform.session() as s:
+    with ctx.platform.reader() as s:
         environment, svc = catalogue.get_service(session=s, env=env_name, name=name)
         jobs = catalogue.list_jobs(session=s, env=environment, service=svc)
         rows = [
@@ -583,7 +584,7 @@ def releases() -> None:
 @pass_ctx
 @bad_input_exits_2
 def releases_list(ctx: Context, env_name: str, name: str, as_json: bool) -> None:
-    with ctx.platform.session() as s:
+    with ctx.platform.reader() as s:
         _, svc = catalogue.get_service(session=s, env=env_name, name=name)
         rows = [ReleasePublic.model_validate(r, from_attributes=True)
                 for r in catalogue.list_releases(session=s, service=svc)]
@@ -609,7 +610,7 @@ def jobs() -> None:
 @bad_input_exits_2
 def jobs_list(ctx: Context, env_name: str, name: str | None, include_stopped: bool,
               as_json: bool) -> None:
-    with ctx.platform.session() as s:
+    with ctx.platform.reader() as s:
         environment = catalogue.get_env(session=s, name=env_name)
         svc = catalogue.get_service(session=s, env=env_name, name=name)[1] if name else None
         rows = catalogue.list_jobs(session=s, env=environment, service=svc,
@@ -633,7 +634,7 @@ def ops() -> None:
 @pass_ctx
 @bad_input_exits_2
 def ops_list(ctx: Context, env_name: str | None, as_json: bool) -> None:
-    with ctx.platform.session() as s:
+    with ctx.platform.reader() as s:
         environment = catalogue.get_env(session=s, name=env_name) if env_name else None
         rows = [catalogue.operation_public(session=s, op=op)
                 for op in catalogue.list_operations(session=s, env=environment)]
@@ -676,7 +677,7 @@ def op_service(ctx: Context, op: Any) -> str:
 
 
 def load_op(ctx: Context, op_id: int) -> OperationPublic:
-    with ctx.platform.session() as s:
+    with ctx.platform.reader() as s:
         return catalogue.operation_public(session=s, op=catalogue.get_operation(session=s, op_id=op_id))
 
 
@@ -685,5 +686,18 @@ def follow(ctx: Context, op_id: int) -> int:
     return progress.follow(lambda: load_op(ctx, op_id), click.echo)
 
 
+def run() -> None:
+    """The console script. Ends the process at once when the command is done: Celery's result
+    backend otherwise spends a fraction of a second tearing down connections at exit."""
+    try:
+        main.main(prog_name="orchestrator")
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    main()
+    run()

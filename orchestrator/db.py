@@ -19,22 +19,49 @@ def normalise_url(url: str) -> str:
     return url
 
 
-def make_engine(url: str) -> Engine:
-    """An engine with the schema in place. SQLite runs in WAL mode with IMMEDIATE transactions,
-    so the CLI, the nodes and the API can write to one file without "database is locked"."""
+def make_engines(url: str) -> tuple[Engine, Engine]:
+    """(writer, reader) engines with the schema in place. On SQLite (WAL mode) the writer begins
+    every transaction IMMEDIATE, so the CLI, the nodes and the API write to one file without
+    "database is locked"; the reader takes no write lock, so reads run beside the one writer.
+    Elsewhere both are one engine."""
     url = normalise_url(url)
-    if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 60})
-        event.listen(engine, "connect", _sqlite_connect)
+    writer = _engine(url, immediate=True)
+    reader = _engine(url, immediate=False) if url.startswith("sqlite") else writer
+    if not _schema_current(reader):
+        SQLModel.metadata.create_all(writer)
+        add_missing_columns(writer)
+    return writer, reader
+
+
+def make_engine(url: str) -> Engine:
+    return make_engines(url)[0]
+
+
+def _engine(url: str, *, immediate: bool) -> Engine:
+    if not url.startswith("sqlite"):
+        return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    path = url.split("///", 1)[-1]
+    if path and path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 60})
+    event.listen(engine, "connect", _sqlite_connect)
+    if immediate:
         event.listen(engine, "begin", _sqlite_begin)
-    else:
-        engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
-    SQLModel.metadata.create_all(engine)
-    add_missing_columns(engine)
     return engine
+
+
+def _schema_current(engine: Engine) -> bool:
+    """Every table and column there already: the common case, checked without a write lock."""
+    with engine.connect() as conn:
+        inspector = inspect(conn)
+        tables = set(inspector.get_table_names())
+        for table in SQLModel.metadata.sorted_tables:
+            if table.name not in tables:
+                return False
+            have = {c["name"] for c in inspector.get_columns(table.name)}
+            if any(c.name not in have for c in table.columns):
+                return False
+    return True
 
 
 def add_missing_columns(engine: Engine) -> list[str]:

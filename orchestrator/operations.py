@@ -43,13 +43,19 @@ from orchestrator.sizes import parse_size
 class Platform:
     """What the control side needs to act: the catalogue's engine, the Celery app, settings."""
 
-    def __init__(self, engine: Engine, app: Celery, settings: Settings) -> None:
+    def __init__(self, engine: Engine, app: Celery, settings: Settings,
+                 reader: Engine | None = None) -> None:
         self.engine = engine
+        self.reader_engine = reader or engine
         self.app = app
         self.settings = settings
 
     def session(self) -> Session:
         return new_session(self.engine)
+
+    def reader(self) -> Session:
+        """A session for reads only (listings, progress): it never waits for the writer."""
+        return new_session(self.reader_engine)
 
 
 # --- requests (validate, record, start) ------------------------------------------------------------

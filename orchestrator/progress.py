@@ -16,7 +16,7 @@ _MARK = {
 }
 
 
-def follow(load: Callable[[], OperationPublic], echo: Callable[[str], None], poll: float = 0.2) -> int:
+def follow(load: Callable[[], OperationPublic], echo: Callable[[str], None], poll: float = 0.1) -> int:
     """Print each step as it changes until the operation ends; 0 if it succeeded, else 1."""
     progress = Progress(echo)
     while True:

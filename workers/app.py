@@ -8,7 +8,7 @@ from typing import Any
 
 from celery import Celery
 
-from orchestrator.db import make_engine
+from orchestrator.db import make_engines
 from orchestrator.operations import Platform
 from orchestrator.settings import Settings
 from workers.runtime.base import Runtime
@@ -51,6 +51,7 @@ def create_app(settings: Settings) -> OrchestratorCelery:
 def make_platform(settings: Settings) -> Platform:
     """The catalogue's engine and the Celery app, bound together."""
     app = create_app(settings)
-    platform = Platform(make_engine(settings.database_url), app, settings)
+    writer, reader = make_engines(settings.database_url)
+    platform = Platform(writer, app, settings, reader)
     app.platform = platform
     return platform

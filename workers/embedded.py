@@ -162,7 +162,7 @@ def _set(platform: operations.Platform, *, variables: dict[str, str] | None = No
 
 
 def _load(platform: operations.Platform, op_id: int) -> Any:
-    with platform.session() as s:
+    with platform.reader() as s:
         return catalogue.operation_public(session=s, op=catalogue.get_operation(session=s, op_id=op_id))
 
 

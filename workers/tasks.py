@@ -103,8 +103,8 @@ def start_job(node: NodeContext, step: Step) -> dict[str, Any]:
         catalogue.set_job_state(session=s, job_id=job.id, state=JobState.starting)
         s.commit()
     try:
-        if job.port is not None and node.runtime.inspect(job.container_name) is None \
-                and _accepts(node.address, job.port):
+        if job.port is not None and _accepts(node.address, job.port) \
+                and node.runtime.inspect(job.container_name) is None:
             job = move_port(node, job)  # a program outside the platform holds it
         state = node.runtime.run(container_spec(job, s_env=_env_name(node, job)))
         wait_ready(node.runtime, job, node.address, p.settings.start_timeout)
@@ -186,6 +186,8 @@ def wait_ready(runtime: Runtime, job: Job, address: str, timeout: float) -> None
     deadline = time.monotonic() + timeout
     settle = time.monotonic() + 0.3
     while True:
+        if job.port is not None and _accepts(address, job.port):
+            return  # listening: no need to ask Docker
         state = runtime.inspect(job.container_name)
         if state is None:
             raise StepFailed(f"container {job.container_name} vanished while starting")
@@ -195,10 +197,7 @@ def wait_ready(runtime: Runtime, job: Job, address: str, timeout: float) -> None
                 f"container exited at once (exit code {state.exit_code})"
                 + (f"; last output: {logs}" if logs else "")
             )
-        if job.port is not None:
-            if _accepts(address, job.port):
-                return
-        elif time.monotonic() >= settle:
+        if job.port is None and time.monotonic() >= settle:
             return
         if time.monotonic() >= deadline:
             raise StepFailed(f"job did not listen on port {job.port} within {timeout:g}s")

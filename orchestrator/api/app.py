@@ -85,12 +85,17 @@ def _session(request: Request) -> Iterator[Session]:
         yield s
 
 
+def _reader(request: Request) -> Iterator[Session]:
+    with _platform(request).reader() as s:
+        yield s
+
+
 def _role(request: Request,
           creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Role:
     if creds is None or creds.scheme.lower() != "bearer":
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "a bearer token is required",
                             headers={"WWW-Authenticate": "Bearer"})
-    with _platform(request).session() as s:
+    with _platform(request).reader() as s:
         found = catalogue.role_of_token(session=s, raw=creds.credentials)
     if found is None:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "unknown token",
@@ -104,6 +109,7 @@ def support_only(who: Role) -> None:
 
 
 Db = Annotated[Session, Depends(_session)]
+ReadDb = Annotated[Session, Depends(_reader)]
 Who = Annotated[Role, Depends(_role)]
 
 
@@ -127,21 +133,21 @@ def create_api(platform: operations.Platform) -> FastAPI:
         return accepted(request(platform, **kwargs))
 
     @v1.get("/envs", response_model=list[EnvironmentPublic])
-    def list_envs(db: Db, _: Who) -> Any:
+    def list_envs(db: ReadDb, _: Who) -> Any:
         return catalogue.list_envs(session=db)
 
     @v1.get("/envs/{env}", response_model=EnvironmentPublic)
-    def get_env(env: str, db: Db, _: Who) -> Any:
+    def get_env(env: str, db: ReadDb, _: Who) -> Any:
         return catalogue.get_env(session=db, name=env)
 
     @v1.get("/envs/{env}/services", response_model=list[ServicePublic])
-    def list_services(env: str, db: Db, _: Who) -> Any:
+    def list_services(env: str, db: ReadDb, _: Who) -> Any:
         environment = catalogue.get_env(session=db, name=env)
         return [catalogue.service_public(s, environment)
                 for s in catalogue.list_services(session=db, env=environment)]
 
     @v1.get("/envs/{env}/services/{svc}", response_model=ServicePublic)
-    def get_service(env: str, svc: str, db: Db, _: Who) -> Any:
+    def get_service(env: str, svc: str, db: ReadDb, _: Who) -> Any:
         environment, service = catalogue.get_service(session=db, env=env, name=svc)
         return catalogue.service_public(service, environment)
 
@@ -155,7 +161,7 @@ def create_api(platform: operations.Platform) -> FastAPI:
         return catalogue.service_public(service, environment)
 
     @v1.get("/envs/{env}/services/{svc}/variables", response_model=list[Variable])
-    def list_variables(env: str, svc: str, db: Db, _: Who) -> Any:
+    def list_variables(env: str, svc: str, db: ReadDb, _: Who) -> Any:
         _env, service = catalogue.get_service(session=db, env=env, name=svc)
         return [Variable(name=k, value=v, source="user") for k, v in sorted(service.variables.items())]
 
@@ -172,27 +178,27 @@ def create_api(platform: operations.Platform) -> FastAPI:
         return [Variable(name=k, value=v, source="user") for k, v in sorted(service.variables.items())]
 
     @v1.get("/envs/{env}/services/{svc}/releases", response_model=list[ReleasePublic])
-    def list_releases(env: str, svc: str, db: Db, _: Who) -> Any:
+    def list_releases(env: str, svc: str, db: ReadDb, _: Who) -> Any:
         _env, service = catalogue.get_service(session=db, env=env, name=svc)
         return catalogue.list_releases(session=db, service=service)
 
     @v1.get("/envs/{env}/jobs", response_model=list[JobPublic])
-    def list_env_jobs(env: str, db: Db, _: Who) -> Any:
+    def list_env_jobs(env: str, db: ReadDb, _: Who) -> Any:
         return catalogue.list_jobs(session=db, env=catalogue.get_env(session=db, name=env))
 
     @v1.get("/envs/{env}/services/{svc}/jobs", response_model=list[JobPublic])
-    def list_jobs(env: str, svc: str, db: Db, _: Who) -> Any:
+    def list_jobs(env: str, svc: str, db: ReadDb, _: Who) -> Any:
         environment, service = catalogue.get_service(session=db, env=env, name=svc)
         return catalogue.list_jobs(session=db, env=environment, service=service)
 
     @v1.get("/operations", response_model=list[OperationPublic])
-    def list_operations(db: Db, _: Who, env: str | None = None) -> Any:
+    def list_operations(db: ReadDb, _: Who, env: str | None = None) -> Any:
         environment = catalogue.get_env(session=db, name=env) if env else None
         return [catalogue.operation_public(session=db, op=op)
                 for op in catalogue.list_operations(session=db, env=environment)]
 
     @v1.get("/operations/{op_id}", response_model=OperationPublic)
-    def get_operation(op_id: int, db: Db, _: Who) -> Any:
+    def get_operation(op_id: int, db: ReadDb, _: Who) -> Any:
         if not 0 < op_id < 2**62:
             raise NotFound(f"no operation {op_id}")
         return catalogue.operation_public(session=db, op=catalogue.get_operation(session=db, op_id=op_id))

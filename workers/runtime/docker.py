@@ -6,6 +6,7 @@ import builtins
 import os
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import docker
@@ -50,13 +51,14 @@ class DockerRuntime:
                 if exc.status_code != 409:  # 409: created meanwhile by a redelivered twin
                     raise RuntimeError_(_reason(exc)) from exc
                 existing = self._await_twin(spec.name, exc)
-        if existing.status != "running":
-            try:
-                existing.start()
-            except APIError as exc:
-                raise RuntimeError_(_reason(exc)) from exc
-            existing.reload()
-        return _state(existing)
+        if existing.status == "running":
+            return _state(existing)
+        try:
+            existing.start()
+        except APIError as exc:
+            raise RuntimeError_(_reason(exc)) from exc
+        # Started: what the caller needs is known without another round trip to Docker.
+        return replace(_state(existing), status="running")
 
     def _await_twin(self, name: str, conflict: APIError, timeout: float = 10.0) -> Container:
         """Docker reserves a name before the container can be looked up: wait for the twin."""
@@ -127,8 +129,14 @@ class DockerRuntime:
         return [_state(c) for c in self.client.containers.list(all=True, filters=filters)]
 
     def jobs(self) -> builtins.list[ContainerState]:
-        found = self.client.containers.list(all=True, filters={"label": [LABEL_JOB]})
-        return [_state(c) for c in found]
+        # sparse: one list call, no inspect per container (this runs every heartbeat)
+        found = self.client.containers.list(all=True, sparse=True, filters={"label": [LABEL_JOB]})
+        return [
+            ContainerState(id=c.id or "", name=(c.attrs.get("Names") or ["/"])[0].lstrip("/"),
+                           status=str(c.attrs.get("State", "")), exit_code=0, restart_count=0,
+                           labels=dict(c.attrs.get("Labels") or {}))
+            for c in found
+        ]
 
     def capacity(self) -> tuple[float, int]:
         info = self.client.info()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -40,36 +41,54 @@ def node_of(task: Task) -> NodeContext:
     return app.node
 
 
-def run_step(task: Task, step_id: int, body: Callable[[NodeContext, Step], dict[str, Any]]
-             ) -> dict[str, Any]:
-    """Run ``body`` as step ``step_id``, recording its state in the catalogue."""
+@dataclass(frozen=True)
+class Work:
+    """What a step does on the host, and what it makes of its job in the catalogue. The job's
+    state moves in the same transactions that start and end the step: two per step."""
+
+    act: Callable[[NodeContext, Step, Job | None], dict[str, Any]]
+    job_on_begin: JobState | None = None
+    job_on_done: JobState | None = None
+    job_on_failure: JobState | None = None
+
+
+def run_step(task: Task, step_id: int, work: Work) -> dict[str, Any]:
+    """Run ``work`` as step ``step_id``, recording its state (and its job's) in the catalogue."""
     node = node_of(task)
     p = node.platform
     with p.session() as s:
         step = catalogue.begin_step(session=s, step_id=step_id)
         if step is None:
             # Already running: a redelivery after a lost node, or a wait asking again. Run again
-            # (the bodies are idempotent); anything else already ended and is left alone.
+            # (the work is idempotent); anything else already ended and is left alone.
             again = s.get(Step, step_id)
             step = again if again is not None and again.state == StepState.running else None
+        job = s.get(Job, step.job_id) if step is not None and step.job_id else None
+        if job is not None and work.job_on_begin is not None:
+            catalogue.set_job_state(session=s, job_id=job.id, state=work.job_on_begin)
         s.commit()
     if step is None:
         return {"step": step_id, "skipped": True}
     try:
-        result = body(node, step)
+        result = work.act(node, step, job)
     except Retry:
         raise
     except Exception as exc:
         error = _one_line(exc)
         with p.session() as s:
             catalogue.end_step(session=s, step_id=step_id, state=StepState.failed, error=error)
-            op = catalogue.get_operation(session=s, op_id=step.op_id)
+            if job is not None and work.job_on_failure is not None:
+                catalogue.set_job_state(session=s, job_id=job.id, state=work.job_on_failure,
+                                        error=error)
             s.commit()
         env, service = _names_of(task)
-        dispatch.send_finish(p.app, op.id or 0, env=env, service=service,
+        dispatch.send_finish(p.app, step.op_id, env=env, service=service,
                              queue=names.host_queue(node.host))
         raise StepFailed(error) from None
     with p.session() as s:
+        if job is not None and work.job_on_done is not None:
+            catalogue.set_job_state(session=s, job_id=job.id, state=work.job_on_done,
+                                    container_id=result.get("container"))
         catalogue.end_step(session=s, step_id=step_id, state=StepState.succeeded)
         s.commit()
     return {"step": step_id, **result}
@@ -88,37 +107,25 @@ def _one_line(exc: BaseException) -> str:
 # --- step bodies ----------------------------------------------------------------------------------
 
 
-def check_image(node: NodeContext, step: Step) -> dict[str, Any]:
+def check_image(node: NodeContext, step: Step, _job: Job | None) -> dict[str, Any]:
     """Fail before anything is stopped when the image is not on the host (nothing is pulled)."""
     if not step.image or not node.runtime.has_image(step.image):
         raise StepFailed(f"image {step.image} is not on host {node.host} (build or load it there)")
     return {"image": step.image}
 
 
-def start_job(node: NodeContext, step: Step) -> dict[str, Any]:
+def start_job(node: NodeContext, step: Step, job: Job | None) -> dict[str, Any]:
     """Start the job's container (adopting one of the same name) and wait until it is ready."""
-    p = node.platform
-    with p.session() as s:
-        job = _job(s, step)
-        catalogue.set_job_state(session=s, job_id=job.id, state=JobState.starting)
-        s.commit()
+    job = _need(job, step)
     try:
         if job.port is not None and _accepts(node.address, job.port) \
                 and node.runtime.inspect(job.container_name) is None:
             job = move_port(node, job)  # a program outside the platform holds it
         state = node.runtime.run(container_spec(job, s_env=_env_name(node, job)))
-        wait_ready(node.runtime, job, node.address, p.settings.start_timeout)
-    except Exception as exc:
+        wait_ready(node.runtime, job, node.address, node.platform.settings.start_timeout)
+    except Exception:
         node.runtime.stop(job.container_name, timeout=0)  # leave Docker as true as the catalogue
-        with p.session() as s:
-            catalogue.set_job_state(session=s, job_id=job.id, state=JobState.failed,
-                                    error=_one_line(exc))
-            s.commit()
         raise
-    with p.session() as s:
-        catalogue.set_job_state(session=s, job_id=job.id, state=JobState.running,
-                                container_id=state.id)
-        s.commit()
     return {"job": job.id, "container": state.id, "port": job.port}
 
 
@@ -136,25 +143,17 @@ def move_port(node: NodeContext, job: Job) -> Job:
                      "and no other port of the range is free")
 
 
-def stop_job(node: NodeContext, step: Step) -> dict[str, Any]:
+def stop_job(node: NodeContext, step: Step, job: Job | None) -> dict[str, Any]:
     """Stop and remove the job's container; one that is already gone counts as stopped."""
-    p = node.platform
-    with p.session() as s:
-        job = _job(s, step)
-        catalogue.set_job_state(session=s, job_id=job.id, state=JobState.stopping)
-        s.commit()
-    node.runtime.stop(job.container_name, timeout=p.settings.stop_timeout)
-    with p.session() as s:
-        catalogue.set_job_state(session=s, job_id=job.id, state=JobState.stopped)
-        s.commit()
+    job = _need(job, step)
+    node.runtime.stop(job.container_name, timeout=node.platform.settings.stop_timeout)
     return {"job": job.id}
 
 
-def _job(s: Any, step: Step) -> Job:
-    job = s.get(Job, step.job_id) if step.job_id else None
+def _need(job: Job | None, step: Step) -> Job:
     if job is None:
         raise StepFailed(f"step {step.id} names no known job")
-    return job  # type: ignore[no-any-return]
+    return job
 
 
 def _env_name(node: NodeContext, job: Job) -> str:
@@ -212,6 +211,11 @@ def _accepts(address: str, port: int) -> bool:
         return False
 
 
+START = Work(start_job, job_on_begin=JobState.starting, job_on_done=JobState.running,
+             job_on_failure=JobState.failed)
+STOP = Work(stop_job, job_on_begin=JobState.stopping, job_on_done=JobState.stopped)
+
+
 # --- registration ---------------------------------------------------------------------------------
 
 
@@ -220,19 +224,19 @@ def register(app: OrchestratorCelery) -> None:
 
     @app.task(name=names.TASK_CHECK_IMAGE, shared=False, bind=True)
     def check_image_task(self: Task, step_id: int, **labels: Any) -> dict[str, Any]:
-        return run_step(self, step_id, check_image)
+        return run_step(self, step_id, Work(check_image))
 
     @app.task(name=names.TASK_START_JOB, shared=False, bind=True)
     def start_job_task(self: Task, step_id: int, **labels: Any) -> dict[str, Any]:
-        return run_step(self, step_id, start_job)
+        return run_step(self, step_id, START)
 
     @app.task(name=names.TASK_STOP_JOB, shared=False, bind=True)
     def stop_job_task(self: Task, step_id: int, **labels: Any) -> dict[str, Any]:
-        return run_step(self, step_id, stop_job)
+        return run_step(self, step_id, STOP)
 
     @app.task(name=names.TASK_WAIT, shared=False, bind=True, max_retries=None)
     def wait_task(self: Task, step_id: int, **labels: Any) -> dict[str, Any]:
-        def body(node: NodeContext, step: Step) -> dict[str, Any]:
+        def body(node: NodeContext, step: Step, _job: Job | None) -> dict[str, Any]:
             started = step.started_at or utcnow()
             remaining = (started + timedelta(seconds=step.seconds or 0) - utcnow()).total_seconds()
             if remaining > 0.05:
@@ -240,7 +244,7 @@ def register(app: OrchestratorCelery) -> None:
                 raise self.retry(countdown=remaining)
             return {"waited": step.seconds}
 
-        return run_step(self, step_id, body)
+        return run_step(self, step_id, Work(body))
 
     @app.task(name=names.TASK_FINISH, shared=False, bind=True, max_retries=None)
     def finish_task(self: Task, op_id: int, **labels: Any) -> dict[str, Any]:

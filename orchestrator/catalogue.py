@@ -273,6 +273,8 @@ def set_variables(*, session: Session, service: Service, values: dict[str, str])
     for key, value in values.items():
         if not _VAR_NAME.match(key):
             raise BadInput(f"variable name {key!r} must be letters, digits and _, not starting with a digit")
+        if len(key) > 255 or len(value) > 65536:
+            raise BadInput(f"variable {key[:40]}: names take at most 255 characters, values 64 KiB")
         if key == "PORT" or key.startswith("ORCH_"):
             raise BadInput(f"{key} is set by the platform for every job and cannot be overridden")
         if not isinstance(value, str) or "\x00" in value:
@@ -324,7 +326,12 @@ def add_release(*, session: Session, service: Service, image: str) -> Release:
     return release
 
 
+MAX_ID = 2**63 - 1  # what the databases' integers hold; a larger number names nothing
+
+
 def get_release(*, session: Session, service: Service, number: int) -> Release:
+    if not 0 < number <= MAX_ID:
+        raise NotFound(f"service {service.name} has no release {number}")
     release = session.exec(
         select(Release).where(Release.service_id == service.id, Release.number == number)
     ).first()
@@ -446,7 +453,7 @@ def end_operation(*, session: Session, op_id: int, state: OpState, error: str | 
 
 
 def get_operation(*, session: Session, op_id: int) -> Operation:
-    op = session.get(Operation, op_id)
+    op = session.get(Operation, op_id) if 0 < op_id <= MAX_ID else None
     if op is None:
         raise NotFound(f"no operation {op_id}")
     return op

@@ -231,9 +231,12 @@ def test_bad_input_is_a_4xx_with_a_reason(api: Api, cli: Cli, env_name: str, tmp
             cli.ok("releases", "list", env_name, "web", "--json")) == snapshot
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a release number beyond SQLite's 64-bit INTEGER is a 500 "
-                   "(OverflowError in catalogue.get_release); see the report")
 def test_huge_release_number_is_not_found(api: Api, cli: Cli, env_name: str) -> None:
     pushed(cli, api, env_name)
     response = api.as_user("POST", f"/envs/{env_name}/services/web/rollback/{2**70}")
     assert response.status_code == 404, f"{response.status_code}: {response.text}"
+    response = api.as_user("GET", f"/operations/{2**70}")
+    assert response.status_code == 404, f"{response.status_code}: {response.text}"
+    for args in (["rollback", env_name, "web", str(2**70)], ["ops", "show", str(2**70)]):
+        result = cli(*args)
+        assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1, result.output

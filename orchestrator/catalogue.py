@@ -38,6 +38,7 @@ from orchestrator.models import (
     ServicePublic,
     ServiceType,
     Step,
+    StepAction,
     StepPublic,
     StepState,
     WorkerTarget,
@@ -379,6 +380,9 @@ def move_job_port(*, session: Session, job_id: str, port: int) -> Job:
     job.port = port
     job.environment = {**job.environment, "PORT": str(port)}
     job.args = [str(port) if a == old else a.replace(f"={old}", f"={port}") for a in job.args]
+    for step in session.exec(select(Step).where(Step.job_id == job_id, Step.action == StepAction.start)):
+        step.name = step.name.replace(f"port {old}", f"port {port}")
+        session.add(step)
     service = session.get(Service, job.service_id)
     if service is not None and service.port is not None and str(service.port) == old:
         service.port = port

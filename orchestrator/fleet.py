@@ -114,19 +114,7 @@ def host_lost(p: Platform, host: str) -> list[int]:
                                     error=f"host {host} went down")
         s.commit()
     fail_steps_on_down_hosts(p)
-    ops = []
-    for service_id in services:
-        with p.session() as s:
-            svc = s.get(Service, service_id)
-            if svc is None:
-                continue
-            env = catalogue.get_env_by_id(session=s, env_id=svc.env_id)
-            op = catalogue.record_operation(session=s, env=env, service=svc, kind=OpKind.recover,
-                                            trigger=OpTrigger.host_lost, params={"host": host})
-            s.commit()
-        operations.start_next(p, service_id)
-        ops.append(op.id or 0)
-    return ops
+    return _start_for_each(p, services, OpKind.recover, OpTrigger.host_lost, host)
 
 
 def fail_steps_on_down_hosts(p: Platform) -> None:
@@ -166,14 +154,21 @@ def drain(p: Platform, *, host: str) -> list[int]:
         services = sorted({j.service_id for j in s.exec(
             select(Job).where(Job.host == host, col(Job.state).in_(ACTIVE_JOB_STATES)))})
         s.commit()
+    return _start_for_each(p, services, OpKind.drain, OpTrigger.drain, host)
+
+
+def _start_for_each(p: Platform, services: list[int], kind: OpKind, trigger: OpTrigger,
+                    host: str) -> list[int]:
+    """One operation per service about ``host``, each queued behind what the service runs."""
     ops = []
     for service_id in services:
         with p.session() as s:
             svc = s.get(Service, service_id)
-            assert svc is not None
+            if svc is None:
+                continue
             env = catalogue.get_env_by_id(session=s, env_id=svc.env_id)
-            op = catalogue.record_operation(session=s, env=env, service=svc, kind=OpKind.drain,
-                                            trigger=OpTrigger.drain, params={"host": host})
+            op = catalogue.record_operation(session=s, env=env, service=svc, kind=kind,
+                                            trigger=trigger, params={"host": host})
             s.commit()
         operations.start_next(p, service_id)
         ops.append(op.id or 0)

@@ -87,8 +87,9 @@ def watch(p: Platform, *, down_after: float) -> list[str]:
 
 
 def finish_forgotten(p: Platform, *, grace: float = 10.0) -> None:
-    """An operation whose steps have all ended but which is still running lost its finish task
-    (e.g. it was queued on a host that died just after): finish it."""
+    """Finish what no task will: an operation still running whose steps have all ended lost its
+    finish task (e.g. queued on a host that died just after); one with a failed step may wait on
+    a stage that never completes (a step on a down host). ``finish`` ends each once, when it can."""
     cutoff = utcnow() - timedelta(seconds=grace)
     with p.session() as s:
         running = list(s.exec(select(Operation).where(Operation.state == OpState.running)))
@@ -96,7 +97,8 @@ def finish_forgotten(p: Platform, *, grace: float = 10.0) -> None:
         for op in running:
             steps = catalogue.steps_of(session=s, op_id=op.id or 0)
             ends = [st.finished_at for st in steps if st.finished_at is not None]
-            if steps and len(ends) == len(steps) and max(ends) < cutoff:
+            has_failed = any(st.state == StepState.failed for st in steps)
+            if steps and (has_failed or (len(ends) == len(steps) and max(ends) < cutoff)):
                 forgotten.append(op.id or 0)
     for op_id in forgotten:
         operations.finish(p, op_id)

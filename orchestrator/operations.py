@@ -505,7 +505,8 @@ def finish(p: Platform, op_id: int) -> bool | None:
             return False
         steps = catalogue.steps_of(session=s, op_id=op_id)
         failed = [st for st in steps if st.state == StepState.failed]
-        if failed and unfinished_steps(steps, max(st.stage for st in failed)):
+        # The chain stops at the first failed stage: later stages were never sent.
+        if failed and unfinished_steps(steps, min(st.stage for st in failed)):
             return None
         error = None
         if failed:

@@ -540,12 +540,6 @@ def test_losing_a_host_recovers_its_jobs_and_cleans_up_on_return(fleet: Fleet, e
         assert running == svc["scale"], f"{svc['name']}: {running} running containers, scale {svc['scale']}"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: when a host dies mid-operation, fleet.fail_steps_on_down_hosts also fails the "
-    "never-sent steps of later stages on it; operations.finish then waits for the pending "
-    "(never-sent) steps of live hosts up to max(failed stage) and returns None, and nothing calls "
-    "finish again (the chord never fires, finish_forgotten wants every step ended): the operation "
-    "stays running forever and the host-lost recover queued behind it never starts"))
 def test_step_on_a_down_host_does_not_hang_the_operation(fleet: Fleet, env_name: str) -> None:
     scale = 4
     fleet.web(env_name, scale)

@@ -7,7 +7,7 @@ Every way in (CLI, API, control tasks) calls ``request_*`` here; the finish task
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from celery import Celery
@@ -61,45 +61,56 @@ class Platform:
 # --- requests (validate, record, start) ------------------------------------------------------------
 
 
-def request_push(p: Platform, *, env: str, service: str, image: str) -> Operation:
-    """A new release of a code service: the first push deploys it, later ones redeploy it."""
+Decision = tuple[OpKind, OpTrigger, dict[str, object]]  # what to record: kind, trigger, params
+
+
+def _request(p: Platform, *, env: str, service: str,
+             decide: Callable[[Session, Service], Decision]) -> Operation:
+    """The one way an operation is asked for: find the service, let ``decide`` validate the
+    request (raising BadInput changes nothing) and say what to record, record it, start it."""
     with p.session() as s:
         environment, svc = catalogue.get_service(session=s, env=env, name=service)
+        kind, trigger, params = decide(s, svc)
+        op = catalogue.record_operation(session=s, env=environment, service=svc,
+                                        kind=kind, trigger=trigger, params=params)
+        s.commit()
+    start_next(p, op.service_id)
+    with p.reader() as s:
+        return catalogue.get_operation(session=s, op_id=op.id or 0)
+
+
+def request_push(p: Platform, *, env: str, service: str, image: str) -> Operation:
+    """A new release of a code service: the first push deploys it, later ones redeploy it."""
+
+    def decide(s: Session, svc: Service) -> Decision:
         if svc.type != ServiceType.code:
             raise BadInput(f"service {service} is a {svc.type} service: only code services take pushes")
         if not image.strip() or any(c.isspace() for c in image):
             raise BadInput(f"image {image!r} is not an image reference")
         release = catalogue.add_release(session=s, service=svc, image=image)
-        kind = OpKind.redeploy if svc.release is not None or _has_ops(s, svc) else OpKind.deploy
-        op = catalogue.record_operation(
-            session=s, env=environment, service=svc, kind=kind, trigger=OpTrigger.push,
-            params={"release": release.number, "image": image},
-        )
-        s.commit()
-    return _started(p, op)
+        kind = OpKind.deploy if release.number == 1 else OpKind.redeploy
+        return kind, OpTrigger.push, {"release": release.number, "image": image}
+
+    return _request(p, env=env, service=service, decide=decide)
 
 
 def request_redeploy(p: Platform, *, env: str, service: str, support: bool = False,
                      release: int | None = None) -> Operation:
     """A manual redeploy, a support redeploy, or (with ``release``) a rollback."""
-    with p.session() as s:
-        environment, svc = catalogue.get_service(session=s, env=env, name=service)
+
+    def decide(s: Session, svc: Service) -> Decision:
         if not service_types.profile(svc.type).user_redeploy:
             raise BadInput(f"{svc.type} services cannot be redeployed through the CLI or API")
         if not svc.redeployable and not support:
             raise BadInput(f"service {service} is marked not redeployable: only support may redeploy it (--support)")
-        params: dict[str, object] = {}
-        trigger = OpTrigger.support if support else OpTrigger.manual
         if release is not None:
             rel = catalogue.get_release(session=s, service=svc, number=release)
-            params = {"release": rel.number, "image": rel.image}
             trigger = OpTrigger.support if support else OpTrigger.rollback
-        elif svc.type == ServiceType.code and not catalogue.list_releases(session=s, service=svc):
-            raise BadInput(f"service {service} has no release yet: push an image first")
-        op = catalogue.record_operation(session=s, env=environment, service=svc,
-                                        kind=OpKind.redeploy, trigger=trigger, params=params)
-        s.commit()
-    return _started(p, op)
+            return OpKind.redeploy, trigger, {"release": rel.number, "image": rel.image}
+        _require_release(s, svc)
+        return OpKind.redeploy, OpTrigger.support if support else OpTrigger.manual, {}
+
+    return _request(p, env=env, service=service, decide=decide)
 
 
 def create_env(p: Platform, *, name: str, sandbox: bool, defaults: bool = True) -> list[Operation]:
@@ -135,29 +146,20 @@ def add_service(p: Platform, *, env: str, name: str, type: ServiceType, image: s
 
 
 def request_deploy(p: Platform, *, env: str, service: str, trigger: OpTrigger) -> Operation:
-    with p.session() as s:
-        environment, svc = catalogue.get_service(session=s, env=env, name=service)
-        op = catalogue.record_operation(session=s, env=environment, service=svc,
-                                        kind=OpKind.deploy, trigger=trigger)
-        s.commit()
-    return _started(p, op)
+    return _request(p, env=env, service=service, decide=lambda s, svc: (OpKind.deploy, trigger, {}))
 
 
 def request_scale(p: Platform, *, env: str, service: str, scale: int) -> Operation:
-    with p.session() as s:
-        environment, svc = catalogue.get_service(session=s, env=env, name=service)
+    def decide(s: Session, svc: Service) -> Decision:
         if scale < 0:
             raise BadInput(f"scale {scale} is below 0: it must be 0 or more")
-        if svc.type == ServiceType.code and not catalogue.list_releases(session=s, service=svc):
-            raise BadInput(f"service {service} has no release yet: push an image first")
+        _require_release(s, svc)
         if service_types.profile(svc.type).single_job and scale > 1:
             raise BadInput(f"{svc.type} services run one job (one copy of the data, one kept port): "
                            "scale above 1 is refused")
-        op = catalogue.record_operation(session=s, env=environment, service=svc,
-                                        kind=OpKind.scale, trigger=OpTrigger.manual,
-                                        params={"scale": scale})
-        s.commit()
-    return _started(p, op)
+        return OpKind.scale, OpTrigger.manual, {"scale": scale}
+
+    return _request(p, env=env, service=service, decide=decide)
 
 
 def request_worker_deploy(p: Platform, *, env: str, service: str, target: str,
@@ -166,14 +168,14 @@ def request_worker_deploy(p: Platform, *, env: str, service: str, target: str,
     catalogue.check_name("worker target", target)
     if not command.strip():
         raise BadInput("a worker target needs a --command")
-    with p.session() as s:
-        environment, svc = catalogue.get_service(session=s, env=env, name=service)
-        _check_worker_service(s, svc)
-        op = catalogue.record_operation(session=s, env=environment, service=svc,
-                                        kind=OpKind.worker_deploy, trigger=OpTrigger.manual,
-                                        params={"target": target, "command": command})
-        s.commit()
-    return _started(p, op)
+
+    def decide(s: Session, svc: Service) -> Decision:
+        if svc.type != ServiceType.code:
+            raise BadInput(f"worker targets are for code services; {svc.name} is a {svc.type} service")
+        _require_release(s, svc)
+        return OpKind.worker_deploy, OpTrigger.manual, {"target": target, "command": command}
+
+    return _request(p, env=env, service=service, decide=decide)
 
 
 def parse_worker_scale(text: str) -> tuple[str, int]:
@@ -192,46 +194,28 @@ def parse_worker_scale(text: str) -> tuple[str, int]:
 def request_worker_scale(p: Platform, *, env: str, service: str, target: str,
                          scale: str | int) -> Operation:
     mode, number = parse_worker_scale(str(scale))
-    with p.session() as s:
-        environment, svc = catalogue.get_service(session=s, env=env, name=service)
+
+    def decide(s: Session, svc: Service) -> Decision:
         worker = catalogue.get_worker(session=s, service=svc, name=target)
         if (number if mode == "set" else worker.scale + number) < 0:
             raise BadInput(f"worker target {target} would go below 0 (it has {worker.scale})")
-        op = catalogue.record_operation(session=s, env=environment, service=svc,
-                                        kind=OpKind.worker_scale, trigger=OpTrigger.manual,
-                                        params={"target": target, mode: number})
-        s.commit()
-    return _started(p, op)
+        return OpKind.worker_scale, OpTrigger.manual, {"target": target, mode: number}
+
+    return _request(p, env=env, service=service, decide=decide)
 
 
 def request_worker_rm(p: Platform, *, env: str, service: str, target: str) -> Operation:
-    with p.session() as s:
-        environment, svc = catalogue.get_service(session=s, env=env, name=service)
+    def decide(s: Session, svc: Service) -> Decision:
         catalogue.get_worker(session=s, service=svc, name=target)
-        op = catalogue.record_operation(session=s, env=environment, service=svc,
-                                        kind=OpKind.worker_rm, trigger=OpTrigger.manual,
-                                        params={"target": target})
-        s.commit()
-    return _started(p, op)
+        return OpKind.worker_rm, OpTrigger.manual, {"target": target}
+
+    return _request(p, env=env, service=service, decide=decide)
 
 
-def _check_worker_service(s: Session, svc: Service) -> None:
-    if svc.type != ServiceType.code:
-        raise BadInput(f"worker targets are for code services; {svc.name} is a {svc.type} service")
-    if not catalogue.list_releases(session=s, service=svc):
+def _require_release(s: Session, svc: Service) -> None:
+    """A code service runs nothing, and so can be neither redeployed nor scaled, before a push."""
+    if svc.type == ServiceType.code and not catalogue.list_releases(session=s, service=svc):
         raise BadInput(f"service {svc.name} has no release yet: push an image first")
-
-
-def _has_ops(s: Session, svc: Service) -> bool:
-    from sqlmodel import select
-
-    return s.exec(select(Operation.id).where(Operation.service_id == svc.id)).first() is not None
-
-
-def _started(p: Platform, op: Operation) -> Operation:
-    start_next(p, op.service_id)
-    with p.session() as s:
-        return catalogue.get_operation(session=s, op_id=op.id or 0)
 
 
 # --- start: claim, plan, record, send ---------------------------------------------------------------

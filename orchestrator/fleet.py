@@ -6,7 +6,7 @@ worker) watches every host, and the conditional updates make sure each change ha
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import update
 from sqlmodel import col, select
@@ -52,6 +52,21 @@ def leftovers(p: Platform, *, host: str, job_ids: list[str]) -> list[str]:
     with p.session() as s:
         jobs = s.exec(select(Job).where(col(Job.id).in_(job_ids), col(Job.state).in_(gone)))
         return [j.id for j in jobs if j.host == host]
+
+
+def vanished(p: Platform, *, host: str, present: set[str], listed_at: datetime) -> list[str]:
+    """Running jobs of ``host`` whose containers were not among those listed at ``listed_at``
+    (removed outside the platform) are failed, so the catalogue stays true and their room is
+    free again. Only jobs running since before the listing count: a newer one may not show yet."""
+    with p.session() as s:
+        running = s.exec(select(Job).where(Job.host == host, Job.state == JobState.running))
+        gone = [j.id for j in running
+                if j.id not in present and j.started_at is not None and j.started_at < listed_at]
+        for job_id in gone:
+            catalogue.set_job_state(session=s, job_id=job_id, state=JobState.failed,
+                                    error="its container was removed outside the platform")
+        s.commit()
+    return gone
 
 
 def forget_lost(p: Platform, *, job_ids: list[str]) -> None:

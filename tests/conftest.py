@@ -68,6 +68,7 @@ def platform_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "ORCH_BROKER_URL": f"redis://127.0.0.1:6379/{REDIS_DB}",
         "ORCH_STOP_TIMEOUT": "5",
         "ORCH_START_TIMEOUT": "10",
+        "ORCH_HEARTBEAT_INTERVAL": "0.5",
         # Away from the default range, so a platform running on this machine never collides.
         # Each Redis database number gets its own range, so parallel test sessions never collide.
         "ORCH_PORT_MIN": str(PORT_BASE),

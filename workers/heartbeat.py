@@ -6,6 +6,7 @@ import logging
 import threading
 
 from orchestrator import fleet
+from orchestrator.models import utcnow
 from orchestrator.names import LABEL_JOB
 from orchestrator.operations import Platform
 from workers.runtime.base import Runtime
@@ -50,9 +51,14 @@ class Heartbeat:
         fleet.watch(self.platform, down_after=settings.host_down_after)
 
     def clean_up(self) -> None:
-        """Remove containers of jobs the catalogue replaced while this host was away."""
+        """Keep Docker and the catalogue in step: remove containers of jobs the catalogue replaced
+        while this host was away; fail jobs whose containers were removed behind its back."""
         assert self.host is not None and self.runtime is not None
+        listed_at = utcnow()
         by_job = {c.labels[LABEL_JOB]: c.name for c in self.runtime.jobs()}
+        for job_id in fleet.vanished(self.platform, host=self.host, present=set(by_job),
+                                     listed_at=listed_at):
+            log.warning("job %s: its container was removed outside the platform", job_id)
         stale = fleet.leftovers(self.platform, host=self.host, job_ids=list(by_job))
         for job_id in stale:
             log.info("removing container %s of replaced job %s", by_job[job_id], job_id)

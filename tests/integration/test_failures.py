@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import uuid
 from typing import Any
 
@@ -167,25 +168,31 @@ def test_scale_up_whose_new_containers_exit_at_once_keeps_the_old_ones(
     assert {j["id"]: j["container_id"] for j in jobs} == before
 
 
-def test_scale_down_after_containers_were_removed_behind_the_platform(
+def test_containers_removed_behind_the_platform_are_noticed(
         cli: Cli, env_name: str, docker_client: docker.DockerClient) -> None:
     cli.ok("services", "add", env_name, "web", "--type", "code", "--command", HTTPD, "--scale", "3")
     cli.ok("push", env_name, "web", SAMPLE_IMAGE, "--wait")
-    for cid in containers(docker_client, env_name, "web").values():
+    removed = containers(docker_client, env_name, "web")
+    for cid in removed.values():
         docker_client.containers.get(cid).remove(force=True)
 
-    result = cli("scale", env_name, "web", "1", "--wait")
-    assert result.exit_code == 0, result.output
-    op = show(cli, op_of(result.stdout))
-    stops = [s for s in op["steps"] if s["action"] == "stop"]
-    assert len(stops) == 2 and all(s["state"] == "succeeded" for s in stops), op
-    assert len(jobs_json(cli, env_name, "web")) == 1
+    # The node's heartbeat (every 0.5 s here) sees the containers gone and fails their jobs.
+    deadline = time.monotonic() + 10
+    while True:
+        every = json.loads(cli.ok("jobs", "list", env_name, "web", "--all", "--json"))
+        failed = {j["id"]: j for j in every if j["id"] in removed and j["state"] == "failed"}
+        if len(failed) == 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert set(failed) == set(removed), every
+    assert all("removed outside the platform" in (j["error"] or "") for j in failed.values())
+    assert jobs_json(cli, env_name, "web") == []
 
-    # The last job's container is gone too: a redeploy stops it (a no-op) and starts a new one.
+    # A redeploy brings the service back to its scale.
     result = cli("redeploy", env_name, "web", "--wait")
     assert result.exit_code == 0, result.output
     now = containers(docker_client, env_name, "web")
-    assert len(now) == 1
+    assert len(now) == 3
     assert {j["id"]: j["container_id"] for j in jobs_json(cli, env_name, "web")} == now
 
 

@@ -6,7 +6,7 @@ root, exec root, pid file and containerd namespace). Both daemons run on this ma
 are registered with the address 127.0.0.1 and share one port space.
 
 Bounds (with ORCH_HEARTBEAT_INTERVAL=0.5 and ORCH_HOST_DOWN_AFTER=3, set below):
-- a lost host's jobs run again at full scale on the other host within RECOVERY_BOUND (20 s);
+- a lost host's jobs run again at full scale on the other host within RECOVERY_BOUND (10 s);
 - after the host returns, the replaced containers are gone within RETURN_BOUND (30 s);
 - an operation with a step on a down host ends within STUCK_OP_BOUND (20 s).
 """
@@ -49,7 +49,7 @@ IMAGES = ("orch/busybox:1", SAMPLE_IMAGE)
 
 HEARTBEAT_INTERVAL = 0.5
 DOWN_AFTER = 3.0
-RECOVERY_BOUND = 20.0  # host death -> full scale on the other host (DOWN_AFTER + a start, + slack)
+RECOVERY_BOUND = 10.0  # host death -> full scale on the other host (DOWN_AFTER + a start, + slack)
 RETURN_BOUND = 30.0  # new node on the returned host -> replaced containers removed there
 STUCK_OP_BOUND = 20.0  # an operation with a step on a host that died ends by then
 OP_BOUND = 60.0  # any ordinary operation

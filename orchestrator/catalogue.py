@@ -509,8 +509,8 @@ def end_step(*, session: Session, step_id: int, state: StepState, error: str | N
     )
 
 
-def skip_pending_steps(*, session: Session, op_id: int, stages: Iterable[int] | None = None) -> None:
-    query = update(Step).where(col(Step.op_id) == op_id, col(Step.state) == StepState.pending)
-    if stages is not None:
-        query = query.where(col(Step.stage).in_(list(stages)))
-    session.exec(query.values(state=StepState.skipped, finished_at=utcnow()))
+def skip_pending_steps(*, session: Session, op_id: int) -> None:
+    session.exec(
+        update(Step).where(col(Step.op_id) == op_id, col(Step.state) == StepState.pending)
+        .values(state=StepState.skipped, finished_at=utcnow())
+    )

@@ -57,12 +57,9 @@ def send_operation(app: Celery, op_id: int, stages: Sequence[Sequence[Step]], *,
     return str(result.id)
 
 
-def send_finish(app: Celery, op_id: int, *, env: str, service: str, queue: str,
-                countdown: float = 0) -> None:
-    """Ask for the operation to be finished (after a failed step, or to look again later)."""
-    finish_signature(app, op_id, env=env, service=service, queue=queue).apply_async(
-        countdown=countdown
-    )
+def send_finish(app: Celery, op_id: int, *, env: str, service: str, queue: str) -> None:
+    """Ask for the operation to be finished (the chain stops at a failed step)."""
+    finish_signature(app, op_id, env=env, service=service, queue=queue).apply_async()
 
 
 def _home_queue(stages: Sequence[Sequence[Step]]) -> str:

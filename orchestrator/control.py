@@ -1,7 +1,10 @@
-"""The stable task API other services call with ``send_task`` on the ``orchestrator`` queue.
+"""The control plane's Celery tasks, registered by the processes that consume their queues.
 
-Each task validates, records and starts an operation exactly as the CLI does, and returns the
-operation id. Bad arguments fail the task with ``InvalidRequest`` and change nothing.
+- The task API other services call with ``send_task`` on the ``orchestrator`` queue: each task
+  validates, records and starts an operation exactly as the CLI does, and returns its id. Bad
+  arguments fail the task with ``InvalidRequest`` and change nothing.
+- The finish task that ends every operation's chain. It runs where the chain sends it: the node
+  of the operation's first host, or the control worker for an operation that touches no host.
 """
 
 from __future__ import annotations
@@ -11,56 +14,65 @@ from typing import Any
 
 from celery import Celery, Task
 
-from orchestrator import operations
-from orchestrator.catalogue import BadInput
+from orchestrator import operations, requests, rules
+from orchestrator.errors import BadInput
 from orchestrator.names import (
     TASK_API_PUSH,
     TASK_API_REDEPLOY,
     TASK_API_SCALE,
     TASK_API_WORKER_SCALE,
+    TASK_FINISH,
 )
+from orchestrator.platform import Platform
 
 
 class InvalidRequest(Exception):
     """The request was refused; nothing was changed."""
 
 
-def _platform(task: Task) -> operations.Platform:
-    platform = getattr(task.app, "platform", None)
-    if not isinstance(platform, operations.Platform):
-        raise InvalidRequest("this worker has no catalogue")
-    return platform
+def register_finish(app: Celery, platform: Platform) -> None:
+    """The operation's finish task, on ``app`` (a node's or the control worker's)."""
+
+    @app.task(name=TASK_FINISH, shared=False, bind=True, max_retries=None)
+    def finish(self: Task, op_id: int, **_labels: Any) -> dict[str, Any]:
+        ended = operations.finish(platform, op_id)
+        if ended is None:  # steps sent beside a failed one are still running: ask again soon
+            raise self.retry(countdown=0.5)
+        return {"op": op_id, "ended": ended}
 
 
-def _start(task: Task, request: Callable[..., Any], **kwargs: Any) -> int:
-    try:
-        op = request(_platform(task), **kwargs)
-    except BadInput as exc:
-        raise InvalidRequest(str(exc)) from None
-    return int(op.id)
+def register_api(app: Celery, platform: Platform) -> None:
+    """The task API (consumed by ``orchestrator control run``)."""
 
+    def start(request: Callable[..., Any], **kwargs: Any) -> int:
+        try:
+            op = request(platform, **kwargs)
+        except BadInput as exc:
+            raise InvalidRequest(str(exc)) from None
+        return int(op.id)
 
-def register(app: Celery) -> None:
-    """Register the control tasks (consumed by ``orchestrator control run``)."""
+    def refused(check: Callable[[], object]) -> None:
+        try:
+            check()
+        except BadInput as exc:
+            raise InvalidRequest(str(exc)) from None
 
-    @app.task(name=TASK_API_REDEPLOY, shared=False, bind=True)
-    def redeploy(self: Task, env: str, service: str, support: bool = False) -> int:
-        return _start(self, operations.request_redeploy, env=env, service=service,
-                      support=bool(support))
+    @app.task(name=TASK_API_REDEPLOY, shared=False)
+    def redeploy(env: str, service: str, support: bool = False) -> int:
+        return start(requests.request_redeploy, env=env, service=service, support=bool(support))
 
-    @app.task(name=TASK_API_SCALE, shared=False, bind=True)
-    def scale(self: Task, env: str, service: str, scale: int) -> int:
-        if isinstance(scale, bool) or not isinstance(scale, int):
-            raise InvalidRequest(f"scale must be an integer, not {scale!r}")
-        return _start(self, operations.request_scale, env=env, service=service, scale=scale)
+    @app.task(name=TASK_API_SCALE, shared=False)
+    def scale(env: str, service: str, scale: int) -> int:
+        refused(lambda: rules.scale_value(scale))
+        return start(requests.request_scale, env=env, service=service, scale=scale)
 
-    @app.task(name=TASK_API_PUSH, shared=False, bind=True)
-    def push(self: Task, env: str, service: str, image: str) -> int:
+    @app.task(name=TASK_API_PUSH, shared=False)
+    def push(env: str, service: str, image: str) -> int:
         if not isinstance(image, str):
             raise InvalidRequest("image must be a string")
-        return _start(self, operations.request_push, env=env, service=service, image=image)
+        return start(requests.request_push, env=env, service=service, image=image)
 
-    @app.task(name=TASK_API_WORKER_SCALE, shared=False, bind=True)
-    def worker_scale(self: Task, env: str, service: str, target: str, scale: int | str) -> int:
-        return _start(self, operations.request_worker_scale, env=env, service=service,
-                      target=target, scale=scale)
+    @app.task(name=TASK_API_WORKER_SCALE, shared=False)
+    def worker_scale(env: str, service: str, target: str, scale: int | str) -> int:
+        return start(requests.request_worker_scale, env=env, service=service, target=target,
+                     scale=scale)

@@ -2,21 +2,23 @@
 
 Stages run one after the other; the steps of a stage run in parallel (a group, which Celery
 joins with a chord before the next stage). Each step goes to the queue of the host it touches;
-the chain ends with the operation's finish task.
+the chain ends with the operation's finish task. ``Dispatch`` is the interface the control
+plane uses; ``workers.inline.InlineDispatch`` is its in-process twin for unit tests.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from celery import Celery, chain, group
 from celery.canvas import Signature
+from kombu.exceptions import OperationalError
 
 from orchestrator import names
 from orchestrator.models import Step, StepAction
 
-_TASK_OF = {
+TASK_OF = {
     StepAction.check_image: names.TASK_CHECK_IMAGE,
     StepAction.start: names.TASK_START_JOB,
     StepAction.stop: names.TASK_STOP_JOB,
@@ -24,42 +26,61 @@ _TASK_OF = {
 }
 
 
-def step_signature(app: Celery, step: Step, *, env: str, service: str, queue: str) -> Signature:
-    """A step's task: its id, plus arguments that tell a Flower reader what it serves."""
-    kwargs: dict[str, Any] = {
-        "step_id": step.id, "op": step.op_id, "env": env, "service": service,
-        "host": step.host, "job": step.job_id,
-    }
-    return app.signature(_TASK_OF[step.action], kwargs=kwargs, queue=queue, immutable=True)
+class SendFailed(Exception):
+    """Nothing was sent: the broker could not be reached."""
 
 
-def finish_signature(app: Celery, op_id: int, *, env: str, service: str, queue: str) -> Signature:
-    return app.signature(
-        names.TASK_FINISH, kwargs={"op_id": op_id, "env": env, "service": service},
-        queue=queue, immutable=True,
-    )
+class Dispatch(Protocol):
+    def send_operation(self, op_id: int, stages: Sequence[Sequence[Step]], *, env: str,
+                       service: str) -> None:
+        """Send the operation's steps, stage after stage, then its finish."""
+
+    def send_finish(self, op_id: int, *, env: str, service: str, host: str | None) -> None:
+        """Ask for the operation to be finished (the chain stops at a failed step), on the
+        queue of ``host`` (the control queue when None). Both raise SendFailed when nothing
+        could be sent."""
 
 
-def send_operation(app: Celery, op_id: int, stages: Sequence[Sequence[Step]], *, env: str,
-                   service: str) -> str:
-    """Send the operation's chain; returns the Celery id of its last task."""
-    home = _home_queue(stages)
-    parts: list[Signature] = []
-    for stage in stages:
-        sigs = [
-            step_signature(app, s, env=env, service=service,
-                           queue=names.host_queue(s.host) if s.host else home)
-            for s in stage
-        ]
-        parts.append(sigs[0] if len(sigs) == 1 else group(sigs))
-    parts.append(finish_signature(app, op_id, env=env, service=service, queue=home))
-    result = chain(*parts).apply_async()
-    return str(result.id)
+class CeleryDispatch:
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+
+    def send_operation(self, op_id: int, stages: Sequence[Sequence[Step]], *, env: str,
+                       service: str) -> None:
+        home = _home_queue(stages)
+        parts: list[Signature] = []
+        for stage in stages:
+            sigs = [self._step(s, env=env, service=service,
+                               queue=names.host_queue(s.host) if s.host else home)
+                    for s in stage]
+            parts.append(sigs[0] if len(sigs) == 1 else group(sigs))
+        parts.append(self._finish(op_id, env=env, service=service, queue=home))
+        _send(chain(*parts))
+
+    def send_finish(self, op_id: int, *, env: str, service: str, host: str | None) -> None:
+        queue = names.host_queue(host) if host else names.CONTROL_QUEUE
+        _send(self._finish(op_id, env=env, service=service, queue=queue))
+
+    def _step(self, step: Step, *, env: str, service: str, queue: str) -> Signature:
+        """A step's task: its id, plus arguments that tell a Flower reader what it serves."""
+        kwargs: dict[str, Any] = {
+            "step_id": step.id, "op": step.op_id, "env": env, "service": service,
+            "host": step.host, "job": step.job_id,
+        }
+        return self.app.signature(TASK_OF[step.action], kwargs=kwargs, queue=queue, immutable=True)
+
+    def _finish(self, op_id: int, *, env: str, service: str, queue: str) -> Signature:
+        return self.app.signature(
+            names.TASK_FINISH, kwargs={"op_id": op_id, "env": env, "service": service},
+            queue=queue, immutable=True,
+        )
 
 
-def send_finish(app: Celery, op_id: int, *, env: str, service: str, queue: str) -> None:
-    """Ask for the operation to be finished (the chain stops at a failed step)."""
-    finish_signature(app, op_id, env=env, service=service, queue=queue).apply_async()
+def _send(signature: Signature) -> None:
+    try:
+        signature.apply_async()
+    except (OperationalError, OSError) as exc:
+        raise SendFailed(str(exc) or type(exc).__name__) from exc
 
 
 def _home_queue(stages: Sequence[Sequence[Step]]) -> str:

@@ -1,7 +1,9 @@
 """The fleet of Docker hosts: heartbeats, going down and coming back, draining, removing.
 
-Nodes call ``heartbeat`` and ``watch`` every few seconds; every live node (and the control
-worker) watches every host, and the conditional updates make sure each change happens once.
+Each node records its own host's heartbeat (``heartbeat``, ``vanished``, ``leftovers``). The
+fleet watcher (``watcher``: ``watch`` every heartbeat interval) is control-plane work; it runs
+in the control worker and in every node, so hosts are watched while any platform process
+lives, and its conditional updates make sure each change happens once.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from sqlalchemy import update
 from sqlmodel import col, select
 
 from orchestrator import catalogue, operations
-from orchestrator.catalogue import BadInput
+from orchestrator.errors import BadInput
 from orchestrator.models import (
     ACTIVE_JOB_STATES,
     Host,
@@ -21,6 +23,7 @@ from orchestrator.models import (
     JobState,
     Operation,
     OpKind,
+    OpParams,
     OpState,
     OpTrigger,
     Service,
@@ -28,7 +31,8 @@ from orchestrator.models import (
     StepState,
     utcnow,
 )
-from orchestrator.operations import Platform
+from orchestrator.periodic import Periodic
+from orchestrator.platform import Platform
 
 
 def heartbeat(p: Platform, *, host: str, cpus: float, memory_mb: int) -> None:
@@ -76,6 +80,13 @@ def forget_lost(p: Platform, *, job_ids: list[str]) -> None:
             s.exec(update(Job).where(col(Job.id) == job_id, col(Job.state) == JobState.lost)
                    .values(state=JobState.stopped, stopped_at=utcnow()))
         s.commit()
+
+
+def watcher(p: Platform) -> Periodic:
+    """The fleet watcher: ``watch`` every heartbeat interval, in a thread of its own."""
+    down_after = p.settings.host_down_after
+    return Periodic("fleet-watch", p.settings.heartbeat_interval,
+                    lambda: watch(p, down_after=down_after))
 
 
 def watch(p: Platform, *, down_after: float) -> list[str]:
@@ -185,7 +196,7 @@ def _start_for_each(p: Platform, services: list[int], kind: OpKind, trigger: OpT
                 continue
             env = catalogue.get_env_by_id(session=s, env_id=svc.env_id)
             op = catalogue.record_operation(session=s, env=env, service=svc, kind=kind,
-                                            trigger=trigger, params={"host": host})
+                                            trigger=trigger, params=OpParams(host=host))
             s.commit()
         operations.start_next(p, service_id)
         ops.append(op.id or 0)

@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+from pydantic import BaseModel
 from sqlalchemy import JSON, Column, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
@@ -90,6 +91,49 @@ class StepAction(StrEnum):
     start = "start"
     stop = "stop"
     wait = "wait"
+
+
+class VariableSource(StrEnum):
+    connection = "connection"  # a database or cache of the environment
+    user = "user"
+    platform = "platform"  # the type's own image variables (credentials)
+    job = "job"  # computed per job at start (PORT, ORCH_*)
+
+
+# --- what an operation carries --------------------------------------------------------------------
+
+
+class ScaleChange(BaseModel):
+    """``N`` (relative False) sets a scale; ``+N``/``-N`` (relative True) change it."""
+
+    number: int
+    relative: bool = False
+
+    def applied_to(self, current: int) -> int:
+        return current + self.number if self.relative else self.number
+
+
+class ReleaseBefore(BaseModel):
+    """The release (and image) an operation replaced when it started; both None before a
+    first push."""
+
+    release: int | None = None
+    image: str | None = None
+
+
+class OpParams(BaseModel):
+    """The typed parameters of an operation (stored as JSON in ``Operation.params``)."""
+
+    release: int | None = None  # push, rollback: the release to run
+    image: str | None = None
+    scale: int | None = None  # scale: the new deploy scale
+    target: str | None = None  # worker operations
+    command: str | None = None  # worker deploy
+    worker_scale: ScaleChange | None = None
+    host: str | None = None  # recover, drain: the host concerned
+    # Set when the operation starts: what it replaced, so a failure can put it back.
+    release_before: ReleaseBefore | None = None
+    scale_before: int | None = None
 
 
 # --- tables -------------------------------------------------------------------------------------
@@ -189,6 +233,14 @@ class Operation(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
     started_at: datetime | None = None
     finished_at: datetime | None = None
+
+    @property
+    def parameters(self) -> OpParams:
+        return OpParams.model_validate(self.params)
+
+    @parameters.setter
+    def parameters(self, value: OpParams) -> None:
+        self.params = value.model_dump(mode="json", exclude_none=True)
 
 
 class Step(SQLModel, table=True):
@@ -291,6 +343,15 @@ class OperationPublic(SQLModel):
     started_at: datetime | None
     finished_at: datetime | None
     steps: list[StepPublic]
+
+
+class VariableView(SQLModel):
+    """A variable a service's next jobs get, and where it comes from."""
+
+    name: str
+    value: str
+    source: VariableSource
+    secret: bool
 
 
 class Role(StrEnum):

@@ -1,7 +1,8 @@
-"""Operations from request to dispatch: record, claim the service, plan, send.
+"""Operations from claim to end: claim the service, apply the spec changes, plan, record, send;
+and, when the steps are done, finish: end the operation, free the service, start the next.
 
-Every way in (CLI, API, control tasks) calls ``request_*`` here; the finish task calls
-``finish`` and the next queued operation of the service starts from there.
+Requests (``orchestrator.requests``) record operations and call ``start_next``; the finish task
+(``orchestrator.control``) and the fleet watcher call ``finish``.
 """
 
 from __future__ import annotations
@@ -10,13 +11,11 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from celery import Celery
-from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from orchestrator import catalogue, dispatch, planner, service_types
-from orchestrator.catalogue import BadInput
-from orchestrator.db import session as new_session
+from orchestrator import catalogue, planner, spec
+from orchestrator.dispatch import SendFailed
+from orchestrator.errors import BadInput
 from orchestrator.models import (
     ACTIVE_JOB_STATES,
     Environment,
@@ -25,200 +24,21 @@ from orchestrator.models import (
     JobState,
     Operation,
     OpKind,
+    OpParams,
     OpState,
-    OpTrigger,
+    ReleaseBefore,
     Service,
-    ServiceType,
     Step,
     StepAction,
     StepState,
     WorkerTarget,
     utcnow,
 )
-from orchestrator.names import volume_name
-from orchestrator.settings import Settings
-from orchestrator.sizes import parse_size
+from orchestrator.placement import HostLoad
+from orchestrator.platform import Platform
+from orchestrator.service_types import profile
 
-
-class Platform:
-    """What the control side needs to act: the catalogue's engine, the Celery app, settings."""
-
-    def __init__(self, engine: Engine, app: Celery, settings: Settings,
-                 reader: Engine | None = None) -> None:
-        self.engine = engine
-        self.reader_engine = reader or engine
-        self.app = app
-        self.settings = settings
-
-    def session(self) -> Session:
-        return new_session(self.engine)
-
-    def reader(self) -> Session:
-        """A session for reads only (listings, progress): it never waits for the writer."""
-        return new_session(self.reader_engine)
-
-
-# --- requests (validate, record, start) ------------------------------------------------------------
-
-
-Decision = tuple[OpKind, OpTrigger, dict[str, object]]  # what to record: kind, trigger, params
-
-
-def _request(p: Platform, *, env: str, service: str,
-             decide: Callable[[Session, Service], Decision]) -> Operation:
-    """The one way an operation is asked for: find the service, let ``decide`` validate the
-    request (raising BadInput changes nothing) and say what to record, record it, start it."""
-    with p.session() as s:
-        environment, svc = catalogue.get_service(session=s, env=env, name=service)
-        kind, trigger, params = decide(s, svc)
-        op = catalogue.record_operation(session=s, env=environment, service=svc,
-                                        kind=kind, trigger=trigger, params=params)
-        s.commit()
-    start_next(p, op.service_id)
-    with p.reader() as s:
-        return catalogue.get_operation(session=s, op_id=op.id or 0)
-
-
-def request_push(p: Platform, *, env: str, service: str, image: str) -> Operation:
-    """A new release of a code service: the first push deploys it, later ones redeploy it."""
-
-    def decide(s: Session, svc: Service) -> Decision:
-        if svc.type != ServiceType.code:
-            raise BadInput(f"service {service} is a {svc.type} service: only code services take pushes")
-        if not image.strip() or any(c.isspace() for c in image):
-            raise BadInput(f"image {image!r} is not an image reference")
-        release = catalogue.add_release(session=s, service=svc, image=image)
-        kind = OpKind.deploy if release.number == 1 else OpKind.redeploy
-        return kind, OpTrigger.push, {"release": release.number, "image": image}
-
-    return _request(p, env=env, service=service, decide=decide)
-
-
-def request_redeploy(p: Platform, *, env: str, service: str, support: bool = False,
-                     release: int | None = None) -> Operation:
-    """A manual redeploy, a support redeploy, or (with ``release``) a rollback."""
-
-    def decide(s: Session, svc: Service) -> Decision:
-        if not service_types.profile(svc.type).user_redeploy:
-            raise BadInput(f"{svc.type} services cannot be redeployed through the CLI or API")
-        if not svc.redeployable and not support:
-            raise BadInput(f"service {service} is marked not redeployable: only support may redeploy it (--support)")
-        if release is not None:
-            rel = catalogue.get_release(session=s, service=svc, number=release)
-            trigger = OpTrigger.support if support else OpTrigger.rollback
-            return OpKind.redeploy, trigger, {"release": rel.number, "image": rel.image}
-        _require_release(s, svc)
-        return OpKind.redeploy, OpTrigger.support if support else OpTrigger.manual, {}
-
-    return _request(p, env=env, service=service, decide=decide)
-
-
-def create_env(p: Platform, *, name: str, sandbox: bool, defaults: bool = True) -> list[Operation]:
-    """A new environment; unless ``defaults`` is off, its auto-included services (logging, the
-    service proxy and, outside sandboxes, monitoring) are created and deployed."""
-    images = {ServiceType.logging: p.settings.image_logging,
-              ServiceType.service_proxy: p.settings.image_service_proxy,
-              ServiceType.monitoring: p.settings.image_monitoring}
-    with p.session() as s:
-        environment = catalogue.create_env(session=s, name=name, sandbox=sandbox)
-        included = [i for i in service_types.INCLUDED_SERVICES
-                    if defaults and (i.sandbox_too or not sandbox)]
-        for item in included:
-            catalogue.add_service(session=s, env=environment, name=item.name, type=item.type,
-                                  image=images[item.type], command=item.command, scale=1, size="xs")
-        s.commit()
-    return [request_deploy(p, env=name, service=i.name, trigger=OpTrigger.create) for i in included]
-
-
-def add_service(p: Platform, *, env: str, name: str, type: ServiceType, image: str | None,
-                command: str | None, scale: int, size: str) -> Operation | None:
-    """A new service; databases, caches and the included types deploy at once, code services
-    wait for their first push."""
-    with p.session() as s:
-        environment = catalogue.get_env(session=s, name=env)
-        catalogue.add_service(session=s, env=environment, name=name, type=type,
-                              image=image if type != ServiceType.code else None,
-                              command=command, scale=scale, size=size)
-        s.commit()
-    if not service_types.profile(type).deploys_on_create:
-        return None
-    return request_deploy(p, env=env, service=name, trigger=OpTrigger.create)
-
-
-def request_deploy(p: Platform, *, env: str, service: str, trigger: OpTrigger) -> Operation:
-    return _request(p, env=env, service=service, decide=lambda s, svc: (OpKind.deploy, trigger, {}))
-
-
-def request_scale(p: Platform, *, env: str, service: str, scale: int) -> Operation:
-    def decide(s: Session, svc: Service) -> Decision:
-        if scale < 0:
-            raise BadInput(f"scale {scale} is below 0: it must be 0 or more")
-        _require_release(s, svc)
-        if service_types.profile(svc.type).single_job and scale > 1:
-            raise BadInput(f"{svc.type} services run one job (one copy of the data, one kept port): "
-                           "scale above 1 is refused")
-        return OpKind.scale, OpTrigger.manual, {"scale": scale}
-
-    return _request(p, env=env, service=service, decide=decide)
-
-
-def request_worker_deploy(p: Platform, *, env: str, service: str, target: str,
-                          command: str) -> Operation:
-    """Start (or replace) the worker jobs of a target; from then on they redeploy with the service."""
-    catalogue.check_name("worker target", target)
-    if not command.strip():
-        raise BadInput("a worker target needs a --command")
-
-    def decide(s: Session, svc: Service) -> Decision:
-        if svc.type != ServiceType.code:
-            raise BadInput(f"worker targets are for code services; {svc.name} is a {svc.type} service")
-        _require_release(s, svc)
-        return OpKind.worker_deploy, OpTrigger.manual, {"target": target, "command": command}
-
-    return _request(p, env=env, service=service, decide=decide)
-
-
-def parse_worker_scale(text: str) -> tuple[str, int]:
-    """'N' sets the scale, '+N'/'-N' change it: returns ("set"|"add", number)."""
-    body = text.strip()
-    sign = body[:1] if body[:1] in "+-" else ""
-    digits = body[len(sign):]
-    if not digits.isdigit():
-        raise BadInput(f"worker scale {text!r} is not N, +N or -N")
-    number = int(digits)
-    if sign == "-":
-        return "add", -number
-    return ("add", number) if sign == "+" else ("set", number)
-
-
-def request_worker_scale(p: Platform, *, env: str, service: str, target: str,
-                         scale: str | int) -> Operation:
-    mode, number = parse_worker_scale(str(scale))
-
-    def decide(s: Session, svc: Service) -> Decision:
-        worker = catalogue.get_worker(session=s, service=svc, name=target)
-        if (number if mode == "set" else worker.scale + number) < 0:
-            raise BadInput(f"worker target {target} would go below 0 (it has {worker.scale})")
-        return OpKind.worker_scale, OpTrigger.manual, {"target": target, mode: number}
-
-    return _request(p, env=env, service=service, decide=decide)
-
-
-def request_worker_rm(p: Platform, *, env: str, service: str, target: str) -> Operation:
-    def decide(s: Session, svc: Service) -> Decision:
-        catalogue.get_worker(session=s, service=svc, name=target)
-        return OpKind.worker_rm, OpTrigger.manual, {"target": target}
-
-    return _request(p, env=env, service=service, decide=decide)
-
-
-def _require_release(s: Session, svc: Service) -> None:
-    """A code service runs nothing, and so can be neither redeployed nor scaled, before a push."""
-    if svc.type == ServiceType.code and not catalogue.list_releases(session=s, service=svc):
-        raise BadInput(f"service {svc.name} has no release yet: push an image first")
-
-
-# --- start: claim, plan, record, send ---------------------------------------------------------------
+# --- start: claim, change the spec, plan, record, send ---------------------------------------------
 
 
 def start_next(p: Platform, service_id: int) -> None:
@@ -235,25 +55,24 @@ def start_next(p: Platform, service_id: int) -> None:
 
 def _start(p: Platform, op: Operation) -> bool:
     """Plan and send a claimed operation. False when it ended at once (nothing to do, or it
-    could not be planned), so the caller moves on to the next queued one."""
+    could not be planned or sent), so the caller moves on to the next queued one."""
     op_id = op.id or 0
     try:
         with p.session() as s:
             svc = s.get(Service, op.service_id)
             env = s.get(Environment, op.env_id)
             assert svc is not None and env is not None
-            previous = _apply_params(s, op, svc)
-            plan = _plan(p, s, op, svc, env)
-            stages = _record_plan(s, op, env, svc, plan)
             running = s.get(Operation, op_id)
             assert running is not None
+            running.parameters = _apply_changes(s, running.parameters, op.kind, svc)
+            plan = _plan(p, s, op, svc, env)
+            stages = _record_plan(s, op, env, svc, plan)
             running.state = OpState.running if stages else OpState.succeeded
             running.started_at = utcnow()
-            if previous:
-                running.params = {**running.params, **previous}
             if not stages:
                 running.finished_at = running.started_at
                 catalogue.release_service(session=s, service_id=svc.id or 0, op_id=op_id)
+            s.add(running)
             s.commit()
             env_name, svc_name = env.name, svc.name
     except (planner.PlanError, BadInput) as exc:
@@ -262,11 +81,12 @@ def _start(p: Platform, op: Operation) -> bool:
     if not stages:
         return False
     try:
-        dispatch.send_operation(p.app, op_id, stages, env=env_name, service=svc_name)
-    except Exception as exc:  # the broker is down: nothing ran, say so and free the service
+        p.dispatch.send_operation(op_id, stages, env=env_name, service=svc_name)
+    except SendFailed as exc:  # nothing ran: say so and free the service
         with p.session() as s:
             catalogue.skip_pending_steps(session=s, op_id=op_id)
             _forget_unstarted_jobs(s, op_id)
+            _restore_spec(s, op_id)
             s.commit()
         _fail_unstarted(p, op, f"could not send the operation to the broker: {exc}")
         return False
@@ -280,139 +100,95 @@ def _fail_unstarted(p: Platform, op: Operation, error: str) -> None:
         s.commit()
 
 
-def _apply_params(s: Session, op: Operation, svc: Service) -> dict[str, object]:
-    """Spec changes the operation carries take effect when it starts; returns what they replaced."""
-    previous: dict[str, object] = {}
-    if "release" in op.params:
-        previous = {"previous_release": svc.release, "previous_image": svc.image}
-        svc.release = int(op.params["release"])
-        svc.image = str(op.params["image"])
-    if op.kind == OpKind.scale:
-        previous = {"previous_scale": svc.scale}
-        svc.scale = int(op.params["scale"])
-    if op.kind in (OpKind.worker_deploy, OpKind.worker_scale):
-        target = str(op.params["target"])
-        worker = catalogue.find_worker(session=s, service=svc, name=target)
-        if worker is None:
-            if op.kind == OpKind.worker_scale:
-                raise BadInput(f"service {svc.name} has no worker target {target}")
-            worker = WorkerTarget(service_id=svc.id or 0, name=target, command="", scale=1)
-        if op.kind == OpKind.worker_deploy:
-            worker.command = str(op.params["command"])
-        elif "set" in op.params:
-            worker.scale = int(op.params["set"])
-        else:
-            worker.scale = max(0, worker.scale + int(op.params["add"]))
-        s.add(worker)
+def _apply_changes(s: Session, params: OpParams, kind: OpKind, svc: Service) -> OpParams:
+    """Spec changes the operation carries take effect when it starts. Returns its parameters
+    with what they replaced, so a failure can put it back (``_restore_spec``)."""
+    if params.release is not None:
+        params = params.model_copy(update={"release_before": ReleaseBefore(release=svc.release,
+                                                                           image=svc.image)})
+        svc.release, svc.image = params.release, params.image
+    scale = params.scale
+    if kind == OpKind.scale and scale is not None:
+        params = params.model_copy(update={"scale_before": svc.scale})
+        svc.scale = scale
+    if kind in (OpKind.worker_deploy, OpKind.worker_scale, OpKind.worker_rm):
+        _change_worker(s, params, kind, svc)
     s.add(svc)
     s.flush()
-    return previous
+    return params
+
+
+def _change_worker(s: Session, params: OpParams, kind: OpKind, svc: Service) -> None:
+    target = params.target or ""
+    worker = catalogue.find_worker(session=s, service=svc, name=target)
+    if kind == OpKind.worker_rm:
+        if worker is not None:
+            s.delete(worker)  # from now on redeploys leave this target out
+        return
+    if worker is None:
+        if kind == OpKind.worker_scale:
+            raise BadInput(f"service {svc.name} has no worker target {target}")
+        worker = WorkerTarget(service_id=svc.id or 0, name=target, command="", scale=1)
+    if kind == OpKind.worker_deploy:
+        worker.command = params.command or ""
+    elif params.worker_scale is not None:
+        worker.scale = max(0, params.worker_scale.applied_to(worker.scale))
+    s.add(worker)
 
 
 @dataclass(frozen=True)
-class Variable:
-    name: str
-    value: str
-    source: str  # user, connection, platform, job (computed per job at start)
-    secret: bool
+class PlanInput:
+    """Everything a plan function reads: the wanted spec, the jobs and hosts as they are."""
 
-
-def variables_for(s: Session, env: Environment, svc: Service) -> list[Variable]:
-    """The variables the service's next jobs get, with where each comes from. Which wins:
-    connection variables < user variables < the platform's own (the type's image variables and
-    the per-job PORT and ORCH_*), so a user can point DATABASE_URL elsewhere but cannot break
-    the credentials the platform keeps or the port it assigns."""
-    merged: dict[str, tuple[str, str]] = {}
-    if svc.type == ServiceType.code:
-        for name, value in service_types.connection_variables(_endpoints(s, env)).items():
-            merged[name] = (value, "connection")
-    for name, value in svc.variables.items():
-        merged[name] = (value, "user")
-    for name, value in service_types.container_variables(svc.type, svc.credentials).items():
-        merged[name] = (value, "platform")
-    result = [Variable(n, v, src, service_types.is_secret(n, v)) for n, (v, src) in merged.items()]
-    job_vars = ["ORCH_ENV", "ORCH_SERVICE", "ORCH_JOB", "ORCH_KIND", "ORCH_HOST", "ORCH_RELEASE"]
-    if svc.type not in planner.PORTLESS_TYPES:
-        job_vars.insert(0, "PORT")
-    result += [Variable(n, "(set per job)", "job", False) for n in job_vars]
-    return sorted(result, key=lambda v: v.name)
-
-
-def _endpoints(s: Session, env: Environment) -> list[service_types.Endpoint]:
-    """The environment's deployed databases and caches, where code services reach them."""
-    addresses = {h.name: h.address for h in catalogue.list_hosts(session=s)}
-    endpoints = []
-    for other in catalogue.list_services(session=s, env=env):
-        if service_types.profile(other.type).url_variable is None or other.port is None:
-            continue
-        jobs = catalogue.active_jobs(session=s, service=other)
-        host = other.host or (jobs[0].host if jobs else None)
-        if host is None:
-            continue
-        endpoints.append(service_types.Endpoint(other.name, other.type, addresses.get(host, host),
-                                                other.port, other.credentials))
-    return endpoints
-
-
-def service_spec(s: Session, env: Environment, svc: Service) -> planner.ServiceSpec:
-    workers = tuple(
-        planner.WorkerSpec(w.name, w.command, w.scale)
-        for w in catalogue.workers_of(session=s, service=svc)
-    )
-    if not svc.image:
-        raise BadInput(f"service {svc.name} has no image to run")
-    kind = service_types.profile(svc.type)
-    variables = {v.name: v.value for v in variables_for(s, env, svc) if v.source != "job"}
-    return planner.ServiceSpec(
-        env=env.name, name=svc.name, type=svc.type, image=svc.image, command=svc.command,
-        size_name=svc.size, size=parse_size(svc.size), scale=svc.scale, overlap=svc.overlap,
-        variables=variables, release=svc.release, workers=workers,
-        volume=f"{volume_name(env.name, svc.name)}:{kind.data_dir}" if kind.data_dir else None,
-        port=svc.port, pinned_host=svc.host if kind.data_dir else None,
-        args=service_types.entrypoint_args(svc.type, svc.credentials),
-    )
-
-
-def _plan(p: Platform, s: Session, op: Operation, svc: Service, env: Environment) -> planner.Plan:
-    spec = service_spec(s, env, svc)
-    jobs = [
-        planner.ObservedJob(j.id, j.kind, j.target, j.host, j.port, parse_size(j.size))
-        for j in catalogue.active_jobs(session=s, service=svc)
-    ]
-    # CPU limits cap a container, they reserve nothing: a host takes more than its cores.
-    hosts = [replace(h, cpus=h.cpus * p.settings.cpu_overcommit)
-             for h in catalogue.host_loads(session=s)]
-    ports = planner.PortRange(p.settings.port_min, p.settings.port_max)
-    if op.kind in (OpKind.deploy, OpKind.redeploy):
-        return planner.plan_redeploy(spec, jobs, hosts, _new_id, ports)
-    if op.kind == OpKind.scale:
-        return planner.plan_scale(spec, jobs, hosts, _new_id, kind=JobKind.deploy, target=None,
-                                  scale=svc.scale, ports=ports)
-    if op.kind == OpKind.recover:
-        return planner.plan_recover(spec, jobs, hosts, _new_id, ports)
-    if op.kind == OpKind.drain:
-        return planner.plan_move(spec, jobs, hosts, _new_id, away_from=str(op.params["host"]),
-                                 ports=ports)
-    target = str(op.params.get("target"))
-    if op.kind == OpKind.worker_scale:
-        worker = next(w for w in spec.workers if w.name == target)
-        return planner.plan_scale(spec, jobs, hosts, _new_id, kind=JobKind.worker, target=target,
-                                  scale=worker.scale, ports=ports)
-    if op.kind == OpKind.worker_deploy:
-        # A redeploy restricted to this target: its old jobs go, target.scale new ones come.
-        only = replace(spec, scale=0, workers=tuple(w for w in spec.workers if w.name == target))
-        mine = [j for j in jobs if j.kind == JobKind.worker and j.target == target]
-        return planner.plan_redeploy(only, mine, hosts, _new_id, ports)
-    if op.kind == OpKind.worker_rm:
-        worker_row = catalogue.find_worker(session=s, service=svc, name=target)
-        if worker_row is not None:
-            s.delete(worker_row)  # from now on redeploys leave this target out
-        return planner.plan_stop(jobs, kind=JobKind.worker, target=target)
-    raise planner.PlanError(f"operation kind {op.kind} is not supported yet")
+    spec: planner.ServiceSpec
+    jobs: list[planner.ObservedJob]
+    hosts: list[HostLoad]
+    ports: planner.PortRange
+    params: OpParams
 
 
 def _new_id() -> str:
     return uuid.uuid4().hex[:12]
+
+
+def _plan_worker_scale(i: PlanInput) -> planner.Plan:
+    target = i.params.target
+    worker = next(w for w in i.spec.workers if w.name == target)
+    return planner.plan_scale(i.spec, i.jobs, i.hosts, _new_id, kind=JobKind.worker, target=target,
+                              scale=worker.scale, ports=i.ports)
+
+
+def _plan_worker_deploy(i: PlanInput) -> planner.Plan:
+    """A redeploy restricted to one target: its old jobs go, target.scale new ones come."""
+    target = i.params.target
+    only = replace(i.spec, scale=0, workers=tuple(w for w in i.spec.workers if w.name == target))
+    mine = [j for j in i.jobs if j.kind == JobKind.worker and j.target == target]
+    return planner.plan_redeploy(only, mine, i.hosts, _new_id, i.ports)
+
+
+PLANS: dict[OpKind, Callable[[PlanInput], planner.Plan]] = {
+    OpKind.deploy: lambda i: planner.plan_redeploy(i.spec, i.jobs, i.hosts, _new_id, i.ports),
+    OpKind.redeploy: lambda i: planner.plan_redeploy(i.spec, i.jobs, i.hosts, _new_id, i.ports),
+    OpKind.scale: lambda i: planner.plan_scale(i.spec, i.jobs, i.hosts, _new_id, kind=JobKind.deploy,
+                                               target=None, scale=i.spec.scale, ports=i.ports),
+    OpKind.recover: lambda i: planner.plan_recover(i.spec, i.jobs, i.hosts, _new_id, i.ports),
+    OpKind.drain: lambda i: planner.plan_move(i.spec, i.jobs, i.hosts, _new_id,
+                                              away_from=i.params.host or "", ports=i.ports),
+    OpKind.worker_scale: _plan_worker_scale,
+    OpKind.worker_deploy: _plan_worker_deploy,
+    OpKind.worker_rm: lambda i: planner.plan_stop(i.jobs, kind=JobKind.worker, target=i.params.target),
+}
+
+
+def _plan(p: Platform, s: Session, op: Operation, svc: Service, env: Environment) -> planner.Plan:
+    # CPU limits cap a container, they reserve nothing: a host takes more than its cores.
+    hosts = [replace(h, cpus=h.cpus * p.settings.cpu_overcommit)
+             for h in catalogue.host_loads(session=s)]
+    plan = PLANS.get(op.kind)
+    if plan is None:
+        raise planner.PlanError(f"operation kind {op.kind} is not supported yet")
+    return plan(PlanInput(spec.service_spec(s, env, svc), spec.observed_jobs(s, svc), hosts,
+                          planner.PortRange(p.settings.port_min, p.settings.port_max), op.parameters))
 
 
 def _record_plan(s: Session, op: Operation, env: Environment, svc: Service,
@@ -427,7 +203,7 @@ def _record_plan(s: Session, op: Operation, env: Environment, svc: Service,
                 j = item.job
                 mounts = dict([j.volume.split(":", 1)]) if j.volume else {}
                 s.add(Job(
-                    id=j.id, service_id=svc.id or 0, kind=JobKind(j.kind), target=j.target,
+                    id=j.id, service_id=svc.id or 0, kind=j.kind, target=j.target,
                     host=j.host, port=j.port, container_name=j.container_name,
                     state=JobState.scheduled, release=j.release, image=j.image, command=j.command,
                     size=j.size_name, environment=dict(j.environment), args=list(j.args),
@@ -445,7 +221,7 @@ def _record_plan(s: Session, op: Operation, env: Environment, svc: Service,
 def _remember_placement(svc: Service, job: planner.NewJob, *, moved: bool = False) -> None:
     """Databases and caches keep their first port (connection URLs stay true); databases keep
     their first host (their data volume is there). A drain moves a cache to a new port."""
-    kind = service_types.profile(svc.type)
+    kind = profile(svc.type)
     if kind.stable_port and (svc.port is None or moved):
         svc.port = job.port
     if kind.data_dir and svc.host is None:
@@ -497,7 +273,7 @@ def finish(p: Platform, op_id: int) -> bool | None:
             catalogue.skip_pending_steps(session=s, op_id=op_id)
             _forget_unstarted_jobs(s, op_id)
             summary = service_summary(s, op.service_id)  # against the scale this operation wanted
-            error = f"{failed[0].name}: {failed[0].error}. {summary}{_restore_params(s, op)}"
+            error = f"{failed[0].name}: {failed[0].error}. {summary}{_restore_spec(s, op_id)}"
         ended = catalogue.end_operation(session=s, op_id=op_id,
                                         state=OpState.failed if failed else OpState.succeeded,
                                         error=error)
@@ -515,20 +291,21 @@ def _forget_unstarted_jobs(s: Session, op_id: int) -> None:
                                     error=f"never started: operation {op_id} failed first")
 
 
-def _restore_params(s: Session, op: Operation) -> str:
+def _restore_spec(s: Session, op_id: int) -> str:
     """A failed operation leaves the spec as it was: the last good release stays current, and a
-    failed scale change keeps the old scale (the error says how many jobs run)."""
-    svc = s.get(Service, op.service_id)
-    if svc is None:
+    failed scale change keeps the old scale. Returns what it kept, in words, for the error."""
+    op = s.get(Operation, op_id)
+    svc = s.get(Service, op.service_id) if op is not None else None
+    if op is None or svc is None:
         return ""
+    params = op.parameters
     note = ""
-    if "previous_image" in op.params:
-        svc.release = op.params.get("previous_release")
-        svc.image = op.params.get("previous_image")
+    if params.release_before is not None:
+        svc.release, svc.image = params.release_before.release, params.release_before.image
         if svc.release is not None:
             note += f" Release {svc.release} stays current."
-    if "previous_scale" in op.params:
-        svc.scale = int(op.params["previous_scale"])
+    if params.scale_before is not None:
+        svc.scale = params.scale_before
         note += f" Its scale stays {svc.scale}."
     s.add(svc)
     return note

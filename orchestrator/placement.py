@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
 
 from orchestrator.sizes import Size
@@ -55,9 +56,11 @@ def choose_host(hosts: Sequence[HostLoad], size: Size, service_jobs: Mapping[str
     return best.name
 
 
-def free_port(used: frozenset[int], port_min: int, port_max: int) -> int | None:
-    """The lowest port of the range that no job on the host holds."""
+def free_port(used: AbstractSet[int], port_min: int, port_max: int,
+              usable: Callable[[int], bool] = lambda _port: True) -> int | None:
+    """The lowest port of the range that no job on the host holds and ``usable`` accepts (a node
+    passes a check that nothing outside the platform answers on it)."""
     for port in range(port_min, port_max + 1):
-        if port not in used:
+        if port not in used and usable(port):
             return port
     return None

@@ -10,6 +10,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+from orchestrator.models import JobKind
 from orchestrator.names import container_name
 from orchestrator.placement import HostLoad, choose_host, free_port
 from orchestrator.sizes import Size
@@ -17,9 +18,6 @@ from orchestrator.sizes import Size
 
 class PlanError(Exception):
     """The wanted state cannot be planned (no host fits, no free port, nothing to run)."""
-
-
-PORTLESS_TYPES = frozenset({"monitoring"})
 
 
 @dataclass(frozen=True)
@@ -47,6 +45,7 @@ class ServiceSpec:
     port: int | None = None  # databases and caches keep one port, so connection URLs stay true
     pinned_host: str | None = None  # databases live where their volume is
     args: tuple[str, ...] = ()  # flags for the image's own entrypoint (databases, caches)
+    has_port: bool = True  # deploy jobs get a port (and PORT); worker jobs never do
 
 
 @dataclass(frozen=True)
@@ -54,7 +53,7 @@ class ObservedJob:
     """A job the catalogue says is active, oldest first in the lists the planner gets."""
 
     id: str
-    kind: str
+    kind: JobKind
     target: str | None
     host: str
     port: int | None = None
@@ -62,9 +61,18 @@ class ObservedJob:
 
 
 @dataclass(frozen=True)
+class WantedJob:
+    """A job the plan must start: what kind, which worker target, what command."""
+
+    kind: JobKind
+    target: str | None
+    command: str | None
+
+
+@dataclass(frozen=True)
 class NewJob:
     id: str
-    kind: str
+    kind: JobKind
     target: str | None
     host: str
     port: int | None
@@ -119,7 +127,7 @@ class PortRange:
     high: int = 29999
 
 
-def job_environment(spec: ServiceSpec, job_id: str, kind: str, target: str | None,
+def job_environment(spec: ServiceSpec, job_id: str, kind: JobKind, target: str | None,
                     host: str, port: int | None) -> dict[str, str]:
     """User variables, then the automatic ones, which win: the platform owns PORT and ORCH_*."""
     env = dict(spec.variables)
@@ -174,12 +182,13 @@ class _Placer:
         return chosen, port
 
 
-def _new_jobs(spec: ServiceSpec, wanted: Sequence[tuple[str, str | None, str | None]],
-              placer: _Placer, new_id: Callable[[], str]) -> list[NewJob]:
+def _new_jobs(spec: ServiceSpec, wanted: Sequence[WantedJob], placer: _Placer,
+              new_id: Callable[[], str]) -> list[NewJob]:
     jobs = []
-    for kind, target, command in wanted:
-        deploy = kind == "deploy"
-        needs_port = deploy and spec.type not in PORTLESS_TYPES
+    for want in wanted:
+        kind, target, command = want.kind, want.target, want.command
+        deploy = kind == JobKind.deploy
+        needs_port = deploy and spec.has_port
         host, port = placer.place(spec.size, needs_port,
                                   host=spec.pinned_host if deploy else None,
                                   port=spec.port if deploy else None)
@@ -197,10 +206,10 @@ def _new_jobs(spec: ServiceSpec, wanted: Sequence[tuple[str, str | None, str | N
     return jobs
 
 
-def _wanted_jobs(spec: ServiceSpec) -> list[tuple[str, str | None, str | None]]:
-    wanted: list[tuple[str, str | None, str | None]] = [("deploy", None, spec.command)] * spec.scale
+def _wanted_jobs(spec: ServiceSpec) -> list[WantedJob]:
+    wanted = [WantedJob(JobKind.deploy, None, spec.command)] * spec.scale
     for worker in spec.workers:
-        wanted += [("worker", worker.name, worker.command)] * worker.scale
+        wanted += [WantedJob(JobKind.worker, worker.name, worker.command)] * worker.scale
     return wanted
 
 
@@ -237,21 +246,20 @@ def plan_redeploy(spec: ServiceSpec, jobs: Sequence[ObservedJob], hosts: Sequenc
 
 
 def plan_scale(spec: ServiceSpec, jobs: Sequence[ObservedJob], hosts: Sequence[HostLoad],
-               new_id: Callable[[], str], *, kind: str, target: str | None, scale: int,
+               new_id: Callable[[], str], *, kind: JobKind, target: str | None, scale: int,
                ports: PortRange = PortRange()) -> Plan:
-    """Bring the jobs of one kind (deploy, or one worker target) to ``scale``: start only the
-    extra jobs, or stop only the surplus (from the hosts holding most of them, newest first)."""
-    if scale < 0:
-        raise PlanError(f"scale {scale} is below 0: it must be 0 or more")
+    """Bring the jobs of one kind (deploy, or one worker target) to ``scale`` (checked by the
+    request, see ``rules.check_scale``): start only the extra jobs, or stop only the surplus
+    (from the hosts holding most of them, newest first)."""
     mine = [j for j in jobs if j.kind == kind and j.target == target]
     if scale > len(mine):
         command = spec.command
-        if kind == "worker":
+        if kind == JobKind.worker:
             command = next((w.command for w in spec.workers if w.name == target), None)
             if command is None:
                 raise PlanError(f"service {spec.name} has no worker target {target}")
         placer = _Placer(_hosts_with(hosts, jobs, spec.size, jobs), [j.host for j in jobs], ports)
-        wanted = [(kind, target, command)] * (scale - len(mine))
+        wanted = [WantedJob(kind, target, command)] * (scale - len(mine))
         new = _new_jobs(spec, wanted, placer, new_id)
         return Plan((_check_images(spec.image, new), tuple(StartJob(j) for j in new)))
     draining = {h.name for h in hosts if not h.schedulable}
@@ -263,11 +271,11 @@ def plan_recover(spec: ServiceSpec, jobs: Sequence[ObservedJob], hosts: Sequence
                  new_id: Callable[[], str], ports: PortRange = PortRange()) -> Plan:
     """Start what the service lacks to be back at its scale (deploy jobs and every worker
     target), e.g. after a host was lost; stops nothing."""
-    wanted: list[tuple[str, str | None, str | None]] = []
     have = Counter((j.kind, j.target) for j in jobs)
-    wanted += [("deploy", None, spec.command)] * max(0, spec.scale - have[("deploy", None)])
+    wanted = [WantedJob(JobKind.deploy, None, spec.command)] * max(0, spec.scale - have[(JobKind.deploy, None)])
     for worker in spec.workers:
-        wanted += [("worker", worker.name, worker.command)] * max(0, worker.scale - have[("worker", worker.name)])
+        missing = max(0, worker.scale - have[(JobKind.worker, worker.name)])
+        wanted += [WantedJob(JobKind.worker, worker.name, worker.command)] * missing
     if not wanted:
         return Plan()
     placer = _Placer(_hosts_with(hosts, jobs, spec.size, jobs), [j.host for j in jobs], ports)
@@ -286,7 +294,8 @@ def plan_move(spec: ServiceSpec, jobs: Sequence[ObservedJob], hosts: Sequence[Ho
         raise PlanError(f"service {spec.name} keeps its data on host {away_from}: move it by hand")
     staying = [j for j in jobs if j.host != away_from]
     commands = {w.name: w.command for w in spec.workers}
-    wanted = [(j.kind, j.target, commands.get(j.target or "") if j.kind == "worker" else spec.command)
+    wanted = [WantedJob(j.kind, j.target,
+                        commands.get(j.target or "") if j.kind == JobKind.worker else spec.command)
               for j in leaving]
     candidates = [h for h in hosts if h.name != away_from]
     placer = _Placer(_hosts_with(candidates, jobs, spec.size, jobs), [j.host for j in staying], ports)
@@ -295,7 +304,7 @@ def plan_move(spec: ServiceSpec, jobs: Sequence[ObservedJob], hosts: Sequence[Ho
                  tuple(StopJob(j.id, j.host) for j in leaving)))
 
 
-def plan_stop(jobs: Sequence[ObservedJob], *, kind: str, target: str | None) -> Plan:
+def plan_stop(jobs: Sequence[ObservedJob], *, kind: JobKind, target: str | None) -> Plan:
     """Stop every active job of one kind/target (``worker rm``)."""
     stops = tuple(StopJob(j.id, j.host) for j in jobs if j.kind == kind and j.target == target)
     return Plan((stops,)) if stops else Plan()

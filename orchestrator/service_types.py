@@ -17,6 +17,7 @@ class TypeProfile:
     single_job: bool = False  # scale above 1 is refused (one copy of the data, one kept port)
     stable_port: bool = False  # every job of the service gets the same port
     deploys_on_create: bool = True
+    has_port: bool = True  # False: its deploy jobs get no PORT (nothing listens)
     user_redeploy: bool = True  # False: the CLI and API refuse a redeploy
     args: tuple[str, ...] = ()  # flags for the image's entrypoint; {port} is the job's port
     url_variable: str | None = None  # e.g. DATABASE_URL, for the env's code services
@@ -45,7 +46,7 @@ PROFILES: dict[ServiceType, TypeProfile] = {
     ),
     ServiceType.service_proxy: TypeProfile(default_image=None),
     ServiceType.logging: TypeProfile(default_image=None, user_redeploy=False),
-    ServiceType.monitoring: TypeProfile(default_image=None, user_redeploy=False),
+    ServiceType.monitoring: TypeProfile(default_image=None, user_redeploy=False, has_port=False),
 }
 
 DATABASE_TYPES = frozenset({ServiceType.postgresql, ServiceType.mysql})

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from workers.runtime.base import ContainerSpec, ContainerState, Runtime, RuntimeError_
+from workers.runtime.base import ContainerError, ContainerSpec, ContainerState, Runtime
 
 LONG_COMMAND = "sleep 300"
 CRASH_COMMAND = "exit 3"
@@ -49,7 +49,7 @@ class Target:
         return self.spec(suffix, image=self.crash_image, command=CRASH_COMMAND)
 
     def mine(self, extra: Mapping[str, str] | None = None) -> list[ContainerState]:
-        return self.runtime.list({self.label[0]: self.label[1], **(extra or {})})
+        return self.runtime.find({self.label[0]: self.label[1], **(extra or {})})
 
 
 def wait_for(check: Callable[[], ContainerState | None], until: Callable[[ContainerState | None], bool],
@@ -77,7 +77,7 @@ class RuntimeContract:
 
     def test_run_of_a_missing_image_fails_with_a_reason(self, target: Target) -> None:
         spec = target.spec("noimage", image=target.missing_image)
-        with pytest.raises(RuntimeError_, match="image"):
+        with pytest.raises(ContainerError, match="image"):
             target.runtime.run(spec)
         assert target.runtime.inspect(spec.name) is None
 

@@ -14,14 +14,13 @@ from typing import Any
 
 from celery.worker import WorkController
 
-from orchestrator import catalogue, names, operations
-from orchestrator.catalogue import NotFound
-from orchestrator.models import ServiceType
+from orchestrator import catalogue, control, names, requests
+from orchestrator.errors import NotFound
+from orchestrator.models import OperationPublic, ServiceType
+from orchestrator.platform import Platform, make_platform
 from orchestrator.progress import follow
 from orchestrator.settings import Settings
-from workers.app import NodeContext, OrchestratorCelery, make_platform
-from workers.heartbeat import Heartbeat
-from workers.runtime.docker import DockerRuntime
+from workers.node import node_context, serve_host
 
 LOCAL_HOST = "local"
 DEMO_ENV = "demo"
@@ -54,17 +53,16 @@ def run_dev(settings: Settings, *, api_port: int | None, demo: bool,
             echo: Callable[[str], None]) -> int:
     platform = make_platform(settings)
     app = platform.app
-    assert isinstance(app, OrchestratorCelery)
-    docker_url = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
     with platform.session() as s:
         try:
-            host = catalogue.get_host(session=s, name=LOCAL_HOST)
+            docker_url = catalogue.get_host(session=s, name=LOCAL_HOST).docker_url
         except NotFound:
-            host = catalogue.add_host(session=s, name=LOCAL_HOST, docker_url=docker_url,
-                                      address="127.0.0.1")
+            docker_url = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+            catalogue.add_host(session=s, name=LOCAL_HOST, docker_url=docker_url, address="127.0.0.1")
             s.commit()
-    runtime = DockerRuntime(host.docker_url, pool_size=settings.node_concurrency + 4)
-    app.node = NodeContext(platform=platform, host=host.name, address=host.address, runtime=runtime)
+    node = node_context(platform, LOCAL_HOST, pool_size=settings.node_concurrency + 4)
+    loops = serve_host(app, node)
+    control.register_api(app, platform)  # the one worker also serves the control queue
     if settings.broker_url.startswith("memory://"):
         # The in-process transport polls; its default of 1 s would add a second to every stage.
         app.conf.broker_transport_options = {**app.conf.broker_transport_options,
@@ -79,14 +77,15 @@ def run_dev(settings: Settings, *, api_port: int | None, demo: bool,
         without_heartbeat=True, without_mingle=True, without_gossip=True, send_events=True,
         ready_callback=None,
     )
-    heartbeat = Heartbeat(platform, host.name, runtime).start()
+    for loop in loops:
+        loop.start()
     thread = threading.Thread(target=worker.start, name="node", daemon=True)
     thread.start()
     if not worker.started.wait(30):
         echo("error: the embedded node did not start")
         return 1
     echo(f"dev platform up: catalogue {settings.database_url}, broker {settings.broker_url}, "
-         f"node for {host.docker_url} as host {LOCAL_HOST}")
+         f"node for {docker_url} as host {LOCAL_HOST}")
     if api_port is not None:
         from orchestrator.api.serve import serve_in_thread
 
@@ -100,13 +99,15 @@ def run_dev(settings: Settings, *, api_port: int | None, demo: bool,
     except KeyboardInterrupt:
         return 0
     finally:
-        heartbeat.stop()
+        for loop in loops:
+            loop.stop()
         worker.stop(in_sighandler=False)
         thread.join(15)
 
 
-def run_demo(platform: operations.Platform, echo: Callable[[str], None]) -> int:
-    """Push, redeploy with a new variable, then an overlap redeploy of the sample service."""
+def run_demo(platform: Platform, echo: Callable[[str], None]) -> int:
+    """Push, redeploy with a new variable, then an overlap redeploy of the sample service. The
+    demo acts as support where the rules ask for it (the overlap period)."""
 
     def step(title: str, op: Any) -> None:
         echo(f"\n== {title}")
@@ -114,29 +115,22 @@ def run_demo(platform: operations.Platform, echo: Callable[[str], None]) -> int:
         if code:
             raise SystemExit(code)
 
-    with platform.session() as s:
-        try:
-            catalogue.get_env(session=s, name=DEMO_ENV)
-        except NotFound:
-            environment = catalogue.create_env(session=s, name=DEMO_ENV, sandbox=True)
-            catalogue.add_service(session=s, env=environment, name=DEMO_SERVICE,
-                                  type=ServiceType.code, image=None, command=DEMO_COMMAND,
-                                  scale=2, size="xs")
-            s.commit()
-        _, svc = catalogue.get_service(session=s, env=DEMO_ENV, name=DEMO_SERVICE)
-        svc.overlap = 0
-        svc.variables = {**svc.variables, "GREETING": "hello"}
-        s.add(svc)
-        s.commit()
+    with platform.reader() as s:
+        exists = any(e.name == DEMO_ENV for e in catalogue.list_envs(session=s))
+    if not exists:
+        requests.create_env(platform, name=DEMO_ENV, sandbox=True, defaults=False)
+        requests.add_service(platform, env=DEMO_ENV, name=DEMO_SERVICE, type=ServiceType.code,
+                             image=None, command=DEMO_COMMAND, scale=2, size="xs")
+    _change(platform, variables={"GREETING": "hello"}, overlap=0)
     step(f"push {DEMO_IMAGE} to {DEMO_ENV}/{DEMO_SERVICE} (2 jobs)",
-         operations.request_push(platform, env=DEMO_ENV, service=DEMO_SERVICE, image=DEMO_IMAGE))
-    _set(platform, variables={"GREETING": "hello again"})
+         requests.request_push(platform, env=DEMO_ENV, service=DEMO_SERVICE, image=DEMO_IMAGE))
+    _change(platform, variables={"GREETING": "hello again"})
     step("redeploy with GREETING changed: stop old jobs, start new ones",
-         operations.request_redeploy(platform, env=DEMO_ENV, service=DEMO_SERVICE))
-    _set(platform, overlap=3)
+         requests.request_redeploy(platform, env=DEMO_ENV, service=DEMO_SERVICE))
+    _change(platform, overlap=3)
     step("redeploy with a 3 s overlap: new jobs first, old ones stop 3 s later",
-         operations.request_redeploy(platform, env=DEMO_ENV, service=DEMO_SERVICE))
-    with platform.session() as s:
+         requests.request_redeploy(platform, env=DEMO_ENV, service=DEMO_SERVICE))
+    with platform.reader() as s:
         environment, svc = catalogue.get_service(session=s, env=DEMO_ENV, name=DEMO_SERVICE)
         jobs = catalogue.list_jobs(session=s, env=environment, service=svc)
     echo("\n== running jobs")
@@ -149,21 +143,19 @@ def run_demo(platform: operations.Platform, echo: Callable[[str], None]) -> int:
     return 0
 
 
-def _set(platform: operations.Platform, *, variables: dict[str, str] | None = None,
-         overlap: int | None = None) -> None:
+def _change(platform: Platform, *, variables: dict[str, str] | None = None,
+            overlap: int | None = None) -> None:
+    """What a user (variables) and support (the overlap) would set between the demo's steps."""
     with platform.session() as s:
         _, svc = catalogue.get_service(session=s, env=DEMO_ENV, name=DEMO_SERVICE)
         if variables:
-            svc.variables = {**svc.variables, **variables}
+            catalogue.set_variables(session=s, service=svc, values=variables)
         if overlap is not None:
-            svc.overlap = overlap
-        s.add(svc)
+            catalogue.update_service(session=s, service=svc, overlap=overlap, redeployable=None,
+                                     support=True)
         s.commit()
 
 
-def _load(platform: operations.Platform, op_id: int) -> Any:
+def _load(platform: Platform, op_id: int) -> OperationPublic:
     with platform.reader() as s:
         return catalogue.operation_public(session=s, op=catalogue.get_operation(session=s, op_id=op_id))
-
-
-

@@ -1,66 +1,44 @@
-"""A node's background loop: heartbeat, clean up containers of replaced jobs, watch the fleet."""
+"""A node's heartbeat: say the host is alive, and keep Docker and the catalogue in step."""
 
 from __future__ import annotations
 
 import logging
-import threading
 
 from orchestrator import fleet
 from orchestrator.models import utcnow
 from orchestrator.names import LABEL_JOB
-from orchestrator.operations import Platform
-from workers.runtime.base import Runtime
+from orchestrator.periodic import Periodic
+from workers.context import NodeContext
 
 log = logging.getLogger(__name__)
 
 
-class Heartbeat:
-    """Every ``settings.heartbeat_interval`` seconds, in a daemon thread. With no ``host`` (the
-    control worker) it only watches the fleet."""
-
-    def __init__(self, platform: Platform, host: str | None, runtime: Runtime | None) -> None:
-        self.platform = platform
-        self.host = host
-        self.runtime = runtime
-        self.stopped = threading.Event()
+class NodeHeartbeat:
+    def __init__(self, node: NodeContext) -> None:
+        self.node = node
         self._capacity: tuple[float, int] | None = None
 
-    def start(self) -> Heartbeat:
-        threading.Thread(target=self._run, name="heartbeat", daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        self.stopped.set()
-
-    def _run(self) -> None:
-        while not self.stopped.is_set():
-            try:
-                self.beat()
-            except Exception:  # a bad beat must not end the loop: the next one may work
-                log.exception("heartbeat failed")
-            self.stopped.wait(self.platform.settings.heartbeat_interval)
+    def periodic(self) -> Periodic:
+        """This heartbeat every ``settings.heartbeat_interval`` seconds, in a thread of its own."""
+        return Periodic("heartbeat", self.node.platform.settings.heartbeat_interval, self.beat)
 
     def beat(self) -> None:
-        settings = self.platform.settings
-        if self.host is not None and self.runtime is not None:
-            if self._capacity is None:
-                self._capacity = self.runtime.capacity()
-            cpus, memory_mb = self._capacity
-            fleet.heartbeat(self.platform, host=self.host, cpus=cpus, memory_mb=memory_mb)
-            self.clean_up()
-        fleet.watch(self.platform, down_after=settings.host_down_after)
+        if self._capacity is None:
+            self._capacity = self.node.runtime.capacity()
+        cpus, memory_mb = self._capacity
+        fleet.heartbeat(self.node.platform, host=self.node.host, cpus=cpus, memory_mb=memory_mb)
+        self.clean_up()
 
     def clean_up(self) -> None:
-        """Keep Docker and the catalogue in step: remove containers of jobs the catalogue replaced
-        while this host was away; fail jobs whose containers were removed behind its back."""
-        assert self.host is not None and self.runtime is not None
+        """Remove containers of jobs the catalogue replaced while this host was away; fail jobs
+        whose containers were removed behind the platform's back."""
+        p, host, runtime = self.node.platform, self.node.host, self.node.runtime
         listed_at = utcnow()
-        by_job = {c.labels[LABEL_JOB]: c.name for c in self.runtime.jobs()}
-        for job_id in fleet.vanished(self.platform, host=self.host, present=set(by_job),
-                                     listed_at=listed_at):
+        by_job = {c.labels[LABEL_JOB]: c.name for c in runtime.jobs()}
+        for job_id in fleet.vanished(p, host=host, present=set(by_job), listed_at=listed_at):
             log.warning("job %s: its container was removed outside the platform", job_id)
-        stale = fleet.leftovers(self.platform, host=self.host, job_ids=list(by_job))
+        stale = fleet.leftovers(p, host=host, job_ids=list(by_job))
         for job_id in stale:
             log.info("removing container %s of replaced job %s", by_job[job_id], job_id)
-            self.runtime.stop(by_job[job_id], timeout=self.platform.settings.stop_timeout)
-        fleet.forget_lost(self.platform, job_ids=stale)
+            runtime.stop(by_job[job_id], timeout=p.settings.stop_timeout)
+        fleet.forget_lost(p, job_ids=stale)

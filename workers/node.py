@@ -1,40 +1,67 @@
-"""A node: the Celery worker of one Docker host, consuming queue host.<name>."""
+"""The processes that consume the platform's queues: a node (the Celery worker of one Docker
+host, queue host.<name>) and the control worker (queue orchestrator).
+
+What runs where, explicitly:
+- a node runs its host's steps (``workers.tasks``) and its heartbeat (``workers.heartbeat``);
+- the control worker runs the task API (``orchestrator.control``);
+- both also host control-plane work, so an operation ends and a dead host is noticed while any
+  platform process lives: the operations' finish task (``orchestrator.control.register_finish``;
+  a chain's finish goes to the node of its first host) and the fleet watcher (``fleet.watcher``).
+"""
 
 from __future__ import annotations
 
 import socket
+from collections.abc import Sequence
 
+from celery import Celery
 from celery.signals import worker_ready
 
-from orchestrator import catalogue, names
-from orchestrator.operations import Platform
-from workers.app import NodeContext, OrchestratorCelery
-from workers.heartbeat import Heartbeat
+from orchestrator import catalogue, control, fleet, names
+from orchestrator.periodic import Periodic
+from orchestrator.platform import Platform
+from workers import tasks
+from workers.context import NodeContext
+from workers.heartbeat import NodeHeartbeat
 from workers.runtime.docker import DockerRuntime
+
+
+def node_context(platform: Platform, host_name: str, *, pool_size: int) -> NodeContext:
+    """The host's catalogue row and a client for its Docker engine."""
+    with platform.session() as s:
+        host = catalogue.get_host(session=s, name=host_name)
+    runtime = DockerRuntime(host.docker_url, pool_size=pool_size)
+    return NodeContext(platform=platform, host=host.name, address=host.address, runtime=runtime)
+
+
+def serve_host(app: Celery, node: NodeContext) -> list[Periodic]:
+    """Register a node's tasks on ``app``; returns its loops (heartbeat, fleet watcher), not
+    started."""
+    tasks.register(app, node)
+    control.register_finish(app, node.platform)
+    return [NodeHeartbeat(node).periodic(), fleet.watcher(node.platform)]
 
 
 def run_node(platform: Platform, host_name: str, *, concurrency: int, loglevel: str) -> None:
     """Run the node of ``host_name`` until stopped (blocks)."""
-    with platform.session() as s:
-        host = catalogue.get_host(session=s, name=host_name)
-    app = platform.app
-    assert isinstance(app, OrchestratorCelery)
-    runtime = DockerRuntime(host.docker_url, pool_size=concurrency + 4)
-    app.node = NodeContext(platform=platform, host=host.name, address=host.address, runtime=runtime)
-    _work(app, [names.host_queue(host.name)], f"{host.name}@{socket.gethostname()}",
-          concurrency, loglevel, Heartbeat(platform, host.name, runtime))
+    node = node_context(platform, host_name, pool_size=concurrency + 4)
+    loops = serve_host(platform.app, node)
+    _work(platform.app, [names.host_queue(node.host)], f"{node.host}@{socket.gethostname()}",
+          concurrency, loglevel, loops)
 
 
 def run_control(platform: Platform, *, concurrency: int, loglevel: str) -> None:
     """Run the control worker (queue ``orchestrator``) until stopped (blocks)."""
+    control.register_api(platform.app, platform)
+    control.register_finish(platform.app, platform)
     _work(platform.app, [names.CONTROL_QUEUE], f"control@{socket.gethostname()}", concurrency,
-          loglevel, Heartbeat(platform, None, None))
+          loglevel, [fleet.watcher(platform)])
 
 
-def _work(app: OrchestratorCelery, queues: list[str], hostname: str, concurrency: int,
-          loglevel: str, heartbeat: Heartbeat) -> None:
-    # The heartbeat starts once the worker is up: its logging is set up by then.
-    worker_ready.connect(lambda **_: heartbeat.start(), weak=False)
+def _work(app: Celery, queues: list[str], hostname: str, concurrency: int, loglevel: str,
+          loops: Sequence[Periodic]) -> None:
+    # The loops start once the worker is up: its logging is set up by then.
+    worker_ready.connect(lambda **_: [loop.start() for loop in loops], weak=False)
     app.worker_main([
         "worker",
         "--queues", ",".join(queues),

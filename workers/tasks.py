@@ -6,39 +6,28 @@ asks for the operation's finish (the chain stops at a failure), then raises so F
 
 from __future__ import annotations
 
-import socket
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from celery import Task
+from celery import Celery, Task
 from celery.exceptions import Retry
 
-from orchestrator import catalogue, dispatch, names, operations
+from orchestrator import catalogue, names
 from orchestrator.models import Job, JobState, Step, StepState, utcnow
+from orchestrator.placement import free_port
 from orchestrator.sizes import parse_size
-from workers.app import NodeContext, OrchestratorCelery
-from workers.runtime.base import ContainerSpec, Runtime
+from workers.context import NodeContext
+from workers.runtime.base import ContainerSpec
+
+log = logging.getLogger(__name__)
 
 
 class StepFailed(Exception):
     """A step could not do its work; the message is the reason shown in ``ops show``."""
-
-
-def platform_of(task: Task) -> operations.Platform:
-    app = task.app
-    if not isinstance(app, OrchestratorCelery) or app.platform is None:
-        raise StepFailed("this worker has no catalogue")
-    return app.platform
-
-
-def node_of(task: Task) -> NodeContext:
-    app = task.app
-    if not isinstance(app, OrchestratorCelery) or app.node is None:
-        raise StepFailed("this worker is not a node: it has no Docker host")
-    return app.node
 
 
 @dataclass(frozen=True)
@@ -52,9 +41,10 @@ class Work:
     job_on_failure: JobState | None = None
 
 
-def run_step(task: Task, step_id: int, work: Work) -> dict[str, Any]:
-    """Run ``work`` as step ``step_id``, recording its state (and its job's) in the catalogue."""
-    node = node_of(task)
+def run_step(node: NodeContext, step_id: int, work: Work, *, env: str = "",
+             service: str = "") -> dict[str, Any]:
+    """Run ``work`` as step ``step_id`` on ``node``, recording its state (and its job's) in the
+    catalogue. A failure asks for the operation's finish (the chain stops there), then raises."""
     p = node.platform
     with p.session() as s:
         step = catalogue.begin_step(session=s, step_id=step_id)
@@ -81,9 +71,7 @@ def run_step(task: Task, step_id: int, work: Work) -> dict[str, Any]:
                 catalogue.set_job_state(session=s, job_id=job.id, state=work.job_on_failure,
                                         error=error)
             s.commit()
-        env, service = _names_of(task)
-        dispatch.send_finish(p.app, step.op_id, env=env, service=service,
-                             queue=names.host_queue(node.host))
+        p.dispatch.send_finish(step.op_id, env=env, service=service, host=node.host)
         raise StepFailed(error) from None
     with p.session() as s:
         if job is not None and work.job_on_done is not None:
@@ -94,13 +82,8 @@ def run_step(task: Task, step_id: int, work: Work) -> dict[str, Any]:
     return {"step": step_id, **result}
 
 
-def _names_of(task: Task) -> tuple[str, str]:
-    kwargs = task.request.kwargs or {}
-    return str(kwargs.get("env", "")), str(kwargs.get("service", ""))
-
-
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
+    text = "; ".join([str(exc).strip() or type(exc).__name__, *getattr(exc, "__notes__", [])])
     return " ".join(text.split())[:2000]
 
 
@@ -118,13 +101,18 @@ def start_job(node: NodeContext, step: Step, job: Job | None) -> dict[str, Any]:
     """Start the job's container (adopting one of the same name) and wait until it is ready."""
     job = _need(job, step)
     try:
-        if job.port is not None and _accepts(node.address, job.port) \
+        if job.port is not None and node.accepts(node.address, job.port) \
                 and node.runtime.inspect(job.container_name) is None:
             job = move_port(node, job)  # a program outside the platform holds it
-        state = node.runtime.run(container_spec(job, s_env=_env_name(node, job)))
-        wait_ready(node.runtime, job, node.address, node.platform.settings.start_timeout)
-    except Exception:
-        node.runtime.stop(job.container_name, timeout=0)  # leave Docker as true as the catalogue
+        state = node.runtime.run(container_spec(job))
+        wait_ready(node, job)
+    except Exception as exc:
+        try:  # leave Docker as true as the catalogue, without hiding why the start failed
+            node.runtime.stop(job.container_name, timeout=0)
+        except Exception as cleanup:
+            log.warning("job %s: removing its container after a failed start failed too: %s",
+                        job.id, cleanup)
+            exc.add_note(f"removing the container failed too: {cleanup}")
         raise
     return {"job": job.id, "container": state.id, "port": job.port}
 
@@ -134,11 +122,12 @@ def move_port(node: NodeContext, job: Job) -> Job:
     p = node.platform
     with node.port_lock, p.session() as s:
         load = next(h for h in catalogue.host_loads(session=s) if h.name == node.host)
-        for port in range(p.settings.port_min, p.settings.port_max + 1):
-            if port not in load.used_ports and not _accepts(node.address, port):
-                moved = catalogue.move_job_port(session=s, job_id=job.id, port=port)
-                s.commit()
-                return moved
+        port = free_port(load.used_ports, p.settings.port_min, p.settings.port_max,
+                         usable=lambda candidate: not node.accepts(node.address, candidate))
+        if port is not None:
+            moved = catalogue.move_job_port(session=s, job_id=job.id, port=port)
+            s.commit()
+            return moved
     raise StepFailed(f"port {job.port} on host {node.host} is held by a program outside the platform, "
                      "and no other port of the range is free")
 
@@ -156,14 +145,11 @@ def _need(job: Job | None, step: Step) -> Job:
     return job
 
 
-def _env_name(node: NodeContext, job: Job) -> str:
-    return job.environment.get("ORCH_ENV", "")
-
-
-def container_spec(job: Job, *, s_env: str) -> ContainerSpec:
+def container_spec(job: Job) -> ContainerSpec:
+    """The container of a job: its image, command, variables, size, volumes and labels."""
     size = parse_size(job.size)
     labels = {
-        names.LABEL_ENV: s_env,
+        names.LABEL_ENV: job.environment.get("ORCH_ENV", ""),
         names.LABEL_SERVICE: job.environment.get("ORCH_SERVICE", ""),
         names.LABEL_JOB: job.id,
         names.LABEL_KIND: job.kind,
@@ -179,19 +165,20 @@ def container_spec(job: Job, *, s_env: str) -> ContainerSpec:
     )
 
 
-def wait_ready(runtime: Runtime, job: Job, address: str, timeout: float) -> None:
+def wait_ready(node: NodeContext, job: Job) -> None:
     """Ready = still running and, for a job with a port, accepting TCP connections on it.
     A container that exits or restarts meanwhile fails at once, with its last log lines."""
+    timeout = node.platform.settings.start_timeout
     deadline = time.monotonic() + timeout
     settle = time.monotonic() + 0.3
     while True:
-        if job.port is not None and _accepts(address, job.port):
+        if job.port is not None and node.accepts(node.address, job.port):
             return  # listening: no need to ask Docker
-        state = runtime.inspect(job.container_name)
+        state = node.runtime.inspect(job.container_name)
         if state is None:
             raise StepFailed(f"container {job.container_name} vanished while starting")
         if state.status != "running" or state.restart_count > 0:
-            logs = " | ".join(runtime.logs(job.container_name, tail=5).splitlines())
+            logs = " | ".join(node.runtime.logs(job.container_name, tail=5).splitlines())
             raise StepFailed(
                 f"container exited at once (exit code {state.exit_code})"
                 + (f"; last output: {logs}" if logs else "")
@@ -203,14 +190,7 @@ def wait_ready(runtime: Runtime, job: Job, address: str, timeout: float) -> None
         time.sleep(0.05)
 
 
-def _accepts(address: str, port: int) -> bool:
-    try:
-        with socket.create_connection((address, port), timeout=0.2):
-            return True
-    except OSError:
-        return False
-
-
+CHECK_IMAGE = Work(check_image)
 START = Work(start_job, job_on_begin=JobState.starting, job_on_done=JobState.running,
              job_on_failure=JobState.failed)
 STOP = Work(stop_job, job_on_begin=JobState.stopping, job_on_done=JobState.stopped)
@@ -219,36 +199,36 @@ STOP = Work(stop_job, job_on_begin=JobState.stopping, job_on_done=JobState.stopp
 # --- registration ---------------------------------------------------------------------------------
 
 
-def register(app: OrchestratorCelery) -> None:
-    """Register the node's tasks on ``app`` under their stable names."""
+def register(app: Celery, node: NodeContext) -> None:
+    """Register the step tasks of ``node`` on ``app`` under their stable names. Their keyword
+    arguments besides ``step_id`` only tell a Flower reader what the step serves."""
 
-    @app.task(name=names.TASK_CHECK_IMAGE, shared=False, bind=True)
-    def check_image_task(self: Task, step_id: int, **labels: Any) -> dict[str, Any]:
-        return run_step(self, step_id, Work(check_image))
+    @app.task(name=names.TASK_CHECK_IMAGE, shared=False)
+    def check_image_task(step_id: int, env: str = "", service: str = "", **_labels: Any) -> dict[str, Any]:
+        return run_step(node, step_id, CHECK_IMAGE, env=env, service=service)
 
-    @app.task(name=names.TASK_START_JOB, shared=False, bind=True)
-    def start_job_task(self: Task, step_id: int, **labels: Any) -> dict[str, Any]:
-        return run_step(self, step_id, START)
+    @app.task(name=names.TASK_START_JOB, shared=False)
+    def start_job_task(step_id: int, env: str = "", service: str = "", **_labels: Any) -> dict[str, Any]:
+        return run_step(node, step_id, START, env=env, service=service)
 
-    @app.task(name=names.TASK_STOP_JOB, shared=False, bind=True)
-    def stop_job_task(self: Task, step_id: int, **labels: Any) -> dict[str, Any]:
-        return run_step(self, step_id, STOP)
+    @app.task(name=names.TASK_STOP_JOB, shared=False)
+    def stop_job_task(step_id: int, env: str = "", service: str = "", **_labels: Any) -> dict[str, Any]:
+        return run_step(node, step_id, STOP, env=env, service=service)
 
     @app.task(name=names.TASK_WAIT, shared=False, bind=True, max_retries=None)
-    def wait_task(self: Task, step_id: int, **labels: Any) -> dict[str, Any]:
-        def body(node: NodeContext, step: Step, _job: Job | None) -> dict[str, Any]:
-            started = step.started_at or utcnow()
-            remaining = (started + timedelta(seconds=step.seconds or 0) - utcnow()).total_seconds()
+    def wait_task(self: Task, step_id: int, env: str = "", service: str = "",
+                  **_labels: Any) -> dict[str, Any]:
+        def body(_node: NodeContext, step: Step, _job: Job | None) -> dict[str, Any]:
+            remaining = wait_remaining(step)
             if remaining > 0.05:
                 # Ask again later instead of sleeping: the wait holds no worker slot.
                 raise self.retry(countdown=remaining)
             return {"waited": step.seconds}
 
-        return run_step(self, step_id, Work(body))
+        return run_step(node, step_id, Work(body), env=env, service=service)
 
-    @app.task(name=names.TASK_FINISH, shared=False, bind=True, max_retries=None)
-    def finish_task(self: Task, op_id: int, **labels: Any) -> dict[str, Any]:
-        ended = operations.finish(platform_of(self), op_id)
-        if ended is None:
-            raise self.retry(countdown=0.5)
-        return {"op": op_id, "ended": ended}
+
+def wait_remaining(step: Step) -> float:
+    """Seconds an overlap wait step has still to wait, from when it started."""
+    started = step.started_at or utcnow()
+    return (started + timedelta(seconds=step.seconds or 0) - utcnow()).total_seconds()

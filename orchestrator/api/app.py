@@ -13,8 +13,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 from sqlmodel import Session
 
-from orchestrator import catalogue, operations
-from orchestrator.catalogue import BadInput, NotFound
+from orchestrator import catalogue, requests, rules, spec
+from orchestrator.errors import BadInput, NotFound
 from orchestrator.models import (
     EnvironmentPublic,
     JobPublic,
@@ -22,7 +22,9 @@ from orchestrator.models import (
     ReleasePublic,
     Role,
     ServicePublic,
+    VariableView,
 )
+from orchestrator.platform import Platform
 
 MAX_NAME = 63
 
@@ -49,7 +51,7 @@ class RedeployBody(BaseModel):
 
 
 class ScaleBody(BaseModel):
-    scale: int = Field(ge=0, le=1000)
+    scale: int = Field(ge=0, le=rules.MAX_SCALE)
 
 
 class WorkerScaleBody(BaseModel):
@@ -66,17 +68,11 @@ class VariablesBody(BaseModel):
     unset: list[str] = Field(default_factory=list)
 
 
-class Variable(BaseModel):
-    name: str
-    value: str
-    source: str
-
-
 _bearer = HTTPBearer(auto_error=False)
 
 
-def _platform(request: Request) -> operations.Platform:
-    platform: operations.Platform = request.app.state.platform
+def _platform(request: Request) -> Platform:
+    platform: Platform = request.app.state.platform
     return platform
 
 
@@ -113,7 +109,7 @@ ReadDb = Annotated[Session, Depends(_reader)]
 Who = Annotated[Role, Depends(_role)]
 
 
-def create_api(platform: operations.Platform) -> FastAPI:
+def create_api(platform: Platform) -> FastAPI:
     api = FastAPI(title="orchestrator", version="1", openapi_url="/api/v1/openapi.json",
                   docs_url="/docs")
     api.state.platform = platform
@@ -160,14 +156,16 @@ def create_api(platform: operations.Platform) -> FastAPI:
         db.commit()
         return catalogue.service_public(service, environment)
 
-    @v1.get("/envs/{env}/services/{svc}/variables", response_model=list[Variable])
-    def list_variables(env: str, svc: str, db: ReadDb, _: Who) -> Any:
-        _env, service = catalogue.get_service(session=db, env=env, name=svc)
-        return [Variable(name=k, value=v, source="user") for k, v in sorted(service.variables.items())]
+    @v1.get("/envs/{env}/services/{svc}/variables", response_model=list[VariableView])
+    def list_variables(env: str, svc: str, db: ReadDb, _: Who, show_secrets: bool = False) -> Any:
+        """User and automatic variables with their source, secrets masked unless asked for."""
+        environment, service = catalogue.get_service(session=db, env=env, name=svc)
+        return spec.shown(spec.variables_for(db, environment, service), show_secrets=show_secrets)
 
-    @v1.patch("/envs/{env}/services/{svc}/variables", response_model=list[Variable])
+    @v1.patch("/envs/{env}/services/{svc}/variables", response_model=list[VariableView])
     def change_variables(env: str, svc: str, body: VariablesBody, db: Db, _: Who) -> Any:
-        _env, service = catalogue.get_service(session=db, env=env, name=svc)
+        """Set and unset user variables; answers with the listing, secrets masked."""
+        environment, service = catalogue.get_service(session=db, env=env, name=svc)
         if not body.set and not body.unset:
             raise BadInput("give variables to set or unset")
         if body.unset:
@@ -175,7 +173,7 @@ def create_api(platform: operations.Platform) -> FastAPI:
         if body.set:
             catalogue.set_variables(session=db, service=service, values=body.set)
         db.commit()
-        return [Variable(name=k, value=v, source="user") for k, v in sorted(service.variables.items())]
+        return spec.shown(spec.variables_for(db, environment, service), show_secrets=False)
 
     @v1.get("/envs/{env}/services/{svc}/releases", response_model=list[ReleasePublic])
     def list_releases(env: str, svc: str, db: ReadDb, _: Who) -> Any:
@@ -203,33 +201,33 @@ def create_api(platform: operations.Platform) -> FastAPI:
 
     @v1.post("/envs/{env}/services/{svc}/push", status_code=202, response_model=OperationAccepted)
     def push(env: str, svc: str, body: PushBody, _: Who) -> Any:
-        return start(operations.request_push, env=env, service=svc, image=body.image)
+        return start(requests.request_push, env=env, service=svc, image=body.image)
 
     @v1.post("/hooks/push", status_code=202, response_model=OperationAccepted)
     def push_hook(body: HookBody, _: Who) -> Any:
         """The code-push webhook: a new image for a code service makes a release and deploys it."""
-        return start(operations.request_push, env=body.env, service=body.service, image=body.image)
+        return start(requests.request_push, env=body.env, service=body.service, image=body.image)
 
     @v1.post("/envs/{env}/services/{svc}/redeploy", status_code=202, response_model=OperationAccepted)
     def redeploy(env: str, svc: str, who: Who, body: RedeployBody | None = None) -> Any:
         support = bool(body and body.support)
         if support:
             support_only(who)
-        return start(operations.request_redeploy, env=env, service=svc, support=support)
+        return start(requests.request_redeploy, env=env, service=svc, support=support)
 
     @v1.post("/envs/{env}/services/{svc}/rollback/{release}", status_code=202,
              response_model=OperationAccepted)
     def rollback(env: str, svc: str, release: int, _: Who) -> Any:
-        return start(operations.request_redeploy, env=env, service=svc, release=release)
+        return start(requests.request_redeploy, env=env, service=svc, release=release)
 
     @v1.post("/envs/{env}/services/{svc}/scale", status_code=202, response_model=OperationAccepted)
     def scale(env: str, svc: str, body: ScaleBody, _: Who) -> Any:
-        return start(operations.request_scale, env=env, service=svc, scale=body.scale)
+        return start(requests.request_scale, env=env, service=svc, scale=body.scale)
 
     @v1.post("/envs/{env}/services/{svc}/workers/{target}/scale", status_code=202,
              response_model=OperationAccepted)
     def worker_scale(env: str, svc: str, target: str, body: WorkerScaleBody, _: Who) -> Any:
-        return start(operations.request_worker_scale, env=env, service=svc, target=target,
+        return start(requests.request_worker_scale, env=env, service=svc, target=target,
                      scale=body.scale)
 
     api.include_router(v1)

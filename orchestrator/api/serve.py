@@ -7,7 +7,7 @@ import threading
 import uvicorn
 
 from orchestrator.api.app import create_api
-from orchestrator.operations import Platform
+from orchestrator.platform import Platform
 
 
 def _server(platform: Platform, port: int, host: str) -> uvicorn.Server:

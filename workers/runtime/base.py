@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import builtins
 import hashlib
 import json
 from collections.abc import Mapping
@@ -10,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 
-class RuntimeError_(Exception):
+class ContainerError(Exception):
     """A container operation failed; the message says why in one line."""
 
 
@@ -65,10 +64,10 @@ class Runtime(Protocol):
     def stop(self, name: str, timeout: int) -> None:
         """Stop (SIGTERM, SIGKILL after ``timeout`` s) and remove; a missing container is fine."""
 
-    def list(self, labels: Mapping[str, str]) -> list[ContainerState]:
+    def find(self, labels: Mapping[str, str]) -> list[ContainerState]:
         """Containers, running or not, carrying all of ``labels``."""
 
-    def jobs(self) -> builtins.list[ContainerState]:
+    def jobs(self) -> list[ContainerState]:
         """Containers, running or not, of any platform job (labelled orchestrator.job)."""
 
     def capacity(self) -> tuple[float, int]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import builtins
 import os
 import time
 from collections.abc import Mapping
@@ -16,7 +15,7 @@ from docker.tls import TLSConfig
 from docker.utils import kwargs_from_env
 
 from orchestrator.names import LABEL_CONFIG_HASH, LABEL_JOB
-from workers.runtime.base import ContainerSpec, ContainerState, RuntimeError_, config_hash
+from workers.runtime.base import ContainerError, ContainerSpec, ContainerState, config_hash
 
 
 class DockerRuntime:
@@ -42,21 +41,26 @@ class DockerRuntime:
         wanted_hash = config_hash(spec)
         existing = self._get(spec.name)
         if existing is not None and existing.labels.get(LABEL_CONFIG_HASH) != wanted_hash:
-            existing.remove(force=True)  # same name, other config: never adopt a stale container
+            try:  # same name, other config: never adopt a stale container
+                existing.remove(force=True)
+            except NotFound:
+                pass
+            except APIError as exc:
+                raise ContainerError(_reason(exc)) from exc
             existing = None
         if existing is None:
             try:
                 existing = self._create(spec, wanted_hash)
             except APIError as exc:
                 if exc.status_code != 409:  # 409: created meanwhile by a redelivered twin
-                    raise RuntimeError_(_reason(exc)) from exc
+                    raise ContainerError(_reason(exc)) from exc
                 existing = self._await_twin(spec.name, exc)
         if existing.status == "running":
             return _state(existing)
         try:
             existing.start()
         except APIError as exc:
-            raise RuntimeError_(_reason(exc)) from exc
+            raise ContainerError(_reason(exc)) from exc
         # Started: what the caller needs is known without another round trip to Docker.
         return replace(_state(existing), status="running")
 
@@ -68,7 +72,7 @@ class DockerRuntime:
             if found is not None:
                 return found
             time.sleep(0.05)
-        raise RuntimeError_(_reason(conflict)) from conflict
+        raise ContainerError(_reason(conflict)) from conflict
 
     def _create(self, spec: ContainerSpec, wanted_hash: str) -> Container:
         labels = {**spec.labels, LABEL_CONFIG_HASH: wanted_hash}
@@ -96,7 +100,7 @@ class DockerRuntime:
         try:
             container: Container = self.client.containers.create(spec.image, **options)
         except ImageNotFound as exc:
-            raise RuntimeError_(f"image {spec.image} is not on this host") from exc
+            raise ContainerError(f"image {spec.image} is not on this host") from exc
         return container
 
     def inspect(self, name: str) -> ContainerState | None:
@@ -122,13 +126,13 @@ class DockerRuntime:
         except APIError as exc:
             if exc.status_code == 409 and "in progress" in str(exc):
                 return  # removal already under way
-            raise RuntimeError_(_reason(exc)) from exc
+            raise ContainerError(_reason(exc)) from exc
 
-    def list(self, labels: Mapping[str, str]) -> list[ContainerState]:
+    def find(self, labels: Mapping[str, str]) -> list[ContainerState]:
         filters: dict[str, str | list[str] | bool] = {"label": [f"{k}={v}" for k, v in labels.items()]}
         return [_state(c) for c in self.client.containers.list(all=True, filters=filters)]
 
-    def jobs(self) -> builtins.list[ContainerState]:
+    def jobs(self) -> list[ContainerState]:
         # sparse: one list call, no inspect per container (this runs every heartbeat)
         found = self.client.containers.list(all=True, sparse=True, filters={"label": [LABEL_JOB]})
         return [

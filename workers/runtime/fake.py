@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import builtins
 import itertools
 import threading
 from collections.abc import Mapping
 from dataclasses import replace
 
 from orchestrator.names import LABEL_JOB
-from workers.runtime.base import ContainerSpec, ContainerState, RuntimeError_, config_hash
+from workers.runtime.base import ContainerError, ContainerSpec, ContainerState, config_hash
 
 
 class FakeRuntime:
@@ -18,6 +17,7 @@ class FakeRuntime:
         self.crashing = set(crashing or ())  # images whose containers exit at once
         self.containers: dict[str, ContainerState] = {}
         self.hashes: dict[str, str] = {}
+        self.ports: dict[str, int] = {}  # container name -> the PORT it was given
         self.cpus, self.memory_mb = 4.0, 8192
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -28,7 +28,7 @@ class FakeRuntime:
     def run(self, spec: ContainerSpec) -> ContainerState:
         with self._lock:
             if spec.image not in self.images:
-                raise RuntimeError_(f"image {spec.image} is not on this host")
+                raise ContainerError(f"image {spec.image} is not on this host")
             state = self.containers.get(spec.name)
             wanted = config_hash(spec)
             if state is not None and self.hashes.get(spec.name) != wanted:
@@ -44,6 +44,8 @@ class FakeRuntime:
             else:
                 state = replace(state, status="running")
             self.containers[spec.name] = state
+            if "PORT" in spec.environment:
+                self.ports[spec.name] = int(spec.environment["PORT"])
             return state
 
     def inspect(self, name: str) -> ContainerState | None:
@@ -56,15 +58,21 @@ class FakeRuntime:
         with self._lock:
             self.containers.pop(name, None)
             self.hashes.pop(name, None)
+            self.ports.pop(name, None)
 
-    def list(self, labels: Mapping[str, str]) -> list[ContainerState]:
+    def find(self, labels: Mapping[str, str]) -> list[ContainerState]:
         return [
             c for c in self.containers.values()
             if all(c.labels.get(k) == v for k, v in labels.items())
         ]
 
-    def jobs(self) -> builtins.list[ContainerState]:
+    def jobs(self) -> list[ContainerState]:
         return [c for c in self.containers.values() if LABEL_JOB in c.labels]
+
+    def listening(self, port: int) -> bool:
+        """Whether a running container of this runtime was given ``port`` (it "listens")."""
+        return any(self.containers[name].status == "running" for name, p in self.ports.items()
+                   if p == port and name in self.containers)
 
     def capacity(self) -> tuple[float, int]:
         return self.cpus, self.memory_mb

@@ -1,0 +1,91 @@
+"""Docker hosts, and the load and ports their active jobs hold."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+from sqlmodel import Session, col, select
+
+from orchestrator.errors import BadInput, NotFound
+from orchestrator.models import (
+    ACTIVE_JOB_STATES,
+    Host,
+    HostPublic,
+    HostState,
+    Job,
+    JobState,
+)
+from orchestrator.placement import HostLoad
+from orchestrator.rules import check_name
+from orchestrator.sizes import parse_size
+
+
+def add_host(*, session: Session, name: str, docker_url: str, address: str) -> Host:
+    check_name("host", name)
+    if not re.match(r"^(unix|tcp|ssh|http|https)://", docker_url):
+        raise BadInput(f"docker URL {docker_url!r} must start with unix://, tcp://, ssh:// or http(s)://")
+    if session.exec(select(Host).where(Host.name == name)).first() is not None:
+        raise BadInput(f"host {name} exists already")
+    host = Host(name=name, docker_url=docker_url, address=address)
+    session.add(host)
+    session.flush()
+    return host
+
+
+def get_host(*, session: Session, name: str) -> Host:
+    host = session.exec(select(Host).where(Host.name == name)).first()
+    if host is None:
+        raise NotFound(f"no host named {name}")
+    return host
+
+
+def list_hosts(*, session: Session) -> list[Host]:
+    return list(session.exec(select(Host).order_by(col(Host.name))))
+
+
+def host_views(*, session: Session) -> list[HostPublic]:
+    """Hosts with their active jobs and the capacity those leave free."""
+    loads = {h.name: h for h in host_loads(session=session)}
+    counts: dict[str, int] = defaultdict(int)
+    for job in session.exec(select(Job).where(col(Job.state).in_(ACTIVE_JOB_STATES))):
+        counts[job.host] += 1
+    views = []
+    for h in list_hosts(session=session):
+        load = loads[h.name]
+        views.append(HostPublic(
+            name=h.name, docker_url=h.docker_url, address=h.address, state=h.state,
+            last_seen=h.last_seen, jobs=counts[h.name], cpus=h.cpus, memory_mb=h.memory_mb,
+            free_cpus=round(max(0.0, h.cpus - load.used_cpus), 3),
+            free_memory_mb=max(0, h.memory_mb - load.used_memory_mb),
+        ))
+    return views
+
+
+def host_loads(*, session: Session) -> list[HostLoad]:
+    """Every host with the CPU, memory and ports its active jobs hold."""
+    used_cpus: dict[str, float] = defaultdict(float)
+    used_mem: dict[str, int] = defaultdict(int)
+    ports: dict[str, set[int]] = defaultdict(set)
+    # A lost job's container may still hold its port on its (unreachable) host: keep it taken.
+    holding = (*ACTIVE_JOB_STATES, JobState.stopping, JobState.lost)
+    for job in session.exec(select(Job).where(col(Job.state).in_(holding))):
+        if job.port is not None:
+            ports[job.host].add(job.port)
+        if job.state in ACTIVE_JOB_STATES:
+            size = parse_size(job.size)
+            used_cpus[job.host] += size.cpus
+            used_mem[job.host] += size.memory_mb
+    hosts = list_hosts(session=session)
+    # Hosts that share an address (several daemons on one machine) share its ports.
+    by_address: dict[str, set[int]] = defaultdict(set)
+    for h in hosts:
+        by_address[h.address] |= ports[h.name]
+    return [
+        HostLoad(
+            name=h.name, schedulable=h.state == HostState.up, address=h.address, cpus=h.cpus,
+            memory_mb=h.memory_mb, used_cpus=used_cpus[h.name], used_memory_mb=used_mem[h.name],
+            used_ports=frozenset(by_address[h.address]),
+        )
+        for h in hosts
+    ]

@@ -1,0 +1,130 @@
+"""Operations and their steps. The conditional updates (claiming a service, moving a step on)
+are single UPDATE ... WHERE statements, so concurrent nodes and CLIs agree on who won."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sqlalchemy import update
+from sqlmodel import Session, col, select
+
+from orchestrator.errors import NotFound
+from orchestrator.models import (
+    Environment,
+    Operation,
+    OperationPublic,
+    OpKind,
+    OpParams,
+    OpState,
+    OpTrigger,
+    Service,
+    Step,
+    StepPublic,
+    StepState,
+    utcnow,
+)
+from orchestrator.rules import MAX_ID
+
+
+def record_operation(*, session: Session, env: Environment, service: Service, kind: OpKind,
+                     trigger: OpTrigger, params: OpParams | None = None) -> Operation:
+    op = Operation(kind=kind, env_id=env.id or 0, service_id=service.id or 0, trigger=trigger)
+    op.parameters = params or OpParams()
+    session.add(op)
+    session.flush()
+    return op
+
+
+def claim_next_operation(*, session: Session, service_id: int) -> Operation | None:
+    """Make the oldest queued operation of the service its active one, if none is active.
+
+    Whoever's UPDATE matches wins; everyone else gets None. Called after recording an operation
+    and after finishing one, so a queued operation is never left behind."""
+    op = session.exec(
+        select(Operation)
+        .where(Operation.service_id == service_id, Operation.state == OpState.queued)
+        .order_by(col(Operation.id))
+    ).first()
+    if op is None:
+        return None
+    won = session.exec(
+        update(Service)
+        .where(col(Service.id) == service_id, col(Service.active_op_id).is_(None))
+        .values(active_op_id=op.id)
+    ).rowcount
+    return op if won == 1 else None
+
+
+def release_service(*, session: Session, service_id: int, op_id: int) -> None:
+    session.exec(
+        update(Service)
+        .where(col(Service.id) == service_id, col(Service.active_op_id) == op_id)
+        .values(active_op_id=None)
+    )
+
+
+def end_operation(*, session: Session, op_id: int, state: OpState, error: str | None) -> bool:
+    """Running (or queued) -> succeeded/failed, once; False when another caller already ended it."""
+    return session.exec(
+        update(Operation)
+        .where(col(Operation.id) == op_id,
+               col(Operation.state).in_((OpState.running, OpState.queued)))
+        .values(state=state, error=error, finished_at=utcnow())
+    ).rowcount == 1
+
+
+def get_operation(*, session: Session, op_id: int) -> Operation:
+    op = session.get(Operation, op_id) if 0 < op_id <= MAX_ID else None
+    if op is None:
+        raise NotFound(f"no operation {op_id}")
+    return op
+
+
+def list_operations(*, session: Session, env: Environment | None = None,
+                    limit: int = 50) -> list[Operation]:
+    query = select(Operation)
+    if env is not None:
+        query = query.where(Operation.env_id == env.id)
+    return list(session.exec(query.order_by(col(Operation.id).desc()).limit(limit)))
+
+
+def steps_of(*, session: Session, op_id: int) -> list[Step]:
+    query = select(Step).where(Step.op_id == op_id).order_by(col(Step.stage), col(Step.id))
+    return list(session.exec(query))
+
+
+def operation_public(*, session: Session, op: Operation, steps: Sequence[Step] | None = None
+                     ) -> OperationPublic:
+    env = session.get(Environment, op.env_id)
+    service = session.get(Service, op.service_id)
+    if steps is None:
+        steps = steps_of(session=session, op_id=op.id or 0)
+    return OperationPublic(
+        env=env.name if env else "?", service=service.name if service else "?",
+        steps=[StepPublic(job=s.job_id, **s.model_dump()) for s in steps],
+        **op.model_dump(exclude={"env_id", "service_id"}),
+    )
+
+
+def begin_step(*, session: Session, step_id: int) -> Step | None:
+    """pending -> running; None when the step already ran or was skipped (a redelivery)."""
+    moved = session.exec(
+        update(Step)
+        .where(col(Step.id) == step_id, col(Step.state) == StepState.pending)
+        .values(state=StepState.running, started_at=utcnow())
+    ).rowcount
+    return session.get(Step, step_id) if moved == 1 else None
+
+
+def end_step(*, session: Session, step_id: int, state: StepState, error: str | None = None) -> None:
+    session.exec(
+        update(Step).where(col(Step.id) == step_id)
+        .values(state=state, error=error, finished_at=utcnow())
+    )
+
+
+def skip_pending_steps(*, session: Session, op_id: int) -> None:
+    session.exec(
+        update(Step).where(col(Step.op_id) == op_id, col(Step.state) == StepState.pending)
+        .values(state=StepState.skipped, finished_at=utcnow())
+    )

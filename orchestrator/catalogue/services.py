@@ -1,0 +1,164 @@
+"""Environments, services, their variables, worker targets and releases."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from sqlalchemy import func
+from sqlmodel import Session, col, select
+
+from orchestrator import rules, service_types
+from orchestrator.errors import BadInput, NotFound
+from orchestrator.models import (
+    Environment,
+    Release,
+    Service,
+    ServicePublic,
+    ServiceType,
+    WorkerTarget,
+)
+from orchestrator.rules import MAX_ID, check_name
+
+
+def create_env(*, session: Session, name: str, sandbox: bool) -> Environment:
+    check_name("environment", name)
+    if session.exec(select(Environment).where(Environment.name == name)).first() is not None:
+        raise BadInput(f"environment {name} exists already")
+    env = Environment(name=name, sandbox=sandbox)
+    session.add(env)
+    session.flush()
+    return env
+
+
+def get_env(*, session: Session, name: str) -> Environment:
+    env = session.exec(select(Environment).where(Environment.name == name)).first()
+    if env is None:
+        raise NotFound(f"no environment named {name}")
+    return env
+
+
+def get_env_by_id(*, session: Session, env_id: int) -> Environment:
+    env = session.get(Environment, env_id)
+    if env is None:
+        raise NotFound(f"no environment {env_id}")
+    return env
+
+
+def list_envs(*, session: Session) -> list[Environment]:
+    return list(session.exec(select(Environment).order_by(col(Environment.name))))
+
+
+def add_service(*, session: Session, env: Environment, name: str, type: ServiceType,
+                image: str | None, command: str | None, scale: int, size: str) -> Service:
+    check_name("service", name)
+    rules.check_scale(type, scale)
+    rules.check_size(size)
+    image = image or service_types.profile(type).default_image
+    if not image and type != ServiceType.code:
+        raise BadInput(f"a {type} service needs --image")
+    exists = select(Service).where(Service.env_id == env.id, Service.name == name)
+    if session.exec(exists).first() is not None:
+        raise BadInput(f"service {name} exists already in {env.name}")
+    service = Service(env_id=env.id or 0, name=name, type=type, image=image, command=command,
+                      scale=scale, size=size,
+                      credentials=service_types.new_credentials(type, name))
+    session.add(service)
+    session.flush()
+    return service
+
+
+def get_service(*, session: Session, env: str, name: str) -> tuple[Environment, Service]:
+    environment = get_env(session=session, name=env)
+    service = session.exec(
+        select(Service).where(Service.env_id == environment.id, Service.name == name)
+    ).first()
+    if service is None:
+        raise NotFound(f"no service named {name} in environment {env}")
+    return environment, service
+
+
+def list_services(*, session: Session, env: Environment) -> list[Service]:
+    query = select(Service).where(Service.env_id == env.id).order_by(col(Service.name))
+    return list(session.exec(query))
+
+
+def update_service(*, session: Session, service: Service, overlap: int | None,
+                   redeployable: bool | None, support: bool) -> Service:
+    """The support-only settings: the overlap period and the redeployable flag."""
+    if overlap is None and redeployable is None:
+        raise BadInput("nothing to update: give the overlap or the redeployable flag")
+    if not support:
+        raise BadInput("only support may set the overlap period or the redeployable flag")
+    if overlap is not None:
+        if overlap < 0:
+            raise BadInput("overlap must be 0 or more seconds")
+        if overlap and service.type != ServiceType.code:
+            raise BadInput("an overlap period is for code services only")
+        service.overlap = overlap
+    if redeployable is not None:
+        service.redeployable = redeployable
+    session.add(service)
+    return service
+
+
+def set_variables(*, session: Session, service: Service, values: dict[str, str]) -> None:
+    """User variables; they take effect at the next redeploy."""
+    values = rules.check_variables(values)
+    service.variables = {**service.variables, **values}
+    session.add(service)
+
+
+def unset_variables(*, session: Session, service: Service, keys: Iterable[str]) -> None:
+    keys = list(keys)
+    missing = [k for k in keys if k not in service.variables]
+    if missing:
+        raise BadInput(f"service {service.name} has no variable {missing[0]}")
+    service.variables = {k: v for k, v in service.variables.items() if k not in keys}
+    session.add(service)
+
+
+def service_public(service: Service, env: Environment) -> ServicePublic:
+    return ServicePublic(env=env.name, **service.model_dump(exclude={"env_id", "credentials"}))
+
+
+def workers_of(*, session: Session, service: Service) -> list[WorkerTarget]:
+    query = select(WorkerTarget).where(WorkerTarget.service_id == service.id)
+    return list(session.exec(query.order_by(col(WorkerTarget.name))))
+
+
+def find_worker(*, session: Session, service: Service, name: str) -> WorkerTarget | None:
+    query = select(WorkerTarget).where(WorkerTarget.service_id == service.id, WorkerTarget.name == name)
+    return session.exec(query).first()
+
+
+def get_worker(*, session: Session, service: Service, name: str) -> WorkerTarget:
+    worker = find_worker(session=session, service=service, name=name)
+    if worker is None:
+        raise NotFound(f"service {service.name} has no worker target {name}")
+    return worker
+
+
+def add_release(*, session: Session, service: Service, image: str) -> Release:
+    last = session.exec(
+        select(func.max(Release.number)).where(Release.service_id == service.id)
+    ).first()
+    release = Release(service_id=service.id or 0, number=(last or 0) + 1, image=image)
+    session.add(release)
+    session.flush()
+    return release
+
+
+def get_release(*, session: Session, service: Service, number: int) -> Release:
+    if not 0 < number <= MAX_ID:
+        raise NotFound(f"service {service.name} has no release {number}")
+    release = session.exec(
+        select(Release).where(Release.service_id == service.id, Release.number == number)
+    ).first()
+    if release is None:
+        raise NotFound(f"service {service.name} has no release {number}")
+    return release
+
+
+def list_releases(*, session: Session, service: Service) -> list[Release]:
+    query = select(Release).where(Release.service_id == service.id).order_by(col(Release.number))
+    return list(session.exec(query))

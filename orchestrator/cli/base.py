@@ -1,0 +1,107 @@
+"""What every command shares: the lazy context, the one place bad input becomes exit 2,
+output helpers, the ENV SVC arguments, and following an operation."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Sequence
+from functools import cached_property
+from typing import Any, TypeVar
+
+import click
+from pydantic import BaseModel
+
+from orchestrator import catalogue, progress
+from orchestrator.errors import BadInput
+from orchestrator.models import Operation, OperationPublic
+from orchestrator.platform import Platform, make_platform
+from orchestrator.settings import Settings, get_settings
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Context:
+    """Built lazily so ``--help`` and bad input need no database or broker."""
+
+    @cached_property
+    def settings(self) -> Settings:
+        return get_settings()
+
+    @cached_property
+    def platform(self) -> Platform:
+        return make_platform(self.settings)
+
+
+pass_ctx = click.make_pass_decorator(Context, ensure=True)
+
+
+def fail(message: str, code: int = 2) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+class OneLineGroup(click.Group):
+    """Usage errors and refused requests end as one line on stderr and exit 2."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("standalone_mode", False)
+        try:
+            return super().main(*args, **kwargs)
+        except click.UsageError as exc:
+            fail(" ".join(exc.format_message().split()))
+        except BadInput as exc:
+            fail(str(exc))
+        except click.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """A small platform-as-a-service control plane."""
+
+
+def env_svc(fn: F) -> F:
+    """The ENV SVC arguments, as ``env_name`` and ``name``."""
+    fn = click.argument("name", metavar="SVC")(fn)
+    return click.argument("env_name", metavar="ENV")(fn)
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+wait_option = click.option("--wait", is_flag=True, help="Follow the operation to its end.")
+
+
+def emit(data: Any) -> None:
+    def plain(x: Any) -> Any:
+        if isinstance(x, BaseModel):
+            return x.model_dump(mode="json")
+        if isinstance(x, list):
+            return [plain(i) for i in x]
+        return x
+
+    click.echo(json.dumps(plain(data), indent=2, default=str))
+
+
+def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> None:
+    cells = [[("" if c is None else str(c)) for c in row] for row in [headers, *rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for row in cells:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def load_op(ctx: Context, op_id: int) -> OperationPublic:
+    with ctx.platform.reader() as s:
+        return catalogue.operation_public(session=s, op=catalogue.get_operation(session=s, op_id=op_id))
+
+
+def follow(ctx: Context, op_id: int) -> int:
+    """Live progress until the operation ends; 0 if it succeeded, else 1."""
+    return progress.follow(lambda: load_op(ctx, op_id), click.echo)
+
+
+def started(ctx: Context, op: Operation, wait: bool) -> None:
+    """Say which operation a command started; with ``--wait``, follow it and exit with its end."""
+    click.echo(f"operation {op.id} ({op.kind}) {op.state}")
+    if wait:
+        sys.exit(follow(ctx, op.id or 0))

@@ -1,0 +1,175 @@
+"""orchestrator env / services / vars: what an environment is made of."""
+
+from __future__ import annotations
+
+import click
+
+from orchestrator import catalogue, requests, rules, spec
+from orchestrator.cli.base import (
+    Context,
+    emit,
+    env_svc,
+    json_option,
+    load_op,
+    main,
+    pass_ctx,
+    table,
+)
+from orchestrator.models import (
+    EnvironmentPublic,
+    ServiceType,
+)
+
+
+@main.group()
+def env() -> None:
+    """Environments: named sets of services."""
+
+
+@env.command("create")
+@click.argument("name")
+@click.option("--sandbox", is_flag=True, help="A sandbox gets no monitoring service.")
+@click.option("--no-defaults", is_flag=True, help="Skip the auto-included services.")
+@pass_ctx
+def env_create(ctx: Context, name: str, sandbox: bool, no_defaults: bool) -> None:
+    ops_started = requests.create_env(ctx.platform, name=name, sandbox=sandbox,
+                                        defaults=not no_defaults)
+    click.echo(f"environment {name} created")
+    for op in ops_started:
+        click.echo(f"operation {op.id} deploys {load_op(ctx, op.id or 0).service}")
+
+
+@env.command("list")
+@json_option
+@pass_ctx
+def env_list(ctx: Context, as_json: bool) -> None:
+    with ctx.platform.reader() as s:
+        rows = [EnvironmentPublic.model_validate(e, from_attributes=True)
+                for e in catalogue.list_envs(session=s)]
+    if as_json:
+        emit(rows)
+    else:
+        table([(e.name, "yes" if e.sandbox else "no") for e in rows], ["NAME", "SANDBOX"])
+
+
+
+@main.group()
+def services() -> None:
+    """Services: how an environment's jobs start."""
+
+
+@services.command("add")
+@env_svc
+@click.option("--type", "type_", required=True, type=click.Choice([t.value for t in ServiceType]))
+@click.option("--image", default=None)
+@click.option("--command", default=None, help="Run through /bin/sh -c; $PORT is set.")
+@click.option("--scale", type=int, default=1, show_default=True)
+@click.option("--size", default="s", show_default=True, help="xs, s, m, l, xl or MEM[:CPUS]")
+@pass_ctx
+def services_add(ctx: Context, env_name: str, name: str, type_: str, image: str | None,
+                 command: str | None, scale: int, size: str) -> None:
+    kind = ServiceType(type_)
+    op = requests.add_service(ctx.platform, env=env_name, name=name, type=kind, image=image,
+                                command=command, scale=scale, size=size)
+    click.echo(f"service {name} added to {env_name}")
+    if op is not None:
+        click.echo(f"operation {op.id} deploys it")
+    elif image:
+        click.echo("code services run their releases: `orchestrator push` deploys an image")
+
+
+@services.command("list")
+@click.argument("env_name", metavar="ENV")
+@json_option
+@pass_ctx
+def services_list(ctx: Context, env_name: str, as_json: bool) -> None:
+    with ctx.platform.reader() as s:
+        environment = catalogue.get_env(session=s, name=env_name)
+        rows = [catalogue.service_public(svc, environment)
+                for svc in catalogue.list_services(session=s, env=environment)]
+    if as_json:
+        emit(rows)
+    else:
+        table([(r.name, r.type, r.image, r.scale, r.size, r.overlap, r.redeployable) for r in rows],
+              ["NAME", "TYPE", "IMAGE", "SCALE", "SIZE", "OVERLAP", "REDEPLOYABLE"])
+
+
+@services.command("show")
+@env_svc
+@json_option
+@pass_ctx
+def services_show(ctx: Context, env_name: str, name: str, as_json: bool) -> None:
+    with ctx.platform.reader() as s:
+        environment, svc = catalogue.get_service(session=s, env=env_name, name=name)
+        public = catalogue.service_public(svc, environment)
+        jobs = catalogue.list_jobs(session=s, env=environment, service=svc)
+    data = {**public.model_dump(mode="json"), "jobs": [j.model_dump(mode="json") for j in jobs]}
+    if as_json:
+        emit(data)
+        return
+    for key, value in public.model_dump().items():
+        click.echo(f"{key:13} {value}")
+    click.echo(f"{'jobs':13} {len(jobs)}")
+
+
+@services.command("update")
+@env_svc
+@click.option("--overlap", type=int, default=None, help="Seconds (support only).")
+@click.option("--redeployable/--not-redeployable", default=None, help="(support only)")
+@click.option("--support", is_flag=True, help="Act as the support role.")
+@pass_ctx
+def services_update(ctx: Context, env_name: str, name: str, overlap: int | None,
+                    redeployable: bool | None, support: bool) -> None:
+    with ctx.platform.session() as s:
+        _, svc = catalogue.get_service(session=s, env=env_name, name=name)
+        catalogue.update_service(session=s, service=svc, overlap=overlap, redeployable=redeployable,
+                                 support=support)
+        s.commit()
+    click.echo(f"service {name} updated")
+
+
+
+@main.group("vars")
+def vars_() -> None:
+    """User variables of a service (they take effect at the next redeploy)."""
+
+
+@vars_.command("set")
+@env_svc
+@click.argument("pairs", nargs=-1, required=True, metavar="KEY=VALUE...")
+@pass_ctx
+def vars_set(ctx: Context, env_name: str, name: str, pairs: tuple[str, ...]) -> None:
+    updates = rules.parse_assignments(pairs)
+    with ctx.platform.session() as s:
+        _, svc = catalogue.get_service(session=s, env=env_name, name=name)
+        catalogue.set_variables(session=s, service=svc, values=updates)
+        s.commit()
+    click.echo(f"set {', '.join(updates)} on {name}: redeploy to apply")
+
+
+@vars_.command("unset")
+@env_svc
+@click.argument("keys", nargs=-1, required=True, metavar="KEY...")
+@pass_ctx
+def vars_unset(ctx: Context, env_name: str, name: str, keys: tuple[str, ...]) -> None:
+    with ctx.platform.session() as s:
+        _, svc = catalogue.get_service(session=s, env=env_name, name=name)
+        catalogue.unset_variables(session=s, service=svc, keys=keys)
+        s.commit()
+    click.echo(f"unset {', '.join(keys)} on {name}: redeploy to apply")
+
+
+@vars_.command("list")
+@env_svc
+@click.option("--show-secrets", is_flag=True, help="Show passwords and credentials in URLs.")
+@json_option
+@pass_ctx
+def vars_list(ctx: Context, env_name: str, name: str, show_secrets: bool, as_json: bool) -> None:
+    """User and automatic variables with their source (secrets masked)."""
+    with ctx.platform.reader() as s:
+        environment, svc = catalogue.get_service(session=s, env=env_name, name=name)
+        rows = spec.shown(spec.variables_for(s, environment, svc), show_secrets=show_secrets)
+    if as_json:
+        emit(rows)
+    else:
+        table([(r.name, r.value, r.source) for r in rows], ["NAME", "VALUE", "SOURCE"])

@@ -1,0 +1,91 @@
+"""orchestrator jobs / ops: what runs, and what the operations did."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from orchestrator import catalogue
+from orchestrator.cli.base import (
+    Context,
+    emit,
+    follow,
+    json_option,
+    load_op,
+    main,
+    pass_ctx,
+    table,
+)
+
+
+@main.group()
+def jobs() -> None:
+    """Jobs: one container each."""
+
+
+@jobs.command("list")
+@click.argument("env_name", metavar="ENV")
+@click.argument("name", metavar="SVC", required=False)
+@click.option("--all", "include_stopped", is_flag=True, help="Include stopped and failed jobs.")
+@json_option
+@pass_ctx
+def jobs_list(ctx: Context, env_name: str, name: str | None, include_stopped: bool,
+              as_json: bool) -> None:
+    with ctx.platform.reader() as s:
+        environment = catalogue.get_env(session=s, name=env_name)
+        svc = catalogue.get_service(session=s, env=env_name, name=name)[1] if name else None
+        rows = catalogue.list_jobs(session=s, env=environment, service=svc,
+                                   include_stopped=include_stopped)
+    if as_json:
+        emit(rows)
+    else:
+        table([(j.id, j.service, j.kind, j.target, j.host, j.port, j.state, j.release,
+                (j.container_id or "")[:12]) for j in rows],
+              ["JOB", "SERVICE", "KIND", "TARGET", "HOST", "PORT", "STATE", "RELEASE", "CONTAINER"])
+
+
+@main.group()
+def ops() -> None:
+    """Operations and their steps."""
+
+
+@ops.command("list")
+@click.argument("env_name", metavar="ENV", required=False)
+@json_option
+@pass_ctx
+def ops_list(ctx: Context, env_name: str | None, as_json: bool) -> None:
+    with ctx.platform.reader() as s:
+        environment = catalogue.get_env(session=s, name=env_name) if env_name else None
+        rows = [catalogue.operation_public(session=s, op=op)
+                for op in catalogue.list_operations(session=s, env=environment)]
+    if as_json:
+        emit(rows)
+    else:
+        table([(o.id, o.kind, o.env, o.service, o.trigger, o.state, o.created_at) for o in rows],
+              ["ID", "KIND", "ENV", "SERVICE", "TRIGGER", "STATE", "CREATED"])
+
+
+@ops.command("show")
+@click.argument("op_id", metavar="OP", type=int)
+@json_option
+@pass_ctx
+def ops_show(ctx: Context, op_id: int, as_json: bool) -> None:
+    op = load_op(ctx, op_id)
+    if as_json:
+        emit(op)
+        return
+    click.echo(f"operation {op.id}: {op.kind} {op.env}/{op.service} ({op.trigger}) {op.state}")
+    if op.error:
+        click.echo(f"error: {op.error}")
+    table([(st.stage, st.state, st.name, st.error or "") for st in op.steps],
+          ["STAGE", "STATE", "STEP", "ERROR"])
+
+
+@ops.command("watch")
+@click.argument("op_id", metavar="OP", type=int)
+@pass_ctx
+def ops_watch(ctx: Context, op_id: int) -> None:
+    """Follow an operation's steps live until it ends."""
+    load_op(ctx, op_id)
+    sys.exit(follow(ctx, op_id))

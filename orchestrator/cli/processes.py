@@ -1,0 +1,106 @@
+"""The platform's processes: a host's node, the control worker, the API (and its tokens),
+Flower, and ``dev`` (all of them in one process)."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from orchestrator import catalogue
+from orchestrator.cli.base import (
+    Context,
+    main,
+    pass_ctx,
+)
+from orchestrator.errors import BadInput
+from orchestrator.models import (
+    Role,
+)
+
+
+@main.group()
+def node() -> None:
+    """The Celery worker node of a Docker host."""
+
+
+@node.command("run")
+@click.argument("name")
+@click.option("--concurrency", type=int, default=None, help="Steps run at once (threads).")
+@click.option("--loglevel", default="INFO", show_default=True)
+@pass_ctx
+def node_run(ctx: Context, name: str, concurrency: int | None, loglevel: str) -> None:
+    """Consume queue host.NAME and drive that host's Docker engine."""
+    from workers.node import run_node
+
+    run_node(ctx.platform, name, concurrency=concurrency or ctx.settings.node_concurrency,
+             loglevel=loglevel)
+
+
+@main.group()
+def control() -> None:
+    """The control worker: runs the task API other services call (queue orchestrator)."""
+
+
+@control.command("run")
+@click.option("--concurrency", type=int, default=4, show_default=True)
+@click.option("--loglevel", default="INFO", show_default=True)
+@pass_ctx
+def control_run(ctx: Context, concurrency: int, loglevel: str) -> None:
+    from workers.node import run_control
+
+    run_control(ctx.platform, concurrency=concurrency, loglevel=loglevel)
+
+
+@main.command()
+@click.option("--port", type=int, default=None, help="Serve the HTTP API on this port.")
+@click.option("--demo", is_flag=True, help="Run a push, a redeploy and an overlap redeploy, then exit.")
+def dev(port: int | None, demo: bool) -> None:
+    """The whole platform in one process: catalogue, broker, a node for local Docker, the API."""
+    from workers.embedded import dev_settings, run_dev
+
+    sys.exit(run_dev(dev_settings(), api_port=port, demo=demo, echo=click.echo))
+
+
+@main.command()
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--host", "bind", default="127.0.0.1", show_default=True, help="Address to bind.")
+@pass_ctx
+def api(ctx: Context, port: int, bind: str) -> None:
+    """Serve the HTTP API under /api/v1 (OpenAPI at /api/v1/openapi.json)."""
+    from orchestrator.api.serve import serve
+
+    serve(ctx.platform, port, bind)
+
+
+@main.group()
+def tokens() -> None:
+    """Bearer tokens for the HTTP API."""
+
+
+@tokens.command("create")
+@click.argument("name")
+@click.option("--role", type=click.Choice([r.value for r in Role]), default="user", show_default=True)
+@pass_ctx
+def tokens_create(ctx: Context, name: str, role: str) -> None:
+    """Print a new token once; only its hash is kept."""
+    with ctx.platform.session() as s:
+        raw = catalogue.create_token(session=s, name=name, role=Role(role))
+        s.commit()
+    click.echo(raw)
+
+
+@main.command()
+@click.option("--port", type=int, default=5555, show_default=True)
+@click.option("--basic-auth", required=True, metavar="USER:PASS", help="Flower's login.")
+@click.option("--address", default="127.0.0.1", show_default=True)
+@pass_ctx
+def flower(ctx: Context, port: int, basic_auth: str, address: str) -> None:
+    """Flower on the platform's broker, behind basic auth: every step of every operation."""
+    user, sep, password = basic_auth.partition(":")
+    if not sep or not user or not password:
+        raise BadInput("--basic-auth must be USER:PASS")
+    ctx.platform.app.start([
+        "flower", f"--port={port}", f"--address={address}", f"--basic-auth={basic_auth}",
+        "--persistent=False", "--purge_offline_workers=60",
+    ])

@@ -1,0 +1,168 @@
+"""Requests: every way in (CLI, API, control tasks) asks for changes here. Each request is
+validated (a refusal raises BadInput and changes nothing), recorded as an operation, and started
+(``operations.start_next``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sqlmodel import Session
+
+from orchestrator import catalogue, operations, rules, service_types
+from orchestrator.errors import BadInput
+from orchestrator.models import (
+    Operation,
+    OpKind,
+    OpParams,
+    OpTrigger,
+    Service,
+    ServiceType,
+)
+from orchestrator.platform import Platform
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What a valid request records: the operation's kind, trigger and parameters."""
+
+    kind: OpKind
+    trigger: OpTrigger
+    params: OpParams = field(default_factory=OpParams)
+
+
+def _request(p: Platform, *, env: str, service: str,
+             decide: Callable[[Session, Service], Decision]) -> Operation:
+    """The one way an operation is asked for: find the service, let ``decide`` validate the
+    request and say what to record, record it, start it."""
+    with p.session() as s:
+        environment, svc = catalogue.get_service(session=s, env=env, name=service)
+        decision = decide(s, svc)
+        op = catalogue.record_operation(session=s, env=environment, service=svc, kind=decision.kind,
+                                        trigger=decision.trigger, params=decision.params)
+        s.commit()
+    operations.start_next(p, op.service_id)
+    with p.reader() as s:
+        return catalogue.get_operation(session=s, op_id=op.id or 0)
+
+
+def request_push(p: Platform, *, env: str, service: str, image: str) -> Operation:
+    """A new release of a code service: the first push deploys it, later ones redeploy it."""
+    rules.check_image_reference(image)
+
+    def decide(s: Session, svc: Service) -> Decision:
+        if svc.type != ServiceType.code:
+            raise BadInput(f"service {service} is a {svc.type} service: only code services take pushes")
+        release = catalogue.add_release(session=s, service=svc, image=image)
+        kind = OpKind.deploy if release.number == 1 else OpKind.redeploy
+        return Decision(kind, OpTrigger.push, OpParams(release=release.number, image=image))
+
+    return _request(p, env=env, service=service, decide=decide)
+
+
+def request_redeploy(p: Platform, *, env: str, service: str, support: bool = False,
+                     release: int | None = None) -> Operation:
+    """A manual redeploy, a support redeploy, or (with ``release``) a rollback."""
+
+    def decide(s: Session, svc: Service) -> Decision:
+        if not service_types.profile(svc.type).user_redeploy:
+            raise BadInput(f"{svc.type} services cannot be redeployed through the CLI or API")
+        if not svc.redeployable and not support:
+            raise BadInput(f"service {service} is marked not redeployable: only support may redeploy it (--support)")
+        if release is not None:
+            rel = catalogue.get_release(session=s, service=svc, number=release)
+            trigger = OpTrigger.support if support else OpTrigger.rollback
+            return Decision(OpKind.redeploy, trigger, OpParams(release=rel.number, image=rel.image))
+        _require_release(s, svc)
+        return Decision(OpKind.redeploy, OpTrigger.support if support else OpTrigger.manual)
+
+    return _request(p, env=env, service=service, decide=decide)
+
+
+def create_env(p: Platform, *, name: str, sandbox: bool, defaults: bool = True) -> list[Operation]:
+    """A new environment; unless ``defaults`` is off, its auto-included services (logging, the
+    service proxy and, outside sandboxes, monitoring) are created and deployed."""
+    images = {ServiceType.logging: p.settings.image_logging,
+              ServiceType.service_proxy: p.settings.image_service_proxy,
+              ServiceType.monitoring: p.settings.image_monitoring}
+    with p.session() as s:
+        environment = catalogue.create_env(session=s, name=name, sandbox=sandbox)
+        included = [i for i in service_types.INCLUDED_SERVICES
+                    if defaults and (i.sandbox_too or not sandbox)]
+        for item in included:
+            catalogue.add_service(session=s, env=environment, name=item.name, type=item.type,
+                                  image=images[item.type], command=item.command, scale=1, size="xs")
+        s.commit()
+    return [request_deploy(p, env=name, service=i.name, trigger=OpTrigger.create) for i in included]
+
+
+def add_service(p: Platform, *, env: str, name: str, type: ServiceType, image: str | None,
+                command: str | None, scale: int, size: str) -> Operation | None:
+    """A new service; databases, caches and the included types deploy at once, code services
+    wait for their first push."""
+    with p.session() as s:
+        environment = catalogue.get_env(session=s, name=env)
+        catalogue.add_service(session=s, env=environment, name=name, type=type,
+                              image=image if type != ServiceType.code else None,
+                              command=command, scale=scale, size=size)
+        s.commit()
+    if not service_types.profile(type).deploys_on_create:
+        return None
+    return request_deploy(p, env=env, service=name, trigger=OpTrigger.create)
+
+
+def request_deploy(p: Platform, *, env: str, service: str, trigger: OpTrigger) -> Operation:
+    return _request(p, env=env, service=service, decide=lambda s, svc: Decision(OpKind.deploy, trigger))
+
+
+def request_scale(p: Platform, *, env: str, service: str, scale: int) -> Operation:
+    def decide(s: Session, svc: Service) -> Decision:
+        rules.check_scale(svc.type, scale)
+        _require_release(s, svc)
+        return Decision(OpKind.scale, OpTrigger.manual, OpParams(scale=scale))
+
+    return _request(p, env=env, service=service, decide=decide)
+
+
+def request_worker_deploy(p: Platform, *, env: str, service: str, target: str,
+                          command: str) -> Operation:
+    """Start (or replace) the worker jobs of a target; from then on they redeploy with the service."""
+    rules.check_name("worker target", target)
+    if not command.strip():
+        raise BadInput("a worker target needs a --command")
+
+    def decide(s: Session, svc: Service) -> Decision:
+        if svc.type != ServiceType.code:
+            raise BadInput(f"worker targets are for code services; {svc.name} is a {svc.type} service")
+        _require_release(s, svc)
+        return Decision(OpKind.worker_deploy, OpTrigger.manual, OpParams(target=target, command=command))
+
+    return _request(p, env=env, service=service, decide=decide)
+
+
+def request_worker_scale(p: Platform, *, env: str, service: str, target: str,
+                         scale: str | int) -> Operation:
+    """``scale`` is N, or +N/-N to change the target's scale."""
+    change = rules.parse_scale_change(str(scale))
+
+    def decide(s: Session, svc: Service) -> Decision:
+        worker = catalogue.get_worker(session=s, service=svc, name=target)
+        rules.check_scale(svc.type, change.applied_to(worker.scale), what=f"worker target {target} scale")
+        return Decision(OpKind.worker_scale, OpTrigger.manual,
+                        OpParams(target=target, worker_scale=change))
+
+    return _request(p, env=env, service=service, decide=decide)
+
+
+def request_worker_rm(p: Platform, *, env: str, service: str, target: str) -> Operation:
+    def decide(s: Session, svc: Service) -> Decision:
+        catalogue.get_worker(session=s, service=svc, name=target)
+        return Decision(OpKind.worker_rm, OpTrigger.manual, OpParams(target=target))
+
+    return _request(p, env=env, service=service, decide=decide)
+
+
+def _require_release(s: Session, svc: Service) -> None:
+    """A code service runs nothing, and so can be neither redeployed nor scaled, before a push."""
+    if svc.type == ServiceType.code and not catalogue.list_releases(session=s, service=svc):
+        raise BadInput(f"service {svc.name} has no release yet: push an image first")

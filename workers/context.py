@@ -1,0 +1,32 @@
+"""What a node's tasks act with: the platform (catalogue, dispatch) and this host's Docker."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from orchestrator.platform import Platform
+from workers.runtime.base import Runtime
+
+
+def tcp_accepts(address: str, port: int) -> bool:
+    """Whether something accepts TCP connections on ADDRESS:PORT."""
+    try:
+        with socket.create_connection((address, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class NodeContext:
+    platform: Platform
+    host: str
+    address: str  # where this host's jobs are reached
+    runtime: Runtime
+    port_lock: threading.Lock = field(default_factory=threading.Lock)  # one port move at a time
+    # Whether something answers on ADDRESS:PORT (a job is ready; a port is held elsewhere): a
+    # real TCP connect on a node; the in-memory runtime's answer in unit tests.
+    accepts: Callable[[str, int], bool] = tcp_accepts

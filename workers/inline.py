@@ -1,0 +1,88 @@
+"""``Dispatch``'s in-process twin, for unit tests of operations, the fleet and the tasks (as
+dramatiq's StubBroker is for its actors): what the control plane sends waits in ``sent`` until
+``run_all`` runs it in this thread, stage after stage, through the same step bodies a node runs
+(``workers.tasks.run_step``), on the nodes it was given.
+
+A step whose host has no node here is never run, like a message on a dead node's queue: its
+chain stops there. Overlap waits end at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from orchestrator import operations
+from orchestrator.models import Step, StepAction
+from orchestrator.platform import Platform
+from workers.context import NodeContext
+from workers.tasks import CHECK_IMAGE, START, STOP, StepFailed, Work, run_step
+
+WAIT_AT_ONCE = Work(lambda _node, step, _job: {"waited": step.seconds})
+WORK_OF = {StepAction.check_image: CHECK_IMAGE, StepAction.start: START, StepAction.stop: STOP,
+           StepAction.wait: WAIT_AT_ONCE}
+
+
+@dataclass
+class SentChain:
+    op_id: int
+    stages: list[list[tuple[int, StepAction, str | None]]]  # (step id, action, host)
+    env: str
+    service: str
+
+
+@dataclass
+class SentFinish:
+    op_id: int
+
+
+@dataclass
+class InlineDispatch:
+    nodes: dict[str, NodeContext] = field(default_factory=dict)
+    sent: list[SentChain | SentFinish] = field(default_factory=list)
+    platform: Platform | None = None
+
+    def add_node(self, node: NodeContext) -> None:
+        self.nodes[node.host] = node
+        self.platform = node.platform
+
+    def send_operation(self, op_id: int, stages: Sequence[Sequence[Step]], *, env: str,
+                       service: str) -> None:
+        self.sent.append(SentChain(op_id, [[(s.id or 0, s.action, s.host) for s in stage]
+                                           for stage in stages], env, service))
+
+    def send_finish(self, op_id: int, *, env: str, service: str, host: str | None) -> None:
+        self.sent.append(SentFinish(op_id))
+
+    def run_all(self, limit: int = 1000) -> int:
+        """Run what was sent, and what that sends, until nothing is left; returns how many
+        messages ran. A finish that must wait for steps is asked again, ``limit`` times at most."""
+        count = 0
+        while self.sent and count < limit:
+            message = self.sent.pop(0)
+            count += 1
+            if isinstance(message, SentFinish) or self._run_chain(message):
+                self._finish(message.op_id)
+        return count
+
+    def _run_chain(self, chain: SentChain) -> bool:
+        """True when every stage ran and succeeded (the chain goes on to its finish)."""
+        home = next((host for stage in chain.stages for _, _, host in stage if host), None)
+        for stage in chain.stages:
+            failed = False
+            for step_id, action, host in stage:
+                node = self.nodes.get(host or home or "")
+                if node is None:
+                    return False  # queued on a host no node serves: it never runs
+                try:
+                    run_step(node, step_id, WORK_OF[action], env=chain.env, service=chain.service)
+                except StepFailed:
+                    failed = True  # its finish was sent; the chain stops after this stage
+            if failed:
+                return False
+        return True
+
+    def _finish(self, op_id: int) -> None:
+        assert self.platform is not None, "add a node first"
+        if operations.finish(self.platform, op_id) is None:
+            self.sent.append(SentFinish(op_id))  # Celery's retry

@@ -1,5 +1,5 @@
 """Celery settings for every process of the platform. Names only, no logic: the broker and
-result backend URLs come from orchestrator.settings when the app is made (workers/app.py)."""
+result backend URLs come from orchestrator.settings when the app is made (orchestrator/platform.py)."""
 
 from orchestrator.names import CONTROL_QUEUE
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from celery import Celery, Task
 
-from orchestrator import operations, requests, rules
+from orchestrator import operations, requests
 from orchestrator.errors import BadInput
 from orchestrator.names import (
     TASK_API_PUSH,
@@ -51,25 +51,16 @@ def register_api(app: Celery, platform: Platform) -> None:
             raise InvalidRequest(str(exc)) from None
         return int(op.id)
 
-    def refused(check: Callable[[], object]) -> None:
-        try:
-            check()
-        except BadInput as exc:
-            raise InvalidRequest(str(exc)) from None
-
     @app.task(name=TASK_API_REDEPLOY, shared=False)
     def redeploy(env: str, service: str, support: bool = False) -> int:
         return start(requests.request_redeploy, env=env, service=service, support=bool(support))
 
     @app.task(name=TASK_API_SCALE, shared=False)
     def scale(env: str, service: str, scale: int) -> int:
-        refused(lambda: rules.scale_value(scale))
         return start(requests.request_scale, env=env, service=service, scale=scale)
 
     @app.task(name=TASK_API_PUSH, shared=False)
     def push(env: str, service: str, image: str) -> int:
-        if not isinstance(image, str):
-            raise InvalidRequest("image must be a string")
         return start(requests.request_push, env=env, service=service, image=image)
 
     @app.task(name=TASK_API_WORKER_SCALE, shared=False)

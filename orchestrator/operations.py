@@ -66,7 +66,7 @@ def _start(p: Platform, op: Operation) -> bool:
             assert running is not None
             running.parameters = _apply_changes(s, running.parameters, op.kind, svc)
             plan = _plan(p, s, op, svc, env)
-            stages = _record_plan(s, op, env, svc, plan)
+            stages = _record_plan(s, op, svc, plan)
             running.state = OpState.running if stages else OpState.succeeded
             running.started_at = utcnow()
             if not stages:
@@ -191,7 +191,7 @@ def _plan(p: Platform, s: Session, op: Operation, svc: Service, env: Environment
                           planner.PortRange(p.settings.port_min, p.settings.port_max), op.parameters))
 
 
-def _record_plan(s: Session, op: Operation, env: Environment, svc: Service,
+def _record_plan(s: Session, op: Operation, svc: Service,
                  plan: planner.Plan) -> list[list[Step]]:
     """Jobs the plan starts become catalogue rows (scheduled); each step becomes a Step row."""
     stages: list[list[Step]] = []

@@ -48,7 +48,7 @@ def _request(p: Platform, *, env: str, service: str,
 
 def request_push(p: Platform, *, env: str, service: str, image: str) -> Operation:
     """A new release of a code service: the first push deploys it, later ones redeploy it."""
-    rules.check_image_reference(image)
+    image = rules.check_image_reference(image)
 
     def decide(s: Session, svc: Service) -> Decision:
         if svc.type != ServiceType.code:
@@ -112,7 +112,7 @@ def add_service(p: Platform, *, env: str, name: str, type: ServiceType, image: s
 
 
 def request_deploy(p: Platform, *, env: str, service: str, trigger: OpTrigger) -> Operation:
-    return _request(p, env=env, service=service, decide=lambda s, svc: Decision(OpKind.deploy, trigger))
+    return _request(p, env=env, service=service, decide=lambda _s, _svc: Decision(OpKind.deploy, trigger))
 
 
 def request_scale(p: Platform, *, env: str, service: str, scale: int) -> Operation:

@@ -29,15 +29,11 @@ def check_name(kind: str, name: str) -> str:
     return name
 
 
-def scale_value(value: object) -> int:
-    """A scale given by a program (task API): a whole number, never a bool or a string."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise BadInput(f"scale must be an integer, not {value!r}")
-    return value
-
-
-def check_scale(type_: ServiceType, scale: int, *, what: str = "scale") -> int:
-    """0 to MAX_SCALE jobs; databases and caches run one."""
+def check_scale(type_: ServiceType, scale: object, *, what: str = "scale") -> int:
+    """A whole number (never a bool or a string, whoever sends it) of 0 to MAX_SCALE jobs;
+    databases and caches run one."""
+    if isinstance(scale, bool) or not isinstance(scale, int):
+        raise BadInput(f"{what} must be an integer, not {scale!r}")
     if scale < 0:
         raise BadInput(f"{what} {scale} is below 0: it must be 0 or more")
     if scale > MAX_SCALE:
@@ -94,7 +90,9 @@ def check_variables(values: Mapping[str, object]) -> dict[str, str]:
     return {k: str(v) for k, v in values.items()}
 
 
-def check_image_reference(image: str) -> str:
+def check_image_reference(image: object) -> str:
+    if not isinstance(image, str):
+        raise BadInput("image must be a string")
     if not image.strip() or any(c.isspace() for c in image):
         raise BadInput(f"image {image!r} is not an image reference")
     return image

@@ -5,13 +5,7 @@ noun; everything is reachable as ``catalogue.<function>``.
 """
 
 from orchestrator.catalogue.hosts import add_host, get_host, host_loads, host_views, list_hosts
-from orchestrator.catalogue.jobs import (
-    active_jobs,
-    job_public,
-    list_jobs,
-    move_job_port,
-    set_job_state,
-)
+from orchestrator.catalogue.jobs import active_jobs, job_public, list_jobs, move_job_port, set_job_state
 from orchestrator.catalogue.operations import (
     begin_step,
     claim_next_operation,

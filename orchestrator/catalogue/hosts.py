@@ -8,14 +8,7 @@ from collections import defaultdict
 from sqlmodel import Session, col, select
 
 from orchestrator.errors import BadInput, NotFound
-from orchestrator.models import (
-    ACTIVE_JOB_STATES,
-    Host,
-    HostPublic,
-    HostState,
-    Job,
-    JobState,
-)
+from orchestrator.models import ACTIVE_JOB_STATES, Host, HostPublic, HostState, Job, JobState
 from orchestrator.placement import HostLoad
 from orchestrator.rules import check_name
 from orchestrator.sizes import parse_size

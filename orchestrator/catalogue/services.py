@@ -9,14 +9,7 @@ from sqlmodel import Session, col, select
 
 from orchestrator import rules, service_types
 from orchestrator.errors import BadInput, NotFound
-from orchestrator.models import (
-    Environment,
-    Release,
-    Service,
-    ServicePublic,
-    ServiceType,
-    WorkerTarget,
-)
+from orchestrator.models import Environment, Release, Service, ServicePublic, ServiceType, WorkerTarget
 from orchestrator.rules import MAX_ID, check_name
 
 

@@ -8,10 +8,7 @@ import secrets
 from sqlmodel import Session, select
 
 from orchestrator.errors import BadInput
-from orchestrator.models import (
-    ApiToken,
-    Role,
-)
+from orchestrator.models import ApiToken, Role
 from orchestrator.rules import check_name
 
 

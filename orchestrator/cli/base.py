@@ -90,6 +90,18 @@ def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> None:
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
+R = TypeVar("R")
+
+
+def listing(rows: Sequence[R], *, as_json: bool, headers: Sequence[str],
+            cells: Callable[[R], Sequence[Any]]) -> None:
+    """Rows as JSON, or as a table with one line per row."""
+    if as_json:
+        emit(list(rows))
+    else:
+        table([cells(r) for r in rows], headers)
+
+
 def load_op(ctx: Context, op_id: int) -> OperationPublic:
     with ctx.platform.reader() as s:
         return catalogue.operation_public(session=s, op=catalogue.get_operation(session=s, op_id=op_id))

@@ -6,22 +6,8 @@ from __future__ import annotations
 import click
 
 from orchestrator import catalogue, requests
-from orchestrator.cli.base import (
-    Context,
-    emit,
-    env_svc,
-    json_option,
-    main,
-    pass_ctx,
-    started,
-    table,
-    wait_option,
-)
-from orchestrator.models import (
-    JobKind,
-    JobState,
-    ReleasePublic,
-)
+from orchestrator.cli.base import Context, env_svc, json_option, listing, main, pass_ctx, started, wait_option
+from orchestrator.models import JobKind, JobState, ReleasePublic
 
 
 @main.command()
@@ -120,11 +106,8 @@ def worker_list(ctx: Context, env_name: str, name: str, as_json: bool) -> None:
                             and j.state == JobState.running)}
             for w in catalogue.workers_of(session=s, service=svc)
         ]
-    if as_json:
-        emit(rows)
-    else:
-        table([(r["target"], r["scale"], r["running"], r["command"]) for r in rows],
-              ["TARGET", "SCALE", "RUNNING", "COMMAND"])
+    listing(rows, as_json=as_json, headers=["TARGET", "SCALE", "RUNNING", "COMMAND"],
+            cells=lambda r: (r["target"], r["scale"], r["running"], r["command"]))
 
 
 @main.group()
@@ -142,8 +125,5 @@ def releases_list(ctx: Context, env_name: str, name: str, as_json: bool) -> None
         rows = [ReleasePublic.model_validate(r, from_attributes=True)
                 for r in catalogue.list_releases(session=s, service=svc)]
         current = svc.release
-    if as_json:
-        emit(rows)
-    else:
-        table([(r.number, r.image, r.created_at, "*" if r.number == current else "") for r in rows],
-              ["RELEASE", "IMAGE", "CREATED", "CURRENT"])
+    listing(rows, as_json=as_json, headers=["RELEASE", "IMAGE", "CREATED", "CURRENT"],
+            cells=lambda r: (r.number, r.image, r.created_at, "*" if r.number == current else ""))

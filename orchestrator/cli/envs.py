@@ -5,20 +5,8 @@ from __future__ import annotations
 import click
 
 from orchestrator import catalogue, requests, rules, spec
-from orchestrator.cli.base import (
-    Context,
-    emit,
-    env_svc,
-    json_option,
-    load_op,
-    main,
-    pass_ctx,
-    table,
-)
-from orchestrator.models import (
-    EnvironmentPublic,
-    ServiceType,
-)
+from orchestrator.cli.base import Context, emit, env_svc, json_option, listing, load_op, main, pass_ctx
+from orchestrator.models import EnvironmentPublic, ServiceType
 
 
 @main.group()
@@ -46,10 +34,8 @@ def env_list(ctx: Context, as_json: bool) -> None:
     with ctx.platform.reader() as s:
         rows = [EnvironmentPublic.model_validate(e, from_attributes=True)
                 for e in catalogue.list_envs(session=s)]
-    if as_json:
-        emit(rows)
-    else:
-        table([(e.name, "yes" if e.sandbox else "no") for e in rows], ["NAME", "SANDBOX"])
+    listing(rows, as_json=as_json, headers=["NAME", "SANDBOX"],
+            cells=lambda e: (e.name, "yes" if e.sandbox else "no"))
 
 
 
@@ -87,11 +73,8 @@ def services_list(ctx: Context, env_name: str, as_json: bool) -> None:
         environment = catalogue.get_env(session=s, name=env_name)
         rows = [catalogue.service_public(svc, environment)
                 for svc in catalogue.list_services(session=s, env=environment)]
-    if as_json:
-        emit(rows)
-    else:
-        table([(r.name, r.type, r.image, r.scale, r.size, r.overlap, r.redeployable) for r in rows],
-              ["NAME", "TYPE", "IMAGE", "SCALE", "SIZE", "OVERLAP", "REDEPLOYABLE"])
+    listing(rows, as_json=as_json, headers=["NAME", "TYPE", "IMAGE", "SCALE", "SIZE", "OVERLAP", "REDEPLOYABLE"],
+            cells=lambda r: (r.name, r.type, r.image, r.scale, r.size, r.overlap, r.redeployable))
 
 
 @services.command("show")
@@ -169,7 +152,5 @@ def vars_list(ctx: Context, env_name: str, name: str, show_secrets: bool, as_jso
     with ctx.platform.reader() as s:
         environment, svc = catalogue.get_service(session=s, env=env_name, name=name)
         rows = spec.shown(spec.variables_for(s, environment, svc), show_secrets=show_secrets)
-    if as_json:
-        emit(rows)
-    else:
-        table([(r.name, r.value, r.source) for r in rows], ["NAME", "VALUE", "SOURCE"])
+    listing(rows, as_json=as_json, headers=["NAME", "VALUE", "SOURCE"],
+            cells=lambda r: (r.name, r.value, r.source))

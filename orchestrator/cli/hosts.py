@@ -5,14 +5,7 @@ from __future__ import annotations
 import click
 
 from orchestrator import catalogue, fleet
-from orchestrator.cli.base import (
-    Context,
-    emit,
-    json_option,
-    main,
-    pass_ctx,
-    table,
-)
+from orchestrator.cli.base import Context, json_option, listing, main, pass_ctx
 
 
 @main.group()
@@ -39,12 +32,10 @@ def hosts_add(ctx: Context, name: str, docker_url: str, address: str) -> None:
 def hosts_list(ctx: Context, as_json: bool) -> None:
     with ctx.platform.reader() as s:
         rows = catalogue.host_views(session=s)
-    if as_json:
-        emit(rows)
-    else:
-        table([(h.name, h.state, h.jobs, f"{h.free_cpus:g}/{h.cpus:g}",
-                f"{h.free_memory_mb}/{h.memory_mb}", h.address, h.last_seen) for h in rows],
-              ["NAME", "STATE", "JOBS", "FREE CPU", "FREE MB", "ADDRESS", "LAST SEEN"])
+    listing(rows, as_json=as_json,
+            headers=["NAME", "STATE", "JOBS", "FREE CPU", "FREE MB", "ADDRESS", "LAST SEEN"],
+            cells=lambda h: (h.name, h.state, h.jobs, f"{h.free_cpus:g}/{h.cpus:g}",
+                             f"{h.free_memory_mb}/{h.memory_mb}", h.address, h.last_seen))
 
 
 @hosts.command("drain")
@@ -52,7 +43,6 @@ def hosts_list(ctx: Context, as_json: bool) -> None:
 @pass_ctx
 def hosts_drain(ctx: Context, name: str) -> None:
     """Move every job off the host (start elsewhere first) and place nothing new there."""
-
     started_ops = fleet.drain(ctx.platform, host=name)
     click.echo(f"host {name} draining; operations {', '.join(map(str, started_ops)) or '(none)'}")
 
@@ -61,7 +51,6 @@ def hosts_drain(ctx: Context, name: str) -> None:
 @click.argument("name")
 @pass_ctx
 def hosts_undrain(ctx: Context, name: str) -> None:
-
     fleet.undrain(ctx.platform, host=name)
     click.echo(f"host {name} takes jobs again")
 
@@ -71,6 +60,5 @@ def hosts_undrain(ctx: Context, name: str) -> None:
 @pass_ctx
 def hosts_rm(ctx: Context, name: str) -> None:
     """Forget a host; refused while jobs remain on it."""
-
     fleet.remove(ctx.platform, host=name)
     click.echo(f"host {name} removed")

@@ -7,16 +7,7 @@ import sys
 import click
 
 from orchestrator import catalogue
-from orchestrator.cli.base import (
-    Context,
-    emit,
-    follow,
-    json_option,
-    load_op,
-    main,
-    pass_ctx,
-    table,
-)
+from orchestrator.cli.base import Context, emit, follow, json_option, listing, load_op, main, pass_ctx, table
 
 
 @main.group()
@@ -37,12 +28,10 @@ def jobs_list(ctx: Context, env_name: str, name: str | None, include_stopped: bo
         svc = catalogue.get_service(session=s, env=env_name, name=name)[1] if name else None
         rows = catalogue.list_jobs(session=s, env=environment, service=svc,
                                    include_stopped=include_stopped)
-    if as_json:
-        emit(rows)
-    else:
-        table([(j.id, j.service, j.kind, j.target, j.host, j.port, j.state, j.release,
-                (j.container_id or "")[:12]) for j in rows],
-              ["JOB", "SERVICE", "KIND", "TARGET", "HOST", "PORT", "STATE", "RELEASE", "CONTAINER"])
+    listing(rows, as_json=as_json,
+            headers=["JOB", "SERVICE", "KIND", "TARGET", "HOST", "PORT", "STATE", "RELEASE", "CONTAINER"],
+            cells=lambda j: (j.id, j.service, j.kind, j.target, j.host, j.port, j.state, j.release,
+                             (j.container_id or "")[:12]))
 
 
 @main.group()
@@ -59,11 +48,8 @@ def ops_list(ctx: Context, env_name: str | None, as_json: bool) -> None:
         environment = catalogue.get_env(session=s, name=env_name) if env_name else None
         rows = [catalogue.operation_public(session=s, op=op)
                 for op in catalogue.list_operations(session=s, env=environment)]
-    if as_json:
-        emit(rows)
-    else:
-        table([(o.id, o.kind, o.env, o.service, o.trigger, o.state, o.created_at) for o in rows],
-              ["ID", "KIND", "ENV", "SERVICE", "TRIGGER", "STATE", "CREATED"])
+    listing(rows, as_json=as_json, headers=["ID", "KIND", "ENV", "SERVICE", "TRIGGER", "STATE", "CREATED"],
+            cells=lambda o: (o.id, o.kind, o.env, o.service, o.trigger, o.state, o.created_at))
 
 
 @ops.command("show")

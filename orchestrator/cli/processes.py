@@ -8,15 +8,9 @@ import sys
 import click
 
 from orchestrator import catalogue
-from orchestrator.cli.base import (
-    Context,
-    main,
-    pass_ctx,
-)
+from orchestrator.cli.base import Context, main, pass_ctx
 from orchestrator.errors import BadInput
-from orchestrator.models import (
-    Role,
-)
+from orchestrator.models import Role
 
 
 @main.group()

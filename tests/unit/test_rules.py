@@ -13,7 +13,6 @@ from orchestrator.rules import (
     check_variables,
     parse_assignments,
     parse_scale_change,
-    scale_value,
 )
 
 
@@ -52,9 +51,8 @@ def test_databases_and_caches_run_one_job(kind: ServiceType) -> None:
 
 @pytest.mark.parametrize("value", [True, False, "2", 2.0, None])
 def test_a_scale_from_a_program_is_an_integer(value: object) -> None:
-    with pytest.raises(BadInput, match="must be an integer"):
-        scale_value(value)
-    assert scale_value(3) == 3
+    with pytest.raises(BadInput, match="scale must be an integer"):
+        check_scale(ServiceType.code, value)
 
 
 @pytest.mark.parametrize(("text", "change", "from_two"), [

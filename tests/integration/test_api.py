@@ -6,7 +6,6 @@ input answered with a 4xx and a reason, never a 500."""
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +13,10 @@ import docker
 import pytest
 import requests
 
-from tests.conftest import HTTPD, SAMPLE_IMAGE, Cli, containers
-from tests.integration.procs import Api, api_fixture, wait_op  # noqa: F401 (the api fixture)
+from tests.conftest import Cli, containers
+from tests.harness import HTTPD, SAMPLE_IMAGE
+from tests.helpers import op_of, wait_op
+from tests.integration.api import Api, api_fixture  # noqa: F401 (the api fixture)
 
 pytestmark = pytest.mark.e2e
 
@@ -159,7 +160,7 @@ def test_bad_input_is_a_4xx_with_a_reason(api: Api, cli: Cli, env_name: str, tmp
     cli.ok("services", "add", env_name, "fresh", "--type", "code", "--command", HTTPD)
     added = cli.ok("services", "add", env_name, "logs", "--type", "logging", "--image", SAMPLE_IMAGE,
                    "--command", HTTPD)
-    deployed = wait_op(cli, re.findall(r"operation (\d+) deploys it", added)[0])
+    deployed = wait_op(cli, op_of(added, " deploys it"))
     assert deployed["state"] == "succeeded", json.dumps(deployed)
     web = f"/envs/{env_name}/services/web"
     cli.ok("worker", "deploy", env_name, "web", "mailer", "--command", WORKER_CMD, "--wait")

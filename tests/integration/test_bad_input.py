@@ -16,8 +16,8 @@ from typing import Any
 import docker
 import pytest
 
-from orchestrator.names import LABEL_ENV
-from tests.conftest import HTTPD, SAMPLE_IMAGE, Cli, containers
+from tests.conftest import Cli, containers
+from tests.harness import HTTPD, SAMPLE_IMAGE, remove_containers
 
 pytestmark = pytest.mark.e2e
 
@@ -146,8 +146,7 @@ def bad_env(platform_env: dict[str, str], node: str,
     cli.ok("services", "add", name, "fresh", "--type", "code", "--command", HTTPD)
     assert len(containers(docker_client, name, "web")) == 1
     yield name
-    for c in docker_client.containers.list(all=True, filters={"label": f"{LABEL_ENV}={name}"}):
-        c.remove(force=True)
+    remove_containers(docker_client, name)
 
 
 def reason_lines(stderr: str) -> list[str]:

@@ -6,7 +6,6 @@ CLI and the node recorded them in the catalogue.
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 from datetime import datetime
@@ -16,7 +15,9 @@ from typing import Any
 import docker
 import pytest
 
-from tests.conftest import HTTPD, SAMPLE_IMAGE, Cli, containers
+from tests.conftest import Cli, containers
+from tests.harness import HTTPD, SAMPLE_IMAGE
+from tests.helpers import jobs_json, op_json, ts
 
 pytestmark = pytest.mark.e2e
 
@@ -27,15 +28,6 @@ def op_id_of(proc: subprocess.Popen[str], timeout: float = 60) -> tuple[int, int
     match = re.search(r"operation (\d+)", out)
     assert match, f"no operation id in {out!r} {err!r}"
     return proc.returncode, int(match.group(1)), out + err
-
-
-def show(cli: Cli, op_id: int) -> dict[str, Any]:
-    return json.loads(cli.ok("ops", "show", str(op_id), "--json"))  # type: ignore[no-any-return]
-
-
-def ts(value: str | None) -> datetime:
-    assert value is not None
-    return datetime.fromisoformat(value)
 
 
 def step_period(op: dict[str, Any]) -> tuple[datetime, datetime]:
@@ -53,10 +45,6 @@ def stopped_jobs(op: dict[str, Any]) -> set[str]:
     return {s["job"] for s in op["steps"] if s["action"] == "stop"}
 
 
-def jobs_json(cli: Cli, env: str, service: str) -> list[dict[str, Any]]:
-    return json.loads(cli.ok("jobs", "list", env, service, "--json"))  # type: ignore[no-any-return]
-
-
 @pytest.mark.parametrize("overlap", [0, 2], ids=["no-overlap", "overlap"])
 def test_two_redeploys_of_one_service_are_serialized(cli: Cli, env_name: str, overlap: int,
                                                      docker_client: docker.DockerClient) -> None:
@@ -71,7 +59,7 @@ def test_two_redeploys_of_one_service_are_serialized(cli: Cli, env_name: str, ov
     results = [op_id_of(p) for p in procs]
     for code, op_id, output in results:
         assert code == 0, f"operation {op_id} failed: {output}"
-    first, second = sorted((show(cli, op_id) for _, op_id, _ in results), key=lambda o: o["id"])
+    first, second = sorted((op_json(cli, op_id) for _, op_id, _ in results), key=lambda o: o["id"])
     for op in (first, second):
         assert op["state"] == "succeeded" and op["kind"] == "redeploy", op
         assert all(s["state"] == "succeeded" for s in op["steps"]), op["steps"]
@@ -111,7 +99,7 @@ def test_three_requests_at_once_run_in_request_order(cli: Cli, env_name: str,
     ]
     results = [op_id_of(p) for p in procs]
     assert all(code == 0 for code, _, _ in results), results
-    ops = sorted((show(cli, op_id) for _, op_id, _ in results), key=lambda o: o["id"])
+    ops = sorted((op_json(cli, op_id) for _, op_id, _ in results), key=lambda o: o["id"])
     for earlier, later in pairwise(ops):
         assert step_period(later)[0] >= step_period(earlier)[1], (earlier, later)
     final = containers(docker_client, env_name, "web")
@@ -135,7 +123,7 @@ def test_operations_on_two_services_run_in_parallel(cli: Cli, env_name: str,
     procs = [cli.popen("redeploy", env_name, svc, "--wait") for svc in ("alpha", "beta")]
     results = [op_id_of(p) for p in procs]
     assert all(code == 0 for code, _, _ in results), results
-    alpha, beta = (show(cli, op_id) for _, op_id, _ in results)
+    alpha, beta = (op_json(cli, op_id) for _, op_id, _ in results)
     assert (alpha["service"], beta["service"]) == ("alpha", "beta")
     a_start, a_end = step_period(alpha)
     b_start, b_end = step_period(beta)
@@ -156,7 +144,7 @@ def test_start_steps_of_one_stage_run_in_parallel(cli: Cli, env_name: str,
     cli.ok("services", "add", env_name, "web", "--type", "code", "--command", slow, "--scale", "4")
     code, op_id, output = op_id_of(cli.popen("push", env_name, "web", SAMPLE_IMAGE, "--wait"))
     assert code == 0, output
-    op = show(cli, op_id)
+    op = op_json(cli, op_id)
     starts = [s for s in op["steps"] if s["action"] == "start"]
     assert len(starts) == 4
     assert max(ts(s["started_at"]) for s in starts) < min(ts(s["finished_at"]) for s in starts)

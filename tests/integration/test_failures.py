@@ -13,30 +13,14 @@ from typing import Any
 import docker
 import pytest
 
-from tests.conftest import HTTPD, SAMPLE_IMAGE, Cli, containers
+from tests.conftest import Cli, containers
+from tests.harness import HTTPD, SAMPLE_IMAGE
+from tests.helpers import jobs_json, op_json, op_of, service_json
 
 pytestmark = pytest.mark.e2e
 
 # Exits 3 with a message when CRASH is set (a variable: it takes effect at the next start).
 CRASHY = 'if [ -n "$CRASH" ]; then echo "boom: $CRASH"; exit 3; fi; exec ' + HTTPD
-
-
-def op_of(output: str) -> int:
-    match = re.search(r"operation (\d+)", output)
-    assert match, output
-    return int(match.group(1))
-
-
-def show(cli: Cli, op_id: int) -> dict[str, Any]:
-    return json.loads(cli.ok("ops", "show", str(op_id), "--json"))  # type: ignore[no-any-return]
-
-
-def jobs_json(cli: Cli, env: str, service: str) -> list[dict[str, Any]]:
-    return json.loads(cli.ok("jobs", "list", env, service, "--json"))  # type: ignore[no-any-return]
-
-
-def service_json(cli: Cli, env: str, service: str) -> dict[str, Any]:
-    return json.loads(cli.ok("services", "show", env, service, "--json"))  # type: ignore[no-any-return]
 
 
 def runs_now(error: str) -> tuple[int, int]:
@@ -49,7 +33,7 @@ def runs_now(error: str) -> tuple[int, int]:
 def failed_op(cli: Cli, *args: str) -> dict[str, Any]:
     result = cli(*args, "--wait")
     assert result.exit_code == 1, (result.exit_code, result.output)
-    op = show(cli, op_of(result.stdout))
+    op = op_json(cli, op_of(result.stdout))
     assert op["state"] == "failed" and op["error"], op
     return op
 

@@ -17,8 +17,9 @@ import docker
 import pytest
 
 from orchestrator.names import LABEL_KIND
-from tests.conftest import HTTPD, ROOT, SAMPLE_IMAGE, Cli, containers
-from tests.integration.procs import platform_process, wait_op
+from tests.conftest import Cli, containers
+from tests.harness import HTTPD, ROOT, SAMPLE_IMAGE, platform_process, says_ready
+from tests.helpers import wait_op
 
 pytestmark = pytest.mark.e2e
 
@@ -82,8 +83,7 @@ print(json.dumps({"results": results, "platform_modules": platform}))
 def control(platform_env: dict[str, str], node: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """``orchestrator control run`` in its own process, next to the node."""
     log = tmp_path_factory.mktemp("control") / "control.log"
-    with platform_process(["control", "run", "--loglevel", "INFO"], platform_env, log,
-                          ready=lambda text: " ready." in text):
+    with platform_process(["control", "run", "--loglevel", "INFO"], platform_env, log, ready=says_ready):
         yield
 
 

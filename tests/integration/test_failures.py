@@ -4,7 +4,6 @@ behind the platform's back."""
 
 from __future__ import annotations
 
-import json
 import re
 import time
 import uuid
@@ -163,7 +162,7 @@ def test_containers_removed_behind_the_platform_are_noticed(
     # The node's heartbeat (every 0.5 s here) sees the containers gone and fails their jobs.
     deadline = time.monotonic() + 10
     while True:
-        every = json.loads(cli.ok("jobs", "list", env_name, "web", "--all", "--json"))
+        every = jobs_json(cli, env_name, "web", everything=True)
         failed = {j["id"]: j for j in every if j["id"] in removed and j["state"] == "failed"}
         if len(failed) == 3 or time.monotonic() > deadline:
             break

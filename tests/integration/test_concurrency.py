@@ -90,24 +90,42 @@ def test_three_requests_at_once_run_in_request_order(cli: Cli, env_name: str,
                                                      docker_client: docker.DockerClient) -> None:
     """A redeploy, a scale up and a redeploy of one service asked for at once: each waits for
     the one before it, and the end state follows all three."""
-    cli.ok("services", "add", env_name, "web", "--type", "code", "--command", HTTPD, "--scale", "1")
+    # Jobs that take 2s to listen make each operation (every one starts jobs) last that long, so
+    # the three requests are all made while the first runs and really queue.
+    slow = "sleep 2; " + HTTPD
+    cli.ok("services", "add", env_name, "web", "--type", "code", "--command", slow, "--scale", "1")
     cli.ok("push", env_name, "web", SAMPLE_IMAGE, "--wait")
-    procs = [
-        cli.popen("redeploy", env_name, "web", "--wait"),
-        cli.popen("scale", env_name, "web", "3", "--wait"),
-        cli.popen("redeploy", env_name, "web", "--wait"),
-    ]
+    pushed = set(containers(docker_client, env_name, "web"))
+    assert len(pushed) == 1
+    asked = [("redeploy",), ("scale", "3"), ("redeploy",)]
+    procs = [cli.popen(kind, env_name, "web", *rest, "--wait") for kind, *rest in asked]
     results = [op_id_of(p) for p in procs]
     assert all(code == 0 for code, _, _ in results), results
-    ops = sorted((op_json(cli, op_id) for _, op_id, _ in results), key=lambda o: o["id"])
+    mine = [op_json(cli, op_id) for _, op_id, _ in results]
+    assert [o["kind"] for o in mine] == [kind for kind, *_ in asked], mine  # each its own operation
+    assert all(o["state"] == "succeeded" for o in mine), mine
+    # Request order: the order the platform recorded the requests in (ids, creation times).
+    ops = sorted(mine, key=lambda o: o["id"])
+    assert [ts(o["created_at"]) for o in ops] == sorted(ts(o["created_at"]) for o in ops), ops
     for earlier, later in pairwise(ops):
+        # Asked for before the one before it ended (else it had nothing to wait for) ...
+        assert ts(later["created_at"]) < ts(earlier["finished_at"]), (earlier, later)
+        # ... it started after that one ended, and so did every step of it.
+        assert ts(later["started_at"]) >= ts(earlier["finished_at"]), (earlier, later)
         assert step_period(later)[0] >= step_period(earlier)[1], (earlier, later)
+    # Each worked on the jobs the one before it left: replayed in request order, the operations
+    # end with exactly the jobs that run now.
+    jobs = pushed
+    for op in ops:
+        if op["kind"] == "redeploy":  # replaces every job there is
+            assert stopped_jobs(op) == jobs and len(started_jobs(op)) == len(jobs), (jobs, op["steps"])
+        else:  # the scale to 3 adds jobs beside those there are
+            assert not stopped_jobs(op) and len(started_jobs(op)) == 3 - len(jobs), (jobs, op["steps"])
+        assert not started_jobs(op) & jobs
+        jobs = (jobs - stopped_jobs(op)) | started_jobs(op)
     final = containers(docker_client, env_name, "web")
     assert len(final) == 3
-    # Whichever order the requests landed in, the last one redeployed or scaled every job it saw.
-    last = ops[-1]
-    if last["kind"] == "redeploy":
-        assert set(final) == started_jobs(last)
+    assert set(final) == jobs
     assert {j["id"] for j in jobs_json(cli, env_name, "web")} == set(final)
 
 

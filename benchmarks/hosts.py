@@ -29,9 +29,7 @@ run).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -49,17 +47,29 @@ from pathlib import Path
 from typing import Any
 
 import docker
-import redis
 from docker.models.containers import Container
-from redeploy import log, median, platform_container_options, process_cpu, terminated_as_exit, ts, wait_port
+from redeploy import log, median, platform_container_options, process_cpu, terminated_as_exit, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
-LABEL_ENV = "orchestrator.env"
+sys.path.insert(0, str(ROOT))  # the test harness runs the platforms here too
+
+from tests import harness  # noqa: E402
+from tests.harness import (  # noqa: E402
+    BUSYBOX_IMAGE,
+    DEFAULT_DOCKER_URL,
+    HTTPD,
+    LABEL_ENV,
+    SAMPLE_IMAGE,
+    Daemon,
+    PlatformEnv,
+    pid_alive,
+    remove_containers,
+    wait_for,
+)
+from tests.helpers import hosts_json, op_json, op_of, ops_json, ts, ts_or_none  # noqa: E402
+
 LABEL_SERVICE = "orchestrator.service"
-IMAGES = ("orch/busybox:1", "orch/sample-app:1")
-IMAGE = "orch/sample-app:1"
-HTTPD = "httpd -f -p $PORT -h /var/www"
-DEFAULT_URL = "unix:///var/run/docker.sock"
+IMAGES = (BUSYBOX_IMAGE, SAMPLE_IMAGE)
 REDIS_DB = 15
 PORTS = {"one": (31500, 31569), "two": (31570, 31639), "death": (31640, 31709)}  # the platforms' ranges
 BASELINE_PORTS = (31710, 31749)  # the docker-py baseline's containers
@@ -67,245 +77,50 @@ HEARTBEAT_INTERVAL, DOWN_AFTER = 0.5, 3.0  # the death rounds' settings
 POLL = 0.1  # seconds between polls of Docker and the catalogue after a host's death
 
 
-def pid_alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie does not count)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def wait_for(what: str, probe: Callable[[], Any], timeout: float, every: float = 0.2) -> Any:
-    """Poll ``probe`` until it returns something true, and return it; errors count as not yet."""
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while True:
-        try:
-            value = probe()
-            if value:
-                return value
-            last = value
-        except Exception as exc:
-            last = exc
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what}: not within {timeout:g}s (last: {last!r})")
-        time.sleep(every)
-
-
-def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 20) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(sig)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
-
-
-# --- the second daemon -------------------------------------------------------------------------------
-
-
-@dataclass
-class Daemon:
-    """An independent dockerd started by scripts/dockerd-up NAME."""
-
-    name: str
-    used: bool = False  # started (or found) by this run: stopped at the end
-
-    @property
-    def url(self) -> str:
-        return f"unix:///var/run/orch-docker-{self.name}.sock"
-
-    @property
-    def pidfile(self) -> Path:
-        return Path(f"/var/run/orch-docker-{self.name}.pid")
-
-    def pid(self) -> int | None:
-        try:
-            return int(self.pidfile.read_text().strip())
-        except (OSError, ValueError):
-            return None
-
-    def answers(self) -> bool:
-        try:
-            client = docker.DockerClient(base_url=self.url, version="auto", timeout=5)
-            try:
-                client.ping()
-            finally:
-                client.close()
-            return True
-        except Exception:
-            return False
-
-    def up(self) -> float:
-        """Start it (idempotent); seconds taken. A pid file left by a killed daemon would make
-        dockerd refuse to start: removed first."""
-        self.used = True
-        pid = self.pid()
-        if pid is not None and not pid_alive(pid):
-            self.pidfile.unlink(missing_ok=True)
-        t0 = time.perf_counter()
-        proc = subprocess.run([str(ROOT / "scripts" / "dockerd-up"), self.name], capture_output=True, text=True,
-                              timeout=180)
-        if proc.returncode != 0:
-            raise RuntimeError(f"scripts/dockerd-up {self.name} -> exit {proc.returncode}: {proc.stderr[-2000:]}")
-        return time.perf_counter() - t0
-
-    def client(self, timeout: int = 60) -> docker.DockerClient:
-        return docker.DockerClient(base_url=self.url, version="auto", timeout=timeout)
-
-    def load_images(self, source: docker.DockerClient) -> list[str]:
-        """Copy the images this benchmark needs from the default daemon where missing or different
-        (nothing can be pulled): `docker save ... | docker -H URL load`."""
-        target = self.client()
-        try:
-            stale = []
-            for name in IMAGES:
-                want = source.images.get(name).id  # missing on the default daemon: scripts/build-images
-                try:
-                    have = target.images.get(name).id
-                except docker.errors.ImageNotFound:
-                    have = None
-                if have != want:
-                    stale.append(name)
-        finally:
-            target.close()
-        if stale:
-            subprocess.run(f"docker save {' '.join(stale)} | docker -H {self.url} load", shell=True, check=True,
-                           timeout=600, stdout=subprocess.DEVNULL, env={**os.environ, "DOCKER_HOST": DEFAULT_URL})
-        return stale
-
-    def kill(self) -> int:
-        """SIGKILL, as a host dies; returns the pid."""
-        pid = self.pid()
-        if pid is None or not pid_alive(pid):
-            raise RuntimeError(f"dockerd {self.name} is not running (pid file {self.pidfile}: {pid})")
-        os.kill(pid, signal.SIGKILL)
-        return pid
-
-    def stop(self, timeout: float = 30) -> None:
-        pid = self.pid()
-        if pid is None or not pid_alive(pid):
-            return
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if pid_alive(pid):
-            os.kill(pid, signal.SIGKILL)
-            wait_for(f"dockerd {self.name} gone", lambda: not pid_alive(pid), 15, every=0.1)
-
-
 # --- a throwaway platform ------------------------------------------------------------------------------
 
 
 @dataclass
-class Platform:
-    """A catalogue, its ORCH_* environment, its hosts and their node processes."""
+class Platform(harness.Platform):
+    """A harness platform with a name, the hosts it has and the environments it made."""
 
-    name: str
-    workdir: Path
-    src: Path
-    ports: tuple[int, int]
-    stop_timeout: int
-    settings: dict[str, str] = field(default_factory=dict)
+    name: str = ""
     urls: dict[str, str] = field(default_factory=dict)  # host -> docker url
-    nodes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-    logs: list[Path] = field(default_factory=list)
     envs: list[str] = field(default_factory=list)
 
     @property
     def db(self) -> Path:
-        return self.workdir / f"{self.name}.db"
-
-    @property
-    def env(self) -> dict[str, str]:
-        return {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(self.src), os.environ.get("PYTHONPATH")])),
-            "ORCH_DATABASE_URL": f"sqlite:///{self.db}",
-            "ORCH_BROKER_URL": f"redis://127.0.0.1:6379/{REDIS_DB}",
-            "ORCH_RESULT_BACKEND": "",
-            "ORCH_PORT_MIN": str(self.ports[0]),
-            "ORCH_PORT_MAX": str(self.ports[1]),
-            "ORCH_STOP_TIMEOUT": str(self.stop_timeout),
-            "ORCH_START_TIMEOUT": "30",
-            **self.settings,
-        }
-
-    def argv(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "orchestrator.cli", *args]
-
-    def cli(self, *args: str, timeout: float = 300) -> str:
-        proc = subprocess.run(self.argv(*args), env=self.env, cwd=self.workdir, capture_output=True, text=True,
-                              timeout=timeout)
-        if proc.returncode != 0:
-            raise RuntimeError(f"[{self.name}] orchestrator {' '.join(args)} -> exit {proc.returncode}:\n"
-                               f"{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
-        return proc.stdout
+        return self.workdir / "catalogue.db"
 
     def add_host(self, host: str, url: str) -> None:
-        self.cli("hosts", "add", host, "--docker-url", url, "--address", "127.0.0.1")
+        self.ok("hosts", "add", host, "--docker-url", url, "--address", "127.0.0.1")
         self.urls[host] = url
 
-    def start_node(self, host: str) -> None:
+    def start_node(self, host: str, timeout: float = 60) -> subprocess.Popen[bytes]:
         """`orchestrator node run HOST`, ready when its log says ` ready.` and the host is up with
         a heartbeat from it."""
-        path = self.workdir / f"{self.name}-node-{host}-{len(self.logs)}.log"
-        self.logs.append(path)
         started = time.time()
-        with path.open("wb") as out:
-            proc = subprocess.Popen(self.argv("node", "run", host, "--loglevel", "INFO"), env=self.env,
-                                    cwd=self.workdir, stdout=out, stderr=subprocess.STDOUT)
-        self.nodes[host] = proc
-        deadline = time.monotonic() + 60
-        while b" ready." not in path.read_bytes():
-            if proc.poll() is not None:
-                raise RuntimeError(f"node {host} exited: {path.read_text(errors='replace')[-3000:]}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"node {host} not ready in 60s: {path.read_text(errors='replace')[-3000:]}")
-            time.sleep(0.1)
+        proc = super().start_node(host, timeout)
 
         def beating() -> bool:
-            row = self.hosts().get(host, {})
-            seen = ts(row.get("last_seen"))
+            row = hosts_json(self).get(host, {})
+            seen = ts_or_none(row.get("last_seen"))
             return row.get("state") == "up" and seen is not None and seen.timestamp() >= started
-        wait_for(f"host {host} up with a heartbeat from its new node", beating, 30)
-
-    def kill_node(self, host: str) -> None:
-        stop_process(self.nodes[host], signal.SIGKILL)
-
-    def stop_nodes(self) -> None:
-        for proc in self.nodes.values():
-            with suppress(Exception):
-                stop_process(proc)
-
-    def hosts(self) -> dict[str, dict[str, Any]]:
-        return {h["name"]: h for h in json.loads(self.cli("hosts", "list", "--json"))}
-
-    def op(self, op_id: int) -> dict[str, Any]:
-        return json.loads(self.cli("ops", "show", str(op_id), "--json"))  # type: ignore[no-any-return]
-
-    def ops(self, env: str) -> list[dict[str, Any]]:
-        return json.loads(self.cli("ops", "list", env, "--json"))  # type: ignore[no-any-return]
+        wait_for(f"host {host} up with a heartbeat from its new node", beating, 30, every=0.2)
+        return proc
 
     def new_env(self) -> str:
         name = f"hb{self.name[:3]}{uuid.uuid4().hex[:6]}"
-        self.cli("env", "create", name, "--sandbox", "--no-defaults")
+        self.ok("env", "create", name, "--sandbox", "--no-defaults")
         self.envs.append(name)
         return name
 
     def run_op(self, *args: str) -> tuple[int, float]:
         """An operation through `orchestrator ... --wait`: its id and the CLI's wall time."""
         t0 = time.perf_counter()
-        out = self.cli(*args, "--wait")
+        out = self.ok(*args, "--wait")
         took = time.perf_counter() - t0
-        found = re.search(r"operation (\d+)", out)
-        if not found:
-            raise RuntimeError(f"no operation id in: {out}")
-        return int(found.group(1)), took
+        return op_of(out), took
 
     def catalogue(self) -> sqlite3.Connection:
         """A read-only connection (WAL: it never blocks the platform's writers)."""
@@ -320,16 +135,6 @@ def running_per_host(clients: dict[str, docker.DockerClient], env: str, svc: str
     labels = [f"{LABEL_ENV}={env}", f"{LABEL_SERVICE}={svc}"]
     return {host: {c["Names"][0].lstrip("/"): c["Id"] for c in client.api.containers(filters={"label": labels})}
             for host, client in clients.items()}
-
-
-def remove_env_containers(client: docker.DockerClient, envs: Sequence[str]) -> int:
-    removed = 0
-    for env in envs:
-        for c in client.api.containers(all=True, filters={"label": f"{LABEL_ENV}={env}"}):
-            with suppress(docker.errors.NotFound):
-                client.api.remove_container(c["Id"], force=True, v=True)
-                removed += 1
-    return removed
 
 
 # --- the docker-py baseline: the same Docker work on one daemon and on two -------------------------------
@@ -360,7 +165,7 @@ class Baseline:
         environment = {**self.options["environment"], "PORT": str(port), "ORCH_JOB": f"base{i}"}
         labels = {LABEL_ENV: self.label, LABEL_SERVICE: "baseline", "bench.job": f"base{i}"}  # no orchestrator.job
         container: Container = self.placement[i].containers.create(
-            IMAGE, name=f"{self.label}-{self.layout}-{self.generation}-{i}", labels=labels,
+            SAMPLE_IMAGE, name=f"{self.label}-{self.layout}-{self.generation}-{i}", labels=labels,
             **{**self.options, "environment": environment})
         container.start()
         wait_port(port, 30)
@@ -395,22 +200,22 @@ def stage_spans(op: dict[str, Any]) -> list[dict[str, Any]]:
     for step in op["steps"]:
         stages.setdefault(step["stage"], []).append(step)
     out = []
-    previous_end = ts(op["started_at"]) or ts(op["created_at"])
+    previous_end = ts_or_none(op["started_at"]) or ts(op["created_at"])
     for index in sorted(stages):
         steps = [s for s in stages[index] if s["started_at"] and s["finished_at"]]
         if not steps:
             continue
-        begin = min(ts(s["started_at"]) for s in steps)  # type: ignore[type-var]
-        end = max(ts(s["finished_at"]) for s in steps)  # type: ignore[type-var]
+        begin = min(ts(s["started_at"]) for s in steps)
+        end = max(ts(s["finished_at"]) for s in steps)
         per_host: dict[str, float] = {}
         for host in sorted({s["host"] or "-" for s in steps}):
             mine = [s for s in steps if (s["host"] or "-") == host]
-            per_host[host] = (max(ts(s["finished_at"]) for s in mine) - begin).total_seconds()  # type: ignore
-        durations = [(ts(s["finished_at"]) - ts(s["started_at"])).total_seconds() for s in steps]  # type: ignore
+            per_host[host] = (max(ts(s["finished_at"]) for s in mine) - begin).total_seconds()
+        durations = [(ts(s["finished_at"]) - ts(s["started_at"])).total_seconds() for s in steps]
         out.append({"stage": index, "action": steps[0]["action"], "steps": len(steps),
                     "span": (end - begin).total_seconds(), "per_host": per_host,
                     "step_median": median(durations), "begin": begin, "end": end,
-                    "gap": (begin - previous_end).total_seconds()})  # type: ignore[operator]
+                    "gap": (begin - previous_end).total_seconds()})
         previous_end = end
     return out
 
@@ -431,7 +236,7 @@ def redeploy_round(p: Platform, clients: dict[str, docker.DockerClient], env: st
     cpu0 = sum(process_cpu(n.pid) for n in p.nodes.values())
     op_id, cli_s = p.run_op("redeploy", env, svc)
     node_cpu = sum(process_cpu(n.pid) for n in p.nodes.values()) - cpu0
-    op = p.op(op_id)
+    op = op_json(p, op_id)
     if op["state"] != "succeeded":
         raise RuntimeError(f"[{p.name}] operation {op_id} {op['state']}: {op.get('error')}")
     after = running_per_host(clients, env, svc)
@@ -440,7 +245,6 @@ def redeploy_round(p: Platform, clients: dict[str, docker.DockerClient], env: st
     if counts != spread or old & {cid for c in after.values() for cid in c.values()}:
         raise RuntimeError(f"[{p.name}] after redeploy {op_id} Docker runs {counts} (want {spread}, all new)")
     created, started, finished = ts(op["created_at"]), ts(op["started_at"]), ts(op["finished_at"])
-    assert created and started and finished
     stages = stage_spans(op)
     last_end = max((s["end"] for s in stages), default=started)
     return RedeployRound(cli_s, (finished - created).total_seconds(), (started - created).total_seconds(), stages,
@@ -550,7 +354,7 @@ def death_round(p: Platform, daemon: Daemon, clients: dict[str, docker.DockerCli
             now = time.time()
             if now - t_kill > timeout:
                 raise RuntimeError(f"not back at full scale {timeout:g}s after the kill: Docker "
-                                   f"{docker_full}, catalogue {catalogue_full}; ops {p.ops(env)}")
+                                   f"{docker_full}, catalogue {catalogue_full}; ops {ops_json(p, env)}")
             if docker_full is None and len(survivor.api.containers(filters={"label": labels})) == jobs:
                 docker_full = time.time() - t_kill
             row = conn.execute(by_state, (env, svc, alive, dying)).fetchone()
@@ -565,20 +369,18 @@ def death_round(p: Platform, daemon: Daemon, clients: dict[str, docker.DockerCli
         conn.close()
 
     def recover_op() -> dict[str, Any] | None:
-        for o in p.ops(env):
-            created = ts(o["created_at"])
-            if o["trigger"] == "host-lost" and created and created.timestamp() >= t_kill - 1:
+        for o in ops_json(p, env):
+            if o["trigger"] == "host-lost" and ts(o["created_at"]).timestamp() >= t_kill - 1:
                 return o if o["state"] in ("succeeded", "failed") else None
         return None
 
-    summary = wait_for("the host-lost recover operation ends", recover_op, 60)
+    summary = wait_for("the host-lost recover operation ends", recover_op, 60, every=0.2)
+    assert summary is not None
     if summary["state"] != "succeeded":
         raise RuntimeError(f"recover operation {summary['id']} failed: {summary['error']}")
-    op = p.op(summary["id"])
-    host_row = p.hosts()[dying]
-    last_seen = ts(host_row["last_seen"])
+    op = op_json(p, summary["id"])
+    last_seen = ts(hosts_json(p)[dying]["last_seen"])
     created, started, finished = ts(op["created_at"]), ts(op["started_at"]), ts(op["finished_at"])
-    assert last_seen and created and started and finished
     starts = [s for s in stage_spans(op) if s["action"] == "start"]
     result = DeathRound(
         silence=t_kill - last_seen.timestamp(), down_seen=down_seen, detected=created.timestamp() - t_kill,
@@ -610,13 +412,13 @@ def bring_back(p: Platform, daemon: Daemon, clients: dict[str, docker.DockerClie
 
         def stopped() -> list[Any]:
             rows = conn.execute(f"SELECT state, stopped_at FROM job WHERE id IN ({marks})", sorted(lost)).fetchall()
-            return [ts(r["stopped_at"]) for r in rows] if all(r["state"] == "stopped" for r in rows) else []
-        ends = wait_for("the lost jobs stopped (their containers removed)", stopped, 60)
+            return [ts_or_none(r["stopped_at"]) for r in rows] if all(r["state"] == "stopped" for r in rows) else []
+        ends = wait_for("the lost jobs stopped (their containers removed)", stopped, 60, every=0.2)
     finally:
         conn.close()
     labels = {"label": f"{LABEL_ENV}={env}"}
     wait_for(f"no container of {env} left on {host}",
-             lambda: not clients[host].api.containers(all=True, filters=labels), 30)
+             lambda: not clients[host].api.containers(all=True, filters=labels), 30, every=0.2)
     times["node started -> replaced containers removed"] = max(e.timestamp() for e in ends) - node_started
     times["back, total"] = time.perf_counter() - t0
     half = jobs // 2
@@ -661,6 +463,15 @@ def report_deaths(rounds: list[DeathRound], jobs: int) -> None:
 # --- the run -------------------------------------------------------------------------------------------
 
 
+def platform_env(workdir: Path, ports: tuple[int, int], stop_timeout: int, death: bool) -> PlatformEnv:
+    """A platform's variables: its own catalogue and ports, the shared Redis database; the death
+    rounds' platform heartbeats every HEARTBEAT_INTERVAL and marks a host down after DOWN_AFTER."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    return PlatformEnv(f"sqlite:///{workdir / 'catalogue.db'}", REDIS_DB, ports, stop_timeout=stop_timeout,
+                       start_timeout=30, result_backend="", heartbeat_interval=HEARTBEAT_INTERVAL if death else None,
+                       host_down_after=DOWN_AFTER if death else None)
+
+
 def preflight(client: docker.DockerClient) -> None:
     client.ping()
     for name in IMAGES:
@@ -692,34 +503,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.jobs < 2 or args.jobs % 2 or args.jobs > 60 or args.rounds < 1 or args.deaths < 0:
         parser.error("--jobs must be even, 2..60; --rounds at least 1; --deaths at least 0")
 
-    default = docker.DockerClient(base_url=DEFAULT_URL, version="auto", timeout=60)
+    default = docker.DockerClient(base_url=DEFAULT_DOCKER_URL, version="auto", timeout=60)
     preflight(default)
     daemon = Daemon(args.daemon)
     workdir = Path(tempfile.mkdtemp(prefix="orch-bench-hosts-"))
     src = args.src.resolve()
-    broker = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB)
     tag = uuid.uuid4().hex[:5]
     base_label = f"hbbase{tag}"
     pool = ThreadPoolExecutor(max_workers=args.jobs)
-    platforms = {name: Platform(name, workdir, src, PORTS[name], args.stop_timeout) for name in PORTS}
-    platforms["death"].settings = {"ORCH_HEARTBEAT_INTERVAL": str(HEARTBEAT_INTERVAL),
-                                   "ORCH_HOST_DOWN_AFTER": str(DOWN_AFTER)}
+    platforms = {name: Platform(platform_env(workdir / name, PORTS[name], args.stop_timeout, name == "death"),
+                                workdir / name, src, name=name) for name in PORTS}
     clients: dict[str, docker.DockerClient] = {}
     svc = "web"
     try:
         with terminated_as_exit():
-            broker.flushdb()
+            platforms["one"].env.flush()  # the three share it
             log(f"{os.cpu_count()} CPUs, load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}; "
                 f"temp dir {workdir}; Redis db {REDIS_DB}; ports {PORTS}; code from {src}")
             took = daemon.up()
-            stale = daemon.load_images(default)
+            stale = daemon.load_images(IMAGES, DEFAULT_DOCKER_URL)
             log(f"dockerd {daemon.name} up at {daemon.url} in {took:.1f}s; images copied: {stale or 'none needed'}")
 
             # --- redeploys: one host against two, alternating --------------------------------------
             one, two = platforms["one"], platforms["two"]
             hosts = {"one": {"A": f"one{tag}a"}, "two": {"A": f"two{tag}a", "B": f"two{tag}b"}}
-            one.add_host(hosts["one"]["A"], DEFAULT_URL)
-            two.add_host(hosts["two"]["A"], DEFAULT_URL)
+            one.add_host(hosts["one"]["A"], DEFAULT_DOCKER_URL)
+            two.add_host(hosts["two"]["A"], DEFAULT_DOCKER_URL)
             two.add_host(hosts["two"]["B"], daemon.url)
             for p in (one, two):
                 for host in p.urls:
@@ -734,9 +543,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             envs = {}
             for name, p in (("one", one), ("two", two)):
                 envs[name] = p.new_env()
-                p.cli("services", "add", envs[name], svc, "--type", "code", "--command", HTTPD,
+                p.ok("services", "add", envs[name], svc, "--type", "code", "--command", HTTPD,
                       "--scale", str(args.jobs), "--size", args.size)
-                _, took = p.run_op("push", envs[name], svc, IMAGE)
+                _, took = p.run_op("push", envs[name], svc, SAMPLE_IMAGE)
                 counts = {h: len(c) for h, c in running_per_host(clients_of[name], envs[name], svc).items()}
                 if counts != spreads[name]:
                     raise RuntimeError(f"[{name}] deployed as {counts}, want {spreads[name]}")
@@ -767,22 +576,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             report_redeploys(results, base, baselines, hosts, idle, args.jobs)
             for p in (one, two):  # done with them: their nodes and containers go now
                 p.stop_nodes()
-            remove_env_containers(default, [envs["one"], envs["two"], base_label])
-            remove_env_containers(clients[hosts["two"]["B"]], [envs["two"], base_label])
+            remove_containers(default, envs["one"], envs["two"], base_label)
+            remove_containers(clients[hosts["two"]["B"]], envs["two"], base_label)
 
             # --- a host's death --------------------------------------------------------------------
             if args.deaths:
                 dp = platforms["death"]
                 alive, dying = f"dth{tag}a", f"dth{tag}b"
-                dp.add_host(alive, DEFAULT_URL)
+                dp.add_host(alive, DEFAULT_DOCKER_URL)
                 dp.add_host(dying, daemon.url)
                 dp.start_node(alive)
                 dp.start_node(dying)
                 death_clients = {alive: default, dying: clients.pop(hosts["two"]["B"])}
                 env = dp.new_env()
-                dp.cli("services", "add", env, svc, "--type", "code", "--command", HTTPD,
+                dp.ok("services", "add", env, svc, "--type", "code", "--command", HTTPD,
                        "--scale", str(args.jobs), "--size", args.size)
-                dp.run_op("push", env, svc, IMAGE)
+                dp.run_op("push", env, svc, SAMPLE_IMAGE)
                 log("")
                 log(f"[death] {args.jobs} jobs on {alive} (default daemon) and {dying} ({daemon.name}); nodes with "
                     f"ORCH_HEARTBEAT_INTERVAL={HEARTBEAT_INTERVAL:g} ORCH_HOST_DOWN_AFTER={DOWN_AFTER:g}")
@@ -807,11 +616,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
-        cleanup(platforms, daemon, default, clients, broker, workdir, [base_label], keep=args.keep)
+        cleanup(platforms, daemon, default, clients, workdir, [base_label], keep=args.keep)
 
 
 def cleanup(platforms: dict[str, Platform], daemon: Daemon, default: docker.DockerClient,
-            clients: dict[str, docker.DockerClient], broker: redis.Redis, workdir: Path, labels: list[str],
+            clients: dict[str, docker.DockerClient], workdir: Path, labels: list[str],
             keep: bool) -> None:
     """Undo everything, each part on its own so that one failure does not skip the rest."""
     envs = [e for p in platforms.values() for e in p.envs] + labels
@@ -823,16 +632,16 @@ def cleanup(platforms: dict[str, Platform], daemon: Daemon, default: docker.Dock
             daemon.up()
         client = daemon.client()
         try:
-            remove_env_containers(client, envs)
+            remove_containers(client, *envs)
         finally:
             client.close()
         daemon.stop()
 
     steps: list[tuple[str, Callable[[], object]]] = [
         ("nodes", lambda: [p.stop_nodes() for p in platforms.values()]),
-        ("containers on the default daemon", lambda: remove_env_containers(default, envs)),
+        ("containers on the default daemon", lambda: remove_containers(default, *envs)),
         (f"dockerd {daemon.name}", second_daemon),
-        ("redis", broker.flushdb),
+        ("redis", platforms["one"].env.flush),
     ]
     with suppress(KeyboardInterrupt):
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -844,7 +653,6 @@ def cleanup(platforms: dict[str, Platform], daemon: Daemon, default: docker.Dock
         for client in [*clients.values(), default]:
             with suppress(Exception):
                 client.close()
-        broker.close()
         if keep:
             log(f"kept {workdir}")
         else:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import resource
 import shutil
 import signal
@@ -39,20 +38,31 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import docker
-import redis
 from docker.models.containers import Container
 
 ROOT = Path(__file__).resolve().parent.parent
-LABEL_ENV = "orchestrator.env"  # the spec's labels
-LABEL_SERVICE = "orchestrator.service"
+sys.path.insert(0, str(ROOT))  # the test harness runs the platform here too
+
+from tests.harness import (  # noqa: E402
+    DEFAULT_DOCKER_URL,
+    HTTPD,
+    LABEL_ENV,
+    SAMPLE_IMAGE,
+    Platform,
+    PlatformEnv,
+    orchestrator,
+    remove_containers,
+    stop_process,
+    wait_for,
+)
+from tests.helpers import hosts_json, op_json, op_of, ts, ts_or_none  # noqa: E402
+
+LABEL_SERVICE = "orchestrator.service"  # the spec's labels
 LABEL_KIND = "orchestrator.kind"
-IMAGE = "orch/sample-app:1"
-HTTPD = "httpd -f -p $PORT -h /var/www"
 PORT_MIN, PORT_MAX = 31000, 31249  # the platform's range
 BASELINE_PORT = 31250  # docker-py containers: 31250.. (outside the platform's range)
 COMPOSE_PORT = 31300  # compose containers pick the first free port from here
@@ -98,97 +108,19 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def ts(text: str | None) -> datetime | None:
-    """A catalogue timestamp (UTC; naive ones are taken as UTC)."""
-    if not text:
-        return None
-    value = datetime.fromisoformat(text)
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
 # --- the platform -----------------------------------------------------------------------------------
 
 
-@dataclass
-class Platform:
-    """A throwaway platform: its ORCH_* environment, a host, a node process."""
-
-    workdir: Path
-    docker_url: str
-    redis_db: int
-    stop_timeout: int
-    src: Path
-    env: dict[str, str] = field(default_factory=dict)
-    node: subprocess.Popen[bytes] | None = None
-    node_log: Path | None = None
-
-    def __post_init__(self) -> None:
-        self.env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(self.src), os.environ.get("PYTHONPATH")])),
-            "ORCH_DATABASE_URL": f"sqlite:///{self.workdir / 'catalogue.db'}",
-            "ORCH_BROKER_URL": f"redis://127.0.0.1:6379/{self.redis_db}",
-            "ORCH_RESULT_BACKEND": "",
-            "ORCH_PORT_MIN": str(PORT_MIN),
-            "ORCH_PORT_MAX": str(PORT_MAX),
-            "ORCH_STOP_TIMEOUT": str(self.stop_timeout),
-            "ORCH_START_TIMEOUT": "30",
-        }
-
-    def argv(self, *args: str) -> list[str]:
-        # `python -m orchestrator.cli` = the console script, but it honours PYTHONPATH=src (--src).
-        return [sys.executable, "-m", "orchestrator.cli", *args]
-
-    def cli(self, *args: str, timeout: float = 300) -> str:
-        proc = subprocess.run(self.argv(*args), env=self.env, cwd=self.src, capture_output=True,
-                              text=True, timeout=timeout)
-        if proc.returncode != 0:
-            raise RuntimeError(f"orchestrator {' '.join(args)} -> exit {proc.returncode}:\n"
-                               f"{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
-        return proc.stdout
-
-    def start_node(self, host: str) -> None:
-        self.node_log = self.workdir / f"node-{host}.log"
-        self.node = subprocess.Popen(
-            self.argv("node", "run", host, "--loglevel", "INFO"), env=self.env, cwd=self.src,
-            stdout=self.node_log.open("wb"), stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if b" ready." in self.node_log.read_bytes():
-                return
-            if self.node.poll() is not None:
-                raise RuntimeError(f"node {host} exited: {self.node_log.read_text()[-3000:]}")
-            time.sleep(0.1)
-        raise RuntimeError(f"node {host} not ready in 60s: {self.node_log.read_text()[-3000:]}")
-
-    def wait_host_up(self, host: str, timeout: float = 60) -> None:
-        """Until `hosts list --json` shows the host up (with capacity, where hosts report one)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            rows = {h["name"]: h for h in json.loads(self.cli("hosts", "list", "--json"))}
-            row = rows.get(host, {})
-            if row.get("state", "up") == "up" and row.get("cpus", 1) and row.get("memory_mb", 1):
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"host {host} not up with capacity in {timeout:g}s: {row}")
-            time.sleep(0.5)
-
-    def stop_node(self) -> None:
-        if self.node is None or self.node.poll() is not None:
-            return
-        self.node.terminate()
-        try:
-            self.node.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.node.kill()
-            self.node.wait(timeout=10)
+def wait_host_up(p: Platform, host: str, timeout: float = 60) -> None:
+    """Until `hosts list --json` shows the host up (with capacity, where hosts report one)."""
+    wait_for(f"host {host} up with capacity", lambda: hosts_json(p).get(host, {}), timeout, every=0.5,
+             until=lambda row: bool(row.get("state", "up") == "up" and row.get("cpus", 1) and row.get("memory_mb", 1)),
+             retry=())
 
 
 def op_breakdown(op: dict[str, Any]) -> dict[str, float]:
     """Where an operation's time went, from the catalogue's own timestamps (seconds)."""
-    created, started, finished = ts(op["created_at"]), ts(op.get("started_at")), ts(op.get("finished_at"))
-    assert created is not None and finished is not None
+    created, started, finished = ts(op["created_at"]), ts_or_none(op.get("started_at")), ts(op.get("finished_at"))
     out: dict[str, float] = {"op": (finished - created).total_seconds()}
     if started is not None:
         out["claim+plan+send"] = (started - created).total_seconds()
@@ -198,14 +130,14 @@ def op_breakdown(op: dict[str, Any]) -> dict[str, float]:
         stages.setdefault(step["stage"], []).append(step)
     for index in sorted(stages):
         steps = stages[index]
-        begins = [t for t in (ts(s["started_at"]) for s in steps) if t is not None]
-        ends = [t for t in (ts(s["finished_at"]) for s in steps) if t is not None]
+        begins = [t for t in (ts_or_none(s["started_at"]) for s in steps) if t is not None]
+        ends = [t for t in (ts_or_none(s["finished_at"]) for s in steps) if t is not None]
         if not begins or not ends:
             continue
         action = steps[0]["action"]
         out[f"gap before stage {index}"] = (min(begins) - previous_end).total_seconds()
         out[f"stage {index} {action} x{len(steps)}"] = (max(ends) - min(begins)).total_seconds()
-        durations = sorted((ts(s["finished_at"]) - ts(s["started_at"])).total_seconds()  # type: ignore[operator]
+        durations = sorted((ts(s["finished_at"]) - ts(s["started_at"])).total_seconds()
                            for s in steps if s["started_at"] and s["finished_at"])
         out[f"  one {action} step (median)"] = median(durations)
         out[f"  last {action} step begins after first"] = (max(begins) - min(begins)).total_seconds()
@@ -225,25 +157,22 @@ class PlatformRound:
 
 def run_platform_round(p: Platform, client: docker.DockerClient, env: str, svc: str, jobs: int) -> PlatformRound:
     before = containers(client, env, svc)
-    assert p.node is not None
-    node0, cli0 = process_cpu(p.node.pid), children_cpu()
+    (node,) = p.nodes.values()
+    node0, cli0 = process_cpu(node.pid), children_cpu()
     wall0, t0 = time.time(), time.perf_counter()
-    out = p.cli("redeploy", env, svc, "--wait")
+    out = p.ok("redeploy", env, svc, "--wait")
     cli_s = time.perf_counter() - t0
     wall1 = time.time()
-    node_cpu, cli_cpu = process_cpu(p.node.pid) - node0, children_cpu() - cli0
-    match = re.search(r"operation (\d+)", out)
-    if not match:
-        raise RuntimeError(f"no operation id in: {out}")
-    op = json.loads(p.cli("ops", "show", match.group(1), "--json"))
+    node_cpu, cli_cpu = process_cpu(node.pid) - node0, children_cpu() - cli0
+    op_id = op_of(out)
+    op = op_json(p, op_id)
     if op["state"] != "succeeded":
-        raise RuntimeError(f"operation {match.group(1)} {op['state']}: {op.get('error')}")
+        raise RuntimeError(f"operation {op_id} {op['state']}: {op.get('error')}")
     after = containers(client, env, svc)
     if len(after) != jobs or set(after.values()) & set(before.values()):
         raise RuntimeError(f"after redeploy Docker runs {len(after)} containers (want {jobs}, all new)")
     breakdown = op_breakdown(op)
     created, finished = ts(op["created_at"]), ts(op["finished_at"])
-    assert created is not None and finished is not None
     breakdown["CLI: process start -> operation recorded"] = created.timestamp() - wall0
     breakdown["CLI: operation finished -> process exit"] = wall1 - finished.timestamp()
     return PlatformRound(cli_s, breakdown["op"], cli_cpu, node_cpu, breakdown)
@@ -279,7 +208,7 @@ class Baseline:
         labels = {LABEL_ENV: self.env, LABEL_SERVICE: "baseline", "bench.job": f"base{i}",
                   LABEL_KIND: "deploy", "bench.release": "1", "bench.config-hash": "-"}
         container: Container = self.client.containers.create(
-            IMAGE, name=name, labels=labels, **{**self.options, "environment": environment})
+            SAMPLE_IMAGE, name=name, labels=labels, **{**self.options, "environment": environment})
         container.start()
         wait_port(port, 30)
         return container
@@ -310,7 +239,7 @@ def platform_container_options(client: docker.DockerClient, env: str, svc: str) 
     any_id = next(iter(containers(client, env, svc).values()))
     attrs = client.api.inspect_container(any_id)
     hc, cfg = attrs["HostConfig"], attrs["Config"]
-    image_env = set(client.images.get(IMAGE).attrs["Config"].get("Env") or [])
+    image_env = set(client.images.get(SAMPLE_IMAGE).attrs["Config"].get("Env") or [])
     environment = dict(e.split("=", 1) for e in cfg["Env"] if e not in image_env)
     environment["ORCH_SERVICE"] = "baseline"
     options: dict[str, Any] = {
@@ -380,7 +309,7 @@ class Compose:
             'version: "2.4"',
             "services:",
             "  web:",
-            f"    image: {IMAGE}",
+            f"    image: {SAMPLE_IMAGE}",
             "    network_mode: host",
             f"    init: {'true' if opts.get('init') else 'false'}",
             f"    restart: {opts['restart_policy']['Name'] or 'no'}",
@@ -478,7 +407,7 @@ def profile_round(p: Platform, client: docker.DockerClient, env: str, svc: str, 
     """One more (untimed) redeploy with py-spy recording the node and the CLI process: wall time
     (all samples, idle ones too) or, with ``cpu``, only samples that hold the GIL."""
     exe = shutil.which(py_spy) or py_spy
-    if not Path(exe).exists() or p.node is None:
+    if not Path(exe).exists() or not p.nodes:
         log(f"py-spy: {py_spy} not found, no profile")
         return
     rate = 200
@@ -487,22 +416,20 @@ def profile_round(p: Platform, client: docker.DockerClient, env: str, svc: str, 
     common = ["record", "--gil" if cpu else "--idle", "--threads", "--function", "--rate", str(rate),
               "--format", "raw"]
     err = (p.workdir / "py-spy.err").open("w+b")
-    spy = subprocess.Popen([exe, *common, "--nonblocking", "--pid", str(p.node.pid), "--output", str(node_raw)],
+    (node,) = p.nodes.values()
+    spy = subprocess.Popen([exe, *common, "--nonblocking", "--pid", str(node.pid), "--output", str(node_raw)],
                            stdout=subprocess.DEVNULL, stderr=err)
     try:
         deadline = time.monotonic() + 10
         while b"Sampling" not in (p.workdir / "py-spy.err").read_bytes() and time.monotonic() < deadline:
             time.sleep(0.05)
         t0 = time.perf_counter()
-        proc = subprocess.run([exe, *common, "--output", str(cli_raw), "--", *p.argv("redeploy", env, svc, "--wait")],
-                              env=p.env, cwd=p.src, capture_output=True, text=True, timeout=300)
+        redeploy = orchestrator("redeploy", env, svc, "--wait")
+        proc = subprocess.run([exe, *common, "--output", str(cli_raw), "--", *redeploy],
+                              env=p.environ, cwd=p.workdir, capture_output=True, text=True, timeout=300)
         elapsed = time.perf_counter() - t0
     finally:
-        spy.send_signal(signal.SIGINT)
-        try:
-            spy.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            spy.kill()
+        stop_process(spy, signal.SIGINT, timeout=30)
         err.close()
     log("")
     what = "CPU: samples holding the GIL" if cpu else "wall time: all samples, waiting ones too"
@@ -543,7 +470,7 @@ def auto_size(client: docker.DockerClient, jobs: int) -> str:
 
 def preflight(client: docker.DockerClient, jobs: int) -> None:
     client.ping()
-    client.images.get(IMAGE)  # missing: scripts/build-images
+    client.images.get(SAMPLE_IMAGE)  # missing: scripts/build-images
     busy = [p for p in [*range(PORT_MIN, PORT_MIN + jobs + 5), *range(BASELINE_PORT, BASELINE_PORT + jobs),
                         *range(COMPOSE_PORT, COMPOSE_PORT + 4 * jobs + 20)] if accepts(p)]
     if busy:
@@ -587,8 +514,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--jobs", type=int, default=10, help="scale of the service (default 10)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds of each (default 3)")
-    parser.add_argument("--docker-url", default=os.environ.get("ORCH_BENCH_DOCKER_URL",
-                                                               "unix:///var/run/docker.sock"))
+    parser.add_argument("--docker-url", default=os.environ.get("ORCH_BENCH_DOCKER_URL", DEFAULT_DOCKER_URL))
     parser.add_argument("--redis-db", type=int, default=14, help="flushed before and after (default 14)")
     parser.add_argument("--stop-timeout", type=int, default=10,
                         help="SIGTERM->SIGKILL seconds, the same for all three (default 10)")
@@ -610,8 +536,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     suffix = uuid.uuid4().hex[:6]
     env, svc, host = f"bench{suffix}", "web", f"bench{suffix}"
     workdir = Path(tempfile.mkdtemp(prefix="orch-bench-"))
-    r = redis.Redis(host="127.0.0.1", port=6379, db=args.redis_db)
-    platform = Platform(workdir, args.docker_url, args.redis_db, args.stop_timeout, args.src.resolve())
+    settings = PlatformEnv(f"sqlite:///{workdir / 'catalogue.db'}", args.redis_db, (PORT_MIN, PORT_MAX),
+                           stop_timeout=args.stop_timeout, start_timeout=30, result_backend="")
+    platform = Platform(settings, workdir, args.src.resolve())
     compose: Compose | None = None
     pool = ThreadPoolExecutor(max_workers=args.jobs)
     results: dict[str, list[float]] = {
@@ -627,29 +554,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     networks_before = {n.id for n in client.networks.list()}
     try:
         with terminated_as_exit():
-            r.flushdb()
+            settings.flush()
             load = os.getloadavg()[0]
             if load > (os.cpu_count() or 1):
                 log(f"note: load average {load:.1f} on {os.cpu_count()} CPUs: other work competes, times will be noisy")
             log(f"platform: catalogue {workdir / 'catalogue.db'}, redis db {args.redis_db}, "
                 f"ports {PORT_MIN}-{PORT_MAX}, code from {platform.src}")
-            platform.cli("hosts", "add", host, "--docker-url", args.docker_url, "--address", "127.0.0.1")
-            platform.start_node(host)
-            platform.wait_host_up(host)
-            log(f"node {host} ready (log {platform.node_log})")
-            platform.cli("env", "create", env, "--sandbox", "--no-defaults")
+            platform.ok("hosts", "add", host, "--docker-url", args.docker_url, "--address", "127.0.0.1")
+            platform.start_node(host, timeout=60)
+            wait_host_up(platform, host)
+            log(f"node {host} ready (log {platform.logs[-1]})")
+            platform.ok("env", "create", env, "--sandbox", "--no-defaults")
             size = args.size or auto_size(client, args.jobs)
-            platform.cli("services", "add", env, svc, "--type", "code", "--command", HTTPD,
+            platform.ok("services", "add", env, svc, "--type", "code", "--command", HTTPD,
                          "--scale", str(args.jobs), "--size", size)
             t0 = time.perf_counter()
-            platform.cli("push", env, svc, IMAGE, "--wait")
-            log(f"pushed {IMAGE}: {args.jobs} jobs of size {size} deployed in {time.perf_counter() - t0:.2f}s")
+            platform.ok("push", env, svc, SAMPLE_IMAGE, "--wait")
+            log(f"pushed {SAMPLE_IMAGE}: {args.jobs} jobs of size {size} deployed in {time.perf_counter() - t0:.2f}s")
 
             options = platform_container_options(client, env, svc)
             baseline = Baseline(client, env, args.jobs, options, args.stop_timeout)
             baseline.up(pool)
             described = {k: v for k, v in options.items() if k not in ("environment", "detach")}
-            log(f"docker-py baseline: {args.jobs} containers of {IMAGE}, options copied from the platform's: "
+            log(f"docker-py baseline: {args.jobs} containers of {SAMPLE_IMAGE}, options copied from the platform's: "
                 f"{described}, env PORT per container + the same ORCH_* variables")
 
             cmd = None if args.no_compose else compose_command()
@@ -672,7 +599,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cpu["platform: node process"].append(pr.node_cpu)
                 cpu["platform: CLI process"].append(pr.cli_cpu)
                 t0 = time.perf_counter()
-                platform.cli("ops", "show", "1", "--json")
+                platform.ok("ops", "show", "1", "--json")
                 cli_startup.append(time.perf_counter() - t0)
                 base_s = baseline.round(pool)
                 results["docker-py, parallel threads (baseline)"].append(base_s)
@@ -705,22 +632,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         log(f"interrupted ({exc}): cleaning up")
         return 130
     finally:
-        cleanup(platform, client, env, compose, pool, r, workdir, networks_before, keep=args.keep)
+        cleanup(platform, client, env, compose, pool, workdir, networks_before, keep=args.keep)
 
 
 def cleanup(platform: Platform, client: docker.DockerClient, env: str, compose: Compose | None,
-            pool: ThreadPoolExecutor, r: redis.Redis, workdir: Path, networks_before: set[str],
+            pool: ThreadPoolExecutor, workdir: Path, networks_before: set[str],
             keep: bool) -> None:
     """Undo everything, each part on its own so one failure does not skip the rest."""
     steps: list[tuple[str, Callable[[], object]]] = [
-        ("node", platform.stop_node),
+        ("node", platform.stop_nodes),
         ("compose", compose.down if compose else (lambda: None)),
-        ("containers", lambda: [c.remove(force=True) for c in
-                                client.containers.list(all=True, filters={"label": f"{LABEL_ENV}={env}"})]),
+        ("containers", lambda: remove_containers(client, env)),
         ("networks", lambda: [n.remove() for n in client.networks.list()  # compose's, if it made one
                               if n.id not in networks_before and compose
                               and (n.name or "").startswith(compose.project)]),
-        ("redis", r.flushdb),
+        ("redis", platform.env.flush),
         ("pool", lambda: pool.shutdown(wait=False, cancel_futures=True)),
     ]
     with suppress(KeyboardInterrupt):
@@ -734,7 +660,6 @@ def cleanup(platform: Platform, client: docker.DockerClient, env: str, compose: 
             log(f"kept {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-        r.close()
         client.close()
 
 

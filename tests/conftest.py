@@ -5,27 +5,29 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import docker
 import pytest
-import redis
 from click.testing import CliRunner, Result
 
 from orchestrator.cli import main as cli_main
 from orchestrator.names import LABEL_ENV
+from tests.harness import (
+    DEFAULT_DOCKER_URL,
+    ROOT,
+    SAMPLE_IMAGE,
+    Platform,
+    PlatformEnv,
+    orchestrator,
+    remove_containers,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-DOCKER_URL = os.environ.get("ORCH_TEST_DOCKER_URL", "unix:///var/run/docker.sock")
+DOCKER_URL = os.environ.get("ORCH_TEST_DOCKER_URL", DEFAULT_DOCKER_URL)
 REDIS_DB = int(os.environ.get("ORCH_TEST_REDIS_DB", "9"))
 PORT_BASE = 30000 + 250 * (REDIS_DB % 10)  # below Linux's ephemeral range (32768-)
-SAMPLE_IMAGE = "orch/sample-app:1"
-HTTPD = "httpd -f -p $PORT -h /var/www"
 
 
 @dataclass
@@ -42,7 +44,7 @@ class Cli:
 
     def popen(self, *args: str) -> subprocess.Popen[str]:
         return subprocess.Popen(
-            [sys.executable, "-m", "orchestrator.cli", *args], env={**os.environ, **self.env},
+            orchestrator(*args), env={**os.environ, **self.env},
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
         )
 
@@ -57,55 +59,33 @@ def docker_client() -> Iterator[docker.DockerClient]:
 
 
 @pytest.fixture(scope="session")
-def platform_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """ORCH_* variables of a test platform: its own SQLite catalogue and Redis database."""
-    r = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB)
-    r.flushdb()
-    r.close()
-    db = tmp_path_factory.mktemp("catalogue") / "catalogue.db"
-    return {
-        "ORCH_DATABASE_URL": f"sqlite:///{db}",
-        "ORCH_BROKER_URL": f"redis://127.0.0.1:6379/{REDIS_DB}",
-        "ORCH_STOP_TIMEOUT": "5",
-        "ORCH_START_TIMEOUT": "10",
-        "ORCH_HEARTBEAT_INTERVAL": "0.5",
-        # Away from the default range, so a platform running on this machine never collides.
-        # Each Redis database number gets its own range, so parallel test sessions never collide.
-        "ORCH_PORT_MIN": str(PORT_BASE),
-        "ORCH_PORT_MAX": str(PORT_BASE + 249),
-    }
-
-
-def start_node(env: dict[str, str], host: str, log: Path) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.cli", "node", "run", host, "--loglevel", "INFO"],
-        env={**os.environ, **env}, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT,
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if b" ready." in log.read_bytes():
-            return proc
-        if proc.poll() is not None:
-            raise RuntimeError(f"node {host} exited: {log.read_text()[-2000:]}")
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(f"node {host} not ready in 30s: {log.read_text()[-2000:]}")
+def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
+    """The test platform: its own SQLite catalogue and Redis database (flushed first), heartbeats
+    every 0.5 s, and a port range away from the default one, so that a platform running on this
+    machine never collides; each Redis database number gets its own range, so parallel test
+    sessions never collide either. Its nodes stop at the end of the session."""
+    workdir = tmp_path_factory.mktemp("platform")
+    env = PlatformEnv(f"sqlite:///{workdir / 'catalogue.db'}", REDIS_DB, (PORT_BASE, PORT_BASE + 249),
+                      heartbeat_interval=0.5)
+    env.flush()
+    platform = Platform(env, workdir)
+    yield platform
+    platform.stop_nodes()
 
 
 @pytest.fixture(scope="session")
-def node(platform_env: dict[str, str], docker_client: docker.DockerClient,
-         tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def platform_env(platform: Platform) -> dict[str, str]:
+    """ORCH_* variables of the test platform."""
+    return platform.env.variables()
+
+
+@pytest.fixture(scope="session")
+def node(platform: Platform, platform_env: dict[str, str], docker_client: docker.DockerClient) -> str:
     """A host registered in the catalogue and its node running in its own process."""
     host = f"h{uuid.uuid4().hex[:6]}"
     Cli(platform_env).ok("hosts", "add", host, "--docker-url", DOCKER_URL, "--address", "127.0.0.1")
-    log = tmp_path_factory.mktemp("node") / f"{host}.log"
-    proc = start_node(platform_env, host, log)
-    yield host
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    platform.start_node(host)
+    return host
 
 
 @pytest.fixture
@@ -119,8 +99,7 @@ def env_name(cli: Cli, docker_client: docker.DockerClient) -> Iterator[str]:
     name = f"t{uuid.uuid4().hex[:8]}"
     cli.ok("env", "create", name, "--sandbox", "--no-defaults")
     yield name
-    for container in docker_client.containers.list(all=True, filters={"label": f"{LABEL_ENV}={name}"}):
-        container.remove(force=True)
+    remove_containers(docker_client, name)
 
 
 def containers(client: docker.DockerClient, env: str, service: str | None = None,

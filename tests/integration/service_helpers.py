@@ -1,17 +1,18 @@
-"""Helpers shared by the service-type e2e tests (issue 4): CLI JSON, operations, Docker."""
+"""Helpers shared by the service-type e2e tests (issue 4): their images, services deployed and
+followed to their end, variables, HTTP, containers and volumes."""
 
 from __future__ import annotations
 
 import json
-import re
 import time
 import urllib.request
 from typing import Any
 
 import docker
 
-from orchestrator.names import LABEL_ENV
 from tests.conftest import Cli, containers
+from tests.harness import remove_containers
+from tests.helpers import jobs_json, op_of, wait_op
 
 POSTGRES = "orch/postgres:15"
 MARIADB = "orch/mariadb:10"
@@ -21,37 +22,14 @@ PYAPP = "orch/pyapp:1"
 PYAPP_WEB = "python3 /app/app.py"
 
 
-def op_of(output: str) -> int:
-    match = re.search(r"operation (\d+)", output)
-    assert match, f"no operation id in {output!r}"
-    return int(match.group(1))
-
-
-def op_json(cli: Cli, op_id: int) -> dict[str, Any]:
-    return json.loads(cli.ok("ops", "show", str(op_id), "--json"))  # type: ignore[no-any-return]
-
-
-def wait_op(cli: Cli, op_id: int, timeout: float = 90) -> dict[str, Any]:
-    """Poll the operation until it ends; it must succeed."""
-    deadline = time.monotonic() + timeout
-    while True:
-        op = op_json(cli, op_id)
-        if op["state"] in ("succeeded", "failed"):
-            assert op["state"] == "succeeded", f"operation {op_id} failed: {op['error']}"
-            return op
-        assert time.monotonic() < deadline, f"operation {op_id} still {op['state']} after {timeout}s"
-        time.sleep(0.2)
+# Database and cache images take a while to start: an operation gets this long to end.
+OP_TIMEOUT = 90
 
 
 def add_and_wait(cli: Cli, env: str, name: str, *args: str) -> dict[str, Any]:
     """``services add`` of a type that deploys at once, followed to its end."""
     out = cli.ok("services", "add", env, name, *args)
-    return wait_op(cli, op_of(out))
-
-
-def jobs_json(cli: Cli, env: str, service: str | None = None) -> list[dict[str, Any]]:
-    args = ["jobs", "list", env, *([service] if service else []), "--json"]
-    return json.loads(cli.ok(*args))  # type: ignore[no-any-return]
+    return wait_op(cli, op_of(out), OP_TIMEOUT, succeed=True)
 
 
 def deploy_port(cli: Cli, env: str, service: str) -> int:
@@ -66,10 +44,6 @@ def vars_json(cli: Cli, env: str, service: str, secrets: bool = False) -> dict[s
     names = [r["name"] for r in rows]
     assert len(names) == len(set(names)), f"a variable is listed twice: {names}"
     return {r["name"]: r for r in rows}
-
-
-def ops_json(cli: Cli, env: str) -> list[dict[str, Any]]:
-    return json.loads(cli.ok("ops", "list", env, "--json"))  # type: ignore[no-any-return]
 
 
 def get_json(port: int, timeout: float = 15) -> dict[str, Any]:
@@ -101,8 +75,7 @@ def text(value: str | bytes) -> str:
 
 def remove_env_leftovers(client: docker.DockerClient, env: str) -> None:
     """Containers by label, then the env's data volumes (orch-ENV-SVC-data)."""
-    for container in client.containers.list(all=True, filters={"label": f"{LABEL_ENV}={env}"}):
-        container.remove(force=True)
+    remove_containers(client, env)
     for volume in client.volumes.list():
         if volume.name.startswith(f"orch-{env}-"):
             volume.remove(force=True)

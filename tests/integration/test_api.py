@@ -6,7 +6,6 @@ input answered with a 4xx and a reason, never a 500."""
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +13,10 @@ import docker
 import pytest
 import requests
 
-from tests.conftest import HTTPD, SAMPLE_IMAGE, Cli, containers
-from tests.integration.procs import Api, api_fixture, wait_op  # noqa: F401 (the api fixture)
+from tests.conftest import Cli, containers
+from tests.harness import HTTPD, SAMPLE_IMAGE
+from tests.helpers import jobs_json, op_json, op_of, ops_json, wait_op
+from tests.integration.api import Api, api_fixture  # noqa: F401 (the api fixture)
 
 pytestmark = pytest.mark.e2e
 
@@ -104,15 +105,14 @@ def test_operations_start_with_202_and_read_like_the_cli(api: Api, cli: Cli, env
         # The same JSON as `ops show --json`, field for field.
         response = api.as_user("GET", f"/operations/{op}")
         assert response.status_code == 200
-        assert response.json() == json.loads(cli.ok("ops", "show", str(op), "--json"))
+        assert response.json() == op_json(cli, op)
 
     running = containers(docker_client, env_name, "web")
     assert len(running) == 5  # 3 deploy jobs, 2 worker jobs
     jobs = api.as_user("GET", f"{web}/jobs").json()
     assert {j["id"]: j["container_id"] for j in jobs} == running
     assert sorted(j["kind"] for j in jobs) == ["deploy"] * 3 + ["worker"] * 2
-    assert api.as_user("GET", f"/envs/{env_name}/jobs").json() == json.loads(
-        cli.ok("jobs", "list", env_name, "--json"))
+    assert api.as_user("GET", f"/envs/{env_name}/jobs").json() == jobs_json(cli, env_name)
     releases = api.as_user("GET", f"{web}/releases").json()
     assert [(r["number"], r["image"]) for r in releases] == [(1, SAMPLE_IMAGE), (2, SAMPLE_IMAGE)]
     assert api.as_user("GET", f"/envs/{env_name}/services").json() == json.loads(
@@ -122,7 +122,7 @@ def test_operations_start_with_202_and_read_like_the_cli(api: Api, cli: Cli, env
     assert api.as_user("GET", f"/envs/{env_name}").json() == {"name": env_name, "sandbox": True}
     listed = api.as_user("GET", "/operations", params={"env": env_name}).json()
     assert sorted(o["id"] for o in listed) == sorted(
-        o["id"] for o in json.loads(cli.ok("ops", "list", env_name, "--json")))
+        o["id"] for o in ops_json(cli, env_name))
     assert {first, *ops} <= {o["id"] for o in listed}
 
     # Variables: set and unset through the API, seen by the CLI.
@@ -153,7 +153,7 @@ def test_push_webhook_makes_a_release(api: Api, cli: Cli, env_name: str,
     assert [(r["number"], r["image"]) for r in releases] == [(1, SAMPLE_IMAGE), (2, SAMPLE_IMAGE)]
     new = containers(docker_client, env_name, "web")
     assert len(new) == 2 and not set(new.values()) & set(old.values())
-    jobs = json.loads(cli.ok("jobs", "list", env_name, "--json"))
+    jobs = jobs_json(cli, env_name)
     assert {j["release"] for j in jobs} == {2}
 
 
@@ -162,7 +162,7 @@ def test_bad_input_is_a_4xx_with_a_reason(api: Api, cli: Cli, env_name: str, tmp
     cli.ok("services", "add", env_name, "fresh", "--type", "code", "--command", HTTPD)
     added = cli.ok("services", "add", env_name, "logs", "--type", "logging", "--image", SAMPLE_IMAGE,
                    "--command", HTTPD)
-    deployed = wait_op(cli, re.findall(r"operation (\d+) deploys it", added)[0])
+    deployed = wait_op(cli, op_of(added, " deploys it"))
     assert deployed["state"] == "succeeded", json.dumps(deployed)
     web = f"/envs/{env_name}/services/web"
     cli.ok("worker", "deploy", env_name, "web", "mailer", "--command", WORKER_CMD, "--wait")

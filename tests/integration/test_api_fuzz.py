@@ -5,7 +5,6 @@ release and operation), must never get a server error."""
 
 from __future__ import annotations
 
-import re
 import time
 import uuid
 from typing import Any
@@ -18,8 +17,10 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.core.result import Ok
 
-from tests.conftest import HTTPD, Cli
-from tests.integration.procs import Api, api_fixture, wait_op  # noqa: F401 (the api fixture)
+from tests.conftest import Cli
+from tests.harness import HTTPD
+from tests.helpers import op_of, wait_op
+from tests.integration.api import Api, api_fixture  # noqa: F401 (the api fixture)
 
 pytestmark = pytest.mark.e2e
 
@@ -39,7 +40,7 @@ def seed(cli: Cli) -> dict[str, Any]:
     cli.ok("vars", "set", env, "web", "GREETING=hi")
     pushed = cli("push", env, "web", NO_IMAGE, "--wait")
     assert pushed.exit_code == 1, pushed.output  # fails at the image check, as intended
-    op = int(re.findall(r"operation (\d+)", pushed.output)[0])
+    op = op_of(pushed.output)
     assert wait_op(cli, op)["state"] == "failed"
     cli("worker", "deploy", env, "web", "mailer", "--command", WORKER_CMD, "--wait")
     return {"env": env, "svc": "web", "target": "mailer", "release": 1, "op_id": op}

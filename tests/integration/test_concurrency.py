@@ -6,7 +6,6 @@ CLI and the node recorded them in the catalogue.
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 from datetime import datetime
@@ -16,7 +15,9 @@ from typing import Any
 import docker
 import pytest
 
-from tests.conftest import HTTPD, SAMPLE_IMAGE, Cli, containers
+from tests.conftest import Cli, containers
+from tests.harness import HTTPD, SAMPLE_IMAGE
+from tests.helpers import jobs_json, op_json, ts
 
 pytestmark = pytest.mark.e2e
 
@@ -27,15 +28,6 @@ def op_id_of(proc: subprocess.Popen[str], timeout: float = 60) -> tuple[int, int
     match = re.search(r"operation (\d+)", out)
     assert match, f"no operation id in {out!r} {err!r}"
     return proc.returncode, int(match.group(1)), out + err
-
-
-def show(cli: Cli, op_id: int) -> dict[str, Any]:
-    return json.loads(cli.ok("ops", "show", str(op_id), "--json"))  # type: ignore[no-any-return]
-
-
-def ts(value: str | None) -> datetime:
-    assert value is not None
-    return datetime.fromisoformat(value)
 
 
 def step_period(op: dict[str, Any]) -> tuple[datetime, datetime]:
@@ -53,10 +45,6 @@ def stopped_jobs(op: dict[str, Any]) -> set[str]:
     return {s["job"] for s in op["steps"] if s["action"] == "stop"}
 
 
-def jobs_json(cli: Cli, env: str, service: str) -> list[dict[str, Any]]:
-    return json.loads(cli.ok("jobs", "list", env, service, "--json"))  # type: ignore[no-any-return]
-
-
 @pytest.mark.parametrize("overlap", [0, 2], ids=["no-overlap", "overlap"])
 def test_two_redeploys_of_one_service_are_serialized(cli: Cli, env_name: str, overlap: int,
                                                      docker_client: docker.DockerClient) -> None:
@@ -71,7 +59,7 @@ def test_two_redeploys_of_one_service_are_serialized(cli: Cli, env_name: str, ov
     results = [op_id_of(p) for p in procs]
     for code, op_id, output in results:
         assert code == 0, f"operation {op_id} failed: {output}"
-    first, second = sorted((show(cli, op_id) for _, op_id, _ in results), key=lambda o: o["id"])
+    first, second = sorted((op_json(cli, op_id) for _, op_id, _ in results), key=lambda o: o["id"])
     for op in (first, second):
         assert op["state"] == "succeeded" and op["kind"] == "redeploy", op
         assert all(s["state"] == "succeeded" for s in op["steps"]), op["steps"]
@@ -102,24 +90,42 @@ def test_three_requests_at_once_run_in_request_order(cli: Cli, env_name: str,
                                                      docker_client: docker.DockerClient) -> None:
     """A redeploy, a scale up and a redeploy of one service asked for at once: each waits for
     the one before it, and the end state follows all three."""
-    cli.ok("services", "add", env_name, "web", "--type", "code", "--command", HTTPD, "--scale", "1")
+    # Jobs that take 2s to listen make each operation (every one starts jobs) last that long, so
+    # the three requests are all made while the first runs and really queue.
+    slow = "sleep 2; " + HTTPD
+    cli.ok("services", "add", env_name, "web", "--type", "code", "--command", slow, "--scale", "1")
     cli.ok("push", env_name, "web", SAMPLE_IMAGE, "--wait")
-    procs = [
-        cli.popen("redeploy", env_name, "web", "--wait"),
-        cli.popen("scale", env_name, "web", "3", "--wait"),
-        cli.popen("redeploy", env_name, "web", "--wait"),
-    ]
+    pushed = set(containers(docker_client, env_name, "web"))
+    assert len(pushed) == 1
+    asked = [("redeploy",), ("scale", "3"), ("redeploy",)]
+    procs = [cli.popen(kind, env_name, "web", *rest, "--wait") for kind, *rest in asked]
     results = [op_id_of(p) for p in procs]
     assert all(code == 0 for code, _, _ in results), results
-    ops = sorted((show(cli, op_id) for _, op_id, _ in results), key=lambda o: o["id"])
+    mine = [op_json(cli, op_id) for _, op_id, _ in results]
+    assert [o["kind"] for o in mine] == [kind for kind, *_ in asked], mine  # each its own operation
+    assert all(o["state"] == "succeeded" for o in mine), mine
+    # Request order: the order the platform recorded the requests in (ids, creation times).
+    ops = sorted(mine, key=lambda o: o["id"])
+    assert [ts(o["created_at"]) for o in ops] == sorted(ts(o["created_at"]) for o in ops), ops
     for earlier, later in pairwise(ops):
+        # Asked for before the one before it ended (else it had nothing to wait for) ...
+        assert ts(later["created_at"]) < ts(earlier["finished_at"]), (earlier, later)
+        # ... it started after that one ended, and so did every step of it.
+        assert ts(later["started_at"]) >= ts(earlier["finished_at"]), (earlier, later)
         assert step_period(later)[0] >= step_period(earlier)[1], (earlier, later)
+    # Each worked on the jobs the one before it left: replayed in request order, the operations
+    # end with exactly the jobs that run now.
+    jobs = pushed
+    for op in ops:
+        if op["kind"] == "redeploy":  # replaces every job there is
+            assert stopped_jobs(op) == jobs and len(started_jobs(op)) == len(jobs), (jobs, op["steps"])
+        else:  # the scale to 3 adds jobs beside those there are
+            assert not stopped_jobs(op) and len(started_jobs(op)) == 3 - len(jobs), (jobs, op["steps"])
+        assert not started_jobs(op) & jobs
+        jobs = (jobs - stopped_jobs(op)) | started_jobs(op)
     final = containers(docker_client, env_name, "web")
     assert len(final) == 3
-    # Whichever order the requests landed in, the last one redeployed or scaled every job it saw.
-    last = ops[-1]
-    if last["kind"] == "redeploy":
-        assert set(final) == started_jobs(last)
+    assert set(final) == jobs
     assert {j["id"] for j in jobs_json(cli, env_name, "web")} == set(final)
 
 
@@ -135,7 +141,7 @@ def test_operations_on_two_services_run_in_parallel(cli: Cli, env_name: str,
     procs = [cli.popen("redeploy", env_name, svc, "--wait") for svc in ("alpha", "beta")]
     results = [op_id_of(p) for p in procs]
     assert all(code == 0 for code, _, _ in results), results
-    alpha, beta = (show(cli, op_id) for _, op_id, _ in results)
+    alpha, beta = (op_json(cli, op_id) for _, op_id, _ in results)
     assert (alpha["service"], beta["service"]) == ("alpha", "beta")
     a_start, a_end = step_period(alpha)
     b_start, b_end = step_period(beta)
@@ -156,7 +162,7 @@ def test_start_steps_of_one_stage_run_in_parallel(cli: Cli, env_name: str,
     cli.ok("services", "add", env_name, "web", "--type", "code", "--command", slow, "--scale", "4")
     code, op_id, output = op_id_of(cli.popen("push", env_name, "web", SAMPLE_IMAGE, "--wait"))
     assert code == 0, output
-    op = show(cli, op_id)
+    op = op_json(cli, op_id)
     starts = [s for s in op["steps"] if s["action"] == "start"]
     assert len(starts) == 4
     assert max(ts(s["started_at"]) for s in starts) < min(ts(s["finished_at"]) for s in starts)

@@ -53,11 +53,16 @@ def test_dev_demo_runs_end_to_end(tmp_path: Path, docker_client: docker.DockerCl
             # The redeploy's variable reached the containers that run now.
             out = running[job["id"]].exec_run(["sh", "-c", "echo $GREETING"]).output
             assert isinstance(out, bytes) and out.decode().strip() == "hello again"
-        # The jobs the redeploys replaced are gone from Docker.
+        # The jobs the redeploys replaced are gone from Docker: no container of theirs is left,
+        # running or stopped; this run's containers are exactly its two jobs'.
         everything = json.loads(reader.ok("jobs", "list", "demo", "web", "--all", "--json"))
         assert len(everything) == 6, everything
         replaced = {j["id"] for j in everything} - {j["id"] for j in jobs}
-        assert not replaced & set(running)
+        assert len(replaced) == 4, everything
+        left = {c.labels[LABEL_JOB]: c.status for c in docker_client.containers.list(
+            all=True, filters={"label": [f"{LABEL_ENV}=demo", f"{LABEL_SERVICE}=web"]})}
+        assert not replaced & set(left), {job: left[job] for job in replaced & set(left)}
+        assert {j["id"] for j in everything} & set(left) == {j["id"] for j in jobs}, left
     finally:
         remove_this_runs_containers(reader, catalogue, docker_client)
 

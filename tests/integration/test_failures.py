@@ -4,7 +4,6 @@ behind the platform's back."""
 
 from __future__ import annotations
 
-import json
 import re
 import time
 import uuid
@@ -13,30 +12,14 @@ from typing import Any
 import docker
 import pytest
 
-from tests.conftest import HTTPD, SAMPLE_IMAGE, Cli, containers
+from tests.conftest import Cli, containers
+from tests.harness import HTTPD, SAMPLE_IMAGE
+from tests.helpers import jobs_json, op_json, op_of, service_json
 
 pytestmark = pytest.mark.e2e
 
 # Exits 3 with a message when CRASH is set (a variable: it takes effect at the next start).
 CRASHY = 'if [ -n "$CRASH" ]; then echo "boom: $CRASH"; exit 3; fi; exec ' + HTTPD
-
-
-def op_of(output: str) -> int:
-    match = re.search(r"operation (\d+)", output)
-    assert match, output
-    return int(match.group(1))
-
-
-def show(cli: Cli, op_id: int) -> dict[str, Any]:
-    return json.loads(cli.ok("ops", "show", str(op_id), "--json"))  # type: ignore[no-any-return]
-
-
-def jobs_json(cli: Cli, env: str, service: str) -> list[dict[str, Any]]:
-    return json.loads(cli.ok("jobs", "list", env, service, "--json"))  # type: ignore[no-any-return]
-
-
-def service_json(cli: Cli, env: str, service: str) -> dict[str, Any]:
-    return json.loads(cli.ok("services", "show", env, service, "--json"))  # type: ignore[no-any-return]
 
 
 def runs_now(error: str) -> tuple[int, int]:
@@ -49,7 +32,7 @@ def runs_now(error: str) -> tuple[int, int]:
 def failed_op(cli: Cli, *args: str) -> dict[str, Any]:
     result = cli(*args, "--wait")
     assert result.exit_code == 1, (result.exit_code, result.output)
-    op = show(cli, op_of(result.stdout))
+    op = op_json(cli, op_of(result.stdout))
     assert op["state"] == "failed" and op["error"], op
     return op
 
@@ -179,7 +162,7 @@ def test_containers_removed_behind_the_platform_are_noticed(
     # The node's heartbeat (every 0.5 s here) sees the containers gone and fails their jobs.
     deadline = time.monotonic() + 10
     while True:
-        every = json.loads(cli.ok("jobs", "list", env_name, "web", "--all", "--json"))
+        every = jobs_json(cli, env_name, "web", everything=True)
         failed = {j["id"]: j for j in every if j["id"] in removed and j["state"] == "failed"}
         if len(failed) == 3 or time.monotonic() > deadline:
             break

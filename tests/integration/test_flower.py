@@ -6,7 +6,6 @@ host each one serves, and they match ``ops show --json``."""
 from __future__ import annotations
 
 import ast
-import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -14,8 +13,9 @@ from typing import Any
 import pytest
 import requests
 
-from tests.conftest import HTTPD, SAMPLE_IMAGE, Cli
-from tests.integration.procs import free_port, op_json, platform_process
+from tests.conftest import Cli
+from tests.harness import HTTPD, SAMPLE_IMAGE, free_port, platform_process
+from tests.helpers import op_json, op_of
 
 pytestmark = pytest.mark.e2e
 
@@ -91,11 +91,11 @@ def test_flower_needs_its_login(flower: str) -> None:
 
 def test_a_redeploy_is_followed_in_flower(flower: str, cli: Cli, env_name: str, node: str) -> None:
     cli.ok("services", "add", env_name, "web", "--type", "code", "--command", HTTPD, "--scale", "2")
-    pushed = int(re.findall(r"operation (\d+)", cli.ok("push", env_name, "web", SAMPLE_IMAGE, "--wait"))[0])
+    pushed = op_of(cli.ok("push", env_name, "web", SAMPLE_IMAGE, "--wait"))
     follow_in_flower(flower, op_json(cli, pushed))
 
     out = cli.ok("redeploy", env_name, "web", "--wait")
-    op = op_json(cli, int(re.findall(r"operation (\d+) \(redeploy\)", out)[0]))
+    op = op_json(cli, op_of(out, " (redeploy)"))
     assert op["state"] == "succeeded"
     assert sorted(s["action"] for s in op["steps"]) == ["check_image", "start", "start", "stop", "stop"]
     tasks = follow_in_flower(flower, op)

@@ -13,39 +13,42 @@ Bounds (with ORCH_HEARTBEAT_INTERVAL=0.5 and ORCH_HOST_DOWN_AFTER=3, set below):
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import signal
-import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import docker
 import pytest
-import redis
 
 from orchestrator.names import LABEL_ENV, LABEL_JOB, LABEL_SERVICE
-from tests.conftest import DOCKER_URL, HTTPD, ROOT, SAMPLE_IMAGE, Cli, start_node
+from tests.conftest import DOCKER_URL, Cli
+from tests.harness import (
+    BUSYBOX_IMAGE,
+    HTTPD,
+    SAMPLE_IMAGE,
+    Daemon,
+    Platform,
+    PlatformEnv,
+    pid_alive,
+    remove_containers,
+    wait_for,
+)
+from tests.helpers import hosts_json, jobs_json, op_of, ops_json, ts, wait_op
 
 pytestmark = pytest.mark.e2e
-
-T = TypeVar("T")
 
 REDIS_DB = int(os.environ.get("ORCH_TEST_REDIS_DB", "14"))
 PORT_MIN = int(os.environ.get("ORCH_TEST_MULTIHOST_PORT_MIN", "30250"))
 PORT_MAX = PORT_MIN + 249
 DAEMON = os.environ.get("ORCH_TEST_MULTIHOST_DAEMON", "h2test")
-DAEMON_URL = f"unix:///var/run/orch-docker-{DAEMON}.sock"
-DAEMON_PIDFILE = Path(f"/var/run/orch-docker-{DAEMON}.pid")
-IMAGES = ("orch/busybox:1", SAMPLE_IMAGE)
+IMAGES = (BUSYBOX_IMAGE, SAMPLE_IMAGE)
 
 HEARTBEAT_INTERVAL = 0.5
 DOWN_AFTER = 3.0
@@ -58,38 +61,6 @@ OP_BOUND = 60.0  # any ordinary operation
 # --- helpers --------------------------------------------------------------------------------------
 
 
-def wait_for(what: str, probe: Callable[[], T], timeout: float, every: float = 0.1,
-             until: Callable[[T], bool] = bool) -> T:
-    """Poll ``probe`` until ``until`` holds for its value, and return that value; fail with
-    ``what`` after ``timeout`` seconds. Errors count as not yet (a daemon coming back may refuse a
-    call or two)."""
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while True:
-        try:
-            value = probe()
-            if until(value):
-                return value
-            last = value
-        except Exception as exc:
-            last = exc
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout:g}s (last: {last!r})")
-        time.sleep(every)
-
-
-def when(text: str | None) -> datetime:
-    assert text, "a timestamp is missing"
-    moment = datetime.fromisoformat(text)
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)  # the catalogue keeps UTC
-
-
-def op_id_of(output: str) -> int:
-    found = re.search(r"operation (\d+)", output)
-    assert found, f"no operation id in {output!r}"
-    return int(found.group(1))
-
-
 def listing(client: docker.DockerClient, env: str, service: str | None = None,
             running: bool = True) -> list[dict[str, Any]]:
     """The env's containers on one daemon, in one call (the high-level list inspects each one
@@ -98,70 +69,20 @@ def listing(client: docker.DockerClient, env: str, service: str | None = None,
     return client.api.containers(all=not running, filters={"label": labels})  # type: ignore[no-any-return]
 
 
-def pid_alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie waiting to be reaped does not count)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def daemon_pid() -> int | None:
-    try:
-        return int(DAEMON_PIDFILE.read_text().strip())
-    except (FileNotFoundError, ValueError):
-        return None
-
-
-def daemon_up() -> None:
-    """Start the second dockerd (idempotent). A pid file left by a killed daemon that is gone (or
-    a zombie not reaped yet) would make dockerd refuse to start: remove it first."""
-    pid = daemon_pid()
-    if pid is not None and not pid_alive(pid):
-        DAEMON_PIDFILE.unlink(missing_ok=True)
-    subprocess.run([str(ROOT / "scripts" / "dockerd-up"), DAEMON], check=True, timeout=180,
-                   stdout=subprocess.DEVNULL)
-
-
-def daemon_stop(sig: int = signal.SIGTERM, timeout: float = 30) -> None:
-    pid = daemon_pid()
-    if pid is None or not pid_alive(pid):
-        return
-    os.kill(pid, sig)
-    deadline = time.monotonic() + timeout
-    while pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if pid_alive(pid):
-        os.kill(pid, signal.SIGKILL)
-
-
-def stop_proc(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(sig)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
-
-
 @dataclass
 class Fleet:
-    """Two hosts (the default daemon and the second one), their nodes, and how to reach them."""
+    """Two hosts (the default daemon and a second one), their nodes, and how to reach them."""
 
     cli: Cli
-    env: dict[str, str]
+    platform: Platform
+    daemon: Daemon
     h1: str
     h2: str
-    logs: Path
-    nodes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     clients: dict[str, docker.DockerClient] = field(default_factory=dict)
     envs: list[str] = field(default_factory=list)
 
     def url(self, host: str) -> str:
-        return DOCKER_URL if host == self.h1 else DAEMON_URL
+        return DOCKER_URL if host == self.h1 else self.daemon.url
 
     def client(self, host: str) -> docker.DockerClient:
         if host not in self.clients:
@@ -172,13 +93,6 @@ class Fleet:
         old = self.clients.pop(host, None)
         if old is not None:
             old.close()
-
-    def start_node(self, host: str) -> None:
-        log = self.logs / f"{host}-{len(list(self.logs.iterdir()))}.log"
-        self.nodes[host] = start_node(self.env, host, log)
-
-    def kill_node(self, host: str) -> None:
-        stop_proc(self.nodes[host], signal.SIGKILL)
 
     def containers(self, host: str, env: str, service: str | None = None,
                    running: bool = True) -> dict[str, str]:
@@ -194,34 +108,15 @@ class Fleet:
         marked down by a late heartbeat shows as a host-lost operation)."""
         found = self.spread(env, service)
         if found != expected:
-            hosts = {n: (h["state"], h["last_seen"]) for n, h in self.hosts().items()}
-            ops = [(o["id"], o["kind"], o["trigger"], o["state"], o["error"]) for o in self.ops(env)]
+            hosts = {n: (h["state"], h["last_seen"]) for n, h in hosts_json(self.cli).items()}
+            ops = [(o["id"], o["kind"], o["trigger"], o["state"], o["error"]) for o in ops_json(self.cli, env)]
             raise AssertionError(f"spread {found} != {expected}; hosts {hosts}; ops {ops}; "
-                                 f"jobs {[(j['id'], j['host'], j['state']) for j in self.jobs(env)]}")
-
-    def hosts(self) -> dict[str, dict[str, Any]]:
-        return {h["name"]: h for h in json.loads(self.cli.ok("hosts", "list", "--json"))}
-
-    def jobs(self, env: str, *, everything: bool = False) -> list[dict[str, Any]]:
-        args = ["jobs", "list", env, "--json"] + (["--all"] if everything else [])
-        return json.loads(self.cli.ok(*args))  # type: ignore[no-any-return]
-
-    def op(self, op_id: int) -> dict[str, Any]:
-        return json.loads(self.cli.ok("ops", "show", str(op_id), "--json"))  # type: ignore[no-any-return]
-
-    def ops(self, env: str) -> list[dict[str, Any]]:
-        return json.loads(self.cli.ok("ops", "list", env, "--json"))  # type: ignore[no-any-return]
-
-    def wait_op(self, op_id: int, timeout: float = OP_BOUND) -> dict[str, Any]:
-        return wait_for(f"operation {op_id} ends", lambda: self.op(op_id), timeout, every=0.2,
-                        until=lambda op: op["state"] in ("succeeded", "failed"))
+                                 f"jobs {[(j['id'], j['host'], j['state']) for j in jobs_json(self.cli, env)]}")
 
     def run_op(self, *args: str, timeout: float = OP_BOUND) -> dict[str, Any]:
         """Start an operation through the CLI (no --wait: its follow has no bound) and wait for it
         to succeed."""
-        op = self.wait_op(op_id_of(self.cli.ok(*args)), timeout)
-        assert op["state"] == "succeeded", f"{args}: {op['error']} {op['steps']}"
-        return op
+        return wait_op(self.cli, op_of(self.cli.ok(*args)), timeout, succeed=True)
 
     def drain(self, host: str) -> list[int]:
         """``hosts drain HOST``: the ids of the operations that move its jobs."""
@@ -243,90 +138,64 @@ class Fleet:
     def remove_containers(self, env: str) -> None:
         for host in (self.h1, self.h2):
             try:
-                client = self.client(host)
-                for c in listing(client, env, running=False):
-                    with contextlib.suppress(docker.errors.NotFound):
-                        client.api.remove_container(c["Id"], force=True, v=True)
+                remove_containers(self.client(host), env)
             except docker.errors.DockerException:
                 self.reconnect(host)
 
     def restore(self) -> None:
         """Both hosts registered, up and heartbeating, whatever an earlier (failed) test left."""
-        if not _daemon_answers():
-            daemon_up()
+        if not self.daemon.answers():
+            self.daemon.up()
             self.reconnect(self.h2)
-        hosts = self.hosts()
+        hosts = hosts_json(self.cli)
         for host in (self.h1, self.h2):
             if host not in hosts:
                 self.cli.ok("hosts", "add", host, "--docker-url", self.url(host), "--address", "127.0.0.1")
             elif hosts[host]["state"] == "draining":
                 self.cli.ok("hosts", "undrain", host)
-            if self.nodes[host].poll() is not None:
-                self.start_node(host)
+            if self.platform.nodes[host].poll() is not None:
+                self.platform.start_node(host)
 
         def fresh(h: dict[str, Any]) -> bool:
             seen = h["last_seen"]
-            return h["state"] == "up" and seen is not None and (datetime.now(UTC) - when(seen)).total_seconds() < 2
+            return h["state"] == "up" and seen is not None and (datetime.now(UTC) - ts(seen)).total_seconds() < 2
 
-        wait_for("both hosts up and heartbeating", self.hosts, 15,
+        wait_for("both hosts up and heartbeating", lambda: hosts_json(self.cli), 15,
                  until=lambda hs: all(fresh(hs[n]) for n in (self.h1, self.h2)))
 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    daemon_up()
-    second = docker.DockerClient(base_url=DAEMON_URL, version="auto", timeout=60)
-    missing = [i for i in IMAGES if not second.images.list(name=i)]
-    second.close()
-    if missing:  # nothing can be pulled: copy the local images into the second daemon
-        subprocess.run(f"docker save {' '.join(missing)} | docker -H {DAEMON_URL} load", shell=True,
-                       check=True, timeout=300, stdout=subprocess.DEVNULL)
-    db = tmp_path_factory.mktemp("multihost") / "catalogue.db"
-    env = {
-        "ORCH_DATABASE_URL": f"sqlite:///{db}",
-        # Not flushed: other modules' nodes may share this database; our queues (host.<name>)
-        # have names of their own.
-        "ORCH_BROKER_URL": f"redis://127.0.0.1:6379/{REDIS_DB}",
-        "ORCH_STOP_TIMEOUT": "5",
-        "ORCH_START_TIMEOUT": "10",
-        "ORCH_PORT_MIN": str(PORT_MIN),
-        "ORCH_PORT_MAX": str(PORT_MAX),
-        "ORCH_HEARTBEAT_INTERVAL": str(HEARTBEAT_INTERVAL),
-        "ORCH_HOST_DOWN_AFTER": str(DOWN_AFTER),
-    }
+    daemon = Daemon(DAEMON)
+    daemon.up()
+    daemon.load_images(IMAGES, DOCKER_URL)
+    workdir = tmp_path_factory.mktemp("multihost")
+    # Its Redis database is not flushed: other modules' nodes may share it; our queues
+    # (host.<name>) have names of their own.
+    env = PlatformEnv(f"sqlite:///{workdir / 'catalogue.db'}", REDIS_DB, (PORT_MIN, PORT_MAX),
+                      heartbeat_interval=HEARTBEAT_INTERVAL, host_down_after=DOWN_AFTER)
+    platform = Platform(env, workdir)
     tag = uuid.uuid4().hex[:5]
-    fl = Fleet(cli=Cli(env), env=env, h1=f"mh1{tag}", h2=f"mh2{tag}",
-               logs=tmp_path_factory.mktemp("multihost-nodes"))
+    fl = Fleet(cli=Cli(env.variables()), platform=platform, daemon=daemon, h1=f"mh1{tag}", h2=f"mh2{tag}")
     try:
         for host in (fl.h1, fl.h2):
             fl.cli.ok("hosts", "add", host, "--docker-url", fl.url(host), "--address", "127.0.0.1")
-            fl.start_node(host)
+            platform.start_node(host)
         yield fl
     finally:
-        for proc in fl.nodes.values():
-            stop_proc(proc)
-        if not _daemon_answers():
-            daemon_up()  # killed by a test that failed half-way: start it to clean it up
+        platform.stop_nodes()
+        if not daemon.answers():
+            daemon.up()  # killed by a test that failed half-way: start it to clean it up
         for name in fl.envs:  # after a failed test: whatever it left
             fl.remove_containers(name)
         for client in fl.clients.values():
             client.close()
-        daemon_stop()
-        broker = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB)
+        daemon.stop()
+        broker = env.redis()
         for host in (fl.h1, fl.h2):  # steps sent to a dead node were never consumed
             for key in broker.scan_iter(match=f"host.{host}*"):
                 broker.delete(key)
         broker.close()
-
-
-def _daemon_answers() -> bool:
-    try:
-        client = docker.DockerClient(base_url=DAEMON_URL, version="auto", timeout=5)
-        client.ping()
-        client.close()
-        return True
-    except docker.errors.DockerException:
-        return False
 
 
 @pytest.fixture
@@ -339,7 +208,7 @@ def env_name(fleet: Fleet) -> Iterator[str]:
     yield name
     try:
         for svc in json.loads(fleet.cli.ok("services", "list", name, "--json")):
-            fleet.wait_op(op_id_of(fleet.cli.ok("scale", name, svc["name"], "0")), timeout=20)
+            wait_op(fleet.cli, op_of(fleet.cli.ok("scale", name, svc["name"], "0")), timeout=20)
     except AssertionError as exc:
         print(f"cleanup of {name}: {exc}")
     fleet.remove_containers(name)
@@ -351,9 +220,9 @@ def env_name(fleet: Fleet) -> Iterator[str]:
 def test_hosts_report_heartbeats_and_capacity(fleet: Fleet) -> None:
     """Both nodes heartbeat: hosts are up, last seen within a few intervals, with the capacity
     their daemon reports and nothing committed yet."""
-    hosts = wait_for("both hosts report capacity", fleet.hosts, 10,
+    hosts = wait_for("both hosts report capacity", lambda: hosts_json(fleet.cli), 10,
                      until=lambda h: all(h[n]["cpus"] > 0 for n in (fleet.h1, fleet.h2)))
-    first_seen = {n: when(hosts[n]["last_seen"]) for n in (fleet.h1, fleet.h2)}
+    first_seen = {n: ts(hosts[n]["last_seen"]) for n in (fleet.h1, fleet.h2)}
     for name in (fleet.h1, fleet.h2):
         host = hosts[name]
         info = fleet.client(name).info()
@@ -365,20 +234,20 @@ def test_hosts_report_heartbeats_and_capacity(fleet: Fleet) -> None:
         assert host["memory_mb"] == info["MemTotal"] // (1024 * 1024)
         assert host["free_cpus"] == host["cpus"] and host["free_memory_mb"] == host["memory_mb"]
     time.sleep(3 * HEARTBEAT_INTERVAL)
-    later = fleet.hosts()
-    assert all(when(later[n]["last_seen"]) > first_seen[n] for n in first_seen), "heartbeats stopped"
+    later = hosts_json(fleet.cli)
+    assert all(ts(later[n]["last_seen"]) > first_seen[n] for n in first_seen), "heartbeats stopped"
 
 
 def test_scale_4_lands_2_and_2(fleet: Fleet, env_name: str) -> None:
     fleet.web(env_name, 1)
     fleet.run_op("scale", env_name, "web", "4")
     fleet.assert_spread(env_name, {fleet.h1: 2, fleet.h2: 2})
-    jobs = fleet.jobs(env_name)
+    jobs = jobs_json(fleet.cli, env_name)
     for host in (fleet.h1, fleet.h2):
         in_docker = fleet.containers(host, env_name, "web")
         in_catalogue = {j["id"]: j["container_id"] for j in jobs if j["host"] == host}
         assert in_catalogue == in_docker and all(j["state"] == "running" for j in jobs)
-    hosts = fleet.hosts()
+    hosts = hosts_json(fleet.cli)
     for host in (fleet.h1, fleet.h2):  # size s: 256 MB and 0.5 CPU per job
         assert hosts[host]["jobs"] == 2
         assert hosts[host]["free_memory_mb"] == hosts[host]["memory_mb"] - 2 * 256
@@ -402,7 +271,7 @@ def test_redeploy_keeps_spread_and_runs_on_both_hosts_at_once(fleet: Fleet, env_
         assert {s["host"] for s in steps} == {fleet.h1, fleet.h2}
         assert len({s["stage"] for s in steps}) == 1, f"{action} steps in several stages: {steps}"
     starts = [s for s in op["steps"] if s["action"] == "start"]
-    spans = {h: [(when(s["started_at"]), when(s["finished_at"])) for s in starts if s["host"] == h]
+    spans = {h: [(ts(s["started_at"]), ts(s["finished_at"])) for s in starts if s["host"] == h]
              for h in (fleet.h1, fleet.h2)}
     overlapping = [(a, b) for a in spans[fleet.h1] for b in spans[fleet.h2] if a[0] < b[1] and b[0] < a[1]]
     origin = min(a for span in spans.values() for a, _ in span)
@@ -442,7 +311,7 @@ def test_drain_moves_jobs_without_dropping_below_scale(fleet: Fleet, env_name: s
         t0 = time.monotonic()
         ops = fleet.drain(fleet.h2)
         assert len(ops) == 1, ops
-        op = fleet.wait_op(ops[0])
+        op = wait_op(fleet.cli, ops[0])
         took = time.monotonic() - t0
         time.sleep(0.3)  # a few samples after the end too
     finally:
@@ -459,8 +328,8 @@ def test_drain_moves_jobs_without_dropping_below_scale(fleet: Fleet, env_name: s
 
     assert fleet.containers(fleet.h2, env_name, running=False) == {}
     assert len(fleet.containers(fleet.h1, env_name, "web")) == scale
-    assert {j["host"] for j in fleet.jobs(env_name)} == {fleet.h1}
-    hosts = fleet.hosts()
+    assert {j["host"] for j in jobs_json(fleet.cli, env_name)} == {fleet.h1}
+    hosts = hosts_json(fleet.cli)
     assert hosts[fleet.h2]["state"] == "draining" and hosts[fleet.h2]["jobs"] == 0
 
     fleet.run_op("scale", env_name, "web", "6")  # nothing new on a draining host
@@ -469,10 +338,10 @@ def test_drain_moves_jobs_without_dropping_below_scale(fleet: Fleet, env_name: s
     refused = fleet.cli("hosts", "rm", fleet.h1)  # it holds jobs
     assert refused.exit_code == 2, refused.output
     assert "jobs" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
-    assert fleet.h1 in fleet.hosts()
+    assert fleet.h1 in hosts_json(fleet.cli)
 
     fleet.cli.ok("hosts", "undrain", fleet.h2)
-    assert fleet.hosts()[fleet.h2]["state"] == "up"
+    assert hosts_json(fleet.cli)[fleet.h2]["state"] == "up"
     fleet.run_op("scale", env_name, "web", "8")  # it takes jobs again: the spread favours it
     fleet.assert_spread(env_name, {fleet.h1: 6, fleet.h2: 2})
 
@@ -483,13 +352,13 @@ def test_drain_moves_jobs_without_dropping_below_scale(fleet: Fleet, env_name: s
     refused = fleet.cli("hosts", "rm", fleet.h2)
     assert refused.exit_code == 2 and "jobs" in refused.stderr, refused.output
     (again,) = fleet.drain(fleet.h2)
-    assert fleet.wait_op(again)["state"] == "succeeded"
+    assert wait_op(fleet.cli, again)["state"] == "succeeded"
     fleet.assert_spread(env_name, {fleet.h1: 6, fleet.h2: 0})
     fleet.cli.ok("hosts", "rm", fleet.h2)
-    assert fleet.h2 not in fleet.hosts()
+    assert fleet.h2 not in hosts_json(fleet.cli)
     # Added back for the next tests (its node kept running all along): up again at its next beat.
-    fleet.cli.ok("hosts", "add", fleet.h2, "--docker-url", DAEMON_URL, "--address", "127.0.0.1")
-    wait_for("the re-added host heartbeats", lambda: fleet.hosts()[fleet.h2], 10,
+    fleet.cli.ok("hosts", "add", fleet.h2, "--docker-url", fleet.daemon.url, "--address", "127.0.0.1")
+    wait_for("the re-added host heartbeats", lambda: hosts_json(fleet.cli)[fleet.h2], 10,
              until=lambda h: h["state"] == "up" and h["last_seen"] is not None)
 
 
@@ -499,11 +368,11 @@ def test_losing_a_host_recovers_its_jobs_and_cleans_up_on_return(fleet: Fleet, e
     fleet.assert_spread(env_name, {fleet.h1: 2, fleet.h2: 2})
     lost = set(fleet.containers(fleet.h2, env_name, "web"))
 
-    pid = daemon_pid()
+    pid = fleet.daemon.pid()
     assert pid is not None and pid_alive(pid)
     t0 = time.monotonic()
-    fleet.kill_node(fleet.h2)
-    os.kill(pid, signal.SIGKILL)
+    fleet.platform.kill_node(fleet.h2)
+    fleet.daemon.kill()
     fleet.reconnect(fleet.h2)
 
     wait_for(f"{scale} containers running on {fleet.h1}",
@@ -513,28 +382,28 @@ def test_losing_a_host_recovers_its_jobs_and_cleans_up_on_return(fleet: Fleet, e
           f"(ORCH_HOST_DOWN_AFTER={DOWN_AFTER:g}, heartbeat {HEARTBEAT_INTERVAL:g}s, bound {RECOVERY_BOUND:g}s)")
 
     recover = wait_for("a succeeded host-lost operation",
-                       lambda: next((o for o in fleet.ops(env_name) if o["trigger"] == "host-lost"
+                       lambda: next((o for o in ops_json(fleet.cli, env_name) if o["trigger"] == "host-lost"
                                      and o["state"] == "succeeded"), None), 15)
     assert recover["service"] == "web" and recover["kind"] == "recover"
-    assert fleet.hosts()[fleet.h2]["state"] == "down"
-    states = {j["id"]: j for j in fleet.jobs(env_name, everything=True)}
+    assert hosts_json(fleet.cli)[fleet.h2]["state"] == "down"
+    states = {j["id"]: j for j in jobs_json(fleet.cli, env_name, everything=True)}
     assert {states[j]["state"] for j in lost} == {"lost"}
-    active = [j for j in fleet.jobs(env_name) if j["state"] == "running"]
+    active = [j for j in jobs_json(fleet.cli, env_name) if j["state"] == "running"]
     assert len(active) == scale and {j["host"] for j in active} == {fleet.h1}
     assert {j["id"]: j["container_id"] for j in active} == fleet.containers(fleet.h1, env_name, "web")
 
     # The host comes back: its daemon, then a new node.
     wait_for("the killed dockerd is gone", lambda: not pid_alive(pid), 15)
     t1 = time.monotonic()
-    daemon_up()
-    fleet.start_node(fleet.h2)
+    fleet.daemon.up()
+    fleet.platform.start_node(fleet.h2)
     wait_for(f"the replaced containers removed from {fleet.h2}",
              lambda: not fleet.containers(fleet.h2, env_name, running=False), RETURN_BOUND, every=0.2)
     print(f"return: daemon and node restarted, replaced containers removed in {time.monotonic() - t1:.2f}s")
     wait_for("the lost jobs stopped",
-             lambda: {j["state"] for j in fleet.jobs(env_name, everything=True) if j["id"] in lost} == {"stopped"},
-             10)
-    wait_for(f"{fleet.h2} up", lambda: fleet.hosts()[fleet.h2]["state"] == "up", 10)
+             lambda: {j["state"] for j in jobs_json(fleet.cli, env_name, everything=True) if j["id"] in lost},
+             10, until=lambda states: states == {"stopped"})
+    wait_for(f"{fleet.h2} up", lambda: hosts_json(fleet.cli)[fleet.h2]["state"] == "up", 10)
     for svc in json.loads(fleet.cli.ok("services", "list", env_name, "--json")):
         running = sum(len(fleet.containers(h, env_name, svc["name"])) for h in (fleet.h1, fleet.h2))
         assert running == svc["scale"], f"{svc['name']}: {running} running containers, scale {svc['scale']}"
@@ -546,10 +415,10 @@ def test_step_on_a_down_host_does_not_hang_the_operation(fleet: Fleet, env_name:
     fleet.assert_spread(env_name, {fleet.h1: 2, fleet.h2: 2})
     stranded = set(fleet.containers(fleet.h2, env_name, "web"))
 
-    fleet.kill_node(fleet.h2)  # its dockerd stays up: the containers there keep running
+    fleet.platform.kill_node(fleet.h2)  # its dockerd stays up: the containers there keep running
     t0 = time.monotonic()
-    op_id = op_id_of(fleet.cli.ok("redeploy", env_name, "web"))
-    op = fleet.wait_op(op_id, STUCK_OP_BOUND)
+    op_id = op_of(fleet.cli.ok("redeploy", env_name, "web"))
+    op = wait_op(fleet.cli, op_id, STUCK_OP_BOUND)
     print(f"\nredeploy with steps on a dead node ended {op['state']} in {time.monotonic() - t0:.2f}s")
     assert any(s["host"] == fleet.h2 for s in op["steps"]), "the redeploy had no step on the dead host"
     if op["state"] == "failed":
@@ -560,17 +429,17 @@ def test_step_on_a_down_host_does_not_hang_the_operation(fleet: Fleet, env_name:
     # The service is at its scale again, on the host that is left (a host-lost recover, if needed).
     wait_for(f"{scale} containers running on {fleet.h1}",
              lambda: len(fleet.containers(fleet.h1, env_name, "web")) == scale, RECOVERY_BOUND)
-    assert fleet.hosts()[fleet.h2]["state"] == "down"
-    last = wait_for("no operation of web running", lambda: fleet.ops(env_name), STUCK_OP_BOUND,
+    assert hosts_json(fleet.cli)[fleet.h2]["state"] == "down"
+    last = wait_for("no operation of web running", lambda: ops_json(fleet.cli, env_name), STUCK_OP_BOUND,
                     until=lambda ops: all(o["state"] in ("succeeded", "failed") for o in ops))
     assert any(o["trigger"] == "host-lost" and o["state"] == "succeeded" for o in last), last
 
     # The node returns: the containers it ran for replaced jobs go, nothing runs above scale.
-    fleet.start_node(fleet.h2)
+    fleet.platform.start_node(fleet.h2)
     wait_for(f"stranded containers removed from {fleet.h2}",
              lambda: not set(fleet.containers(fleet.h2, env_name, running=False)) & stranded, RETURN_BOUND)
-    wait_for(f"{fleet.h2} up", lambda: fleet.hosts()[fleet.h2]["state"] == "up", 10)
+    wait_for(f"{fleet.h2} up", lambda: hosts_json(fleet.cli)[fleet.h2]["state"] == "up", 10)
     running = sum(len(fleet.containers(h, env_name, "web")) for h in (fleet.h1, fleet.h2))
     assert running == scale
-    active = fleet.jobs(env_name)
+    active = jobs_json(fleet.cli, env_name)
     assert len(active) == scale and all(j["state"] == "running" for j in active)

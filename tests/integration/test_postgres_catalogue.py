@@ -6,25 +6,20 @@ range, so it never meets the SQLite platform of the other tests), real container
 
 from __future__ import annotations
 
-import json
 import os
-import re
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import datetime
 from itertools import pairwise
-from pathlib import Path
 from typing import Any
 
 import docker
 import psycopg
 import pytest
-import redis
 
-from orchestrator.names import LABEL_ENV
-from tests.conftest import DOCKER_URL, HTTPD, SAMPLE_IMAGE, Cli, containers, start_node
+from tests.conftest import DOCKER_URL, Cli, containers
+from tests.harness import HTTPD, SAMPLE_IMAGE, Platform, PlatformEnv, remove_containers
+from tests.helpers import jobs_json, op_json, op_of, ts
 
 pytestmark = pytest.mark.e2e
 
@@ -47,31 +42,17 @@ def pg_url() -> Iterator[str]:
 def pg_platform(pg_url: str, docker_client: docker.DockerClient,
                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cli, str]]:
     """The platform env with the PostgreSQL catalogue, a host and its node running."""
-    r = redis.Redis(host="127.0.0.1", port=6379, db=PG_REDIS_DB)
-    r.flushdb()
-    r.close()
-    env = {
-        "ORCH_DATABASE_URL": pg_url,
-        "ORCH_BROKER_URL": f"redis://127.0.0.1:6379/{PG_REDIS_DB}",
-        "ORCH_STOP_TIMEOUT": "5",
-        "ORCH_START_TIMEOUT": "10",
-        "ORCH_PORT_MIN": str(PG_PORT_MIN),
-        "ORCH_PORT_MAX": str(PG_PORT_MAX),
-    }
-    cli = Cli(env)
+    env = PlatformEnv(pg_url, PG_REDIS_DB, (PG_PORT_MIN, PG_PORT_MAX))
+    env.flush()
+    platform = Platform(env, tmp_path_factory.mktemp("pgnode"))
+    cli = Cli(env.variables())
     host = f"pg{uuid.uuid4().hex[:6]}"
     cli.ok("hosts", "add", host, "--docker-url", DOCKER_URL, "--address", "127.0.0.1")
-    log: Path = tmp_path_factory.mktemp("pgnode") / f"{host}.log"
-    proc = start_node(env, host, log)
     try:
+        platform.start_node(host)
         yield cli, host
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        platform.stop_nodes()
 
 
 @pytest.fixture
@@ -80,27 +61,7 @@ def pg_env(pg_platform: tuple[Cli, str], docker_client: docker.DockerClient) -> 
     name = f"p{uuid.uuid4().hex[:8]}"
     cli.ok("env", "create", name, "--sandbox", "--no-defaults")
     yield name
-    for c in docker_client.containers.list(all=True, filters={"label": f"{LABEL_ENV}={name}"}):
-        c.remove(force=True)
-
-
-def jobs_json(cli: Cli, env: str, service: str) -> list[dict[str, Any]]:
-    return json.loads(cli.ok("jobs", "list", env, service, "--json"))  # type: ignore[no-any-return]
-
-
-def show(cli: Cli, op_id: int) -> dict[str, Any]:
-    return json.loads(cli.ok("ops", "show", str(op_id), "--json"))  # type: ignore[no-any-return]
-
-
-def op_of(output: str) -> int:
-    match = re.search(r"operation (\d+)", output)
-    assert match, output
-    return int(match.group(1))
-
-
-def ts(value: str | None) -> datetime:
-    assert value is not None
-    return datetime.fromisoformat(value)
+    remove_containers(docker_client, name)
 
 
 def in_postgres(url: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
@@ -122,7 +83,7 @@ def test_push_redeploy_scale_with_postgres(pg_platform: tuple[Cli, str], pg_env:
     assert all(j["state"] == "running" and j["release"] == 1 and j["host"] == host for j in jobs)
     for j in jobs:
         assert PG_PORT_MIN <= j["port"] <= PG_PORT_MAX
-    op = show(cli, op_id)
+    op = op_json(cli, op_id)
     assert op["state"] == "succeeded" and op["trigger"] == "push"
     assert all(s["state"] == "succeeded" and s["started_at"] and s["finished_at"] for s in op["steps"])
 
@@ -172,7 +133,7 @@ def test_overlap_redeploy_with_postgres(pg_platform: tuple[Cli, str], pg_env: st
     assert time.monotonic() - seen_both_at >= 2.5  # the old jobs lived on for the overlap period
     final = set(containers(docker_client, pg_env, "web").values())
     assert len(final) == 2 and not final & old
-    wait = [s for s in show(cli, op_of(out))["steps"] if s["action"] == "wait"]
+    wait = [s for s in op_json(cli, op_of(out))["steps"] if s["action"] == "wait"]
     assert len(wait) == 1 and wait[0]["state"] == "succeeded"
     assert (ts(wait[0]["finished_at"]) - ts(wait[0]["started_at"])).total_seconds() >= 3
 
@@ -190,7 +151,7 @@ def test_concurrent_redeploys_are_serialized_with_postgres(pg_platform: tuple[Cl
     procs = [cli.popen("redeploy", pg_env, "web", "--wait") for _ in range(3)]
     outputs = [p.communicate(timeout=60) for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
-    ops = sorted((show(cli, op_of(out)) for out, _ in outputs), key=lambda o: o["id"])
+    ops = sorted((op_json(cli, op_of(out)) for out, _ in outputs), key=lambda o: o["id"])
     for earlier, later in pairwise(ops):
         earlier_end = max(ts(s["finished_at"]) for s in earlier["steps"])
         later_start = min(ts(s["started_at"]) for s in later["steps"])

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import socket
 import time
 
 import docker
 import pytest
 
-from tests.conftest import HTTPD, SAMPLE_IMAGE, Cli, containers
+from tests.conftest import Cli, containers
+from tests.harness import HTTPD, SAMPLE_IMAGE
+from tests.helpers import jobs_json
 
 pytestmark = pytest.mark.e2e
-
-
-def jobs_json(cli: Cli, env: str) -> list[dict[str, object]]:
-    return json.loads(cli.ok("jobs", "list", env, "--json"))  # type: ignore[no-any-return]
 
 
 def test_push_redeploy_scale(cli: Cli, env_name: str, docker_client: docker.DockerClient) -> None:

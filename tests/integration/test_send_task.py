@@ -17,26 +17,22 @@ import docker
 import pytest
 
 from orchestrator.names import LABEL_KIND
-from tests.conftest import HTTPD, ROOT, SAMPLE_IMAGE, Cli, containers
-from tests.integration.procs import platform_process, wait_op
+from tests.conftest import Cli, containers
+from tests.harness import HTTPD, ROOT, SAMPLE_IMAGE, platform_process, says_ready
+from tests.helpers import wait_op
 
 pytestmark = pytest.mark.e2e
 
 WORKER_CMD = "trap 'exit 0' TERM; while true; do sleep 1; done"
 
-# Run by a bare interpreter: the platform's packages are made unimportable first, so the caller
-# provably needs nothing but Celery. Reads [[task, kwargs], ...] on stdin, prints one JSON object.
+# Run by a separate interpreter with only Celery imported by the script. The platform's packages
+# stay importable here (the venv has them), so if anything on the way (Celery rebuilding a refused
+# task's exception, say) loaded one, it would be in sys.modules after the calls: the test checks
+# that none is. Reads [[task, kwargs], ...] on stdin, prints one JSON object.
 SENDER = r"""
 import json, sys
 
-class Outside:
-    BLOCKED = {"orchestrator", "workers", "celeryconfig", "sqlmodel", "fastapi", "docker", "tests"}
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in self.BLOCKED:
-            raise ImportError(f"{name} is not available to an outside caller")
-        return None
-
-sys.meta_path.insert(0, Outside())
+PLATFORM = {"orchestrator", "workers", "celeryconfig", "sqlmodel", "fastapi", "docker", "tests"}
 from celery import Celery
 
 broker = sys.argv[1]
@@ -48,22 +44,17 @@ for name, kwargs in json.load(sys.stdin):
         results.append({"ok": res.get(timeout=30)})
     except Exception as exc:
         results.append({"error": type(exc).__name__, "message": str(exc)})
-platform = sorted(m for m in sys.modules if m.split(".")[0] in Outside.BLOCKED)
-print(json.dumps({"results": results, "platform_modules": platform}))
+platform = sorted(m for m in sys.modules if m.split(".")[0] in PLATFORM)
+import importlib.util
+importable = sorted(n for n in PLATFORM if importlib.util.find_spec(n))  # finds, does not load
+print(json.dumps({"results": results, "platform_modules": platform, "importable": importable}))
 """
 
 # The same, through the client module copied alone into an empty directory.
 CLIENT = r"""
 import json, sys
 
-class Outside:
-    BLOCKED = {"orchestrator", "workers", "celeryconfig", "sqlmodel", "fastapi", "docker", "tests"}
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in self.BLOCKED:
-            raise ImportError(f"{name} is not available to an outside caller")
-        return None
-
-sys.meta_path.insert(0, Outside())
+PLATFORM = {"orchestrator", "workers", "celeryconfig", "sqlmodel", "fastapi", "docker", "tests"}
 from platform_client import PlatformClient, RequestRefused
 
 client = PlatformClient(sys.argv[1])
@@ -73,8 +64,10 @@ for method, args in json.load(sys.stdin):
         results.append({"ok": getattr(client, method)(*args)})
     except RequestRefused as exc:
         results.append({"error": type(exc).__name__, "message": str(exc)})
-platform = sorted(m for m in sys.modules if m.split(".")[0] in Outside.BLOCKED)
-print(json.dumps({"results": results, "platform_modules": platform}))
+platform = sorted(m for m in sys.modules if m.split(".")[0] in PLATFORM)
+import importlib.util
+importable = sorted(n for n in PLATFORM if importlib.util.find_spec(n))  # finds, does not load
+print(json.dumps({"results": results, "platform_modules": platform, "importable": importable}))
 """
 
 
@@ -82,19 +75,20 @@ print(json.dumps({"results": results, "platform_modules": platform}))
 def control(platform_env: dict[str, str], node: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """``orchestrator control run`` in its own process, next to the node."""
     log = tmp_path_factory.mktemp("control") / "control.log"
-    with platform_process(["control", "run", "--loglevel", "INFO"], platform_env, log,
-                          ready=lambda text: " ready." in text):
+    with platform_process(["control", "run", "--loglevel", "INFO"], platform_env, log, ready=says_ready):
         yield
 
 
 def outside(script: str, broker: str, calls: list[Any], cwd: Path) -> list[dict[str, Any]]:
-    """Run ``script`` in a separate interpreter (only Celery importable) and return its results."""
+    """Run ``script`` in a separate interpreter and return its results, after checking that no
+    platform module was loaded in it (though they could have been: the venv has them)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_") and k != "PYTHONPATH"}
     done = subprocess.run([sys.executable, "-c", script, broker], input=json.dumps(calls), env=env,
                           cwd=cwd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
-    assert out["platform_modules"] == [], "the caller imported platform modules"
+    assert out["platform_modules"] == [], f"the caller imported platform modules: {out['platform_modules']}"
+    assert {"orchestrator", "workers", "sqlmodel", "docker"} <= set(out["importable"]), out["importable"]
     return out["results"]  # type: ignore[no-any-return]
 
 

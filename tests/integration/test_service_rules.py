@@ -15,20 +15,18 @@ import pytest
 import redis
 
 from orchestrator.names import LABEL_ENV
-from tests.conftest import HTTPD, SAMPLE_IMAGE, Cli, containers
+from tests.conftest import Cli, containers
+from tests.harness import HTTPD, SAMPLE_IMAGE
+from tests.helpers import jobs_json, op_json, op_of, ops_json, service_json, wait_op
 from tests.integration.service_helpers import (
+    OP_TIMEOUT,
     PYAPP,
     PYAPP_WEB,
     REDIS,
     add_and_wait,
     container_env,
-    jobs_json,
-    op_json,
-    op_of,
-    ops_json,
     remove_env_leftovers,
     vars_json,
-    wait_op,
 )
 
 pytestmark = pytest.mark.e2e
@@ -57,10 +55,6 @@ def ids(found: dict[str, Any]) -> set[str]:
 
 def worker_list(cli: Cli, env: str, service: str) -> list[dict[str, Any]]:
     return json.loads(cli.ok("worker", "list", env, service, "--json"))  # type: ignore[no-any-return]
-
-
-def service_json(cli: Cli, env: str, service: str) -> dict[str, Any]:
-    return json.loads(cli.ok("services", "show", env, service, "--json"))  # type: ignore[no-any-return]
 
 
 def refused(cli: Cli, *args: str) -> str:
@@ -236,7 +230,8 @@ def test_cache_above_scale_one_is_refused(cli: Cli, env: str, docker_client: doc
     result = cli("services", "add", env, "cache", "--type", "redis", "--image", REDIS, "--scale", "2")
     assert result.exit_code == 2 and "scale" in result.stderr, result.output
     assert by_kind(docker_client, env, "cache", "deploy") == {}
-    wait_op(cli, op_of(cli.ok("services", "add", env, "cache", "--type", "redis", "--image", REDIS)))
+    wait_op(cli, op_of(cli.ok("services", "add", env, "cache", "--type", "redis", "--image", REDIS)), OP_TIMEOUT,
+            succeed=True)
     port = service_json(cli, env, "cache")["port"]
     assert "scale" in refused(cli, "scale", env, "cache", "2")
     cli.ok("redeploy", env, "cache", "--wait")
@@ -282,7 +277,7 @@ def defaults_env(cli: Cli, docker_client: docker.DockerClient) -> Iterator[Calla
         out = cli.ok("env", "create", name, *flags)
         for line in out.splitlines():
             if line.startswith("operation "):
-                wait_op(cli, op_of(line))
+                wait_op(cli, op_of(line), OP_TIMEOUT, succeed=True)
         return name
 
     yield create

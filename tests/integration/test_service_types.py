@@ -16,7 +16,9 @@ import docker
 import psycopg
 import pytest
 
-from tests.conftest import HTTPD, SAMPLE_IMAGE, Cli, containers
+from tests.conftest import Cli, containers
+from tests.harness import HTTPD, SAMPLE_IMAGE
+from tests.helpers import ops_json
 from tests.integration.service_helpers import (
     MARIADB,
     MEMCACHED,
@@ -28,7 +30,6 @@ from tests.integration.service_helpers import (
     container_env,
     deploy_port,
     get_json,
-    ops_json,
     remove_env_leftovers,
     text,
     the_container,

@@ -5,13 +5,16 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import pytest
+from sqlalchemy.engine import Engine
 from sqlmodel import select
 
-from orchestrator.db import make_engine, session
+from orchestrator import db
+from orchestrator.db import add_missing_columns, make_engine, session
 from orchestrator.models import Job, Service
 
 
-def test_older_catalogue_is_migrated(tmp_path: Path) -> None:
+def test_older_catalogue_is_migrated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "old.db"
     conn = sqlite3.connect(path)
     conn.executescript("""
@@ -21,9 +24,24 @@ def test_older_catalogue_is_migrated(tmp_path: Path) -> None:
         insert into job values ('a', 1, 'deploy', 'h1', 'c', 'stopped', 'img', 's', '{}');
     """)
     conn.close()
+    added: list[list[str]] = []  # what each start's add_missing_columns reported
+
+    def recording(engine: Engine) -> list[str]:
+        added.append(add_missing_columns(engine))
+        return added[-1]
+
+    monkeypatch.setattr(db, "add_missing_columns", recording)
     engine = make_engine(f"sqlite:///{path}")
+    assert len(added) == 1 and {"job.args", "job.mounts", "job.port"} <= set(added[0]), added
     with session(engine) as s:
         job = s.exec(select(Job)).one()
         assert (job.id, job.args, job.mounts, job.port) == ("a", [], {}, None)
         assert s.exec(select(Service)).all() == []  # missing tables are made too
-    make_engine(f"sqlite:///{path}")  # a second start finds nothing to add
+    engine.dispose()
+
+    # A second start finds nothing to add: whatever it runs adds nothing, and neither does a
+    # migration run against the file it left.
+    added.clear()
+    again = make_engine(f"sqlite:///{path}")
+    assert all(a == [] for a in added), added
+    assert add_missing_columns(again) == []

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from orchestrator.sizes import DEFAULT_SIZE, NAMED_SIZES, Size, parse_size
@@ -85,10 +85,53 @@ def test_property_explicit_sizes_round_trip(amount: int, unit: str, cpus: int) -
     assert size.cpus == cpus
 
 
-@given(st.text(max_size=12))
-def test_property_any_text_is_a_size_or_a_value_error(text: str) -> None:
-    try:
-        size = parse_size(text)
-    except ValueError:
-        return
-    assert size.memory_mb >= 6 and size.cpus > 0
+NAMED = {"xs": Size(128, 0.25), "s": Size(256, 0.5), "m": Size(512, 1.0), "l": Size(1024, 2.0),
+         "xl": Size(2048, 4.0)}
+
+
+def expected_size(text: str) -> Size | None:
+    """What parse_size must return for ``text``, worked out without its regular expression; None
+    where it must raise ValueError. Digits are Unicode decimal digits, as ``\\d`` matches them."""
+    key = text.strip().lower()
+    if key in NAMED:
+        return NAMED[key]
+    memory, colon, cpus = key.partition(":")
+    amount, unit = memory[:-1], memory[-1:]
+    if unit not in ("m", "g") or not amount.isdecimal():
+        return None
+    if colon:
+        whole, dot, fraction = cpus.partition(".")
+        if not whole.isdecimal() or (dot and not fraction.isdecimal()):
+            return None
+    size = Size(int(amount) * (1024 if unit == "g" else 1), float(cpus) if colon else 0.5)
+    return size if size.memory_mb >= 6 and size.cpus > 0 else None
+
+
+# Text near the grammar (so valid sizes and each way to miss it come up often), and any text.
+near_sizes = st.builds(
+    "{}{}{}{}{}".format,
+    st.sampled_from(["", " ", "\t"]),
+    st.one_of(st.integers(0, 12).map(str), st.integers(0, 5000).map(str),
+              st.sampled_from(["", "007", "-1", "1.5", "+2", "\u0664\u0668"])),
+    st.one_of(st.sampled_from("mMgG"), st.sampled_from(["k", "mb", "", "s", "xl"])),
+    st.one_of(st.just(""), st.from_regex(r"\A:[0-9]{1,2}(\.[0-9]{1,2})?\Z"),
+              st.sampled_from([":", ":0", ":0.0", ":00.5", ":-1", ":.5", ":1.", ":abc", ":1:2", ": 1"])),
+    st.sampled_from(["", " ", "\n"]),
+)
+
+
+@given(st.one_of(near_sizes, st.text(max_size=12)))
+@example("5m")  # the boundaries, every run
+@example("6m")
+@example("0g")
+@example("6m:0.01")
+@example("1g:0")
+@example("1g")
+@settings(max_examples=1000)
+def test_property_any_text_is_the_expected_size_or_a_value_error(text: str) -> None:
+    expected = expected_size(text)
+    if expected is None:
+        with pytest.raises(ValueError):
+            parse_size(text)
+    else:
+        assert parse_size(text) == expected

@@ -42,8 +42,8 @@ class PlatformClient:
     def scale(self, env: str, service: str, scale: int) -> int:
         return self._call("scale", env=env, service=service, scale=scale)
 
-    def push(self, env: str, service: str, image: str) -> int:
-        return self._call("push", env=env, service=service, image=image)
+    def push(self, env: str, service: str, image: str, support: bool = False) -> int:
+        return self._call("push", env=env, service=service, image=image, support=support)
 
     def worker_scale(self, env: str, service: str, target: str, scale: int | str) -> int:
         """``scale`` is N, or "+N"/"-N" to change the current scale."""

@@ -60,8 +60,8 @@ def register_api(app: Celery, platform: Platform) -> None:
         return start(requests.request_scale, env=env, service=service, scale=scale)
 
     @app.task(name=TASK_API_PUSH, shared=False)
-    def push(env: str, service: str, image: str) -> int:
-        return start(requests.request_push, env=env, service=service, image=image)
+    def push(env: str, service: str, image: str, support: bool = False) -> int:
+        return start(requests.request_push, env=env, service=service, image=image, support=bool(support))
 
     @app.task(name=TASK_API_WORKER_SCALE, shared=False)
     def worker_scale(env: str, service: str, target: str, scale: int | str) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +43,24 @@ def _engine(url: str, *, immediate: bool) -> Engine:
         return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
     path = url.split("///", 1)[-1]
     if path and path != ":memory:":
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        _private_file(Path(path))
     engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 60})
     event.listen(engine, "connect", _sqlite_connect)
+    event.listen(engine, "handle_error", _sqlite_error)
     if immediate:
         event.listen(engine, "begin", _sqlite_begin)
     return engine
+
+
+def _private_file(path: Path) -> None:
+    """The SQLite catalogue holds credentials: only its owner may read it. Made 0600 (SQLite
+    gives its -wal and -shm files the same mode), and brought back to 0600 if it was opened up."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    for each in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if each.exists() and each.stat().st_mode & 0o077:
+            each.chmod(0o600)
 
 
 def _schema_current(engine: Engine) -> bool:
@@ -122,6 +135,16 @@ def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
     cursor.execute("PRAGMA synchronous=NORMAL")  # WAL: durable at checkpoints, never corrupt
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+# A connection opened while the file could not be written stays read-only for good: such errors
+# drop the connection, so the next use opens a fresh one and works once the file is writable.
+_STALE_CONNECTION = ("readonly database", "disk i/o error", "unable to open database")
+
+
+def _sqlite_error(context: Any) -> None:
+    if any(text in str(context.original_exception).lower() for text in _STALE_CONNECTION):
+        context.is_disconnect = True
 
 
 def _sqlite_begin(conn: Any) -> None:

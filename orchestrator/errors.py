@@ -9,3 +9,11 @@ class BadInput(Exception):
 
 class NotFound(BadInput):
     """The request names something the catalogue does not have."""
+
+
+def one_line(exc: BaseException | None) -> str:
+    """An exception's message on one line, for people: its notes too, at most 2000 characters."""
+    if exc is None:
+        return "unknown error"
+    text = "; ".join([str(exc).strip() or type(exc).__name__, *getattr(exc, "__notes__", [])])
+    return " ".join(text.split())[:2000]

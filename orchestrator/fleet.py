@@ -1,25 +1,28 @@
-"""The fleet of Docker hosts: heartbeats, going down and coming back, draining, removing.
+"""The fleet of Docker hosts: heartbeats, reconciling a host with the catalogue, going down,
+draining, removing.
 
-Each node records its own host's heartbeat (``heartbeat``, ``vanished``, ``leftovers``). The
-fleet watcher (``watcher``: ``watch`` every heartbeat interval) is control-plane work; it runs
-in the control worker and in every node, so hosts are watched while any platform process
-lives, and its conditional updates make sure each change happens once.
+Each node calls ``heartbeat`` and ``reconcile`` for its own host. Judging the fleet (which host
+is down, which step or operation was orphaned, which service needs healing) is the watcher's
+work: ``orchestrator.watcher``.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import update
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
-from orchestrator import catalogue, operations
+from orchestrator import catalogue, operations, service_types
 from orchestrator.errors import BadInput
 from orchestrator.models import (
     ACTIVE_JOB_STATES,
     Host,
     HostState,
     Job,
+    JobKind,
     JobState,
     Operation,
     OpKind,
@@ -31,103 +34,108 @@ from orchestrator.models import (
     StepState,
     utcnow,
 )
-from orchestrator.periodic import Periodic
 from orchestrator.platform import Platform
+
+# Docker's states of a container that will not run again by itself.
+DEAD_CONTAINER_STATES = frozenset({"exited", "dead", "created"})
 
 
 def heartbeat(p: Platform, *, host: str, cpus: float, memory_mb: int) -> None:
-    """The node of ``host`` is alive: record when, and what the host can hold. A host that was
-    down is up again (a draining one stays draining)."""
+    """The node of ``host`` is alive (and its Docker answers): record when and what the host
+    can hold, renew the leases of the steps it runs. A host that was down is up again (a
+    draining one stays draining). One short transaction."""
+    now = utcnow()
     with p.session() as s:
         s.exec(update(Host).where(col(Host.name) == host)
-               .values(last_seen=utcnow(), cpus=cpus, memory_mb=memory_mb))
+               .values(last_seen=now, cpus=cpus, memory_mb=memory_mb))
         s.exec(update(Host).where(col(Host.name) == host, col(Host.state) == HostState.down)
                .values(state=HostState.up))
+        s.exec(update(Step).where(col(Step.node) == host, col(Step.state) == StepState.running)
+               .values(lease_until=now + timedelta(seconds=p.settings.step_lease)))
         s.commit()
 
 
-def leftovers(p: Platform, *, host: str, job_ids: list[str]) -> list[str]:
-    """Of the jobs whose containers run on ``host``, those the catalogue no longer wants there
-    (lost and replaced, stopped, failed): the node removes their containers. Containers of jobs
-    this catalogue does not know are left alone (another platform may own them)."""
-    if not job_ids:
-        return []
-    gone = (JobState.lost, JobState.stopped, JobState.failed)
-    with p.session() as s:
-        jobs = s.exec(select(Job).where(col(Job.id).in_(job_ids), col(Job.state).in_(gone)))
-        return [j.id for j in jobs if j.host == host]
+@dataclass(frozen=True)
+class Container:
+    """A job's container as the host's Docker lists it."""
+
+    job_id: str
+    name: str
+    status: str  # Docker's: running, restarting, exited, ...
 
 
-def vanished(p: Platform, *, host: str, present: set[str], listed_at: datetime) -> list[str]:
-    """Running jobs of ``host`` whose containers were not among those listed at ``listed_at``
-    (removed outside the platform) are failed, so the catalogue stays true and their room is
-    free again. Only jobs running since before the listing count: a newer one may not show yet."""
+@dataclass(frozen=True)
+class Reconciled:
+    remove: list[Container]  # containers the node removes: the catalogue does not want them
+    failed: list[str]  # running jobs whose containers died or vanished outside an operation
+    adopted: list[str]  # lost jobs taken back: their container runs and nothing replaced them
+
+
+def reconcile(p: Platform, *, host: str, containers: list[Container], listed_at: datetime) -> Reconciled:
+    """Bring the catalogue and the host's Docker in step, from what Docker listed at ``listed_at``.
+
+    - A running job whose container vanished or exited outside an operation is failed, and its
+      service is marked for healing (``watcher``).
+    - A lost job (its host was down) whose container still runs is adopted when its service has
+      no operation under way and lacks it (nothing replaced it), or when its service keeps its data
+      on this host; otherwise its container is removed. Nothing that should run is removed.
+    - Containers of stopped and failed jobs are removed. Containers of jobs this catalogue does
+      not know are left alone (another platform may own them).
+    """
+    present = {c.job_id: c for c in containers}
+    remove: list[Container] = []
+    failed: list[str] = []
+    adopted: list[str] = []
     with p.session() as s:
-        running = s.exec(select(Job).where(Job.host == host, Job.state == JobState.running))
-        gone = [j.id for j in running
-                if j.id not in present and j.started_at is not None and j.started_at < listed_at]
-        for job_id in gone:
-            catalogue.set_job_state(session=s, job_id=job_id, state=JobState.failed,
-                                    error="its container was removed outside the platform")
+        jobs = list(s.exec(select(Job).where(Job.host == host, col(Job.state).in_(
+            (JobState.running, JobState.lost, JobState.stopped, JobState.failed)))))
+        for job in jobs:
+            container = present.get(job.id)
+            if job.state == JobState.running:
+                if job.started_at is None or job.started_at >= listed_at:
+                    continue  # started after the listing: it may not show yet
+                if container is None or container.status in DEAD_CONTAINER_STATES:
+                    what = "was removed" if container is None else f"stopped ({container.status})"
+                    _died(s, job, f"its container {what} outside the platform")
+                    failed.append(job.id)
+                    if container is not None:
+                        remove.append(container)
+            elif job.state == JobState.lost:
+                if container is not None and container.status == "running" and _wanted_back(s, job, host):
+                    catalogue.set_job_state(session=s, job_id=job.id, state=JobState.running)
+                    adopted.append(job.id)
+                    continue
+                s.exec(update(Job).where(col(Job.id) == job.id, col(Job.state) == JobState.lost)
+                       .values(state=JobState.stopped, stopped_at=utcnow()))
+                if container is not None:
+                    remove.append(container)
+            elif container is not None:
+                remove.append(container)
         s.commit()
-    return gone
+    return Reconciled(remove, failed, adopted)
 
 
-def forget_lost(p: Platform, *, job_ids: list[str]) -> None:
-    """Lost jobs whose containers were removed on the host's return are now stopped."""
-    with p.session() as s:
-        for job_id in job_ids:
-            s.exec(update(Job).where(col(Job.id) == job_id, col(Job.state) == JobState.lost)
-                   .values(state=JobState.stopped, stopped_at=utcnow()))
-        s.commit()
+def _died(s: Session, job: Job, error: str) -> None:
+    catalogue.set_job_state(session=s, job_id=job.id, state=JobState.failed, error=error)
+    s.exec(update(Service).where(col(Service.id) == job.service_id).values(heal_wanted=True))
 
 
-def watcher(p: Platform) -> Periodic:
-    """The fleet watcher: ``watch`` every heartbeat interval, in a thread of its own."""
-    down_after = p.settings.host_down_after
-    return Periodic("fleet-watch", p.settings.heartbeat_interval,
-                    lambda: watch(p, down_after=down_after))
-
-
-def watch(p: Platform, *, down_after: float) -> list[str]:
-    """Mark silent hosts down and act on it; unstick operations waiting on down hosts.
-    Returns the hosts this call marked down."""
-    cutoff = utcnow() - timedelta(seconds=down_after)
-    with p.session() as s:
-        silent = [h.name for h in catalogue.list_hosts(session=s)
-                  if h.state != HostState.down and h.last_seen is not None and h.last_seen < cutoff]
-    marked = []
-    for name in silent:
-        with p.session() as s:
-            won = s.exec(update(Host).where(col(Host.name) == name,
-                                            col(Host.state) != HostState.down,
-                                            col(Host.last_seen) < cutoff)
-                         .values(state=HostState.down)).rowcount == 1
-            s.commit()
-        if won:
-            marked.append(name)
-            host_lost(p, name)
-    fail_steps_on_down_hosts(p)
-    finish_forgotten(p)
-    return marked
-
-
-def finish_forgotten(p: Platform, *, grace: float = 10.0) -> None:
-    """Finish what no task will: an operation still running whose steps have all ended lost its
-    finish task (e.g. queued on a host that died just after); one with a failed step may wait on
-    a stage that never completes (a step on a down host). ``finish`` ends each once, when it can."""
-    cutoff = utcnow() - timedelta(seconds=grace)
-    with p.session() as s:
-        running = list(s.exec(select(Operation).where(Operation.state == OpState.running)))
-        forgotten = []
-        for op in running:
-            steps = catalogue.steps_of(session=s, op_id=op.id or 0)
-            ends = [st.finished_at for st in steps if st.finished_at is not None]
-            has_failed = any(st.state == StepState.failed for st in steps)
-            if steps and (has_failed or (len(ends) == len(steps) and max(ends) < cutoff)):
-                forgotten.append(op.id or 0)
-    for op_id in forgotten:
-        operations.finish(p, op_id)
+def _wanted_back(s: Session, job: Job, host: str) -> bool:
+    """Whether a lost job whose container runs again should be taken back."""
+    svc = s.get(Service, job.service_id)
+    if svc is None:
+        return False
+    if svc.host == host and service_types.profile(svc.type).data_dir:
+        return True  # its data lives here: never removed by reconciliation
+    if svc.active_op_id is not None:
+        return False  # an operation is placing jobs for it: let it finish
+    active = Counter((j.kind, j.target) for j in catalogue.active_jobs(session=s, service=svc))
+    if job.kind == JobKind.deploy:
+        wanted = svc.scale
+    else:
+        worker = catalogue.find_worker(session=s, service=svc, name=job.target or "")
+        wanted = worker.scale if worker is not None else 0
+    return active[(job.kind, job.target)] < wanted
 
 
 def host_lost(p: Platform, host: str) -> list[int]:
@@ -214,14 +222,15 @@ def undrain(p: Platform, *, host: str) -> None:
 
 
 def remove(p: Platform, *, host: str) -> None:
-    """Forget a host; refused while any job is active (or lost and not yet cleaned) on it."""
+    """Forget a host; refused while any job is active or stopping on it. Its lost jobs (the
+    host went down and they were replaced, or not) are forgotten with it: they become stopped."""
     with p.session() as s:
         target = catalogue.get_host(session=s, name=host)
         remaining = s.exec(select(Job).where(
             Job.host == host, col(Job.state).in_((*ACTIVE_JOB_STATES, JobState.stopping)))).all()
         if remaining:
             raise BadInput(f"host {host} still has {len(remaining)} jobs: drain it first")
+        s.exec(update(Job).where(col(Job.host) == host, col(Job.state) == JobState.lost)
+               .values(state=JobState.stopped, stopped_at=utcnow(), error=f"host {host} was removed"))
         s.delete(target)
         s.commit()
-
-

@@ -69,6 +69,7 @@ class OpTrigger(StrEnum):
     rollback = "rollback"
     host_lost = "host-lost"
     drain = "drain"
+    heal = "heal"  # jobs died outside an operation: back to scale
 
 
 class OpState(StrEnum):
@@ -121,6 +122,15 @@ class ReleaseBefore(BaseModel):
     image: str | None = None
 
 
+class WorkerBefore(BaseModel):
+    """A worker target as it was before an operation changed it; ``existed`` False: the
+    operation made it."""
+
+    existed: bool = True
+    command: str = ""
+    scale: int = 0
+
+
 class OpParams(BaseModel):
     """The typed parameters of an operation (stored as JSON in ``Operation.params``)."""
 
@@ -134,6 +144,7 @@ class OpParams(BaseModel):
     # Set when the operation starts: what it replaced, so a failure can put it back.
     release_before: ReleaseBefore | None = None
     scale_before: int | None = None
+    worker_before: WorkerBefore | None = None
 
 
 # --- tables -------------------------------------------------------------------------------------
@@ -144,7 +155,7 @@ class Host(SQLModel, table=True):
     name: str = Field(unique=True, index=True)
     docker_url: str
     address: str = "127.0.0.1"
-    state: HostState = HostState.up
+    state: HostState = HostState.down  # up at its node's first heartbeat
     last_seen: datetime | None = None
     cpus: float = 0.0  # 0: not reported yet, no limit assumed
     memory_mb: int = 0
@@ -175,7 +186,14 @@ class Service(SQLModel, table=True):
     credentials: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     port: int | None = None  # databases and caches: the one port all their jobs use
     host: str | None = None  # databases: the host that holds their data volume
+    volume: str | None = None  # databases: their data volume's name (None: made before it was kept)
     active_op_id: int | None = None  # the one operation allowed to touch this service's jobs
+    # Healing: jobs that die outside an operation are replaced by a heal operation, with a
+    # back-off; after MAX_HEAL_ATTEMPTS in a row it gives up until someone redeploys.
+    heal_wanted: bool = False
+    heal_attempts: int = 0
+    heal_after: datetime | None = None
+    heal_gave_up: bool = False
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -231,7 +249,9 @@ class Operation(SQLModel, table=True):
     params: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     error: str | None = None
     created_at: datetime = Field(default_factory=utcnow)
+    claimed_at: datetime | None = None  # it became its service's active operation
     started_at: datetime | None = None
+    sent_at: datetime | None = None  # its steps reached the broker
     finished_at: datetime | None = None
 
     @property
@@ -257,6 +277,8 @@ class Step(SQLModel, table=True):
     error: str | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    node: str | None = None  # the host whose node runs (or ran) it
+    lease_until: datetime | None = None  # running: the node renews it; past it, the step fails
 
 
 # --- public shapes ------------------------------------------------------------------------------
@@ -293,6 +315,8 @@ class ServicePublic(SQLModel):
     release: int | None
     port: int | None
     host: str | None
+    heal_attempts: int = 0  # heals in a row after jobs died outside an operation
+    heal_gave_up: bool = False  # it stopped healing: a redeploy (or any user operation) resets it
 
 
 class JobPublic(SQLModel):

@@ -33,11 +33,21 @@ def host_queue(host: str) -> str:
     return f"{HOST_QUEUE_PREFIX}{host}"
 
 
+# Names derived from env + service join them with "_", which names (DNS labels) cannot contain:
+# env "a-b" + service "db" and env "a" + service "b-db" never share a container or a volume.
+SEPARATOR = "_"
+
+
 def container_name(env: str, service: str, job_id: str) -> str:
     """Deterministic container name of a job: a redelivered start adopts it instead of doubling."""
-    return f"orch-{env}-{service}-{job_id}"
+    return SEPARATOR.join(("orch", env, service, job_id))
 
 
 def volume_name(env: str, service: str) -> str:
     """The named volume that keeps a database service's data across redeploys."""
+    return SEPARATOR.join(("orch", env, service, "data"))
+
+
+def legacy_volume_name(env: str, service: str) -> str:
+    """The volume of a database created before names were unambiguous (kept: it holds its data)."""
     return f"orch-{env}-{service}-data"

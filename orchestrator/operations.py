@@ -11,7 +11,8 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from sqlmodel import Session
+from sqlalchemy import update
+from sqlmodel import Session, col
 
 from orchestrator import catalogue, planner, spec
 from orchestrator.dispatch import SendFailed
@@ -26,11 +27,13 @@ from orchestrator.models import (
     OpKind,
     OpParams,
     OpState,
+    OpTrigger,
     ReleaseBefore,
     Service,
     Step,
     StepAction,
     StepState,
+    WorkerBefore,
     WorkerTarget,
     utcnow,
 )
@@ -59,18 +62,18 @@ def _start(p: Platform, op: Operation) -> bool:
     op_id = op.id or 0
     try:
         with p.session() as s:
+            if not catalogue.begin_operation(session=s, op_id=op_id):
+                return True  # another process started it (the watcher resumed a slow claim)
             svc = s.get(Service, op.service_id)
             env = s.get(Environment, op.env_id)
-            assert svc is not None and env is not None
             running = s.get(Operation, op_id)
-            assert running is not None
+            assert svc is not None and env is not None and running is not None
             running.parameters = _apply_changes(s, running.parameters, op.kind, svc)
             plan = _plan(p, s, op, svc, env)
             stages = _record_plan(s, op, svc, plan)
-            running.state = OpState.running if stages else OpState.succeeded
-            running.started_at = utcnow()
             if not stages:
-                running.finished_at = running.started_at
+                running.state = OpState.succeeded
+                running.finished_at = utcnow()
                 catalogue.release_service(session=s, service_id=svc.id or 0, op_id=op_id)
             s.add(running)
             s.commit()
@@ -83,14 +86,18 @@ def _start(p: Platform, op: Operation) -> bool:
     try:
         p.dispatch.send_operation(op_id, stages, env=env_name, service=svc_name)
     except SendFailed as exc:  # nothing ran: say so and free the service
-        with p.session() as s:
-            catalogue.skip_pending_steps(session=s, op_id=op_id)
-            _forget_unstarted_jobs(s, op_id)
-            _restore_spec(s, op_id)
-            s.commit()
-        _fail_unstarted(p, op, f"could not send the operation to the broker: {exc}")
+        abandon(p, op_id, f"could not send the operation to the broker: {exc}", start=False)
         return False
+    with p.session() as s:
+        catalogue.mark_sent(session=s, op_id=op_id)
+        s.commit()
     return True
+
+
+def resume(p: Platform, op: Operation) -> None:
+    """Start an operation claimed by a process that stopped before starting it."""
+    if not _start(p, op):
+        start_next(p, op.service_id)
 
 
 def _fail_unstarted(p: Platform, op: Operation, error: str) -> None:
@@ -98,6 +105,27 @@ def _fail_unstarted(p: Platform, op: Operation, error: str) -> None:
         catalogue.end_operation(session=s, op_id=op.id or 0, state=OpState.failed, error=error)
         catalogue.release_service(session=s, service_id=op.service_id, op_id=op.id or 0)
         s.commit()
+
+
+def abandon(p: Platform, op_id: int, error: str, *, start: bool = True) -> bool:
+    """End an operation whose steps will never all run (never sent, or interrupted): what did
+    not start is skipped, the spec is put back, the service is free. With ``start``, the
+    service's next queued operation starts. False when it had ended already."""
+    with p.session() as s:
+        op = catalogue.get_operation(session=s, op_id=op_id)
+        catalogue.skip_pending_steps(session=s, op_id=op_id)
+        _forget_unstarted_jobs(s, op_id)
+        note = _restore_spec(s, op_id)
+        ended = catalogue.end_operation(session=s, op_id=op_id, state=OpState.failed,
+                                        error=f"{error}. {service_summary(s, op.service_id)}{note}")
+        if not ended:
+            s.rollback()
+            return False
+        catalogue.release_service(session=s, service_id=op.service_id, op_id=op_id)
+        s.commit()
+    if start:
+        start_next(p, op.service_id)
+    return True
 
 
 def _apply_changes(s: Session, params: OpParams, kind: OpKind, svc: Service) -> OpParams:
@@ -112,28 +140,32 @@ def _apply_changes(s: Session, params: OpParams, kind: OpKind, svc: Service) -> 
         params = params.model_copy(update={"scale_before": svc.scale})
         svc.scale = scale
     if kind in (OpKind.worker_deploy, OpKind.worker_scale, OpKind.worker_rm):
-        _change_worker(s, params, kind, svc)
+        params = params.model_copy(update={"worker_before": _change_worker(s, params, kind, svc)})
     s.add(svc)
     s.flush()
     return params
 
 
-def _change_worker(s: Session, params: OpParams, kind: OpKind, svc: Service) -> None:
+def _change_worker(s: Session, params: OpParams, kind: OpKind, svc: Service) -> WorkerBefore:
+    """Make, change or remove the operation's worker target; returns what it was."""
     target = params.target or ""
     worker = catalogue.find_worker(session=s, service=svc, name=target)
-    if kind == OpKind.worker_rm:
-        if worker is not None:
-            s.delete(worker)  # from now on redeploys leave this target out
-        return
     if worker is None:
-        if kind == OpKind.worker_scale:
+        if kind != OpKind.worker_deploy:
             raise BadInput(f"service {svc.name} has no worker target {target}")
+        before = WorkerBefore(existed=False)
         worker = WorkerTarget(service_id=svc.id or 0, name=target, command="", scale=1)
+    else:
+        before = WorkerBefore(command=worker.command, scale=worker.scale)
+    if kind == OpKind.worker_rm:
+        s.delete(worker)  # from now on redeploys leave this target out
+        return before
     if kind == OpKind.worker_deploy:
         worker.command = params.command or ""
     elif params.worker_scale is not None:
         worker.scale = max(0, params.worker_scale.applied_to(worker.scale))
     s.add(worker)
+    return before
 
 
 @dataclass(frozen=True)
@@ -195,10 +227,12 @@ def _record_plan(s: Session, op: Operation, svc: Service,
                  plan: planner.Plan) -> list[list[Step]]:
     """Jobs the plan starts become catalogue rows (scheduled); each step becomes a Step row."""
     stages: list[list[Step]] = []
+    # Host-less steps (an overlap's wait) run on the node of the first host the plan touches.
+    home = next((h for item in plan.steps if (h := _host_of(item)) is not None), None)
     for index, stage in enumerate(plan.stages):
         rows = []
         for item in stage:
-            step = _step_row(op.id or 0, index, svc.name, item)
+            step = _step_row(op.id or 0, index, svc.name, item, home)
             if isinstance(item, planner.StartJob):
                 j = item.job
                 mounts = dict([j.volume.split(":", 1)]) if j.volume else {}
@@ -228,7 +262,13 @@ def _remember_placement(svc: Service, job: planner.NewJob, *, moved: bool = Fals
         svc.host = job.host
 
 
-def _step_row(op_id: int, stage: int, service: str, item: planner.Step) -> Step:
+def _host_of(item: planner.Step) -> str | None:
+    if isinstance(item, planner.StartJob):
+        return item.job.host
+    return item.host if isinstance(item, planner.CheckImage | planner.StopJob) else None
+
+
+def _step_row(op_id: int, stage: int, service: str, item: planner.Step, home: str | None) -> Step:
     if isinstance(item, planner.CheckImage):
         return Step(op_id=op_id, stage=stage, action=StepAction.check_image, host=item.host,
                     image=item.image, name=f"check image {item.image} on {item.host}")
@@ -241,7 +281,7 @@ def _step_row(op_id: int, stage: int, service: str, item: planner.Step) -> Step:
     if isinstance(item, planner.StopJob):
         return Step(op_id=op_id, stage=stage, action=StepAction.stop, host=item.host,
                     job_id=item.job_id, name=f"stop {service} job {item.job_id} on {item.host}")
-    return Step(op_id=op_id, stage=stage, action=StepAction.wait, seconds=item.seconds,
+    return Step(op_id=op_id, stage=stage, action=StepAction.wait, seconds=item.seconds, host=home,
                 name=f"overlap: old jobs live {item.seconds}s more")
 
 
@@ -278,9 +318,25 @@ def finish(p: Platform, op_id: int) -> bool | None:
                                         state=OpState.failed if failed else OpState.succeeded,
                                         error=error)
         catalogue.release_service(session=s, service_id=op.service_id, op_id=op_id)
+        if ended:
+            _keep_healing_account(s, op, succeeded=not failed)
         s.commit()
     start_next(p, op.service_id)
     return ended
+
+
+USER_TRIGGERS = frozenset({OpTrigger.manual, OpTrigger.push, OpTrigger.support, OpTrigger.rollback,
+                           OpTrigger.create})
+
+
+def _keep_healing_account(s: Session, op: Operation, *, succeeded: bool) -> None:
+    """A user's operation that succeeds starts the healing count afresh; a heal that fails asks
+    for another (after its back-off)."""
+    if succeeded and op.trigger in USER_TRIGGERS:
+        s.exec(update(Service).where(col(Service.id) == op.service_id)
+               .values(heal_attempts=0, heal_gave_up=False, heal_after=None))
+    elif not succeeded and op.trigger == OpTrigger.heal:
+        s.exec(update(Service).where(col(Service.id) == op.service_id).values(heal_wanted=True))
 
 
 def _forget_unstarted_jobs(s: Session, op_id: int) -> None:
@@ -307,8 +363,23 @@ def _restore_spec(s: Session, op_id: int) -> str:
     if params.scale_before is not None:
         svc.scale = params.scale_before
         note += f" Its scale stays {svc.scale}."
+    if params.worker_before is not None:
+        note += _restore_worker(s, svc, params.target or "", params.worker_before)
     s.add(svc)
     return note
+
+
+def _restore_worker(s: Session, svc: Service, target: str, before: WorkerBefore) -> str:
+    worker = catalogue.find_worker(session=s, service=svc, name=target)
+    if not before.existed:
+        if worker is not None:
+            s.delete(worker)
+        return f" Worker target {target} is not kept."
+    if worker is None:
+        worker = WorkerTarget(service_id=svc.id or 0, name=target, command=before.command, scale=before.scale)
+    worker.command, worker.scale = before.command, before.scale
+    s.add(worker)
+    return f" Worker target {target} stays at scale {before.scale}."
 
 
 def service_summary(s: Session, service_id: int) -> str:

@@ -46,13 +46,15 @@ def _request(p: Platform, *, env: str, service: str,
         return catalogue.get_operation(session=s, op_id=op.id or 0)
 
 
-def request_push(p: Platform, *, env: str, service: str, image: str) -> Operation:
-    """A new release of a code service: the first push deploys it, later ones redeploy it."""
+def request_push(p: Platform, *, env: str, service: str, image: str, support: bool = False) -> Operation:
+    """A new release of a code service: the first push deploys it, later ones redeploy it. Only
+    support may push to a service marked not redeployable."""
     image = rules.check_image_reference(image)
 
     def decide(s: Session, svc: Service) -> Decision:
         if svc.type != ServiceType.code:
             raise BadInput(f"service {service} is a {svc.type} service: only code services take pushes")
+        _check_redeployable(svc, support)
         release = catalogue.add_release(session=s, service=svc, image=image)
         kind = OpKind.deploy if release.number == 1 else OpKind.redeploy
         return Decision(kind, OpTrigger.push, OpParams(release=release.number, image=image))
@@ -67,8 +69,7 @@ def request_redeploy(p: Platform, *, env: str, service: str, support: bool = Fal
     def decide(s: Session, svc: Service) -> Decision:
         if not service_types.profile(svc.type).user_redeploy:
             raise BadInput(f"{svc.type} services cannot be redeployed through the CLI or API")
-        if not svc.redeployable and not support:
-            raise BadInput(f"service {service} is marked not redeployable: only support may redeploy it (--support)")
+        _check_redeployable(svc, support)
         if release is not None:
             rel = catalogue.get_release(session=s, service=svc, number=release)
             trigger = OpTrigger.support if support else OpTrigger.rollback
@@ -102,6 +103,11 @@ def add_service(p: Platform, *, env: str, name: str, type: ServiceType, image: s
     wait for their first push."""
     with p.session() as s:
         environment = catalogue.get_env(session=s, name=env)
+        others = [(o.name, o.type) for o in catalogue.list_services(session=s, env=environment)]
+        clashes = service_types.connection_clashes([*others, (name, type)])
+        if clashes:
+            raise BadInput(f"{clashes[0]}: one would shadow the other in code services; "
+                           "choose another name")
         catalogue.add_service(session=s, env=environment, name=name, type=type,
                               image=image if type != ServiceType.code else None,
                               command=command, scale=scale, size=size)
@@ -160,6 +166,11 @@ def request_worker_rm(p: Platform, *, env: str, service: str, target: str) -> Op
         return Decision(OpKind.worker_rm, OpTrigger.manual, OpParams(target=target))
 
     return _request(p, env=env, service=service, decide=decide)
+
+
+def _check_redeployable(svc: Service, support: bool) -> None:
+    if not svc.redeployable and not support:
+        raise BadInput(f"service {svc.name} is marked not redeployable: only support may redeploy it (--support)")
 
 
 def _require_release(s: Session, svc: Service) -> None:

@@ -17,6 +17,9 @@ from orchestrator.sizes import Size, parse_size
 MAX_SCALE = 1000  # jobs of one kind (deploy, or one worker target) of one service
 MAX_VARIABLE_NAME = 255
 MAX_VARIABLE_VALUE = 65536
+# What a job's environment may hold in all (user, connection and platform variables): Linux
+# refuses to start a process whose arguments and environment pass about 2 MiB.
+MAX_VARIABLES_TOTAL = 512 * 1024
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -90,11 +93,51 @@ def check_variables(values: Mapping[str, object]) -> dict[str, str]:
     return {k: str(v) for k, v in values.items()}
 
 
+def check_variables_total(values: Mapping[str, str]) -> None:
+    """All the variables a job gets fit in a process's environment."""
+    total = sum(len(k) + len(v) + 2 for k, v in values.items())
+    if total > MAX_VARIABLES_TOTAL:
+        raise BadInput(f"the variables take {total // 1024} KiB in all: at most "
+                       f"{MAX_VARIABLES_TOTAL // 1024} KiB fit in a job's environment")
+
+
+# Docker's image reference grammar (distribution/reference): [domain[:port]/]path[:tag][@digest],
+# where the first part is a domain only if it has a "." or a ":" or is "localhost".
+_ALNUM = r"[a-z0-9]+"
+_PATH_COMPONENT = re.compile(rf"{_ALNUM}(?:(?:[._]|__|-+){_ALNUM})*")
+_DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_DOMAIN = re.compile(rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[0-9a-fA-F:]+\])(?::[0-9]+)?")
+_TAG = re.compile(r"[\w][\w.-]{0,127}")
+_DIGEST = re.compile(r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}")
+MAX_IMAGE_NAME = 255
+
+
 def check_image_reference(image: object) -> str:
+    """An image reference as Docker reads it, e.g. ``orch/sample-app:1``,
+    ``127.0.0.1:5000/shop/web:42`` or ``name@sha256:<hex>``."""
     if not isinstance(image, str):
         raise BadInput("image must be a string")
-    if not image.strip() or any(c.isspace() for c in image):
-        raise BadInput(f"image {image!r} is not an image reference")
+    if not _image_reference_ok(image):
+        raise BadInput(f"image {image!r} is not an image reference (like name:tag or "
+                       "registry:port/name:tag, the name in lower case)")
     return image
+
+
+def _image_reference_ok(image: str) -> bool:
+    rest, _, digest = image.partition("@")
+    if "@" in image and not _DIGEST.fullmatch(digest):
+        return False
+    parts = rest.split("/")
+    domain = parts[0] if len(parts) > 1 and ("." in parts[0] or ":" in parts[0]
+                                            or parts[0] == "localhost") else None
+    path = parts[1:] if domain is not None else parts
+    last, colon, tag = path[-1].partition(":")
+    if colon and not _TAG.fullmatch(tag):
+        return False
+    path = [*path[:-1], last]
+    return ((domain is None or _DOMAIN.fullmatch(domain) is not None)
+            and all(_PATH_COMPONENT.fullmatch(p) for p in path)
+            and len(rest) - len(colon + tag) <= MAX_IMAGE_NAME)
+
 
 MAX_ID = 2**63 - 1  # what the databases' integers hold; a larger id or number names nothing

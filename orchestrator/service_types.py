@@ -38,7 +38,9 @@ PROFILES: dict[ServiceType, TypeProfile] = {
     ),
     ServiceType.redis: TypeProfile(
         default_image="redis:7", single_job=True, stable_port=True, url_variable="REDIS_URL",
-        args=("--port", "{port}", "--requirepass", "{password}"),
+        # The password goes in through the environment and a 0600 file, never argv (ps shows it).
+        args=("sh", "-c", 'umask 077 && printf "requirepass %s\\n" "$REDIS_PASSWORD" > /tmp/redis.conf'
+              ' && exec redis-server /tmp/redis.conf --port "$PORT"'),
     ),
     ServiceType.memcached: TypeProfile(
         default_image="memcached:1.6", single_job=True, stable_port=True, url_variable="MEMCACHED_URL",
@@ -77,12 +79,15 @@ def container_variables(kind: ServiceType, creds: Mapping[str, str]) -> dict[str
     if kind == ServiceType.mysql:
         return {"MYSQL_ROOT_PASSWORD": creds["root_password"], "MYSQL_USER": creds["user"],
                 "MYSQL_PASSWORD": creds["password"], "MYSQL_DATABASE": creds["database"]}
+    if kind == ServiceType.redis:
+        return {"REDIS_PASSWORD": creds["password"]}
     return {}
 
 
-def entrypoint_args(kind: ServiceType, creds: Mapping[str, str]) -> tuple[str, ...]:
-    """Flags for the image, with {port} left for the planner to fill per job."""
-    return tuple(a.replace("{password}", creds.get("password", "")) for a in PROFILES[kind].args)
+def entrypoint_args(kind: ServiceType) -> tuple[str, ...]:
+    """Arguments for the image's entrypoint, with {port} left for the planner to fill per job.
+    Never a secret: those go in through the environment."""
+    return PROFILES[kind].args
 
 
 @dataclass(frozen=True)
@@ -107,18 +112,42 @@ def connection_url(e: Endpoint) -> str:
     return f"memcached://{e.address}:{e.port}"
 
 
+def _claims(services: Iterable[tuple[str, ServiceType]]) -> list[tuple[str, str, str]]:
+    """(variable, service, what) for every connection variable the services set: <NAME>_URL for
+    each, and DATABASE_URL, REDIS_URL, MEMCACHED_URL (+ MEMCACHE_SERVERS) for the first service
+    of each kind, by name."""
+    claims: list[tuple[str, str, str]] = []
+    generic_owned: set[str] = set()
+    for name, kind in sorted(services):
+        claims.append((f"{name.upper().replace('-', '_')}_URL", name, "url"))
+        generic = PROFILES[kind].url_variable
+        if generic and generic not in generic_owned:
+            generic_owned.add(generic)
+            claims.append((generic, name, "url"))
+            if kind == ServiceType.memcached:
+                claims.append(("MEMCACHE_SERVERS", name, "servers"))
+    return claims
+
+
+def connection_clashes(services: Iterable[tuple[str, ServiceType]]) -> list[str]:
+    """Connection variables two services would both set (one would shadow the other), in words."""
+    services = [(n, k) for n, k in services if PROFILES[k].url_variable]
+    owners: dict[str, str] = {}
+    clashes = []
+    for variable, name, _ in _claims(services):
+        if owners.setdefault(variable, name) != name:
+            clashes.append(f"services {owners[variable]} and {name} would both set {variable}")
+    return clashes
+
+
 def connection_variables(endpoints: Iterable[Endpoint]) -> dict[str, str]:
-    """DATABASE_URL, REDIS_URL, MEMCACHED_URL (the first service of each kind, by name) and
-    <NAME>_URL for every one, e.g. a postgresql service "orders-db" gives ORDERS_DB_URL."""
-    variables: dict[str, str] = {}
-    for e in sorted(endpoints, key=lambda e: e.name):
-        url = connection_url(e)
-        variables[f"{e.name.upper().replace('-', '_')}_URL"] = url
-        generic = PROFILES[e.type].url_variable
-        if generic and generic not in variables:
-            variables[generic] = url
-            if e.type == ServiceType.memcached:
-                variables["MEMCACHE_SERVERS"] = f"{e.address}:{e.port}"
+    """The variables code services get to reach the environment's databases and caches: e.g. a
+    postgresql service "orders-db" gives ORDERS_DB_URL, and DATABASE_URL if it is the first."""
+    by_name = {e.name: e for e in endpoints}
+    variables = {}
+    for variable, name, what in _claims((e.name, e.type) for e in by_name.values()):
+        e = by_name[name]
+        variables[variable] = connection_url(e) if what == "url" else f"{e.address}:{e.port}"
     return variables
 
 

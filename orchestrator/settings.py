@@ -20,6 +20,16 @@ class Settings(BaseSettings):
     cpu_overcommit: float = Field(default=8.0, ge=1)  # CPU limits are caps, not reservations
     heartbeat_interval: float = Field(default=2.0, gt=0)  # seconds between a node's heartbeats
     host_down_after: float = Field(default=10.0, gt=0)  # seconds of silence before a host is down
+    # A running step's lease: its node renews it every heartbeat; a step whose lease ran out (its
+    # node died or hangs) fails, and its operation ends. Longer than a few heartbeats.
+    step_lease: float = Field(default=15.0, gt=0)
+    # Seconds after which the watcher ends what no process will: an operation claimed or planned
+    # but never sent, a step whose message never reached its node, a finish that was lost.
+    orphan_after: float = Field(default=30.0, gt=0)
+    # Seconds a step may wait for its node to pick it up once its turn came (a busy node works
+    # through its queue) before its message counts as lost.
+    pickup_timeout: float = Field(default=300.0, gt=0)
+    heal_backoff: float = Field(default=5.0, gt=0)  # first wait before a heal; doubles each attempt
     # Images of the auto-included services (built locally by scripts/build-images).
     image_logging: str = "orch/busybox:1"
     image_service_proxy: str = "orch/busybox:1"

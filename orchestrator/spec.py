@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from sqlmodel import Session
 
-from orchestrator import catalogue, planner, service_types
+from orchestrator import catalogue, planner, rules, service_types
 from orchestrator.errors import BadInput
 from orchestrator.models import Environment, JobKind, Service, ServiceType, VariableSource, VariableView
-from orchestrator.names import volume_name
+from orchestrator.names import legacy_volume_name
 from orchestrator.sizes import parse_size
 
 JOB_VARIABLES = ("ORCH_ENV", "ORCH_SERVICE", "ORCH_JOB", "ORCH_KIND", "ORCH_HOST", "ORCH_RELEASE")
@@ -69,13 +69,15 @@ def service_spec(s: Session, env: Environment, svc: Service) -> planner.ServiceS
     kind = service_types.profile(svc.type)
     variables = {v.name: v.value for v in variables_for(s, env, svc)
                  if v.source != VariableSource.job}
+    rules.check_variables_total(variables)  # refused before anything stops
     return planner.ServiceSpec(
         env=env.name, name=svc.name, type=svc.type, image=svc.image, command=svc.command,
         size_name=svc.size, size=parse_size(svc.size), scale=svc.scale, overlap=svc.overlap,
         variables=variables, release=svc.release, workers=workers, has_port=kind.has_port,
-        volume=f"{volume_name(env.name, svc.name)}:{kind.data_dir}" if kind.data_dir else None,
+        volume=f"{svc.volume or legacy_volume_name(env.name, svc.name)}:{kind.data_dir}"
+        if kind.data_dir else None,
         port=svc.port, pinned_host=svc.host if kind.data_dir else None,
-        args=service_types.entrypoint_args(svc.type, svc.credentials),
+        args=service_types.entrypoint_args(svc.type),
     )
 
 

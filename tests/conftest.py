@@ -23,6 +23,7 @@ from tests.harness import (
     PlatformEnv,
     orchestrator,
     remove_containers,
+    retire,
 )
 
 DOCKER_URL = os.environ.get("ORCH_TEST_DOCKER_URL", DEFAULT_DOCKER_URL)
@@ -99,6 +100,7 @@ def env_name(cli: Cli, docker_client: docker.DockerClient) -> Iterator[str]:
     name = f"t{uuid.uuid4().hex[:8]}"
     cli.ok("env", "create", name, "--sandbox", "--no-defaults")
     yield name
+    retire(cli.env["ORCH_DATABASE_URL"], name)
     remove_containers(docker_client, name)
 
 

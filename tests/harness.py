@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import docker
 import redis
+import sqlalchemy
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DOCKER_URL = "unix:///var/run/docker.sock"
@@ -313,6 +314,23 @@ class Daemon:
         pid = self.pid()
         if pid is not None:
             stop_process(pid, timeout=timeout)
+
+
+def retire(catalogue_url: str, *envs: str) -> None:
+    """Before a test removes its environments' containers behind the platform's back: mark their
+    services as given up on healing, so the platform does not bring the containers back (a test
+    teardown, not a user's act; ``env rm`` is the user's way)."""
+    url = catalogue_url.replace("postgresql://", "postgresql+psycopg://", 1)
+    engine = sqlalchemy.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            for env in envs:
+                conn.execute(sqlalchemy.text(
+                    "UPDATE service SET heal_gave_up = :yes, heal_wanted = :no "
+                    "WHERE env_id IN (SELECT id FROM environment WHERE name = :env)"),
+                    {"yes": True, "no": False, "env": env})
+    finally:
+        engine.dispose()
 
 
 def remove_containers(client: docker.DockerClient, *envs: str) -> int:

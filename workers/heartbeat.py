@@ -23,22 +23,30 @@ class NodeHeartbeat:
         return Periodic("heartbeat", self.node.platform.settings.heartbeat_interval, self.beat)
 
     def beat(self) -> None:
+        """A heartbeat when this host's Docker answers; none when it does not, so the watcher
+        marks the host down after ``host_down_after`` and its jobs are recovered elsewhere."""
+        runtime = self.node.runtime
+        if not runtime.ping():
+            log.warning("Docker on host %s does not answer: no heartbeat", self.node.host)
+            return
         if self._capacity is None:
-            self._capacity = self.node.runtime.capacity()
+            self._capacity = runtime.capacity()
         cpus, memory_mb = self._capacity
         fleet.heartbeat(self.node.platform, host=self.node.host, cpus=cpus, memory_mb=memory_mb)
-        self.clean_up()
+        self.reconcile()
 
-    def clean_up(self) -> None:
-        """Remove containers of jobs the catalogue replaced while this host was away; fail jobs
-        whose containers were removed behind the platform's back."""
+    def reconcile(self) -> None:
+        """Keep Docker and the catalogue in step (``fleet.reconcile``): remove the containers the
+        catalogue does not want, and say what died and what was taken back."""
         p, host, runtime = self.node.platform, self.node.host, self.node.runtime
         listed_at = utcnow()
-        by_job = {c.labels[LABEL_JOB]: c.name for c in runtime.jobs()}
-        for job_id in fleet.vanished(p, host=host, present=set(by_job), listed_at=listed_at):
-            log.warning("job %s: its container was removed outside the platform", job_id)
-        stale = fleet.leftovers(p, host=host, job_ids=list(by_job))
-        for job_id in stale:
-            log.info("removing container %s of replaced job %s", by_job[job_id], job_id)
-            runtime.stop(by_job[job_id], timeout=p.settings.stop_timeout)
-        fleet.forget_lost(p, job_ids=stale)
+        containers = [fleet.Container(c.labels[LABEL_JOB], c.name, c.status) for c in runtime.jobs()]
+        done = fleet.reconcile(p, host=host, containers=containers, listed_at=listed_at)
+        for job_id in done.failed:
+            log.warning("job %s: its container died or vanished outside an operation", job_id)
+        for job_id in done.adopted:
+            log.info("job %s: its container still runs and nothing replaced it: taken back", job_id)
+        for container in done.remove:
+            log.info("removing container %s of job %s, which the catalogue no longer wants",
+                     container.name, container.job_id)
+            runtime.stop(container.name, timeout=p.settings.stop_timeout)

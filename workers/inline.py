@@ -69,16 +69,17 @@ class InlineDispatch:
         """True when every stage ran and succeeded (the chain goes on to its finish)."""
         home = next((host for stage in chain.stages for _, _, host in stage if host), None)
         for stage in chain.stages:
-            failed = False
+            complete = True  # the stage's steps run side by side; the next waits for all of them
             for step_id, action, host in stage:
                 node = self.nodes.get(host or home or "")
                 if node is None:
-                    return False  # queued on a host no node serves: it never runs
+                    complete = False  # queued on a host no node serves: it never runs
+                    continue
                 try:
                     run_step(node, step_id, WORK_OF[action], env=chain.env, service=chain.service)
                 except StepFailed:
-                    failed = True  # its finish was sent; the chain stops after this stage
-            if failed:
+                    complete = False  # its finish was sent; the chain stops after this stage
+            if not complete:
                 return False
         return True
 

@@ -6,7 +6,7 @@ What runs where, explicitly:
 - the control worker runs the task API (``orchestrator.control``);
 - both also host control-plane work, so an operation ends and a dead host is noticed while any
   platform process lives: the operations' finish task (``orchestrator.control.register_finish``;
-  a chain's finish goes to the node of its first host) and the fleet watcher (``fleet.watcher``).
+  a chain's finish goes to the node of its first host) and the fleet watcher (``watcher``).
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from collections.abc import Sequence
 from celery import Celery
 from celery.signals import worker_ready
 
-from orchestrator import catalogue, control, fleet, names
+from orchestrator import catalogue, control, names
 from orchestrator.periodic import Periodic
 from orchestrator.platform import Platform
+from orchestrator.watcher import Watcher
 from workers import tasks
 from workers.context import NodeContext
 from workers.heartbeat import NodeHeartbeat
@@ -35,11 +36,13 @@ def node_context(platform: Platform, host_name: str, *, pool_size: int) -> NodeC
 
 
 def serve_host(app: Celery, node: NodeContext) -> list[Periodic]:
-    """Register a node's tasks on ``app``; returns its loops (heartbeat, fleet watcher), not
-    started."""
+    """Register a node's tasks on ``app`` and send its first heartbeat; returns its loops
+    (heartbeat, fleet watcher), not started."""
     tasks.register(app, node)
     control.register_finish(app, node.platform)
-    return [NodeHeartbeat(node).periodic(), fleet.watcher(node.platform)]
+    heartbeat = NodeHeartbeat(node)
+    heartbeat.beat()  # the host is up (if its Docker answers) before the node takes steps
+    return [heartbeat.periodic(), Watcher(node.platform).periodic()]
 
 
 def run_node(platform: Platform, host_name: str, *, concurrency: int, loglevel: str) -> None:
@@ -55,7 +58,7 @@ def run_control(platform: Platform, *, concurrency: int, loglevel: str) -> None:
     control.register_api(platform.app, platform)
     control.register_finish(platform.app, platform)
     _work(platform.app, [names.CONTROL_QUEUE], f"control@{socket.gethostname()}", concurrency,
-          loglevel, [fleet.watcher(platform)])
+          loglevel, [Watcher(platform).periodic()])
 
 
 def _work(app: Celery, queues: list[str], hostname: str, concurrency: int, loglevel: str,

@@ -17,6 +17,7 @@ from celery import Celery, Task
 from celery.exceptions import Retry
 
 from orchestrator import catalogue, names
+from orchestrator.errors import one_line
 from orchestrator.models import Job, JobState, Step, StepState, utcnow
 from orchestrator.placement import free_port
 from orchestrator.sizes import parse_size
@@ -47,7 +48,8 @@ def run_step(node: NodeContext, step_id: int, work: Work, *, env: str = "",
     catalogue. A failure asks for the operation's finish (the chain stops there), then raises."""
     p = node.platform
     with p.session() as s:
-        step = catalogue.begin_step(session=s, step_id=step_id)
+        step = catalogue.begin_step(session=s, step_id=step_id, node=node.host,
+                                    lease=p.settings.step_lease)
         if step is None:
             # Already running: a redelivery after a lost node, or a wait asking again. Run again
             # (the work is idempotent); anything else already ended and is left alone.
@@ -64,7 +66,7 @@ def run_step(node: NodeContext, step_id: int, work: Work, *, env: str = "",
     except Retry:
         raise
     except Exception as exc:
-        error = _one_line(exc)
+        error = one_line(exc)
         with p.session() as s:
             catalogue.end_step(session=s, step_id=step_id, state=StepState.failed, error=error)
             if job is not None and work.job_on_failure is not None:
@@ -80,11 +82,6 @@ def run_step(node: NodeContext, step_id: int, work: Work, *, env: str = "",
         catalogue.end_step(session=s, step_id=step_id, state=StepState.succeeded)
         s.commit()
     return {"step": step_id, **result}
-
-
-def _one_line(exc: BaseException) -> str:
-    text = "; ".join([str(exc).strip() or type(exc).__name__, *getattr(exc, "__notes__", [])])
-    return " ".join(text.split())[:2000]
 
 
 # --- step bodies ----------------------------------------------------------------------------------

@@ -10,11 +10,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, status
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictBool, StrictInt
+from sqlalchemy.exc import DBAPIError
 from sqlmodel import Session
 
 from orchestrator import catalogue, requests, rules, spec
-from orchestrator.errors import BadInput, NotFound
+from orchestrator.errors import BadInput, NotFound, one_line
 from orchestrator.models import (
     EnvironmentPublic,
     JobPublic,
@@ -38,20 +39,22 @@ class OperationAccepted(BaseModel):
 
 class PushBody(BaseModel):
     image: str = Field(min_length=1, max_length=512)
+    support: StrictBool = False  # push to a service marked not redeployable (the support role only)
 
 
 class HookBody(BaseModel):
     env: str = Field(min_length=1, max_length=MAX_NAME)
     service: str = Field(min_length=1, max_length=MAX_NAME)
     image: str = Field(min_length=1, max_length=512)
+    support: StrictBool = False
 
 
 class RedeployBody(BaseModel):
-    support: bool = False
+    support: StrictBool = False
 
 
 class ScaleBody(BaseModel):
-    scale: int = Field(ge=0, le=rules.MAX_SCALE)
+    scale: StrictInt = Field(ge=0, le=rules.MAX_SCALE)  # true is not 1
 
 
 class WorkerScaleBody(BaseModel):
@@ -59,8 +62,8 @@ class WorkerScaleBody(BaseModel):
 
 
 class ServicePatch(BaseModel):
-    overlap: int | None = Field(default=None, ge=0, le=86400)
-    redeployable: bool | None = None
+    overlap: StrictInt | None = Field(default=None, ge=0, le=86400)
+    redeployable: StrictBool | None = None
 
 
 class VariablesBody(BaseModel):
@@ -114,6 +117,13 @@ def create_api(platform: Platform) -> FastAPI:
                   docs_url="/docs")
     api.state.platform = platform
     v1 = APIRouter(prefix="/api/v1")
+
+    @api.exception_handler(DBAPIError)
+    async def catalogue_unavailable(_: Request, exc: DBAPIError) -> JSONResponse:
+        """A catalogue that fails for a while (locked, read-only, restarting) is a 503, and the
+        next request tries again on a fresh connection."""
+        return JSONResponse({"detail": f"the catalogue is unavailable: {one_line(exc.orig)}"},
+                            status_code=status.HTTP_503_SERVICE_UNAVAILABLE, headers={"Retry-After": "1"})
 
     @api.exception_handler(BadInput)
     async def bad_input(_: Request, exc: BadInput) -> JSONResponse:
@@ -200,13 +210,18 @@ def create_api(platform: Platform) -> FastAPI:
         return catalogue.operation_public(session=db, op=catalogue.get_operation(session=db, op_id=op_id))
 
     @v1.post("/envs/{env}/services/{svc}/push", status_code=202, response_model=OperationAccepted)
-    def push(env: str, svc: str, body: PushBody, _: Who) -> Any:
-        return start(requests.request_push, env=env, service=svc, image=body.image)
+    def push(env: str, svc: str, body: PushBody, who: Who) -> Any:
+        if body.support:
+            support_only(who)
+        return start(requests.request_push, env=env, service=svc, image=body.image, support=body.support)
 
     @v1.post("/hooks/push", status_code=202, response_model=OperationAccepted)
-    def push_hook(body: HookBody, _: Who) -> Any:
+    def push_hook(body: HookBody, who: Who) -> Any:
         """The code-push webhook: a new image for a code service makes a release and deploys it."""
-        return start(requests.request_push, env=body.env, service=body.service, image=body.image)
+        if body.support:
+            support_only(who)
+        return start(requests.request_push, env=body.env, service=body.service, image=body.image,
+                     support=body.support)
 
     @v1.post("/envs/{env}/services/{svc}/redeploy", status_code=202, response_model=OperationAccepted)
     def redeploy(env: str, svc: str, who: Who, body: RedeployBody | None = None) -> Any:

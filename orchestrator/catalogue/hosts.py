@@ -8,7 +8,7 @@ from collections import defaultdict
 from sqlmodel import Session, col, select
 
 from orchestrator.errors import BadInput, NotFound
-from orchestrator.models import ACTIVE_JOB_STATES, Host, HostPublic, HostState, Job, JobState
+from orchestrator.models import ACTIVE_JOB_STATES, Host, HostPublic, HostState, Job, JobState, Service
 from orchestrator.placement import HostLoad
 from orchestrator.rules import check_name
 from orchestrator.sizes import parse_size
@@ -74,11 +74,15 @@ def host_loads(*, session: Session) -> list[HostLoad]:
     by_address: dict[str, set[int]] = defaultdict(set)
     for h in hosts:
         by_address[h.address] |= ports[h.name]
+    # A database's or cache's kept port stays its own on every host while the service exists,
+    # even with no job running (a failed start): its connection URLs name it.
+    kept = {port for port in session.exec(select(Service.port).where(col(Service.port).is_not(None)))
+            if port is not None}
     return [
         HostLoad(
             name=h.name, schedulable=h.state == HostState.up, address=h.address, cpus=h.cpus,
             memory_mb=h.memory_mb, used_cpus=used_cpus[h.name], used_memory_mb=used_mem[h.name],
-            used_ports=frozenset(by_address[h.address]),
+            used_ports=frozenset(by_address[h.address] | kept),
         )
         for h in hosts
     ]

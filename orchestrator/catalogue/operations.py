@@ -4,6 +4,7 @@ are single UPDATE ... WHERE statements, so concurrent nodes and CLIs agree on wh
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import timedelta
 
 from sqlalchemy import update
 from sqlmodel import Session, col, select
@@ -52,7 +53,10 @@ def claim_next_operation(*, session: Session, service_id: int) -> Operation | No
         .where(col(Service.id) == service_id, col(Service.active_op_id).is_(None))
         .values(active_op_id=op.id)
     ).rowcount
-    return op if won == 1 else None
+    if won != 1:
+        return None
+    session.exec(update(Operation).where(col(Operation.id) == op.id).values(claimed_at=utcnow()))
+    return op
 
 
 def release_service(*, session: Session, service_id: int, op_id: int) -> None:
@@ -71,6 +75,18 @@ def end_operation(*, session: Session, op_id: int, state: OpState, error: str | 
                col(Operation.state).in_((OpState.running, OpState.queued)))
         .values(state=state, error=error, finished_at=utcnow())
     ).rowcount == 1
+
+
+def begin_operation(*, session: Session, op_id: int) -> bool:
+    """Queued -> running, once: False when another process started it already."""
+    return session.exec(
+        update(Operation).where(col(Operation.id) == op_id, col(Operation.state) == OpState.queued)
+        .values(state=OpState.running, started_at=utcnow())
+    ).rowcount == 1
+
+
+def mark_sent(*, session: Session, op_id: int) -> None:
+    session.exec(update(Operation).where(col(Operation.id) == op_id).values(sent_at=utcnow()))
 
 
 def get_operation(*, session: Session, op_id: int) -> Operation:
@@ -106,12 +122,15 @@ def operation_public(*, session: Session, op: Operation, steps: Sequence[Step] |
     )
 
 
-def begin_step(*, session: Session, step_id: int) -> Step | None:
-    """pending -> running; None when the step already ran or was skipped (a redelivery)."""
+def begin_step(*, session: Session, step_id: int, node: str, lease: float) -> Step | None:
+    """pending -> running on ``node``, leased for ``lease`` seconds (the node's heartbeat renews
+    it); None when the step already ran or was skipped (a redelivery)."""
+    now = utcnow()
     moved = session.exec(
         update(Step)
         .where(col(Step.id) == step_id, col(Step.state) == StepState.pending)
-        .values(state=StepState.running, started_at=utcnow())
+        .values(state=StepState.running, started_at=now, node=node,
+                lease_until=now + timedelta(seconds=lease))
     ).rowcount
     return session.get(Step, step_id) if moved == 1 else None
 

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
-from orchestrator import rules, service_types
+from orchestrator import names, rules, service_types
 from orchestrator.errors import BadInput, NotFound
 from orchestrator.models import Environment, Release, Service, ServicePublic, ServiceType, WorkerTarget
 from orchestrator.rules import MAX_ID, check_name
@@ -46,7 +46,8 @@ def add_service(*, session: Session, env: Environment, name: str, type: ServiceT
     check_name("service", name)
     rules.check_scale(type, scale)
     rules.check_size(size)
-    image = image or service_types.profile(type).default_image
+    kind = service_types.profile(type)
+    image = image or kind.default_image
     if not image and type != ServiceType.code:
         raise BadInput(f"a {type} service needs --image")
     exists = select(Service).where(Service.env_id == env.id, Service.name == name)
@@ -54,7 +55,8 @@ def add_service(*, session: Session, env: Environment, name: str, type: ServiceT
         raise BadInput(f"service {name} exists already in {env.name}")
     service = Service(env_id=env.id or 0, name=name, type=type, image=image, command=command,
                       scale=scale, size=size,
-                      credentials=service_types.new_credentials(type, name))
+                      credentials=service_types.new_credentials(type, name),
+                      volume=names.volume_name(env.name, name) if kind.data_dir else None)
     session.add(service)
     session.flush()
     return service
@@ -97,6 +99,7 @@ def update_service(*, session: Session, service: Service, overlap: int | None,
 def set_variables(*, session: Session, service: Service, values: dict[str, str]) -> None:
     """User variables; they take effect at the next redeploy."""
     values = rules.check_variables(values)
+    rules.check_variables_total({**service.variables, **values})
     service.variables = {**service.variables, **values}
     session.add(service)
 

@@ -11,9 +11,10 @@ from typing import Any, TypeVar
 
 import click
 from pydantic import BaseModel
+from sqlalchemy.exc import DBAPIError
 
 from orchestrator import catalogue, progress
-from orchestrator.errors import BadInput
+from orchestrator.errors import BadInput, one_line
 from orchestrator.models import Operation, OperationPublic
 from orchestrator.platform import Platform, make_platform
 from orchestrator.settings import Settings, get_settings
@@ -52,6 +53,8 @@ class OneLineGroup(click.Group):
             fail(" ".join(exc.format_message().split()))
         except BadInput as exc:
             fail(str(exc))
+        except DBAPIError as exc:  # not the request's fault: exit 1, as a failed operation
+            fail(f"the catalogue is unavailable: {one_line(exc.orig)}", code=1)
         except click.Abort:
             click.echo("aborted", err=True)
             sys.exit(1)

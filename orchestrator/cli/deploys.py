@@ -14,10 +14,13 @@ from orchestrator.models import JobKind, JobState, ReleasePublic
 @env_svc
 @click.argument("image")
 @wait_option
+@click.option("--support", is_flag=True, help="Act as support (services not redeployable).")
 @pass_ctx
-def push(ctx: Context, env_name: str, name: str, image: str, wait: bool) -> None:
+def push(ctx: Context, env_name: str, name: str, image: str, wait: bool,
+         support: bool) -> None:
     """A new release of a code service: the first push deploys, later ones redeploy."""
-    started(ctx, requests.request_push(ctx.platform, env=env_name, service=name, image=image), wait)
+    op = requests.request_push(ctx.platform, env=env_name, service=name, image=image, support=support)
+    started(ctx, op, wait)
 
 
 @main.command()

@@ -86,11 +86,13 @@ def tokens_create(ctx: Context, name: str, role: str) -> None:
 
 @main.command()
 @click.option("--port", type=int, default=5555, show_default=True)
-@click.option("--basic-auth", required=True, metavar="USER:PASS", help="Flower's login.")
+@click.option("--basic-auth", required=True, metavar="USER:PASS", envvar="ORCH_FLOWER_BASIC_AUTH",
+              help="Flower's login; better from ORCH_FLOWER_BASIC_AUTH, so it is not in the command line.")
 @click.option("--address", default="127.0.0.1", show_default=True)
 @pass_ctx
 def flower(ctx: Context, port: int, basic_auth: str, address: str) -> None:
-    """Flower on the platform's broker, behind basic auth: every step of every operation."""
+    """Flower on the platform's broker, behind basic auth: every step of every operation. The
+    login goes to Flower inside this process, never in another process's command line."""
     user, sep, password = basic_auth.partition(":")
     if not sep or not user or not password:
         raise BadInput("--basic-auth must be USER:PASS")

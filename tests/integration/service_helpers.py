@@ -11,7 +11,7 @@ from typing import Any
 import docker
 
 from tests.conftest import Cli, containers
-from tests.harness import remove_containers
+from tests.harness import LABEL_ENV, remove_containers, retire
 from tests.helpers import jobs_json, op_of, wait_op
 
 POSTGRES = "orch/postgres:15"
@@ -73,9 +73,9 @@ def text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def remove_env_leftovers(client: docker.DockerClient, env: str) -> None:
-    """Containers by label, then the env's data volumes (orch-ENV-SVC-data)."""
+def remove_env_leftovers(cli: Cli, client: docker.DockerClient, env: str) -> None:
+    """Containers, then the env's data volumes, by label (the platform told not to heal them)."""
+    retire(cli.env["ORCH_DATABASE_URL"], env)
     remove_containers(client, env)
-    for volume in client.volumes.list():
-        if volume.name.startswith(f"orch-{env}-"):
-            volume.remove(force=True)
+    for volume in client.volumes.list(filters={"label": f"{LABEL_ENV}={env}"}):
+        volume.remove(force=True)

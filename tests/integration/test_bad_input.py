@@ -20,7 +20,7 @@ from click.testing import CliRunner, Result
 
 from orchestrator.cli import main as cli_main
 from tests.conftest import Cli, containers
-from tests.harness import HTTPD, SAMPLE_IMAGE, remove_containers
+from tests.harness import HTTPD, SAMPLE_IMAGE, remove_containers, retire
 
 pytestmark = pytest.mark.e2e
 
@@ -148,6 +148,7 @@ def bad_env(platform_env: dict[str, str], node: str,
     cli.ok("services", "add", name, "fresh", "--type", "code", "--command", HTTPD)
     assert len(containers(docker_client, name, "web")) == 1
     yield name
+    retire(cli.env["ORCH_DATABASE_URL"], name)
     remove_containers(docker_client, name)
 
 

@@ -13,8 +13,8 @@ import docker
 import pytest
 
 from tests.conftest import Cli, containers
-from tests.harness import HTTPD, SAMPLE_IMAGE
-from tests.helpers import jobs_json, op_json, op_of, service_json
+from tests.harness import HTTPD, SAMPLE_IMAGE, wait_for
+from tests.helpers import jobs_json, op_json, op_of, ops_json, service_json, wait_op
 
 pytestmark = pytest.mark.e2e
 
@@ -169,14 +169,24 @@ def test_containers_removed_behind_the_platform_are_noticed(
         time.sleep(0.2)
     assert set(failed) == set(removed), every
     assert all("removed outside the platform" in (j["error"] or "") for j in failed.values())
-    assert jobs_json(cli, env_name, "web") == []
 
-    # A redeploy brings the service back to its scale.
+    # Self-healing: a heal operation brings the service back to its scale, with no one asking.
+    heal = wait_for("a heal operation", lambda: next(
+        (o for o in ops_json(cli, env_name) if o["trigger"] == "heal"), None), 15)
+    assert heal["kind"] == "recover"
+    assert wait_op(cli, heal["id"])["state"] == "succeeded"
+    healed = containers(docker_client, env_name, "web")
+    assert len(healed) == 3 and not set(healed) & set(removed)
+    assert {j["id"]: j["container_id"] for j in jobs_json(cli, env_name, "web")} == healed
+    assert service_json(cli, env_name, "web")["heal_attempts"] == 1
+
+    # A redeploy still replaces them all, and a user's operation that succeeds resets the count.
     result = cli("redeploy", env_name, "web", "--wait")
     assert result.exit_code == 0, result.output
     now = containers(docker_client, env_name, "web")
-    assert len(now) == 3
+    assert len(now) == 3 and not set(now) & set(healed)
     assert {j["id"]: j["container_id"] for j in jobs_json(cli, env_name, "web")} == now
+    assert service_json(cli, env_name, "web")["heal_attempts"] == 0
 
 
 def test_redeploy_after_containers_were_removed_or_stopped_behind_the_platform(

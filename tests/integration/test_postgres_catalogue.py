@@ -18,7 +18,7 @@ import psycopg
 import pytest
 
 from tests.conftest import DOCKER_URL, Cli, containers
-from tests.harness import HTTPD, SAMPLE_IMAGE, Platform, PlatformEnv, remove_containers
+from tests.harness import HTTPD, SAMPLE_IMAGE, Platform, PlatformEnv, remove_containers, retire
 from tests.helpers import jobs_json, op_json, op_of, ts
 
 pytestmark = pytest.mark.e2e
@@ -61,6 +61,7 @@ def pg_env(pg_platform: tuple[Cli, str], docker_client: docker.DockerClient) -> 
     name = f"p{uuid.uuid4().hex[:8]}"
     cli.ok("env", "create", name, "--sandbox", "--no-defaults")
     yield name
+    retire(cli.env["ORCH_DATABASE_URL"], name)
     remove_containers(docker_client, name)
 
 

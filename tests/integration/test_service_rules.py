@@ -37,9 +37,9 @@ MIB = 1024 * 1024
 
 
 @pytest.fixture
-def env(env_name: str, docker_client: docker.DockerClient) -> Iterator[str]:
+def env(cli: Cli, env_name: str, docker_client: docker.DockerClient) -> Iterator[str]:
     yield env_name
-    remove_env_leftovers(docker_client, env_name)
+    remove_env_leftovers(cli, docker_client, env_name)
 
 
 def by_kind(client: docker.DockerClient, env: str, service: str, kind: str) -> dict[str, Any]:
@@ -282,7 +282,7 @@ def defaults_env(cli: Cli, docker_client: docker.DockerClient) -> Iterator[Calla
 
     yield create
     for name in made:
-        remove_env_leftovers(docker_client, name)
+        remove_env_leftovers(cli, docker_client, name)
 
 
 def page(port: int) -> str:

@@ -40,10 +40,10 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
-def env(env_name: str, docker_client: docker.DockerClient) -> Iterator[str]:
+def env(cli: Cli, env_name: str, docker_client: docker.DockerClient) -> Iterator[str]:
     """The sandbox env of ``env_name``; its containers and its data volumes go afterwards."""
     yield env_name
-    remove_env_leftovers(docker_client, env_name)
+    remove_env_leftovers(cli, docker_client, env_name)
 
 
 # --- tests -----------------------------------------------------------------------------------------
@@ -70,7 +70,9 @@ def test_code_service_reaches_postgres_and_redis_and_data_survives_redeploy(
     db_before = the_container(docker_client, env, "db")
     port_before = deploy_port(cli, env, "db")
     volumes_before = [m["Name"] for m in db_before.attrs["Mounts"] if m["Type"] == "volume"]
-    assert volumes_before == [f"orch-{env}-db-data"], db_before.attrs["Mounts"]
+    assert volumes_before == [f"orch_{env}_db_data"], db_before.attrs["Mounts"]
+    labels = docker_client.volumes.get(volumes_before[0]).attrs["Labels"]  # cleaned up by label
+    assert labels == {"orchestrator.env": env, "orchestrator.service": "db"}, labels
 
     # ...survives a redeploy of the database: new container, same port, same named volume.
     cli.ok("redeploy", env, "db", "--wait")
@@ -124,7 +126,7 @@ def test_mariadb_deploys_and_accepts_tcp(cli: Cli, env: str, docker_client: dock
     assert len(greeting) > 5 and greeting[4] == 10, greeting
     container = the_container(docker_client, env, "mdb")
     mounts = [m["Name"] for m in container.attrs["Mounts"] if m["Type"] == "volume"]
-    assert mounts == [f"orch-{env}-mdb-data"]
+    assert mounts == [f"orch_{env}_mdb_data"]
     image_env = container_env(container)
     assert image_env["MYSQL_USER"] == "app" and image_env["MYSQL_DATABASE"] == "mdb"
     assert image_env["MYSQL_PASSWORD"] and image_env["MYSQL_ROOT_PASSWORD"]

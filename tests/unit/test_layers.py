@@ -29,7 +29,7 @@ LAYERS: dict[str, int] = {
     "orchestrator.spec": 8,
     "orchestrator.operations": 9,
     "orchestrator.requests": 10, "orchestrator.fleet": 10,
-    "orchestrator.control": 11, "workers.context": 11,
+    "orchestrator.control": 11, "orchestrator.watcher": 11, "workers.context": 11,
     "workers.tasks": 12, "workers.heartbeat": 12,
     "workers.node": 13, "workers.inline": 13,
     "orchestrator.api.app": 15, "orchestrator.api.serve": 16, "orchestrator.api": 17,

@@ -70,5 +70,8 @@ class Runtime(Protocol):
     def jobs(self) -> list[ContainerState]:
         """Containers, running or not, of any platform job (labelled orchestrator.job)."""
 
+    def ping(self) -> bool:
+        """Whether the host's Docker answers (quickly): no heartbeat without it."""
+
     def capacity(self) -> tuple[float, int]:
         """What the host has: (CPUs, memory in MB)."""

@@ -14,8 +14,10 @@ from docker.models.containers import Container
 from docker.tls import TLSConfig
 from docker.utils import kwargs_from_env
 
-from orchestrator.names import LABEL_CONFIG_HASH, LABEL_JOB
+from orchestrator.names import LABEL_CONFIG_HASH, LABEL_ENV, LABEL_JOB, LABEL_SERVICE
 from workers.runtime.base import ContainerError, ContainerSpec, ContainerState, config_hash
+
+PING_TIMEOUT = 5
 
 
 class DockerRuntime:
@@ -26,9 +28,18 @@ class DockerRuntime:
         self.client = docker.DockerClient(
             base_url=base_url, version="auto", timeout=timeout, max_pool_size=pool_size, tls=tls
         )
+        # Pings must be quick: a daemon that hangs is one that does not answer.
+        self.pinger = docker.APIClient(base_url=base_url, version="auto", timeout=PING_TIMEOUT, tls=tls)
 
     def close(self) -> None:
         self.client.close()
+        self.pinger.close()
+
+    def ping(self) -> bool:
+        try:
+            return bool(self.pinger.ping())
+        except Exception:  # refused, timed out, an error page: it does not answer
+            return False
 
     def has_image(self, image: str) -> bool:
         try:
@@ -96,6 +107,11 @@ class DockerRuntime:
         if spec.cpus:
             options["nano_cpus"] = int(spec.cpus * 1e9)
         if spec.volumes:
+            owner = {k: v for k, v in spec.labels.items() if k in (LABEL_ENV, LABEL_SERVICE)}
+            for name in spec.volumes:
+                # Made here, not implicitly by the create, so it carries its owner's labels.
+                # Creating a volume that exists returns it as it is.
+                self.client.volumes.create(name=name, labels=owner)
             options["volumes"] = {name: {"bind": path, "mode": "rw"} for name, path in spec.volumes.items()}
         try:
             container: Container = self.client.containers.create(spec.image, **options)

@@ -19,6 +19,7 @@ class FakeRuntime:
         self.hashes: dict[str, str] = {}
         self.ports: dict[str, int] = {}  # container name -> the PORT it was given
         self.cpus, self.memory_mb = 4.0, 8192
+        self.answering = True  # False: a daemon that does not answer (ping)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
 
@@ -73,6 +74,9 @@ class FakeRuntime:
         """Whether a running container of this runtime was given ``port`` (it "listens")."""
         return any(self.containers[name].status == "running" for name, p in self.ports.items()
                    if p == port and name in self.containers)
+
+    def ping(self) -> bool:
+        return self.answering
 
     def capacity(self) -> tuple[float, int]:
         return self.cpus, self.memory_mb

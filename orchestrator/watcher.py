@@ -1,0 +1,260 @@
+"""The fleet watcher: control-plane work that judges by the clock. Every heartbeat interval it
+
+- marks hosts whose heartbeats stopped down (their jobs are lost and recovered elsewhere),
+- fails steps whose lease ran out (their node died or hangs) and steps on down hosts,
+- ends what no process will: an operation claimed or planned but never sent, a step whose
+  message never reached its node, a finish that was lost; and starts operations left queued,
+- heals services whose jobs died outside an operation, with a back-off.
+
+It runs in the control worker and in every node (``workers.node``), so the fleet is watched while
+any platform process lives; conditional updates make each change happen once. A slow or failing
+catalogue is not a silent host: after a pass that could not write in time, the watcher judges
+nothing by the clock until heartbeats have had ``host_down_after`` seconds to land again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime, timedelta
+
+from sqlalchemy import update
+from sqlmodel import Session, col, select
+
+from orchestrator import catalogue, fleet, operations
+from orchestrator.models import (
+    Host,
+    HostState,
+    JobState,
+    Operation,
+    OpKind,
+    OpState,
+    OpTrigger,
+    Service,
+    ServiceType,
+    Step,
+    StepAction,
+    StepState,
+    utcnow,
+)
+from orchestrator.periodic import Periodic
+from orchestrator.platform import Platform
+
+log = logging.getLogger(__name__)
+
+SLOW_WRITE = 1.0  # seconds to get the catalogue's write lock that mean "the catalogue stalls"
+MAX_HEAL_ATTEMPTS = 5  # heals in a row before the platform gives up on a service
+
+
+class Stalled(Exception):
+    """The catalogue was too slow to judge by the clock (its writers waited)."""
+
+
+class Watcher:
+    def __init__(self, p: Platform) -> None:
+        self.p = p
+        self.trust_after = 0.0
+        self.distrust()  # a watcher that just started has seen no heartbeat yet
+
+    def periodic(self) -> Periodic:
+        return Periodic("fleet-watch", self.p.settings.heartbeat_interval, self.run_once)
+
+    def distrust(self) -> None:
+        self.trust_after = time.monotonic() + self.p.settings.host_down_after
+
+    def run_once(self) -> None:
+        started = time.monotonic()
+        try:
+            if started >= self.trust_after:
+                self.judge()
+            fleet.fail_steps_on_down_hosts(self.p)
+            start_stranded(self.p)
+            heal(self.p)
+        except Exception:
+            self.distrust()
+            raise
+        if time.monotonic() - started > max(self.p.settings.heartbeat_interval, SLOW_WRITE):
+            self.distrust()
+
+    def judge(self) -> None:
+        """What is decided by elapsed time: silent hosts, ran-out leases, orphans."""
+        try:
+            for host in silent_hosts(self.p):
+                fleet.host_lost(self.p, host)
+            expire_leases(self.p)
+            end_orphans(self.p)
+        except Stalled:
+            log.warning("the catalogue is slow: hosts and leases are not judged for %gs",
+                        self.p.settings.host_down_after)
+            self.distrust()
+
+
+def _write_lock(s: Session) -> datetime:
+    """Begin the write transaction; the time then. Raises Stalled if it took long to get."""
+    asked = time.monotonic()
+    s.connection()  # SQLite: BEGIN IMMEDIATE, which waits for the writer lock
+    if time.monotonic() - asked > SLOW_WRITE:
+        raise Stalled()
+    return utcnow()
+
+
+def silent_hosts(p: Platform) -> list[str]:
+    """Mark down the hosts whose last heartbeat is older than ``host_down_after``; returns them."""
+    with p.reader() as s:
+        candidates = [h.name for h in catalogue.list_hosts(session=s)
+                      if h.state != HostState.down and h.last_seen is not None]
+    marked = []
+    for name in candidates:
+        with p.session() as s:
+            cutoff = _write_lock(s) - timedelta(seconds=p.settings.host_down_after)
+            won = s.exec(update(Host).where(col(Host.name) == name, col(Host.state) != HostState.down,
+                                            col(Host.last_seen) < cutoff)
+                         .values(state=HostState.down)).rowcount == 1
+            s.commit()
+        if won:
+            log.warning("host %s is down: no heartbeat for %gs", name, p.settings.host_down_after)
+            marked.append(name)
+    return marked
+
+
+def expire_leases(p: Platform) -> list[int]:
+    """Fail running steps whose lease ran out and end their operations; returns the steps."""
+    with p.session() as s:
+        now = _write_lock(s)
+        expired = list(s.exec(select(Step).where(Step.state == StepState.running,
+                                                 col(Step.lease_until) < now)))
+        for step in expired:
+            error = (f"the node of host {step.node} stopped answering while it ran this step "
+                     f"(its lease ran out)")
+            catalogue.end_step(session=s, step_id=step.id or 0, state=StepState.failed, error=error)
+            if step.job_id and step.action in (StepAction.start, StepAction.stop):
+                catalogue.set_job_state(session=s, job_id=step.job_id, state=JobState.failed, error=error)
+        s.commit()
+    for op_id in sorted({st.op_id for st in expired}):
+        operations.finish(p, op_id)
+    return [st.id or 0 for st in expired]
+
+
+def end_orphans(p: Platform) -> None:
+    """End or resume the operations no process will carry on."""
+    settings = p.settings
+    with p.session() as s:
+        now = _write_lock(s)
+        cutoff = now - timedelta(seconds=settings.orphan_after)
+        unsent = list(s.exec(select(Operation).where(
+            Operation.state == OpState.running, col(Operation.sent_at).is_(None),
+            col(Operation.started_at) < cutoff)))
+        claimed = list(s.exec(select(Operation).join(Service, col(Service.active_op_id) == col(Operation.id))
+                              .where(Operation.state == OpState.queued, col(Operation.claimed_at) < cutoff)))
+        lost_steps = _never_picked_up(s, now - timedelta(seconds=settings.pickup_timeout))
+        for step in lost_steps:
+            catalogue.end_step(session=s, step_id=step.id or 0, state=StepState.failed,
+                               error=f"never picked up by the node of host {step.host} within "
+                                     f"{settings.pickup_timeout:g}s: its message was lost")
+        s.commit()
+    for op in unsent:
+        operations.abandon(p, op.id or 0, "interrupted before its steps reached the broker (the process "
+                                          "that started it stopped)")
+    for op in claimed:
+        operations.resume(p, op)
+    for op_id in sorted({st.op_id for st in lost_steps}):
+        operations.finish(p, op_id)
+    finish_forgotten(p)
+
+
+def _never_picked_up(s: Session, cutoff: datetime) -> list[Step]:
+    """Pending steps of running operations whose turn came before ``cutoff``: their stage was
+    sent (the first) or the stage before it ended, and no node began them since."""
+    found = []
+    for op in s.exec(select(Operation).where(Operation.state == OpState.running,
+                                             col(Operation.sent_at).is_not(None))):
+        steps = catalogue.steps_of(session=s, op_id=op.id or 0)
+        turn_came = op.sent_at
+        for stage in sorted({st.stage for st in steps}):
+            mine = [st for st in steps if st.stage == stage]
+            if any(st.state == StepState.pending for st in mine):
+                if turn_came is not None and _aware(turn_came) < cutoff:
+                    found += [st for st in mine if st.state == StepState.pending]
+                break
+            if any(st.state != StepState.succeeded for st in mine):
+                break
+            ends = [st.finished_at for st in mine if st.finished_at is not None]
+            turn_came = max(ends) if ends else None
+    return found
+
+
+def _aware(moment: datetime) -> datetime:
+    """SQLite gives back naive times (written in UTC)."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=utcnow().tzinfo)
+
+
+def finish_forgotten(p: Platform, *, grace: float = 10.0) -> None:
+    """Finish what no task will: an operation still running whose steps have all ended lost its
+    finish task (e.g. queued on a host that died just after); one with a failed step may wait on
+    a stage that never completes (a step on a down host). ``finish`` ends each once, when it can."""
+    cutoff = utcnow() - timedelta(seconds=grace)
+    with p.reader() as s:
+        forgotten = []
+        for op in s.exec(select(Operation).where(Operation.state == OpState.running)):
+            steps = catalogue.steps_of(session=s, op_id=op.id or 0)
+            ends = [_aware(st.finished_at) for st in steps if st.finished_at is not None]
+            has_failed = any(st.state == StepState.failed for st in steps)
+            if steps and (has_failed or (len(ends) == len(steps) and max(ends) < cutoff)):
+                forgotten.append(op.id or 0)
+    for op_id in forgotten:
+        operations.finish(p, op_id)
+
+
+def start_stranded(p: Platform) -> None:
+    """Start queued operations nobody started (their requester stopped between recording and
+    starting them), and free services held by an operation that has ended."""
+    with p.reader() as s:
+        queued = set(s.exec(select(Operation.service_id).where(Operation.state == OpState.queued)))
+        services = list(s.exec(select(Service).where(col(Service.id).in_(queued))))
+        held = list(s.exec(select(Service, Operation).join(Operation, col(Service.active_op_id) == col(Operation.id))
+                           .where(col(Operation.state).in_((OpState.succeeded, OpState.failed)))))
+    for svc, op in held:
+        with p.session() as s:
+            catalogue.release_service(session=s, service_id=svc.id or 0, op_id=op.id or 0)
+            s.commit()
+        operations.start_next(p, svc.id or 0)
+    for svc in services:
+        if svc.active_op_id is None:
+            operations.start_next(p, svc.id or 0)
+
+
+def heal(p: Platform) -> list[int]:
+    """A heal operation for each service whose jobs died outside an operation, once its back-off
+    has passed; after MAX_HEAL_ATTEMPTS in a row, the service is left as it is (``heal_gave_up``)
+    until a user's operation succeeds. Returns the operations started."""
+    now = utcnow()
+    started = []
+    with p.reader() as s:
+        wanted = [svc.id or 0 for svc in s.exec(select(Service).where(
+            col(Service.heal_wanted).is_(True), col(Service.heal_gave_up).is_(False),
+            col(Service.active_op_id).is_(None)))
+            if svc.heal_after is None or _aware(svc.heal_after) <= now]
+    for service_id in wanted:
+        with p.session() as s:
+            svc = s.get(Service, service_id)
+            if svc is None or not svc.heal_wanted or svc.active_op_id is not None:
+                continue
+            svc.heal_wanted = False
+            if svc.heal_attempts >= MAX_HEAL_ATTEMPTS or (svc.type == ServiceType.code and svc.image is None):
+                svc.heal_gave_up = svc.heal_attempts >= MAX_HEAL_ATTEMPTS
+                s.add(svc)
+                s.commit()
+                continue
+            svc.heal_attempts += 1
+            svc.heal_after = now + timedelta(seconds=p.settings.heal_backoff * 2 ** svc.heal_attempts)
+            env = catalogue.get_env_by_id(session=s, env_id=svc.env_id)
+            op = catalogue.record_operation(session=s, env=env, service=svc, kind=OpKind.recover,
+                                            trigger=OpTrigger.heal)
+            s.add(svc)
+            s.commit()
+        log.warning("service %s: jobs died outside an operation; heal operation %s (attempt %s)",
+                    svc.name, op.id, svc.heal_attempts)
+        operations.start_next(p, service_id)
+        started.append(op.id or 0)
+    return started
+

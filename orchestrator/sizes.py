@@ -21,7 +21,7 @@ NAMED_SIZES: dict[str, Size] = {
 }
 DEFAULT_SIZE = "s"
 
-_EXPLICIT = re.compile(r"^(\d+)([mg])(?::(\d+(?:\.\d+)?))?$")
+_EXPLICIT = re.compile(r"([0-9]+)([mg])(?::([0-9]+(?:\.[0-9]+)?))?")  # ASCII digits only
 
 
 def parse_size(text: str) -> Size:
@@ -29,7 +29,7 @@ def parse_size(text: str) -> Size:
     key = text.strip().lower()
     if key in NAMED_SIZES:
         return NAMED_SIZES[key]
-    match = _EXPLICIT.match(key)
+    match = _EXPLICIT.fullmatch(key)
     if not match:
         names = ", ".join(NAMED_SIZES)
         raise ValueError(f"size {text!r} is neither a named size ({names}) nor MEMORY[:CPUS] like 512m:0.5")

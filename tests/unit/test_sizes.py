@@ -89,19 +89,23 @@ NAMED = {"xs": Size(128, 0.25), "s": Size(256, 0.5), "m": Size(512, 1.0), "l": S
          "xl": Size(2048, 4.0)}
 
 
+def ascii_digits(text: str) -> bool:
+    return text != "" and all(c in "0123456789" for c in text)
+
+
 def expected_size(text: str) -> Size | None:
     """What parse_size must return for ``text``, worked out without its regular expression; None
-    where it must raise ValueError. Digits are Unicode decimal digits, as ``\\d`` matches them."""
+    where it must raise ValueError. Digits are ASCII digits only (Arabic-Indic digits make no size)."""
     key = text.strip().lower()
     if key in NAMED:
         return NAMED[key]
     memory, colon, cpus = key.partition(":")
     amount, unit = memory[:-1], memory[-1:]
-    if unit not in ("m", "g") or not amount.isdecimal():
+    if unit not in ("m", "g") or not ascii_digits(amount):
         return None
     if colon:
         whole, dot, fraction = cpus.partition(".")
-        if not whole.isdecimal() or (dot and not fraction.isdecimal()):
+        if not ascii_digits(whole) or (dot and not ascii_digits(fraction)):
             return None
     size = Size(int(amount) * (1024 if unit == "g" else 1), float(cpus) if colon else 0.5)
     return size if size.memory_mb >= 6 and size.cpus > 0 else None

@@ -26,6 +26,8 @@ from orchestrator.planner import (
     StopJob,
     Wait,
     WorkerSpec,
+    plan_move,
+    plan_recover,
     plan_redeploy,
     plan_scale,
     plan_stop,
@@ -299,6 +301,94 @@ def test_stop_plan_stops_one_target() -> None:
     old = old_jobs("h1") + old_jobs("h1", "h2", kind="worker", target="q", prefix="w")
     assert plan_stop(old, kind="worker", target="q") == Plan(((StopJob("w1", "h1"), StopJob("w2", "h2")),))
     assert plan_stop(old, kind="worker", target="other") == Plan()
+
+
+# --- move (drain) ----------------------------------------------------------------------------------
+
+
+def test_move_starts_on_other_hosts_first_then_stops_the_leaving_jobs() -> None:
+    old = old_jobs("h1", "h2", "h1")
+    plan = plan_move(make_spec(scale=3), old, hosts("h1", "h2", "h3"), ids(), away_from="h1", ports=PORTS)
+    assert stage_kinds(plan) == [{CheckImage}, {StartJob}, {StopJob}]
+    assert plan.stages[2] == (StopJob("o1", "h1"), StopJob("o3", "h1"))
+    new = started(plan)
+    assert per_host(new) == {"h2": 1, "h3": 1}  # spread: h3 first (h2 holds o2), then h2
+    assert plan.stages[0] == (CheckImage("h2", IMAGE), CheckImage("h3", IMAGE))
+
+
+def test_move_off_a_host_the_service_has_no_job_on_is_an_empty_plan() -> None:
+    assert plan_move(make_spec(), old_jobs("h2"), hosts("h1", "h2"), ids(), away_from="h1", ports=PORTS) == Plan()
+
+
+def test_move_refuses_a_database_pinned_on_the_leaving_host() -> None:
+    spec = make_spec(type="postgresql", scale=1, pinned_host="h1", port=5005, volume="orch-shop-db-data:/data")
+    with pytest.raises(PlanError, match="keeps its data on host h1"):
+        plan_move(spec, old_jobs("h1"), hosts("h1", "h2"), ids(), away_from="h1", ports=PORTS)
+
+
+def test_move_of_a_cache_takes_a_new_free_port_on_its_new_host() -> None:
+    spec = make_spec(type="redis", scale=1, port=5000, command=None, args=("--port", "{port}"))
+    old = [ObservedJob("o1", "deploy", None, "h1", 5000)]
+    fleet = [HostLoad("h1", used_ports=frozenset({5000})), HostLoad("h2", used_ports=frozenset({5000}))]
+    (job,) = started(plan_move(spec, old, fleet, ids(), away_from="h1", ports=PORTS))
+    assert job.host == "h2" and job.port == 5001 and job.args == ("--port", "5001")
+
+
+def test_move_keeps_the_kind_target_and_command_of_worker_jobs() -> None:
+    spec = make_spec(scale=1, workers=(WorkerSpec("q", "work --hard", 2), WorkerSpec("cron", "tick", 1)))
+    old = (old_jobs("h1") + old_jobs("h1", "h2", kind="worker", target="q", prefix="w")
+           + old_jobs("h1", kind="worker", target="cron", prefix="c"))
+    plan = plan_move(spec, old, hosts("h1", "h2"), ids(), away_from="h1", ports=PORTS)
+    assert sorted((j.kind, j.target, j.command, j.port is None) for j in started(plan)) == [
+        ("deploy", None, spec.command, False), ("worker", "cron", "tick", True),
+        ("worker", "q", "work --hard", True),
+    ]
+    assert set(stopped(plan)) == {"o1", "w1", "c1"}
+    assert per_host(started(plan)) == {"h2": 3}
+
+
+def test_move_with_nowhere_to_go_is_a_plan_error() -> None:
+    with pytest.raises(PlanError, match="no up host"):
+        plan_move(make_spec(), old_jobs("h1"), hosts("h1"), ids(), away_from="h1", ports=PORTS)
+
+
+# --- recover ---------------------------------------------------------------------------------------
+
+
+def test_recover_starts_only_the_missing_deploy_jobs() -> None:
+    plan = plan_recover(make_spec(scale=3), old_jobs("h1"), hosts("h1", "h2"), ids(), PORTS)
+    assert stage_kinds(plan) == [{CheckImage}, {StartJob}]
+    assert stopped(plan) == []
+    new = started(plan)
+    assert [(j.kind, j.target) for j in new] == [("deploy", None)] * 2
+    assert [j.host for j in new] == ["h2", "h1"]  # h2 holds none of the service's jobs: it comes first
+
+
+def test_recover_brings_each_worker_target_back_to_its_scale() -> None:
+    spec = make_spec(scale=1, workers=(WorkerSpec("q", "work --hard", 3), WorkerSpec("cron", "tick", 1)))
+    old = old_jobs("h1") + old_jobs("h1", kind="worker", target="q", prefix="w")
+    new = started(plan_recover(spec, old, hosts("h1", "h2"), ids(), PORTS))
+    assert sorted((j.kind, j.target, j.command) for j in new) == [
+        ("worker", "cron", "tick"), ("worker", "q", "work --hard"), ("worker", "q", "work --hard"),
+    ]
+    assert all(j.port is None for j in new)
+
+
+def test_recover_of_a_service_at_scale_is_an_empty_plan() -> None:
+    spec = make_spec(scale=2, workers=(WorkerSpec("q", "work", 1),))
+    old = old_jobs("h1", "h2") + old_jobs("h2", kind="worker", target="q", prefix="w")
+    assert plan_recover(spec, old, hosts("h1", "h2"), ids(), PORTS) == Plan()
+    # Above scale too: a recover stops nothing.
+    assert plan_recover(make_spec(scale=1), old_jobs("h1", "h2"), hosts("h1", "h2"), ids(), PORTS) == Plan()
+
+
+def test_recover_keeps_a_database_on_its_host_and_port() -> None:
+    spec = make_spec(type="postgresql", scale=1, pinned_host="h1", port=5005, command=None,
+                     args=("-p", "{port}"))
+    (job,) = started(plan_recover(spec, [], hosts("h1", "h2"), ids(), PORTS))
+    assert (job.host, job.port, job.args) == ("h1", 5005, ("-p", "5005"))
+    with pytest.raises(PlanError, match="not up"):
+        plan_recover(spec, [], [HostLoad("h1", schedulable=False), HostLoad("h2")], ids(), PORTS)
 
 
 # --- capacity and placement ------------------------------------------------------------------------

@@ -1,0 +1,384 @@
+"""Operations from request to finish on the inline dispatch and fake runtimes: what the catalogue
+says afterwards and what the runtimes hold must agree."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from collections.abc import Sequence
+
+from orchestrator import catalogue, requests
+from orchestrator.dispatch import SendFailed
+from orchestrator.models import (
+    Job,
+    JobKind,
+    JobState,
+    OpKind,
+    OpParams,
+    OpState,
+    OpTrigger,
+    ReleaseBefore,
+    ScaleChange,
+    StepAction,
+    StepState,
+    WorkerBefore,
+)
+from orchestrator.models import Step as StepRow
+from tests.unit.world import CRASHING, ENV, IMAGE, IMAGE_2, World
+
+
+def ids(jobs: Sequence[Job]) -> set[str]:
+    return {j.id for j in jobs}
+
+
+def stage_actions(world: World, op_id: int) -> list[set[StepAction]]:
+    stages: dict[int, set[StepAction]] = {}
+    for step in world.steps(op_id):
+        stages.setdefault(step.stage, set()).add(step.action)
+    return [stages[i] for i in sorted(stages)]
+
+
+def assert_runtimes_match_catalogue(world: World, service: str) -> None:
+    """Every active job has its container on its host, and no other container is left."""
+    jobs = world.jobs(service)
+    assert all(j.state == JobState.running for j in jobs)
+    assert world.all_containers(service) == {j.id: j.host for j in jobs}
+
+
+# --- deploy, redeploy ------------------------------------------------------------------------------
+
+
+def test_first_push_deploys_jobs_spread_across_hosts(world: World) -> None:
+    op = world.code_service("web", scale=3)
+    assert (op.kind, op.trigger, op.state, op.error) == (OpKind.deploy, OpTrigger.push, OpState.succeeded, None)
+    jobs = world.jobs("web")
+    assert len(jobs) == 3
+    assert_runtimes_match_catalogue(world, "web")
+    assert sorted(Counter(j.host for j in jobs).values()) == [1, 2]
+    for job in jobs:
+        assert (job.release, job.image, job.kind, job.op_id) == (1, IMAGE, JobKind.deploy, op.id)
+        assert world.runtimes[job.host].ports[job.container_name] == job.port
+    svc = world.service("web")
+    assert (svc.release, svc.image, svc.active_op_id) == (1, IMAGE, None)
+
+
+def test_push_redeploys_every_job_with_new_ids_and_removes_the_old_containers(world: World) -> None:
+    world.code_service("web", scale=3)
+    old = world.jobs("web")
+    op = requests.request_push(world.platform, env=ENV, service="web", image=IMAGE_2)
+    assert op.kind == OpKind.redeploy
+    world.run_all()
+    assert world.operation(op.id or 0).state == OpState.succeeded
+    new = world.jobs("web")
+    assert len(new) == 3 and ids(new).isdisjoint(ids(old))
+    assert all((j.release, j.image) == (2, IMAGE_2) for j in new)
+    assert_runtimes_match_catalogue(world, "web")
+    assert {world.job(j.id).state for j in old} == {JobState.stopped}
+    assert stage_actions(world, op.id or 0) == [{StepAction.check_image}, {StepAction.stop}, {StepAction.start}]
+
+
+def test_manual_redeploy_and_rollback_replace_every_job(world: World) -> None:
+    world.code_service("web", scale=2)
+    requests.request_push(world.platform, env=ENV, service="web", image=IMAGE_2)
+    world.run_all()
+    before = ids(world.jobs("web"))
+    op = requests.request_redeploy(world.platform, env=ENV, service="web")
+    world.run_all()
+    assert (op.trigger, world.operation(op.id or 0).state) == (OpTrigger.manual, OpState.succeeded)
+    after = world.jobs("web")
+    assert ids(after).isdisjoint(before) and {j.release for j in after} == {2}
+
+    op = requests.request_redeploy(world.platform, env=ENV, service="web", release=1)
+    world.run_all()
+    assert (op.trigger, world.operation(op.id or 0).state) == (OpTrigger.rollback, OpState.succeeded)
+    assert {(j.release, j.image) for j in world.jobs("web")} == {(1, IMAGE)}
+    assert (world.service("web").release, world.service("web").image) == (1, IMAGE)
+    assert_runtimes_match_catalogue(world, "web")
+
+
+def test_overlap_redeploy_starts_the_new_jobs_waits_then_stops_the_old(world: World) -> None:
+    world.code_service("web", scale=2)
+    with world.platform.session() as s:
+        catalogue.update_service(session=s, service=world.service("web"), overlap=5, redeployable=None,
+                                 support=True)
+        s.commit()
+    old = ids(world.jobs("web"))
+    op = requests.request_redeploy(world.platform, env=ENV, service="web")
+    world.run_all()
+    assert world.operation(op.id or 0).state == OpState.succeeded
+    assert stage_actions(world, op.id or 0) == [
+        {StepAction.check_image}, {StepAction.start}, {StepAction.wait}, {StepAction.stop},
+    ]
+    (wait,) = world.steps(op.id or 0, StepAction.wait)
+    assert wait.seconds == 5
+    assert {st.job_id for st in world.steps(op.id or 0, StepAction.stop)} == old
+    assert ids(world.jobs("web")).isdisjoint(old)
+    assert_runtimes_match_catalogue(world, "web")
+
+
+# --- scale -----------------------------------------------------------------------------------------
+
+
+def test_scale_up_starts_only_the_extra_jobs(world: World) -> None:
+    world.code_service("web", scale=2)
+    old = ids(world.jobs("web"))
+    op = requests.request_scale(world.platform, env=ENV, service="web", scale=4)
+    world.run_all()
+    assert world.operation(op.id or 0).state == OpState.succeeded
+    jobs = world.jobs("web")
+    assert len(jobs) == 4 and old < ids(jobs)
+    assert world.steps(op.id or 0, StepAction.stop) == []
+    assert len(world.steps(op.id or 0, StepAction.start)) == 2
+    assert Counter(j.host for j in jobs) == {"h1": 2, "h2": 2}
+    assert_runtimes_match_catalogue(world, "web")
+    assert world.service("web").scale == 4
+
+
+def test_scale_down_stops_only_the_surplus(world: World) -> None:
+    world.code_service("web", scale=4)
+    old = ids(world.jobs("web"))
+    op = requests.request_scale(world.platform, env=ENV, service="web", scale=1)
+    world.run_all()
+    assert world.operation(op.id or 0).state == OpState.succeeded
+    (kept,) = world.jobs("web")
+    assert kept.id in old
+    assert world.steps(op.id or 0, StepAction.start) == []
+    stopped = {st.job_id for st in world.steps(op.id or 0, StepAction.stop)}
+    assert stopped == old - {kept.id}
+    assert_runtimes_match_catalogue(world, "web")
+
+
+def test_scale_to_the_current_scale_succeeds_at_once_and_frees_the_service(world: World) -> None:
+    world.code_service("web", scale=2)
+    op = requests.request_scale(world.platform, env=ENV, service="web", scale=2)
+    assert (op.state, world.steps(op.id or 0)) == (OpState.succeeded, [])
+    assert world.dispatch.sent == [] and world.service("web").active_op_id is None
+
+
+# --- worker targets --------------------------------------------------------------------------------
+
+
+def workers(world: World, service: str, target: str) -> list[str]:
+    found = [j for j in world.jobs(service) if j.kind == JobKind.worker and j.target == target]
+    assert all(j.port is None and j.command == "work --hard" for j in found)
+    return [j.id for j in found]
+
+
+def test_worker_deploy_scale_and_rm(world: World) -> None:
+    world.code_service("web", scale=1)
+    (web,) = world.jobs("web")
+    p = world.platform
+
+    op = requests.request_worker_deploy(p, env=ENV, service="web", target="q", command="work --hard")
+    world.run_all()
+    assert world.operation(op.id or 0).state == OpState.succeeded
+    first = workers(world, "web", "q")
+    assert len(first) == 1
+    assert world.worker("web", "q").scale == 1  # type: ignore[union-attr]
+
+    for change, count in (("+2", 3), ("-1", 2), ("4", 4)):
+        before = set(workers(world, "web", "q"))
+        op = requests.request_worker_scale(p, env=ENV, service="web", target="q", scale=change)
+        world.run_all()
+        assert world.operation(op.id or 0).state == OpState.succeeded, change
+        now = set(workers(world, "web", "q"))
+        assert len(now) == count and world.worker("web", "q").scale == count  # type: ignore[union-attr]
+        assert before <= now or now <= before  # only extras started, or only surplus stopped
+
+    op = requests.request_worker_rm(p, env=ENV, service="web", target="q")
+    world.run_all()
+    assert world.operation(op.id or 0).state == OpState.succeeded
+    assert workers(world, "web", "q") == [] and world.worker("web", "q") is None
+    assert [j.id for j in world.jobs("web")] == [web.id]  # the deploy job was never touched
+    assert_runtimes_match_catalogue(world, "web")
+
+
+def test_a_redeploy_replaces_the_worker_jobs_with_their_command(world: World) -> None:
+    world.code_service("web", scale=1)
+    requests.request_worker_deploy(world.platform, env=ENV, service="web", target="q", command="work --hard")
+    requests.request_worker_scale(world.platform, env=ENV, service="web", target="q", scale=2)
+    world.run_all()
+    old = set(workers(world, "web", "q"))
+    requests.request_push(world.platform, env=ENV, service="web", image=IMAGE_2)
+    world.run_all()
+    new = workers(world, "web", "q")
+    assert len(new) == 2 and old.isdisjoint(new)
+    assert {world.job(j).release for j in new} == {2}
+    assert_runtimes_match_catalogue(world, "web")
+
+
+# --- one operation at a time per service -----------------------------------------------------------
+
+
+def test_operations_of_one_service_run_one_at_a_time_in_request_order(world: World) -> None:
+    world.code_service("web", scale=2)
+    p = world.platform
+    ops = [requests.request_push(p, env=ENV, service="web", image=IMAGE_2),
+           requests.request_scale(p, env=ENV, service="web", scale=3),
+           requests.request_scale(p, env=ENV, service="web", scale=1)]
+    assert [o.state for o in ops] == [OpState.running, OpState.queued, OpState.queued]
+    assert world.service("web").active_op_id == ops[0].id
+    assert len(world.dispatch.sent) == 1  # only the first one was sent
+    world.run_all()
+    done = [world.operation(o.id or 0) for o in ops]
+    assert [o.state for o in done] == [OpState.succeeded] * 3
+    for earlier, later in itertools.pairwise(done):
+        assert earlier.finished_at is not None and later.started_at is not None
+        assert earlier.finished_at <= later.started_at
+    (job,) = world.jobs("web")
+    assert job.release == 2  # the scales ran after the push, in the order asked
+    assert world.service("web").scale == 1
+    assert_runtimes_match_catalogue(world, "web")
+
+
+def test_operations_of_different_services_run_side_by_side(world: World) -> None:
+    world.code_service("web", scale=1)
+    world.code_service("api", scale=1)
+    web = requests.request_scale(world.platform, env=ENV, service="web", scale=2)
+    api = requests.request_scale(world.platform, env=ENV, service="api", scale=3)
+    assert (web.state, api.state) == (OpState.running, OpState.running)
+    world.run_all()
+    assert world.operation(web.id or 0).state == world.operation(api.id or 0).state == OpState.succeeded
+    assert (len(world.jobs("web")), len(world.jobs("api"))) == (2, 3)
+
+
+# --- failures --------------------------------------------------------------------------------------
+
+
+def test_a_crashing_release_fails_and_the_last_good_release_stays_current(world: World) -> None:
+    world.code_service("web", scale=2)
+    op = requests.request_push(world.platform, env=ENV, service="web", image=CRASHING)
+    world.run_all()
+    failed = world.operation(op.id or 0)
+    assert failed.state == OpState.failed and failed.error is not None
+    assert "container exited at once (exit code 1)" in failed.error
+    assert "Service web now runs 0 of 2 deploy jobs. Release 1 stays current." in failed.error
+    svc = world.service("web")
+    assert (svc.release, svc.image, svc.active_op_id) == (1, IMAGE, None)
+    assert world.jobs("web") == [] and world.all_containers("web") == {}  # no crashed container left
+    # The next redeploy runs the last good release again.
+    op = requests.request_redeploy(world.platform, env=ENV, service="web")
+    world.run_all()
+    assert world.operation(op.id or 0).state == OpState.succeeded
+    assert {(j.release, j.image) for j in world.jobs("web")} == {(1, IMAGE)}
+    assert_runtimes_match_catalogue(world, "web")
+
+
+def test_an_image_missing_on_a_host_fails_before_anything_stops(world: World) -> None:
+    world.code_service("web", scale=2)
+    old = ids(world.jobs("web"))
+    world.runtimes["h2"].images.discard(IMAGE_2)
+    op = requests.request_push(world.platform, env=ENV, service="web", image=IMAGE_2)
+    world.run_all()
+    failed = world.operation(op.id or 0)
+    assert failed.state == OpState.failed
+    assert failed.error == (f"check image {IMAGE_2} on h2: image {IMAGE_2} is not on host h2 (build or load it "
+                            "there). Service web now runs 2 of 2 deploy jobs. Release 1 stays current.")
+    assert ids(world.jobs("web")) == old
+    assert_runtimes_match_catalogue(world, "web")
+    assert {st.state for st in world.steps(op.id or 0, StepAction.stop)} == {StepState.skipped}
+    planned = world.jobs("web", states=[JobState.failed])
+    assert len(planned) == 2 and all(j.error and "never started" in j.error for j in planned)
+    assert (world.service("web").release, world.service("web").image) == (1, IMAGE)
+
+
+def test_a_failed_scale_keeps_the_old_scale(world: World) -> None:
+    world.code_service("web", scale=2)
+    world.runtimes["h2"].images.discard(IMAGE)
+    op = requests.request_scale(world.platform, env=ENV, service="web", scale=4)
+    world.run_all()
+    failed = world.operation(op.id or 0)
+    assert failed.state == OpState.failed
+    assert failed.error is not None and failed.error.endswith(
+        "Service web now runs 2 of 4 deploy jobs. Its scale stays 2.")
+    assert world.service("web").scale == 2 and len(world.jobs("web")) == 2
+
+
+def test_a_plan_error_fails_the_operation_at_once_and_changes_nothing(world: World) -> None:
+    world.code_service("web", scale=2)
+    op = requests.request_scale(world.platform, env=ENV, service="web", scale=500)
+    assert op.state == OpState.failed and op.error is not None and "no up host has room" in op.error
+    assert world.service("web").scale == 2 and world.service("web").active_op_id is None
+    assert world.dispatch.sent == []
+
+
+def test_a_failed_worker_operation_puts_the_worker_target_back(world: World) -> None:
+    world.code_service("web", scale=1)
+    requests.request_worker_deploy(world.platform, env=ENV, service="web", target="q", command="work --hard")
+    world.run_all()
+    for runtime in world.runtimes.values():
+        runtime.images.discard(IMAGE)
+
+    op = requests.request_worker_scale(world.platform, env=ENV, service="web", target="q", scale="+2")
+    world.run_all()
+    failed = world.operation(op.id or 0)
+    assert failed.state == OpState.failed
+    assert failed.error is not None and failed.error.endswith("Worker target q stays at scale 1.")
+    assert world.worker("web", "q").scale == 1  # type: ignore[union-attr]
+
+    op = requests.request_worker_deploy(world.platform, env=ENV, service="web", target="new", command="x")
+    world.run_all()
+    failed = world.operation(op.id or 0)
+    assert failed.state == OpState.failed
+    assert failed.error is not None and failed.error.endswith("Worker target new is not kept.")
+    assert world.worker("web", "new") is None
+
+
+class BrokerDown:
+    """A Dispatch whose broker cannot be reached."""
+
+    def send_operation(self, op_id: int, stages: Sequence[Sequence[StepRow]], *, env: str,
+                       service: str) -> None:
+        raise SendFailed("connection refused")
+
+    def send_finish(self, op_id: int, *, env: str, service: str, host: str | None) -> None:
+        raise SendFailed("connection refused")
+
+
+def test_an_operation_that_cannot_be_sent_fails_and_restores_the_spec(world: World) -> None:
+    world.code_service("web", scale=2)
+    old = ids(world.jobs("web"))
+    inline = world.platform.dispatch
+    world.platform.dispatch = BrokerDown()
+    push = requests.request_push(world.platform, env=ENV, service="web", image=IMAGE_2)
+    scale = requests.request_scale(world.platform, env=ENV, service="web", scale=5)
+    world.platform.dispatch = inline
+    sent = "could not send the operation to the broker: connection refused. Service web now runs 2 of 2 deploy jobs."
+    assert (push.state, push.error) == (OpState.failed, f"{sent} Release 1 stays current.")
+    assert (scale.state, scale.error) == (OpState.failed, f"{sent} Its scale stays 2.")
+    for op in (push, scale):
+        assert {st.state for st in world.steps(op.id or 0)} == {StepState.skipped}
+    svc = world.service("web")
+    assert (svc.release, svc.image, svc.scale, svc.active_op_id) == (1, IMAGE, 2, None)
+    assert ids(world.jobs("web")) == old  # what it planned holds no room: never started
+    assert_runtimes_match_catalogue(world, "web")
+
+    op = requests.request_scale(world.platform, env=ENV, service="web", scale=3)  # the service is free
+    world.run_all()
+    assert world.operation(op.id or 0).state == OpState.succeeded
+    assert len(world.jobs("web")) == 3
+
+
+# --- typed parameters ------------------------------------------------------------------------------
+
+
+def test_typed_parameters_round_trip_through_the_catalogue(world: World) -> None:
+    world.code_service("web", scale=1)
+    p = world.platform
+    push = requests.request_push(p, env=ENV, service="web", image=IMAGE_2)
+    scale = requests.request_scale(p, env=ENV, service="web", scale=2)
+    deploy = requests.request_worker_deploy(p, env=ENV, service="web", target="q", command="work --hard")
+    world.run_all()
+    shrink = requests.request_worker_scale(p, env=ENV, service="web", target="q", scale="-1")
+    world.run_all()
+    expected = {
+        push.id: OpParams(release=2, image=IMAGE_2, release_before=ReleaseBefore(release=1, image=IMAGE)),
+        scale.id: OpParams(scale=2, scale_before=1),
+        deploy.id: OpParams(target="q", command="work --hard", worker_before=WorkerBefore(existed=False)),
+        shrink.id: OpParams(target="q", worker_scale=ScaleChange(number=-1, relative=True),
+                            worker_before=WorkerBefore(command="work --hard", scale=1)),
+    }
+    for op_id, params in expected.items():
+        op = world.operation(op_id or 0)
+        assert op.parameters == params
+        assert op.params == params.model_dump(mode="json", exclude_none=True)  # plain JSON in the row

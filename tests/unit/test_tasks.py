@@ -1,0 +1,176 @@
+"""The node's step tasks on fake runtimes: idempotent (a redelivery never doubles a container),
+stops that find nothing, and jobs whose port is held by a program outside the platform."""
+
+from __future__ import annotations
+
+from sqlmodel import select
+
+from orchestrator import catalogue, operations, requests
+from orchestrator.models import JobState, OpState, ServiceType, Step, StepAction, StepState
+from tests.unit.world import ENV, PORT_MIN, World
+from workers.tasks import START, STOP, container_spec, run_step
+
+
+def start_step(world: World, op_id: int) -> Step:
+    (step,) = world.steps(op_id, StepAction.start)
+    return step
+
+
+# --- idempotence -----------------------------------------------------------------------------------
+
+
+def test_a_step_that_already_succeeded_is_skipped(world: World) -> None:
+    op = world.code_service("web", scale=1)
+    step = start_step(world, op.id or 0)
+    (job,) = world.jobs("web")
+    before = dict(world.runtimes[job.host].containers)
+
+    assert run_step(world.node(job.host), step.id or 0, START) == {"step": step.id, "skipped": True}
+    assert world.runtimes[job.host].containers == before
+    assert world.job(job.id).state == JobState.running
+    assert world.steps(op.id or 0, StepAction.start)[0].state == StepState.succeeded
+
+
+def test_a_redelivered_start_adopts_the_container_of_the_first_delivery(world: World) -> None:
+    world.code_service("web", scale=1)
+    op = requests.request_scale(world.platform, env=ENV, service="web", scale=2)
+    chain = world.take_chain(op.id or 0)
+    world.run_stages(chain, 1)  # the image check
+    step = start_step(world, op.id or 0)
+    assert step.job_id is not None and step.host is not None
+    # The first delivery began the step and ran the container, then its node was lost.
+    with world.platform.session() as s:
+        catalogue.begin_step(session=s, step_id=step.id or 0, node=step.host or "", lease=15)
+        s.commit()
+    runtime = world.runtimes[step.host]
+    first = runtime.run(container_spec(world.job(step.job_id)))
+
+    result = run_step(world.node(step.host), step.id or 0, START)
+    assert result["container"] == first.id
+    assert [c.id for c in runtime.jobs() if c.labels["orchestrator.job"] == step.job_id] == [first.id]
+    job = world.job(step.job_id)
+    assert (job.state, job.container_id) == (JobState.running, first.id)
+    assert operations.finish(world.platform, op.id or 0) is True
+    assert world.operation(op.id or 0).state == OpState.succeeded
+
+
+def test_stopping_a_container_that_is_gone_succeeds(world: World) -> None:
+    world.code_service("web", scale=2)
+    for job in world.jobs("web"):
+        world.runtimes[job.host].stop(job.container_name, timeout=0)
+    op = requests.request_scale(world.platform, env=ENV, service="web", scale=0)
+    world.run_all()
+    assert world.operation(op.id or 0).state == OpState.succeeded
+    stops = world.steps(op.id or 0, StepAction.stop)
+    assert len(stops) == 2 and {st.state for st in stops} == {StepState.succeeded}
+    assert {world.job(st.job_id or "").state for st in stops} == {JobState.stopped}
+
+
+def test_a_stop_redelivered_after_it_succeeded_is_skipped(world: World) -> None:
+    world.code_service("web", scale=1)
+    op = requests.request_scale(world.platform, env=ENV, service="web", scale=0)
+    world.run_all()
+    (stop,) = world.steps(op.id or 0, StepAction.stop)
+    assert run_step(world.node(stop.host or ""), stop.id or 0, STOP)["skipped"] is True
+
+
+def test_a_start_that_never_listens_fails_and_removes_its_container(world: World) -> None:
+    world.code_service("web", scale=1)
+    for host in world.runtimes:
+        world.node(host).accepts = lambda _a, _port: False
+    op = requests.request_scale(world.platform, env=ENV, service="web", scale=2)
+    world.run_all()
+    failed = world.operation(op.id or 0)
+    assert failed.state == OpState.failed
+    step = start_step(world, op.id or 0)
+    assert step.error is not None and step.error.startswith("job did not listen on port")
+    assert step.job_id not in world.all_containers()
+    assert world.job(step.job_id or "").state == JobState.failed
+
+
+# --- ports -----------------------------------------------------------------------------------------
+
+
+def test_move_job_port_moves_port_args_the_kept_port_and_the_step_name(world: World) -> None:
+    requests.add_service(world.platform, env=ENV, name="db", type=ServiceType.postgresql, image=None,
+                         command=None, scale=1, size="s")
+    (job,) = world.jobs("db")  # scheduled: its operation was sent, not run
+    assert (job.state, job.port, job.args) == (JobState.scheduled, PORT_MIN, ["-p", str(PORT_MIN)])
+    assert world.service("db").port == PORT_MIN
+    with world.platform.session() as s:
+        moved = catalogue.move_job_port(session=s, job_id=job.id, port=PORT_MIN + 7)
+        s.commit()
+    new = str(PORT_MIN + 7)
+    assert (moved.port, moved.environment["PORT"], moved.args) == (PORT_MIN + 7, new, ["-p", new])
+    assert world.job(job.id).port == PORT_MIN + 7
+    assert world.service("db").port == PORT_MIN + 7
+    step = start_step(world, job.op_id or 0)
+    assert step.name.endswith(f"port {new}") and str(PORT_MIN) not in step.name
+    assert {k: v for k, v in moved.environment.items() if k != "PORT"} == \
+        {k: v for k, v in job.environment.items() if k != "PORT"}
+
+
+def test_move_job_port_rewrites_flags_of_the_form_name_equals_port(world: World) -> None:
+    requests.add_service(world.platform, env=ENV, name="db", type=ServiceType.mysql, image=None,
+                         command=None, scale=1, size="s")
+    (job,) = world.jobs("db")
+    assert job.args == [f"--port={PORT_MIN}"]
+    with world.platform.session() as s:
+        moved = catalogue.move_job_port(session=s, job_id=job.id, port=PORT_MIN + 3)
+        s.commit()
+    assert moved.args == [f"--port={PORT_MIN + 3}"]
+
+
+def test_move_job_port_leaves_the_service_port_of_a_code_service_alone(world: World) -> None:
+    requests.add_service(world.platform, env=ENV, name="web", type=ServiceType.code, image=None,
+                         command="serve", scale=1, size="s")
+    requests.request_push(world.platform, env=ENV, service="web", image="app:1")
+    (job,) = world.jobs("web")
+    with world.platform.session() as s:
+        catalogue.move_job_port(session=s, job_id=job.id, port=PORT_MIN + 1)
+        s.commit()
+    assert world.service("web").port is None
+    assert world.job(job.id).port == PORT_MIN + 1
+
+
+def test_a_start_whose_port_is_held_outside_the_platform_moves_to_a_free_one(world: World) -> None:
+    for host in world.runtimes:
+        world.held[host].update({PORT_MIN, PORT_MIN + 1})
+    requests.add_service(world.platform, env=ENV, name="cache", type=ServiceType.memcached, image=None,
+                         command=None, scale=1, size="s")
+    world.run_all()
+    (job,) = world.jobs("cache")
+    assert job.state == JobState.running
+    assert (job.port, job.environment["PORT"]) == (PORT_MIN + 2, str(PORT_MIN + 2))
+    assert job.args == ["-p", str(PORT_MIN + 2)]
+    assert world.service("cache").port == PORT_MIN + 2  # connection URLs follow
+    assert world.runtimes[job.host].ports[job.container_name] == PORT_MIN + 2
+    assert start_step(world, job.op_id or 0).name.endswith(f"port {PORT_MIN + 2}")
+
+
+def test_a_start_fails_when_every_port_of_the_range_is_held_outside(world: World) -> None:
+    settings = world.platform.settings
+    for host in world.runtimes:
+        world.held[host].update(range(settings.port_min, settings.port_max + 1))
+    op = world.code_service("web", scale=1)
+    assert op.state == OpState.failed
+    assert op.error is not None and (
+        f"port {PORT_MIN} on host h1 is held by a program outside the platform, "
+        "and no other port of the range is free") in op.error
+    assert world.all_containers() == {}
+
+
+def test_a_port_held_by_the_jobs_own_adopted_container_is_not_moved(world: World) -> None:
+    world.code_service("web", scale=1)
+    op = requests.request_scale(world.platform, env=ENV, service="web", scale=2)
+    world.run_stages(world.take_chain(op.id or 0), 1)
+    step = start_step(world, op.id or 0)
+    job = world.job(step.job_id or "")
+    world.runtimes[job.host].run(container_spec(job))  # a first delivery already listens on it
+    with world.platform.session() as s:
+        catalogue.begin_step(session=s, step_id=step.id or 0, node=step.host or "", lease=15)
+        s.commit()
+    run_step(world.node(job.host), step.id or 0, START)
+    assert world.job(job.id).port == job.port
+    with world.platform.reader() as s:
+        assert s.exec(select(Step).where(Step.id == step.id)).one().state == StepState.succeeded

@@ -13,6 +13,9 @@ event_serializer = "json"
 task_acks_late = True
 task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
+# When the broker connection drops, steps under way go on (they need the catalogue and Docker,
+# not the broker); their acknowledgement may fail, and a redelivery of an ended step is skipped.
+worker_cancel_long_running_tasks_on_connection_loss = False
 
 # Flower sees every step: sent, started, succeeded or failed, with readable arguments. (It reads
 # task events; the result backend only joins the stages of an operation, so it stores no more.)

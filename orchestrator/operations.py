@@ -107,10 +107,11 @@ def _fail_unstarted(p: Platform, op: Operation, error: str) -> None:
         s.commit()
 
 
-def abandon(p: Platform, op_id: int, error: str, *, start: bool = True) -> bool:
+def abandon(p: Platform, op_id: int, error: str, *, start: bool = True, heal: bool = False) -> bool:
     """End an operation whose steps will never all run (never sent, or interrupted): what did
     not start is skipped, the spec is put back, the service is free. With ``start``, the
-    service's next queued operation starts. False when it had ended already."""
+    service's next queued operation starts; with ``heal``, the service is healed back to its
+    scale afterwards (a fault, not the request, ended it). False when it had ended already."""
     with p.session() as s:
         op = catalogue.get_operation(session=s, op_id=op_id)
         catalogue.skip_pending_steps(session=s, op_id=op_id)
@@ -122,6 +123,8 @@ def abandon(p: Platform, op_id: int, error: str, *, start: bool = True) -> bool:
             s.rollback()
             return False
         catalogue.release_service(session=s, service_id=op.service_id, op_id=op_id)
+        if heal:
+            s.exec(update(Service).where(col(Service.id) == op.service_id).values(heal_wanted=True))
         s.commit()
     if start:
         start_next(p, op.service_id)

@@ -124,6 +124,7 @@ def expire_leases(p: Platform) -> list[int]:
         expired = list(s.exec(select(Step).where(Step.state == StepState.running,
                                                  col(Step.lease_until) < now)))
         for step in expired:
+            _heal_later(s, step.op_id)
             error = (f"the node of host {step.node} stopped answering while it ran this step "
                      f"(its lease ran out)")
             catalogue.end_step(session=s, step_id=step.id or 0, state=StepState.failed, error=error)
@@ -148,18 +149,26 @@ def end_orphans(p: Platform) -> None:
                               .where(Operation.state == OpState.queued, col(Operation.claimed_at) < cutoff)))
         lost_steps = _never_picked_up(s, now - timedelta(seconds=settings.pickup_timeout))
         for step in lost_steps:
+            _heal_later(s, step.op_id)
             catalogue.end_step(session=s, step_id=step.id or 0, state=StepState.failed,
                                error=f"never picked up by the node of host {step.host} within "
                                      f"{settings.pickup_timeout:g}s: its message was lost")
         s.commit()
     for op in unsent:
         operations.abandon(p, op.id or 0, "interrupted before its steps reached the broker (the process "
-                                          "that started it stopped)")
+                                          "that started it stopped)", heal=True)
     for op in claimed:
         operations.resume(p, op)
     for op_id in sorted({st.op_id for st in lost_steps}):
         operations.finish(p, op_id)
     finish_forgotten(p)
+
+
+def _heal_later(s: Session, op_id: int) -> None:
+    """An operation that a fault ended half-way may leave its service below scale: heal it."""
+    op = s.get(Operation, op_id)
+    if op is not None:
+        s.exec(update(Service).where(col(Service.id) == op.service_id).values(heal_wanted=True))
 
 
 def _never_picked_up(s: Session, cutoff: datetime) -> list[Step]:

@@ -157,22 +157,25 @@ class PlatformEnv:
     heartbeat_interval: float | None = None  # None: the platform's default
     host_down_after: float | None = None
     result_backend: str | None = None  # "": none
+    redis_port: int = 6379  # another port: a Redis server of its own (``RedisServer``)
+    extra: tuple[tuple[str, str], ...] = ()  # more ORCH_* settings
 
     def variables(self) -> dict[str, str]:
         chosen = {"ORCH_HEARTBEAT_INTERVAL": self.heartbeat_interval, "ORCH_HOST_DOWN_AFTER": self.host_down_after,
                   "ORCH_RESULT_BACKEND": self.result_backend}
         return {
             "ORCH_DATABASE_URL": self.database_url,
-            "ORCH_BROKER_URL": f"redis://127.0.0.1:6379/{self.redis_db}",
+            "ORCH_BROKER_URL": f"redis://127.0.0.1:{self.redis_port}/{self.redis_db}",
             "ORCH_STOP_TIMEOUT": str(self.stop_timeout),
             "ORCH_START_TIMEOUT": str(self.start_timeout),
             "ORCH_PORT_MIN": str(self.ports[0]),
             "ORCH_PORT_MAX": str(self.ports[1]),
             **{name: str(value) for name, value in chosen.items() if value is not None},
+            **dict(self.extra),
         }
 
     def redis(self) -> redis.Redis[bytes]:
-        return redis.Redis(host="127.0.0.1", port=6379, db=self.redis_db)
+        return redis.Redis(host="127.0.0.1", port=self.redis_port, db=self.redis_db)
 
     def flush(self) -> None:
         """Empty its Redis database (queues and results an earlier run left)."""
@@ -225,6 +228,45 @@ class Platform:
     def stop_nodes(self) -> None:
         for proc in self.nodes.values():
             stop_process(proc)
+
+
+# --- a Redis server of its own (to stop and start in fault tests) --------------------------------------
+
+
+@dataclass
+class RedisServer:
+    """``redis-server`` on 127.0.0.1:PORT, keeping nothing on disk: a restart loses every queue,
+    as a broker without persistence does."""
+
+    port: int
+    workdir: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = self.workdir / f"redis-{self.port}.log"
+        with log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "no", "--dir", str(self.workdir)], stdout=out, stderr=subprocess.STDOUT)
+        wait_for(f"redis-server on port {self.port}", self.answers, 10)
+
+    def answers(self) -> bool:
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1)
+        try:
+            return bool(client.ping())
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+
+    def kill(self) -> None:
+        """SIGKILL: every connection drops, every queued message is gone."""
+        if self.proc is not None:
+            stop_process(self.proc, signal.SIGKILL)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
 
 
 # --- a second Docker host -------------------------------------------------------------------------

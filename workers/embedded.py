@@ -20,6 +20,7 @@ from orchestrator.models import OperationPublic, ServiceType
 from orchestrator.platform import Platform, make_platform
 from orchestrator.progress import follow
 from orchestrator.settings import Settings
+from workers import broker
 from workers.node import node_context, serve_host
 
 LOCAL_HOST = "local"
@@ -67,6 +68,7 @@ def run_dev(settings: Settings, *, api_port: int | None, demo: bool,
         # The in-process transport polls; its default of 1 s would add a second to every stage.
         app.conf.broker_transport_options = {**app.conf.broker_transport_options,
                                              "polling_interval": 0.02}
+    broker.use_for_redis_urls()
     app.finalize()
     app.set_current()  # the worker's tracer looks tasks up through the current app
     app.set_default()

@@ -21,7 +21,7 @@ from orchestrator import catalogue, control, names
 from orchestrator.periodic import Periodic
 from orchestrator.platform import Platform
 from orchestrator.watcher import Watcher
-from workers import tasks
+from workers import broker, tasks
 from workers.context import NodeContext
 from workers.heartbeat import NodeHeartbeat
 from workers.runtime.docker import DockerRuntime
@@ -63,6 +63,7 @@ def run_control(platform: Platform, *, concurrency: int, loglevel: str) -> None:
 
 def _work(app: Celery, queues: list[str], hostname: str, concurrency: int, loglevel: str,
           loops: Sequence[Periodic]) -> None:
+    broker.use_for_redis_urls()  # reconnects when Redis restarts, instead of ending the worker
     # The loops start once the worker is up: its logging is set up by then.
     worker_ready.connect(lambda **_: [loop.start() for loop in loops], weak=False)
     app.worker_main([

@@ -18,7 +18,7 @@ LAYERS: dict[str, int] = {
     "orchestrator.settings": 1, "orchestrator.periodic": 1, "orchestrator.client": 1,
     "orchestrator.models": 2,
     "orchestrator.service_types": 3, "orchestrator.placement": 3, "orchestrator.db": 3,
-    "workers.runtime.base": 3,
+    "workers.runtime.base": 3, "workers.broker": 3,
     "orchestrator.rules": 4, "orchestrator.planner": 4, "orchestrator.dispatch": 4,
     "orchestrator.progress": 4, "workers.runtime.docker": 4, "workers.runtime.fake": 4,
     "orchestrator.catalogue.tokens": 5, "orchestrator.catalogue.hosts": 5,

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import Celery, Task
+from sqlalchemy.exc import DBAPIError
 
 from orchestrator import operations, requests
 from orchestrator.errors import BadInput
@@ -35,7 +36,10 @@ def register_finish(app: Celery, platform: Platform) -> None:
 
     @app.task(name=TASK_FINISH, shared=False, bind=True, max_retries=None)
     def finish(self: Task, op_id: int, **_labels: Any) -> dict[str, Any]:
-        ended = operations.finish(platform, op_id)
+        try:
+            ended = operations.finish(platform, op_id)
+        except DBAPIError:  # the catalogue failed for a while: ask again (the watcher would too)
+            raise self.retry(countdown=1.0) from None
         if ended is None:  # steps sent beside a failed one are still running: ask again soon
             raise self.retry(countdown=0.5)
         return {"op": op_id, "ended": ended}

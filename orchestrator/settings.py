@@ -28,7 +28,7 @@ class Settings(BaseSettings):
     orphan_after: float = Field(default=30.0, gt=0)
     # Seconds a step may wait for its node to pick it up once its turn came (a busy node works
     # through its queue) before its message counts as lost.
-    pickup_timeout: float = Field(default=300.0, gt=0)
+    pickup_timeout: float = Field(default=120.0, gt=0)
     heal_backoff: float = Field(default=5.0, gt=0)  # first wait before a heal; doubles each attempt
     # Images of the auto-included services (built locally by scripts/build-images).
     image_logging: str = "orch/busybox:1"

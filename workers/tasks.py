@@ -15,6 +15,7 @@ from typing import Any
 
 from celery import Celery, Task
 from celery.exceptions import Retry
+from sqlalchemy.exc import DBAPIError
 
 from orchestrator import catalogue, names
 from orchestrator.errors import one_line
@@ -25,6 +26,9 @@ from workers.context import NodeContext
 from workers.runtime.base import ContainerSpec
 
 log = logging.getLogger(__name__)
+
+
+CATALOGUE_RETRIES = 30  # a step asks again every second while the catalogue fails, this often
 
 
 class StepFailed(Exception):
@@ -200,29 +204,41 @@ def register(app: Celery, node: NodeContext) -> None:
     """Register the step tasks of ``node`` on ``app`` under their stable names. Their keyword
     arguments besides ``step_id`` only tell a Flower reader what the step serves."""
 
-    @app.task(name=names.TASK_CHECK_IMAGE, shared=False)
-    def check_image_task(step_id: int, env: str = "", service: str = "", **_labels: Any) -> dict[str, Any]:
-        return run_step(node, step_id, CHECK_IMAGE, env=env, service=service)
+    def step(task: Task, step_id: int, work: Work, env: str, service: str) -> dict[str, Any]:
+        try:
+            return run_step(node, step_id, work, env=env, service=service)
+        except DBAPIError as exc:
+            # The catalogue failed (locked, read-only, restarting) before the step could begin or
+            # be recorded: ask again soon. Steps are idempotent; a lease bounds how long this lasts.
+            log.warning("step %s: the catalogue is unavailable (%s): trying again", step_id, one_line(exc.orig))
+            raise task.retry(countdown=1.0, max_retries=CATALOGUE_RETRIES) from None
 
-    @app.task(name=names.TASK_START_JOB, shared=False)
-    def start_job_task(step_id: int, env: str = "", service: str = "", **_labels: Any) -> dict[str, Any]:
-        return run_step(node, step_id, START, env=env, service=service)
+    @app.task(name=names.TASK_CHECK_IMAGE, shared=False, bind=True)
+    def check_image_task(self: Task, step_id: int, env: str = "", service: str = "",
+                         **_labels: Any) -> dict[str, Any]:
+        return step(self, step_id, CHECK_IMAGE, env, service)
 
-    @app.task(name=names.TASK_STOP_JOB, shared=False)
-    def stop_job_task(step_id: int, env: str = "", service: str = "", **_labels: Any) -> dict[str, Any]:
-        return run_step(node, step_id, STOP, env=env, service=service)
+    @app.task(name=names.TASK_START_JOB, shared=False, bind=True)
+    def start_job_task(self: Task, step_id: int, env: str = "", service: str = "",
+                       **_labels: Any) -> dict[str, Any]:
+        return step(self, step_id, START, env, service)
+
+    @app.task(name=names.TASK_STOP_JOB, shared=False, bind=True)
+    def stop_job_task(self: Task, step_id: int, env: str = "", service: str = "",
+                      **_labels: Any) -> dict[str, Any]:
+        return step(self, step_id, STOP, env, service)
 
     @app.task(name=names.TASK_WAIT, shared=False, bind=True, max_retries=None)
     def wait_task(self: Task, step_id: int, env: str = "", service: str = "",
                   **_labels: Any) -> dict[str, Any]:
-        def body(_node: NodeContext, step: Step, _job: Job | None) -> dict[str, Any]:
-            remaining = wait_remaining(step)
+        def body(_node: NodeContext, step_row: Step, _job: Job | None) -> dict[str, Any]:
+            remaining = wait_remaining(step_row)
             if remaining > 0.05:
                 # Ask again later instead of sleeping: the wait holds no worker slot.
                 raise self.retry(countdown=remaining)
-            return {"waited": step.seconds}
+            return {"waited": step_row.seconds}
 
-        return run_step(node, step_id, Work(body), env=env, service=service)
+        return step(self, step_id, Work(body), env, service)
 
 
 def wait_remaining(step: Step) -> float:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -36,8 +37,11 @@ def flower(platform_env: dict[str, str], node: str, tmp_path_factory: pytest.Tem
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     log = tmp_path_factory.mktemp("flower") / "flower.log"
-    with platform_process(["flower", "--port", str(port), "--basic-auth", ":".join(AUTH)], platform_env, log,
-                          ready=lambda _: answers(f"{base}/api/tasks")):
+    # The login from the environment: it is in no process's command line (finding: secrets in argv).
+    with platform_process(["flower", "--port", str(port)], {**platform_env, "ORCH_FLOWER_BASIC_AUTH": ":".join(AUTH)},
+                          log, ready=lambda _: answers(f"{base}/api/tasks")) as proc:
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+        assert AUTH[1].encode() not in cmdline and b"flower" in cmdline, cmdline
         yield base
 
 

@@ -40,18 +40,19 @@ from orchestrator.platform import Platform
 DEAD_CONTAINER_STATES = frozenset({"exited", "dead", "created"})
 
 
-def heartbeat(p: Platform, *, host: str, cpus: float, memory_mb: int) -> None:
+def heartbeat(p: Platform, *, host: str, cpus: float, memory_mb: int, node: str | None = None) -> None:
     """The node of ``host`` is alive (and its Docker answers): record when and what the host
-    can hold, renew the leases of the steps it runs. A host that was down is up again (a
-    draining one stays draining). One short transaction."""
+    can hold, renew the leases of the steps this node process (``node``) runs. A host that was
+    down is up again (a draining one stays draining). One short transaction."""
     now = utcnow()
     with p.session() as s:
         s.exec(update(Host).where(col(Host.name) == host)
                .values(last_seen=now, cpus=cpus, memory_mb=memory_mb))
         s.exec(update(Host).where(col(Host.name) == host, col(Host.state) == HostState.down)
                .values(state=HostState.up))
-        s.exec(update(Step).where(col(Step.node) == host, col(Step.state) == StepState.running)
-               .values(lease_until=now + timedelta(seconds=p.settings.step_lease)))
+        if node is not None:
+            s.exec(update(Step).where(col(Step.node) == node, col(Step.state) == StepState.running)
+                   .values(lease_until=now + timedelta(seconds=p.settings.step_lease)))
         s.commit()
 
 

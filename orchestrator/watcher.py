@@ -125,8 +125,7 @@ def expire_leases(p: Platform) -> list[int]:
                                                  col(Step.lease_until) < now)))
         for step in expired:
             _heal_later(s, step.op_id)
-            error = (f"the node of host {step.node} stopped answering while it ran this step "
-                     f"(its lease ran out)")
+            error = (f"the node running it ({step.node}) stopped answering (its lease ran out)")
             catalogue.end_step(session=s, step_id=step.id or 0, state=StepState.failed, error=error)
             if step.job_id and step.action in (StepAction.start, StepAction.stop):
                 catalogue.set_job_state(session=s, job_id=step.job_id, state=JobState.failed, error=error)

@@ -158,6 +158,7 @@ class PlatformEnv:
     host_down_after: float | None = None
     result_backend: str | None = None  # "": none
     redis_port: int = 6379  # another port: a Redis server of its own (``RedisServer``)
+    broker_url: str | None = None  # another broker (e.g. RabbitMQ); None: Redis
     extra: tuple[tuple[str, str], ...] = ()  # more ORCH_* settings
 
     def variables(self) -> dict[str, str]:
@@ -165,7 +166,7 @@ class PlatformEnv:
                   "ORCH_RESULT_BACKEND": self.result_backend}
         return {
             "ORCH_DATABASE_URL": self.database_url,
-            "ORCH_BROKER_URL": f"redis://127.0.0.1:{self.redis_port}/{self.redis_db}",
+            "ORCH_BROKER_URL": self.broker_url or f"redis://127.0.0.1:{self.redis_port}/{self.redis_db}",
             "ORCH_STOP_TIMEOUT": str(self.stop_timeout),
             "ORCH_START_TIMEOUT": str(self.start_timeout),
             "ORCH_PORT_MIN": str(self.ports[0]),

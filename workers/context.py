@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -30,3 +31,11 @@ class NodeContext:
     # Whether something answers on ADDRESS:PORT (a job is ready; a port is held elsewhere): a
     # real TCP connect on a node; the in-memory runtime's answer in unit tests.
     accepts: Callable[[str, int], bool] = tcp_accepts
+    # This node process, apart from the host's earlier ones: it holds the leases of the steps
+    # it runs. A node started again must not renew what its predecessor held.
+    incarnation: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+
+    @property
+    def node_id(self) -> str:
+        """Who runs a step: ``HOST/INCARNATION``."""
+        return f"{self.host}/{self.incarnation}"

@@ -32,7 +32,8 @@ class NodeHeartbeat:
         if self._capacity is None:
             self._capacity = runtime.capacity()
         cpus, memory_mb = self._capacity
-        fleet.heartbeat(self.node.platform, host=self.node.host, cpus=cpus, memory_mb=memory_mb)
+        fleet.heartbeat(self.node.platform, host=self.node.host, cpus=cpus, memory_mb=memory_mb,
+                        node=self.node.node_id)
         self.reconcile()
 
     def reconcile(self) -> None:

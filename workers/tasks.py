@@ -52,13 +52,14 @@ def run_step(node: NodeContext, step_id: int, work: Work, *, env: str = "",
     catalogue. A failure asks for the operation's finish (the chain stops there), then raises."""
     p = node.platform
     with p.session() as s:
-        step = catalogue.begin_step(session=s, step_id=step_id, node=node.host,
+        step = catalogue.begin_step(session=s, step_id=step_id, node=node.node_id,
                                     lease=p.settings.step_lease)
         if step is None:
             # Already running: a redelivery after a lost node, or a wait asking again. Run again
-            # (the work is idempotent); anything else already ended and is left alone.
-            again = s.get(Step, step_id)
-            step = again if again is not None and again.state == StepState.running else None
+            # (the work is idempotent) and hold its lease from now on; anything else already
+            # ended and is left alone.
+            step = catalogue.take_over_step(session=s, step_id=step_id, node=node.node_id,
+                                            lease=p.settings.step_lease)
         job = s.get(Job, step.job_id) if step is not None and step.job_id else None
         if job is not None and work.job_on_begin is not None:
             catalogue.set_job_state(session=s, job_id=job.id, state=work.job_on_begin)

@@ -20,6 +20,7 @@ from orchestrator.catalogue.operations import (
     release_service,
     skip_pending_steps,
     steps_of,
+    take_over_step,
 )
 from orchestrator.catalogue.services import (
     add_release,
@@ -49,6 +50,6 @@ __all__ = [
     "host_loads", "host_views", "job_public", "list_envs", "list_hosts", "list_jobs",
     "list_operations", "list_releases", "list_services", "mark_sent", "move_job_port", "operation_public",
     "record_operation", "release_service", "role_of_token", "service_public", "set_job_state",
-    "set_variables", "skip_pending_steps", "steps_of", "unset_variables", "update_service",
+    "set_variables", "skip_pending_steps", "steps_of", "take_over_step", "unset_variables", "update_service",
     "workers_of",
 ]

@@ -135,6 +135,17 @@ def begin_step(*, session: Session, step_id: int, node: str, lease: float) -> St
     return session.get(Step, step_id) if moved == 1 else None
 
 
+def take_over_step(*, session: Session, step_id: int, node: str, lease: float) -> Step | None:
+    """A running step carried on by ``node`` (a redelivered message): its lease is now ``node``'s.
+    None when the step is not running (it ended, or never began)."""
+    moved = session.exec(
+        update(Step)
+        .where(col(Step.id) == step_id, col(Step.state) == StepState.running)
+        .values(node=node, lease_until=utcnow() + timedelta(seconds=lease))
+    ).rowcount
+    return session.get(Step, step_id) if moved == 1 else None
+
+
 def end_step(*, session: Session, step_id: int, state: StepState, error: str | None = None) -> None:
     session.exec(
         update(Step).where(col(Step.id) == step_id)

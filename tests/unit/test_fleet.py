@@ -215,20 +215,25 @@ def test_a_step_whose_lease_runs_out_fails_unless_its_node_renews_it(world: Worl
     op = requests.request_scale(world.platform, env=ENV, service="web", scale=2)
     world.run_stages(world.take_chain(op.id or 0), 1)
     step = start_step_of(world, op.id or 0)
+    node = world.node(step.host or "")
     with world.platform.session() as s:  # its node began it, then hangs
-        catalogue.begin_step(session=s, step_id=step.id or 0, node=step.host or "", lease=15)
+        catalogue.begin_step(session=s, step_id=step.id or 0, node=node.node_id, lease=15)
         s.commit()
     expire_lease(world, step.id or 0)
     world.beat(step.host or "")  # the node is alive: its heartbeat renews the lease
     world.watch()
     assert world.operation(op.id or 0).state == OpState.running
 
+    # The host's node started again: the new process does not renew what the dead one held.
+    node.incarnation = "restarted"
     expire_lease(world, step.id or 0)
+    world.beat(step.host or "")
     world.watch()
     failed = world.operation(op.id or 0)
     assert failed.state == OpState.failed
     assert failed.error is not None and failed.error.startswith(
-        f"{step.name}: the node of host {step.host} stopped answering while it ran this step")
+        f"{step.name}: the node running it ({step.host}/"), failed.error
+    assert "stopped answering (its lease ran out)" in failed.error
     assert world.job(step.job_id or "").state == JobState.failed
 
 

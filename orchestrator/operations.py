@@ -102,7 +102,8 @@ def resume(p: Platform, op: Operation) -> None:
 
 def _fail_unstarted(p: Platform, op: Operation, error: str) -> None:
     with p.session() as s:
-        catalogue.end_operation(session=s, op_id=op.id or 0, state=OpState.failed, error=error)
+        if catalogue.end_operation(session=s, op_id=op.id or 0, state=OpState.failed, error=error):
+            _keep_healing_account(s, op, succeeded=False)
         catalogue.release_service(session=s, service_id=op.service_id, op_id=op.id or 0)
         s.commit()
 
@@ -333,12 +334,12 @@ USER_TRIGGERS = frozenset({OpTrigger.manual, OpTrigger.push, OpTrigger.support, 
 
 
 def _keep_healing_account(s: Session, op: Operation, *, succeeded: bool) -> None:
-    """A user's operation that succeeds starts the healing count afresh; a heal that fails asks
-    for another (after its back-off)."""
+    """A user's operation that succeeds starts the healing count afresh; a heal or a host-lost
+    recover that fails asks for a heal (after its back-off): the service is below its scale."""
     if succeeded and op.trigger in USER_TRIGGERS:
         s.exec(update(Service).where(col(Service.id) == op.service_id)
                .values(heal_attempts=0, heal_gave_up=False, heal_after=None))
-    elif not succeeded and op.trigger == OpTrigger.heal:
+    elif not succeeded and op.trigger in (OpTrigger.heal, OpTrigger.host_lost):
         s.exec(update(Service).where(col(Service.id) == op.service_id).values(heal_wanted=True))
 
 

@@ -23,6 +23,7 @@ from orchestrator.models import (
     OpParams,
     OpState,
     OpTrigger,
+    Service,
     ServiceType,
     Step,
     StepAction,
@@ -380,6 +381,29 @@ def test_a_job_whose_container_vanished_fails_and_is_healed(world: World) -> Non
     world.run_all()
     assert world.operation(heal.id or 0).state == OpState.succeeded
     assert len(world.jobs("web")) == 4
+
+
+def test_a_host_lost_recover_that_finds_no_room_asks_for_a_heal(world: World) -> None:
+    world.code_service("web", scale=2)
+    lose(world, "h1")  # h2 is down too: nowhere to go
+    lose(world, "h2")
+    world.run_all()
+    recovers = operations_of(world, "web", OpKind.recover)
+    assert recovers and {o.state for o in recovers} == {OpState.failed}
+    assert world.service("web").heal_wanted  # the service is below its scale: heal it later
+
+    # h2 comes back, its containers gone (a reboot): a heal brings the service back to scale.
+    world.runtimes["h2"].containers.clear()
+    world.start_node("h2")
+    world.beat("h2")
+    with world.platform.session() as s:  # its back-off has passed
+        s.exec(update(Service).values(heal_after=None))
+        s.commit()
+    world.watch()
+    world.run_all()
+    heals = [o for o in operations_of(world, "web", OpKind.recover) if o.trigger == OpTrigger.heal]
+    assert heals and world.operation(heals[-1].id or 0).state == OpState.succeeded
+    assert sorted(j.host for j in world.jobs("web")) == ["h2", "h2"]
 
 
 def test_a_job_whose_container_exited_fails_and_its_container_is_removed(world: World) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import Celery, Task
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import SQLAlchemyError
 
 from orchestrator import operations, requests
 from orchestrator.errors import BadInput
@@ -38,7 +38,7 @@ def register_finish(app: Celery, platform: Platform) -> None:
     def finish(self: Task, op_id: int, **_labels: Any) -> dict[str, Any]:
         try:
             ended = operations.finish(platform, op_id)
-        except DBAPIError:  # the catalogue failed for a while: ask again (the watcher would too)
+        except SQLAlchemyError:  # the catalogue failed for a while: ask again (the watcher would too)
             raise self.retry(countdown=1.0) from None
         if ended is None:  # steps sent beside a failed one are still running: ask again soon
             raise self.retry(countdown=0.5)

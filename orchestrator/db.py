@@ -44,7 +44,9 @@ def _engine(url: str, *, immediate: bool) -> Engine:
     path = url.split("///", 1)[-1]
     if path and path != ":memory:":
         _private_file(Path(path))
-    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 60})
+    # A node runs its step threads, its heartbeat and its watcher on one pool: room for them all.
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 60},
+                           pool_size=20, max_overflow=20, pool_timeout=60)
     event.listen(engine, "connect", _sqlite_connect)
     event.listen(engine, "handle_error", _sqlite_error)
     if immediate:

@@ -9,10 +9,11 @@ work: ``orchestrator.watcher``.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import update
+from sqlalchemy import or_, update
 from sqlmodel import Session, col, select
 
 from orchestrator import catalogue, operations, service_types
@@ -31,6 +32,7 @@ from orchestrator.models import (
     OpTrigger,
     Service,
     Step,
+    StepAction,
     StepState,
     utcnow,
 )
@@ -38,22 +40,6 @@ from orchestrator.platform import Platform
 
 # Docker's states of a container that will not run again by itself.
 DEAD_CONTAINER_STATES = frozenset({"exited", "dead", "created"})
-
-
-def heartbeat(p: Platform, *, host: str, cpus: float, memory_mb: int, node: str | None = None) -> None:
-    """The node of ``host`` is alive (and its Docker answers): record when and what the host
-    can hold, renew the leases of the steps this node process (``node``) runs. A host that was
-    down is up again (a draining one stays draining). One short transaction."""
-    now = utcnow()
-    with p.session() as s:
-        s.exec(update(Host).where(col(Host.name) == host)
-               .values(last_seen=now, cpus=cpus, memory_mb=memory_mb))
-        s.exec(update(Host).where(col(Host.name) == host, col(Host.state) == HostState.down)
-               .values(state=HostState.up))
-        if node is not None:
-            s.exec(update(Step).where(col(Step.node) == node, col(Step.state) == StepState.running)
-                   .values(lease_until=now + timedelta(seconds=p.settings.step_lease)))
-        s.commit()
 
 
 @dataclass(frozen=True)
@@ -67,12 +53,37 @@ class Container:
 
 @dataclass(frozen=True)
 class Reconciled:
-    remove: list[Container]  # containers the node removes: the catalogue does not want them
-    failed: list[str]  # running jobs whose containers died or vanished outside an operation
-    adopted: list[str]  # lost jobs taken back: their container runs and nothing replaced them
+    remove: list[Container] = field(default_factory=list)  # the catalogue does not want them
+    failed: list[str] = field(default_factory=list)  # running jobs that died outside an operation
+    adopted: list[str] = field(default_factory=list)  # lost jobs taken back
 
 
-def reconcile(p: Platform, *, host: str, containers: list[Container], listed_at: datetime) -> Reconciled:
+def heartbeat(p: Platform, *, host: str, cpus: float, memory_mb: int, node: str | None = None,
+              working_on: Sequence[int] = (), containers: Sequence[Container] | None = None,
+              listed_at: datetime | None = None) -> Reconciled:
+    """The node of ``host`` is alive (and its Docker answers), in one short transaction: record
+    when and what the host can hold; renew the leases of the steps this node process (``node``)
+    works on now and of its overlap waits; with the ``containers`` its Docker listed at
+    ``listed_at``, reconcile the host with the catalogue (``reconcile``); only then is a host that
+    was down up again (a draining one stays draining), so nothing is placed on it meanwhile."""
+    now = utcnow()
+    with p.session() as s:
+        s.exec(update(Host).where(col(Host.name) == host)
+               .values(last_seen=now, cpus=cpus, memory_mb=memory_mb))
+        if node is not None:
+            held = or_(col(Step.id).in_(list(working_on)), col(Step.action) == StepAction.wait)
+            s.exec(update(Step).where(col(Step.node) == node, col(Step.state) == StepState.running, held)
+                   .values(lease_until=now + timedelta(seconds=p.settings.step_lease)))
+        done = Reconciled()
+        if containers is not None:
+            done = reconcile(s, host=host, containers=containers, listed_at=listed_at or now)
+        s.exec(update(Host).where(col(Host.name) == host, col(Host.state) == HostState.down)
+               .values(state=HostState.up))
+        s.commit()
+    return done
+
+
+def reconcile(s: Session, *, host: str, containers: Sequence[Container], listed_at: datetime) -> Reconciled:
     """Bring the catalogue and the host's Docker in step, from what Docker listed at ``listed_at``.
 
     - A running job whose container vanished or exited outside an operation is failed, and its
@@ -87,38 +98,36 @@ def reconcile(p: Platform, *, host: str, containers: list[Container], listed_at:
     remove: list[Container] = []
     failed: list[str] = []
     adopted: list[str] = []
-    with p.session() as s:
-        jobs = list(s.exec(select(Job).where(Job.host == host, col(Job.state).in_(
-            (JobState.running, JobState.lost, JobState.stopped, JobState.failed)))))
-        for job in jobs:
-            container = present.get(job.id)
-            if job.state == JobState.running:
-                if job.started_at is None or job.started_at >= listed_at:
-                    continue  # started after the listing: it may not show yet
-                if container is None or container.status in DEAD_CONTAINER_STATES:
-                    what = "was removed" if container is None else f"stopped ({container.status})"
-                    _died(s, job, f"its container {what} outside the platform")
-                    failed.append(job.id)
-                    if container is not None:
-                        remove.append(container)
-            elif job.state == JobState.lost:
-                if container is not None and container.status == "running" and _wanted_back(s, job, host):
-                    catalogue.set_job_state(session=s, job_id=job.id, state=JobState.running)
-                    adopted.append(job.id)
-                    continue
-                s.exec(update(Job).where(col(Job.id) == job.id, col(Job.state) == JobState.lost)
-                       .values(state=JobState.stopped, stopped_at=utcnow()))
+    jobs = list(s.exec(select(Job).where(Job.host == host, col(Job.state).in_(
+        (JobState.running, JobState.lost, JobState.stopped, JobState.failed)))))
+    for job in jobs:
+        container = present.get(job.id)
+        if job.state == JobState.running:
+            if job.started_at is None or job.started_at >= listed_at:
+                continue  # started after the listing: it may not show yet
+            if container is None or container.status in DEAD_CONTAINER_STATES:
+                what = "was removed" if container is None else f"stopped ({container.status})"
+                _died(s, job, f"its container {what} outside the platform")
+                failed.append(job.id)
                 if container is not None:
                     remove.append(container)
-            elif container is not None:
+        elif job.state == JobState.lost:
+            if container is not None and container.status == "running" and _wanted_back(s, job, host):
+                catalogue.set_job_state(session=s, job_id=job.id, state=JobState.running)
+                adopted.append(job.id)
+                continue
+            s.exec(update(Job).where(col(Job.id) == job.id, col(Job.state) == JobState.lost)
+                   .values(state=JobState.stopped, stopped_at=utcnow()))
+            if container is not None:
                 remove.append(container)
-        s.commit()
+        elif container is not None:
+            remove.append(container)
     return Reconciled(remove, failed, adopted)
 
 
 def _died(s: Session, job: Job, error: str) -> None:
     catalogue.set_job_state(session=s, job_id=job.id, state=JobState.failed, error=error)
-    s.exec(update(Service).where(col(Service.id) == job.service_id).values(heal_wanted=True))
+    catalogue.want_heal(session=s, service_id=job.service_id)
 
 
 def _wanted_back(s: Session, job: Job, host: str) -> bool:
@@ -145,10 +154,12 @@ def host_lost(p: Platform, host: str) -> list[int]:
     with p.session() as s:
         jobs = list(s.exec(select(Job).where(Job.host == host,
                                              col(Job.state).in_(ACTIVE_JOB_STATES))))
-        services = sorted({j.service_id for j in jobs})
-        for job in jobs:
-            catalogue.set_job_state(session=s, job_id=job.id, state=JobState.lost,
-                                    error=f"host {host} went down")
+        moved = [j for j in jobs if s.exec(  # one watcher moves each job, whoever runs this
+            update(Job).where(col(Job.id) == j.id, col(Job.state).in_(ACTIVE_JOB_STATES))
+            .values(state=JobState.lost, error=f"host {host} went down")).rowcount == 1]
+        services = sorted({j.service_id for j in moved})
+        for service_id in services:  # if the recover below is cut short, a heal makes up for it
+            catalogue.want_heal(session=s, service_id=service_id)
         s.commit()
     fail_steps_on_down_hosts(p)
     return _start_for_each(p, services, OpKind.recover, OpTrigger.host_lost, host)
@@ -167,8 +178,10 @@ def fail_steps_on_down_hosts(p: Platform) -> None:
                    col(Step.state).in_((StepState.pending, StepState.running)))
         ))
         for step in stuck:
-            catalogue.end_step(session=s, step_id=step.id or 0, state=StepState.failed,
-                               error=f"host {step.host} is down: the step never ran there")
+            if not catalogue.end_step(session=s, step_id=step.id or 0, state=StepState.failed,
+                                      before=(StepState.pending, StepState.running),
+                                      error=f"host {step.host} is down: the step never ran there"):
+                continue
             if step.job_id:
                 job = s.get(Job, step.job_id)
                 if job is not None and job.state in ACTIVE_JOB_STATES:

@@ -277,7 +277,7 @@ class Step(SQLModel, table=True):
     error: str | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
-    node: str | None = None  # the host whose node runs (or ran) it
+    node: str | None = None  # the node process that runs (or ran) it: HOST/INCARNATION
     lease_until: datetime | None = None  # running: the node renews it; past it, the step fails
 
 

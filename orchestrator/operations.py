@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from sqlalchemy import update
 from sqlmodel import Session, col
 
-from orchestrator import catalogue, planner, spec
+from orchestrator import catalogue, planner, rules, spec
 from orchestrator.dispatch import SendFailed
 from orchestrator.errors import BadInput
 from orchestrator.models import (
@@ -114,7 +114,9 @@ def abandon(p: Platform, op_id: int, error: str, *, start: bool = True, heal: bo
     service's next queued operation starts; with ``heal``, the service is healed back to its
     scale afterwards (a fault, not the request, ended it). False when it had ended already."""
     with p.session() as s:
-        op = catalogue.get_operation(session=s, op_id=op_id)
+        op = catalogue.get_operation(session=s, op_id=op_id, for_update=True)
+        if op.state not in (OpState.running, OpState.queued):
+            return False
         catalogue.skip_pending_steps(session=s, op_id=op_id)
         _forget_unstarted_jobs(s, op_id)
         note = _restore_spec(s, op_id)
@@ -125,7 +127,7 @@ def abandon(p: Platform, op_id: int, error: str, *, start: bool = True, heal: bo
             return False
         catalogue.release_service(session=s, service_id=op.service_id, op_id=op_id)
         if heal:
-            s.exec(update(Service).where(col(Service.id) == op.service_id).values(heal_wanted=True))
+            catalogue.want_heal(session=s, service_id=op.service_id)
         s.commit()
     if start:
         start_next(p, op.service_id)
@@ -167,7 +169,9 @@ def _change_worker(s: Session, params: OpParams, kind: OpKind, svc: Service) -> 
     if kind == OpKind.worker_deploy:
         worker.command = params.command or ""
     elif params.worker_scale is not None:
-        worker.scale = max(0, params.worker_scale.applied_to(worker.scale))
+        # Checked when asked, and again now: queued relative changes add up.
+        worker.scale = rules.check_scale(svc.type, params.worker_scale.applied_to(worker.scale),
+                                         what=f"worker target {target} scale")
     s.add(worker)
     return before
 
@@ -304,7 +308,7 @@ def finish(p: Platform, op_id: int) -> bool | None:
     Returns None while steps sent alongside a failed one are still running (the caller asks
     again later), else whether this call ended the operation."""
     with p.session() as s:
-        op = catalogue.get_operation(session=s, op_id=op_id)
+        op = catalogue.get_operation(session=s, op_id=op_id, for_update=True)
         if op.state not in (OpState.running, OpState.queued):
             return False
         steps = catalogue.steps_of(session=s, op_id=op_id)
@@ -340,7 +344,7 @@ def _keep_healing_account(s: Session, op: Operation, *, succeeded: bool) -> None
         s.exec(update(Service).where(col(Service.id) == op.service_id)
                .values(heal_attempts=0, heal_gave_up=False, heal_after=None))
     elif not succeeded and op.trigger in (OpTrigger.heal, OpTrigger.host_lost):
-        s.exec(update(Service).where(col(Service.id) == op.service_id).values(heal_wanted=True))
+        catalogue.want_heal(session=s, service_id=op.service_id)
 
 
 def _forget_unstarted_jobs(s: Session, op_id: int) -> None:

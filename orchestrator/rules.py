@@ -15,6 +15,7 @@ from orchestrator.models import ScaleChange, ServiceType
 from orchestrator.sizes import Size, parse_size
 
 MAX_SCALE = 1000  # jobs of one kind (deploy, or one worker target) of one service
+MAX_OVERLAP = 86400  # seconds old jobs may outlive new ones on a redeploy
 MAX_VARIABLE_NAME = 255
 MAX_VARIABLE_VALUE = 65536
 # What a job's environment may hold in all (user, connection and platform variables): Linux
@@ -56,6 +57,12 @@ def parse_scale_change(text: str) -> ScaleChange:
         raise BadInput(f"worker scale {text!r} is not N, +N or -N")
     number = int(digits)
     return ScaleChange(number=-number if sign == "-" else number, relative=bool(sign))
+
+
+def check_overlap(seconds: object) -> int:
+    if isinstance(seconds, bool) or not isinstance(seconds, int) or not 0 <= seconds <= MAX_OVERLAP:
+        raise BadInput(f"overlap must be a whole number of seconds from 0 to {MAX_OVERLAP}, not {seconds!r}")
+    return seconds
 
 
 def check_size(text: str) -> Size:

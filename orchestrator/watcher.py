@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from datetime import datetime, timedelta
 
 from sqlalchemy import update
@@ -23,8 +24,11 @@ from sqlmodel import Session, col, select
 
 from orchestrator import catalogue, fleet, operations
 from orchestrator.models import (
+    ACTIVE_JOB_STATES,
     Host,
     HostState,
+    Job,
+    JobKind,
     JobState,
     Operation,
     OpKind,
@@ -66,7 +70,8 @@ class Watcher:
         started = time.monotonic()
         try:
             if started >= self.trust_after:
-                self.judge()
+                self.judge(started)
+            recover_down_hosts(self.p)
             fleet.fail_steps_on_down_hosts(self.p)
             start_stranded(self.p)
             heal(self.p)
@@ -76,37 +81,38 @@ class Watcher:
         if time.monotonic() - started > max(self.p.settings.heartbeat_interval, SLOW_WRITE):
             self.distrust()
 
-    def judge(self) -> None:
+    def judge(self, started: float) -> None:
         """What is decided by elapsed time: silent hosts, ran-out leases, orphans."""
         try:
-            for host in silent_hosts(self.p):
-                fleet.host_lost(self.p, host)
-            expire_leases(self.p)
-            end_orphans(self.p)
+            silent_hosts(self.p, started)
+            expire_leases(self.p, started)
+            end_orphans(self.p, started)
         except Stalled:
             log.warning("the catalogue is slow: hosts and leases are not judged for %gs",
                         self.p.settings.host_down_after)
             self.distrust()
 
 
-def _write_lock(s: Session) -> datetime:
-    """Begin the write transaction; the time then. Raises Stalled if it took long to get."""
-    asked = time.monotonic()
-    s.connection()  # SQLite: BEGIN IMMEDIATE, which waits for the writer lock
-    if time.monotonic() - asked > SLOW_WRITE:
+def _write_lock(s: Session, pass_started: float) -> datetime:
+    """Begin the write transaction; the time then. Raises Stalled if the pass has taken long to
+    get here: its writes waited (SQLite: BEGIN IMMEDIATE waits for the writer lock) or its reads
+    did (PostgreSQL: a lock on a table), so heartbeats may have waited as long."""
+    s.connection()
+    if time.monotonic() - pass_started > SLOW_WRITE:
         raise Stalled()
     return utcnow()
 
 
-def silent_hosts(p: Platform) -> list[str]:
-    """Mark down the hosts whose last heartbeat is older than ``host_down_after``; returns them."""
+def silent_hosts(p: Platform, pass_started: float) -> list[str]:
+    """Mark down the hosts whose last heartbeat is older than ``host_down_after``; returns them
+    (``recover_down_hosts`` then recovers their jobs)."""
     with p.reader() as s:
         candidates = [h.name for h in catalogue.list_hosts(session=s)
                       if h.state != HostState.down and h.last_seen is not None]
     marked = []
     for name in candidates:
         with p.session() as s:
-            cutoff = _write_lock(s) - timedelta(seconds=p.settings.host_down_after)
+            cutoff = _write_lock(s, pass_started) - timedelta(seconds=p.settings.host_down_after)
             won = s.exec(update(Host).where(col(Host.name) == name, col(Host.state) != HostState.down,
                                             col(Host.last_seen) < cutoff)
                          .values(state=HostState.down)).rowcount == 1
@@ -117,16 +123,29 @@ def silent_hosts(p: Platform) -> list[str]:
     return marked
 
 
-def expire_leases(p: Platform) -> list[int]:
+def recover_down_hosts(p: Platform) -> None:
+    """Every down host that still has active jobs: they are lost, and recovered elsewhere. A
+    state, not a moment: a pass that marked a host down and stopped before this is made up for."""
+    with p.reader() as s:
+        down = {h.name for h in catalogue.list_hosts(session=s) if h.state == HostState.down}
+        hosts = sorted({j.host for j in s.exec(select(Job).where(col(Job.host).in_(down),
+                                                                 col(Job.state).in_(ACTIVE_JOB_STATES)))})
+    for host in hosts:
+        fleet.host_lost(p, host)
+
+
+def expire_leases(p: Platform, pass_started: float) -> list[int]:
     """Fail running steps whose lease ran out and end their operations; returns the steps."""
     with p.session() as s:
-        now = _write_lock(s)
+        now = _write_lock(s, pass_started)
         expired = list(s.exec(select(Step).where(Step.state == StepState.running,
                                                  col(Step.lease_until) < now)))
         for step in expired:
-            _heal_later(s, step.op_id)
             error = (f"the node running it ({step.node}) stopped answering (its lease ran out)")
-            catalogue.end_step(session=s, step_id=step.id or 0, state=StepState.failed, error=error)
+            if not catalogue.end_step(session=s, step_id=step.id or 0, state=StepState.failed,
+                                      error=error, node=step.node):
+                continue  # it ended, or another node took it over, meanwhile
+            _heal_later(s, step.op_id)
             if step.job_id and step.action in (StepAction.start, StepAction.stop):
                 catalogue.set_job_state(session=s, job_id=step.job_id, state=JobState.failed, error=error)
         s.commit()
@@ -135,11 +154,11 @@ def expire_leases(p: Platform) -> list[int]:
     return [st.id or 0 for st in expired]
 
 
-def end_orphans(p: Platform) -> None:
+def end_orphans(p: Platform, pass_started: float) -> None:
     """End or resume the operations no process will carry on."""
     settings = p.settings
     with p.session() as s:
-        now = _write_lock(s)
+        now = _write_lock(s, pass_started)
         cutoff = now - timedelta(seconds=settings.orphan_after)
         unsent = list(s.exec(select(Operation).where(
             Operation.state == OpState.running, col(Operation.sent_at).is_(None),
@@ -148,10 +167,11 @@ def end_orphans(p: Platform) -> None:
                               .where(Operation.state == OpState.queued, col(Operation.claimed_at) < cutoff)))
         lost_steps = _never_picked_up(s, now - timedelta(seconds=settings.pickup_timeout))
         for step in lost_steps:
-            _heal_later(s, step.op_id)
-            catalogue.end_step(session=s, step_id=step.id or 0, state=StepState.failed,
-                               error=f"never picked up by the node of host {step.host} within "
-                                     f"{settings.pickup_timeout:g}s: its message was lost")
+            if catalogue.end_step(session=s, step_id=step.id or 0, state=StepState.failed,
+                                  before=(StepState.pending,),
+                                  error=f"never picked up by the node of host {step.host} within "
+                                        f"{settings.pickup_timeout:g}s: its message was lost"):
+                _heal_later(s, step.op_id)
         s.commit()
     for op in unsent:
         operations.abandon(p, op.id or 0, "interrupted before its steps reached the broker (the process "
@@ -167,7 +187,7 @@ def _heal_later(s: Session, op_id: int) -> None:
     """An operation that a fault ended half-way may leave its service below scale: heal it."""
     op = s.get(Operation, op_id)
     if op is not None:
-        s.exec(update(Service).where(col(Service.id) == op.service_id).values(heal_wanted=True))
+        catalogue.want_heal(session=s, service_id=op.service_id)
 
 
 def _never_picked_up(s: Session, cutoff: datetime) -> list[Step]:
@@ -231,6 +251,14 @@ def start_stranded(p: Platform) -> None:
             operations.start_next(p, svc.id or 0)
 
 
+def _below_scale(s: Session, svc: Service) -> bool:
+    """Fewer active deploy jobs than its scale, or fewer of a worker target than the target's."""
+    active = Counter((j.kind, j.target) for j in catalogue.active_jobs(session=s, service=svc))
+    if active[(JobKind.deploy, None)] < svc.scale:
+        return True
+    return any(active[(JobKind.worker, w.name)] < w.scale for w in catalogue.workers_of(session=s, service=svc))
+
+
 def heal(p: Platform) -> list[int]:
     """A heal operation for each service whose jobs died outside an operation, once its back-off
     has passed; after MAX_HEAL_ATTEMPTS in a row, the service is left as it is (``heal_gave_up``)
@@ -244,10 +272,13 @@ def heal(p: Platform) -> list[int]:
             if svc.heal_after is None or _aware(svc.heal_after) <= now]
     for service_id in wanted:
         with p.session() as s:
+            claimed = s.exec(update(Service).where(  # one watcher heals it
+                col(Service.id) == service_id, col(Service.heal_wanted).is_(True),
+                col(Service.active_op_id).is_(None)).values(heal_wanted=False)).rowcount == 1
             svc = s.get(Service, service_id)
-            if svc is None or not svc.heal_wanted or svc.active_op_id is not None:
+            if not claimed or svc is None or not _below_scale(s, svc):
+                s.commit()  # at its scale after all (a recover made up for it): nothing to heal
                 continue
-            svc.heal_wanted = False
             if svc.heal_attempts >= MAX_HEAL_ATTEMPTS or (svc.type == ServiceType.code and svc.image is None):
                 svc.heal_gave_up = svc.heal_attempts >= MAX_HEAL_ATTEMPTS
                 s.add(svc)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import socket
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from orchestrator.platform import Platform
@@ -34,6 +35,24 @@ class NodeContext:
     # This node process, apart from the host's earlier ones: it holds the leases of the steps
     # it runs. A node started again must not renew what its predecessor held.
     incarnation: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    # The steps a task of this process works on right now: the heartbeat renews their leases
+    # (and those of its overlap waits), no others.
+    inflight: set[int] = field(default_factory=set)
+    _inflight_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @contextmanager
+    def working(self, step_id: int) -> Iterator[None]:
+        with self._inflight_lock:
+            self.inflight.add(step_id)
+        try:
+            yield
+        finally:
+            with self._inflight_lock:
+                self.inflight.discard(step_id)
+
+    def working_on(self) -> list[int]:
+        with self._inflight_lock:
+            return sorted(self.inflight)
 
     @property
     def node_id(self) -> str:

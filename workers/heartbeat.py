@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 from orchestrator import fleet
 from orchestrator.models import utcnow
@@ -17,37 +20,62 @@ class NodeHeartbeat:
     def __init__(self, node: NodeContext) -> None:
         self.node = node
         self._capacity: tuple[float, int] | None = None
+        # Containers are removed beside the heartbeat, not in it: a stop can take the stop
+        # timeout, and a beat must stay short (or the host would look silent).
+        self._removals = ThreadPoolExecutor(max_workers=4, thread_name_prefix="remove")
+        self._removing: set[str] = set()
+        self._lock = threading.Lock()
 
     def periodic(self) -> Periodic:
         """This heartbeat every ``settings.heartbeat_interval`` seconds, in a thread of its own."""
         return Periodic("heartbeat", self.node.platform.settings.heartbeat_interval, self.beat)
 
     def beat(self) -> None:
-        """A heartbeat when this host's Docker answers; none when it does not, so the watcher
-        marks the host down after ``host_down_after`` and its jobs are recovered elsewhere."""
-        runtime = self.node.runtime
+        """A heartbeat when this host's Docker answers, with what it lists (``fleet.heartbeat``
+        reconciles the two); none when it does not, so the watcher marks the host down after
+        ``host_down_after`` and its jobs are recovered elsewhere."""
+        node, runtime = self.node, self.node.runtime
         if not runtime.ping():
-            log.warning("Docker on host %s does not answer: no heartbeat", self.node.host)
+            log.warning("Docker on host %s does not answer: no heartbeat", node.host)
             return
         if self._capacity is None:
             self._capacity = runtime.capacity()
         cpus, memory_mb = self._capacity
-        fleet.heartbeat(self.node.platform, host=self.node.host, cpus=cpus, memory_mb=memory_mb,
-                        node=self.node.node_id)
-        self.reconcile()
-
-    def reconcile(self) -> None:
-        """Keep Docker and the catalogue in step (``fleet.reconcile``): remove the containers the
-        catalogue does not want, and say what died and what was taken back."""
-        p, host, runtime = self.node.platform, self.node.host, self.node.runtime
         listed_at = utcnow()
         containers = [fleet.Container(c.labels[LABEL_JOB], c.name, c.status) for c in runtime.jobs()]
-        done = fleet.reconcile(p, host=host, containers=containers, listed_at=listed_at)
+        done = fleet.heartbeat(node.platform, host=node.host, cpus=cpus, memory_mb=memory_mb,
+                               node=node.node_id, working_on=node.working_on(), containers=containers,
+                               listed_at=listed_at)
         for job_id in done.failed:
-            log.warning("job %s: its container died or vanished outside an operation", job_id)
+            log.warning("job %s: its container died or vanished outside the platform", job_id)
         for job_id in done.adopted:
             log.info("job %s: its container still runs and nothing replaced it: taken back", job_id)
         for container in done.remove:
-            log.info("removing container %s of job %s, which the catalogue no longer wants",
-                     container.name, container.job_id)
-            runtime.stop(container.name, timeout=p.settings.stop_timeout)
+            self._remove(container)
+
+    def _remove(self, container: fleet.Container) -> None:
+        with self._lock:
+            if container.name in self._removing:
+                return
+            self._removing.add(container.name)
+        log.info("removing container %s of job %s, which the catalogue no longer wants",
+                 container.name, container.job_id)
+        self._removals.submit(self._stop, container.name)
+
+    def _stop(self, name: str) -> None:
+        try:
+            self.node.runtime.stop(name, timeout=self.node.platform.settings.stop_timeout)
+        except Exception:  # the next heartbeat lists it again and asks again
+            log.exception("removing container %s failed", name)
+        finally:
+            with self._lock:
+                self._removing.discard(name)
+
+    def wait_for_removals(self) -> None:
+        """Until the removals asked so far are done (for tests and a clean stop)."""
+        self._removals.submit(lambda: None).result()
+        while True:
+            with self._lock:
+                if not self._removing:
+                    return
+            time.sleep(0.01)

@@ -15,7 +15,7 @@ from typing import Any
 
 from celery import Celery, Task
 from celery.exceptions import Retry
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import SQLAlchemyError
 
 from orchestrator import catalogue, names
 from orchestrator.errors import one_line
@@ -28,6 +28,7 @@ from workers.runtime.base import ContainerSpec
 log = logging.getLogger(__name__)
 
 
+MAX_WAIT_COUNTDOWN = 60.0  # seconds an overlap wait sleeps in the broker before asking again
 CATALOGUE_RETRIES = 30  # a step asks again every second while the catalogue fails, this often
 
 
@@ -56,16 +57,26 @@ def run_step(node: NodeContext, step_id: int, work: Work, *, env: str = "",
                                     lease=p.settings.step_lease)
         if step is None:
             # Already running: a redelivery after a lost node, or a wait asking again. Run again
-            # (the work is idempotent) and hold its lease from now on; anything else already
-            # ended and is left alone.
+            # (the work is idempotent) and hold its lease from now on.
             step = catalogue.take_over_step(session=s, step_id=step_id, node=node.node_id,
                                             lease=p.settings.step_lease)
-        job = s.get(Job, step.job_id) if step is not None and step.job_id else None
+        if step is None:  # it ended already: a succeeded one lets the chain go on, no other does
+            ended = s.get(Step, step_id)
+            s.rollback()
+            if ended is not None and ended.state == StepState.succeeded:
+                return {"step": step_id, "skipped": True}
+            raise StepFailed(f"step {step_id} ended already ({ended.state if ended else 'unknown'})")
+        job = s.get(Job, step.job_id) if step.job_id else None
         if job is not None and work.job_on_begin is not None:
             catalogue.set_job_state(session=s, job_id=job.id, state=work.job_on_begin)
         s.commit()
-    if step is None:
-        return {"step": step_id, "skipped": True}
+    with node.working(step_id):
+        return _carry_out(node, step, job, work, env=env, service=service)
+
+
+def _carry_out(node: NodeContext, step: Step, job: Job | None, work: Work, *, env: str,
+               service: str) -> dict[str, Any]:
+    p, step_id = node.platform, step.id or 0
     try:
         result = work.act(node, step, job)
     except Retry:
@@ -73,19 +84,22 @@ def run_step(node: NodeContext, step_id: int, work: Work, *, env: str = "",
     except Exception as exc:
         error = one_line(exc)
         with p.session() as s:
-            catalogue.end_step(session=s, step_id=step_id, state=StepState.failed, error=error)
-            if job is not None and work.job_on_failure is not None:
+            won = catalogue.end_step(session=s, step_id=step_id, state=StepState.failed, error=error,
+                                     node=node.node_id)
+            if won and job is not None and work.job_on_failure is not None:
                 catalogue.set_job_state(session=s, job_id=job.id, state=work.job_on_failure,
                                         error=error)
             s.commit()
         p.dispatch.send_finish(step.op_id, env=env, service=service, host=node.host)
         raise StepFailed(error) from None
     with p.session() as s:
-        if job is not None and work.job_on_done is not None:
+        won = catalogue.end_step(session=s, step_id=step_id, state=StepState.succeeded, node=node.node_id)
+        if won and job is not None and work.job_on_done is not None:
             catalogue.set_job_state(session=s, job_id=job.id, state=work.job_on_done,
                                     container_id=result.get("container"))
-        catalogue.end_step(session=s, step_id=step_id, state=StepState.succeeded)
         s.commit()
+    if not won:  # the watcher failed it meanwhile (its lease ran out): the chain stops here
+        raise StepFailed(f"step {step_id} was failed while it ran (its lease ran out)")
     return {"step": step_id, **result}
 
 
@@ -208,10 +222,10 @@ def register(app: Celery, node: NodeContext) -> None:
     def step(task: Task, step_id: int, work: Work, env: str, service: str) -> dict[str, Any]:
         try:
             return run_step(node, step_id, work, env=env, service=service)
-        except DBAPIError as exc:
-            # The catalogue failed (locked, read-only, restarting) before the step could begin or
-            # be recorded: ask again soon. Steps are idempotent; a lease bounds how long this lasts.
-            log.warning("step %s: the catalogue is unavailable (%s): trying again", step_id, one_line(exc.orig))
+        except SQLAlchemyError as exc:
+            # The catalogue failed (locked, read-only, restarting, no free connection) before the
+            # step could begin or be recorded: ask again soon. Steps are idempotent.
+            log.warning("step %s: the catalogue is unavailable (%s): trying again", step_id, one_line(exc))
             raise task.retry(countdown=1.0, max_retries=CATALOGUE_RETRIES) from None
 
     @app.task(name=names.TASK_CHECK_IMAGE, shared=False, bind=True)
@@ -235,8 +249,10 @@ def register(app: Celery, node: NodeContext) -> None:
         def body(_node: NodeContext, step_row: Step, _job: Job | None) -> dict[str, Any]:
             remaining = wait_remaining(step_row)
             if remaining > 0.05:
-                # Ask again later instead of sleeping: the wait holds no worker slot.
-                raise self.retry(countdown=remaining)
+                # Ask again later instead of sleeping: the wait holds no worker slot. At most a
+                # minute at a time: a broker gives back an unacknowledged message after its
+                # visibility timeout, and a long wait must never outlast it.
+                raise self.retry(countdown=min(remaining, MAX_WAIT_COUNTDOWN))
             return {"waited": step_row.seconds}
 
         return step(self, step_id, Work(body), env, service)

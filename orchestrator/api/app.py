@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, status
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field, StrictBool, StrictInt
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlmodel import Session
 
 from orchestrator import catalogue, requests, rules, spec
@@ -62,7 +62,7 @@ class WorkerScaleBody(BaseModel):
 
 
 class ServicePatch(BaseModel):
-    overlap: StrictInt | None = Field(default=None, ge=0, le=86400)
+    overlap: StrictInt | None = Field(default=None, ge=0, le=rules.MAX_OVERLAP)
     redeployable: StrictBool | None = None
 
 
@@ -118,11 +118,12 @@ def create_api(platform: Platform) -> FastAPI:
     api.state.platform = platform
     v1 = APIRouter(prefix="/api/v1")
 
-    @api.exception_handler(DBAPIError)
-    async def catalogue_unavailable(_: Request, exc: DBAPIError) -> JSONResponse:
+    @api.exception_handler(SQLAlchemyError)
+    async def catalogue_unavailable(_: Request, exc: SQLAlchemyError) -> JSONResponse:
         """A catalogue that fails for a while (locked, read-only, restarting) is a 503, and the
         next request tries again on a fresh connection."""
-        return JSONResponse({"detail": f"the catalogue is unavailable: {one_line(exc.orig)}"},
+        cause = exc.orig if isinstance(exc, DBAPIError) else exc
+        return JSONResponse({"detail": f"the catalogue is unavailable: {one_line(cause)}"},
                             status_code=status.HTTP_503_SERVICE_UNAVAILABLE, headers={"Retry-After": "1"})
 
     @api.exception_handler(BadInput)

@@ -39,6 +39,7 @@ from orchestrator.catalogue.services import (
     set_variables,
     unset_variables,
     update_service,
+    want_heal,
     workers_of,
 )
 from orchestrator.catalogue.tokens import create_token, role_of_token
@@ -51,5 +52,6 @@ __all__ = [
     "list_operations", "list_releases", "list_services", "mark_sent", "move_job_port", "operation_public",
     "record_operation", "release_service", "role_of_token", "service_public", "set_job_state",
     "set_variables", "skip_pending_steps", "steps_of", "take_over_step", "unset_variables", "update_service",
+    "want_heal",
     "workers_of",
 ]

@@ -89,8 +89,13 @@ def mark_sent(*, session: Session, op_id: int) -> None:
     session.exec(update(Operation).where(col(Operation.id) == op_id).values(sent_at=utcnow()))
 
 
-def get_operation(*, session: Session, op_id: int) -> Operation:
-    op = session.get(Operation, op_id) if 0 < op_id <= MAX_ID else None
+def get_operation(*, session: Session, op_id: int, for_update: bool = False) -> Operation:
+    """The operation; with ``for_update``, its row is locked until the transaction ends
+    (PostgreSQL; SQLite's writer holds the whole file already), so one process ends it."""
+    op = None
+    if 0 < op_id <= MAX_ID:
+        query = select(Operation).where(Operation.id == op_id)
+        op = session.exec(query.with_for_update() if for_update else query).first()
     if op is None:
         raise NotFound(f"no operation {op_id}")
     return op
@@ -124,7 +129,7 @@ def operation_public(*, session: Session, op: Operation, steps: Sequence[Step] |
 
 def begin_step(*, session: Session, step_id: int, node: str, lease: float) -> Step | None:
     """pending -> running on ``node``, leased for ``lease`` seconds (the node's heartbeat renews
-    it); None when the step already ran or was skipped (a redelivery)."""
+    it while the node works on it); None when the step already began (a redelivery)."""
     now = utcnow()
     moved = session.exec(
         update(Step)
@@ -146,11 +151,15 @@ def take_over_step(*, session: Session, step_id: int, node: str, lease: float) -
     return session.get(Step, step_id) if moved == 1 else None
 
 
-def end_step(*, session: Session, step_id: int, state: StepState, error: str | None = None) -> None:
-    session.exec(
-        update(Step).where(col(Step.id) == step_id)
-        .values(state=state, error=error, finished_at=utcnow())
-    )
+def end_step(*, session: Session, step_id: int, state: StepState, error: str | None = None,
+             node: str | None = None, before: Sequence[StepState] = (StepState.running,)) -> bool:
+    """End a step that is in one of the ``before`` states (and, with ``node``, run by that node
+    process); False when it was not: another process ended it, or its lease passed to another
+    node. Whoever ends a step also moves its job."""
+    query = update(Step).where(col(Step.id) == step_id, col(Step.state).in_(before))
+    if node is not None:
+        query = query.where(col(Step.node) == node)
+    return session.exec(query.values(state=state, error=error, finished_at=utcnow())).rowcount == 1
 
 
 def skip_pending_steps(*, session: Session, op_id: int) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from sqlalchemy import func
+from sqlalchemy import func, update
 from sqlmodel import Session, col, select
 
 from orchestrator import names, rules, service_types
@@ -85,8 +85,7 @@ def update_service(*, session: Session, service: Service, overlap: int | None,
     if not support:
         raise BadInput("only support may set the overlap period or the redeployable flag")
     if overlap is not None:
-        if overlap < 0:
-            raise BadInput("overlap must be 0 or more seconds")
+        rules.check_overlap(overlap)
         if overlap and service.type != ServiceType.code:
             raise BadInput("an overlap period is for code services only")
         service.overlap = overlap
@@ -111,6 +110,12 @@ def unset_variables(*, session: Session, service: Service, keys: Iterable[str]) 
         raise BadInput(f"service {service.name} has no variable {missing[0]}")
     service.variables = {k: v for k, v in service.variables.items() if k not in keys}
     session.add(service)
+
+
+def want_heal(*, session: Session, service_id: int) -> None:
+    """The service may be below its scale for a reason no operation will mend: the watcher heals
+    it (``watcher.heal``), with a back-off."""
+    session.exec(update(Service).where(col(Service.id) == service_id).values(heal_wanted=True))
 
 
 def service_public(service: Service, env: Environment) -> ServicePublic:

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import click
 from pydantic import BaseModel
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from orchestrator import catalogue, progress
 from orchestrator.errors import BadInput, one_line
@@ -53,8 +53,9 @@ class OneLineGroup(click.Group):
             fail(" ".join(exc.format_message().split()))
         except BadInput as exc:
             fail(str(exc))
-        except DBAPIError as exc:  # not the request's fault: exit 1, as a failed operation
-            fail(f"the catalogue is unavailable: {one_line(exc.orig)}", code=1)
+        except SQLAlchemyError as exc:  # not the request's fault: exit 1, as a failed operation
+            fail(f"the catalogue is unavailable: {one_line(exc.orig if isinstance(exc, DBAPIError) else exc)}",
+                 code=1)
         except click.Abort:
             click.echo("aborted", err=True)
             sys.exit(1)

@@ -4,6 +4,7 @@ a node reconciling its runtime with the catalogue."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from datetime import timedelta
 
@@ -113,8 +114,8 @@ def test_a_node_whose_docker_does_not_answer_sends_no_heartbeat(world: World) ->
 
 def test_a_silent_host_is_marked_down_once(world: World) -> None:
     world.silence("h2")
-    assert watcher.silent_hosts(world.platform) == ["h2"]
-    assert watcher.silent_hosts(world.platform) == []
+    assert watcher.silent_hosts(world.platform, time.monotonic()) == ["h2"]
+    assert watcher.silent_hosts(world.platform, time.monotonic()) == []
     assert world.host("h2").state == HostState.down and world.host("h1").state == HostState.up
 
 
@@ -217,15 +218,25 @@ def test_a_step_whose_lease_runs_out_fails_unless_its_node_renews_it(world: Worl
     world.run_stages(world.take_chain(op.id or 0), 1)
     step = start_step_of(world, op.id or 0)
     node = world.node(step.host or "")
-    with world.platform.session() as s:  # its node began it, then hangs
+    with world.platform.session() as s:  # its node began it, and a task of it still works on it
         catalogue.begin_step(session=s, step_id=step.id or 0, node=node.node_id, lease=15)
         s.commit()
+    node.inflight.add(step.id or 0)
     expire_lease(world, step.id or 0)
-    world.beat(step.host or "")  # the node is alive: its heartbeat renews the lease
+    world.beat(step.host or "")  # the node is alive and works on it: its heartbeat renews the lease
     world.watch()
     assert world.operation(op.id or 0).state == OpState.running
 
+    # No task works on it any more (it gave up): the live node does not renew it either.
+    node.inflight.clear()
+    expire_lease(world, step.id or 0)
+    world.beat(step.host or "")
+    with world.platform.reader() as s:
+        lease = s.get(Step, step.id)
+        assert lease is not None and lease.lease_until is not None and lease.lease_until < utcnow()
+
     # The host's node started again: the new process does not renew what the dead one held.
+    node.inflight.add(step.id or 0)
     node.incarnation = "restarted"
     expire_lease(world, step.id or 0)
     world.beat(step.host or "")

@@ -3,12 +3,15 @@ stops that find nothing, and jobs whose port is held by a program outside the pl
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import pytest
 from sqlmodel import select
 
 from orchestrator import catalogue, operations, requests
 from orchestrator.models import JobState, OpState, ServiceType, Step, StepAction, StepState
 from tests.unit.world import ENV, PORT_MIN, World
-from workers.tasks import START, STOP, container_spec, run_step
+from workers.tasks import START, STOP, StepFailed, container_spec, run_step
 
 
 def start_step(world: World, op_id: int) -> Step:
@@ -29,6 +32,45 @@ def test_a_step_that_already_succeeded_is_skipped(world: World) -> None:
     assert world.runtimes[job.host].containers == before
     assert world.job(job.id).state == JobState.running
     assert world.steps(op.id or 0, StepAction.start)[0].state == StepState.succeeded
+
+
+def test_a_redelivered_step_that_was_failed_stops_the_chain(world: World) -> None:
+    """A step the watcher failed (its lease ran out, its host went down) must not count as done
+    when its message comes back: the next stage would run after a failed one."""
+    world.code_service("web", scale=1)
+    op = requests.request_scale(world.platform, env=ENV, service="web", scale=2)
+    world.dispatch.sent.clear()  # its chain is never delivered as sent
+    step = start_step(world, op.id or 0)
+    with world.platform.session() as s:
+        catalogue.end_step(session=s, step_id=step.id or 0, state=StepState.failed, error="lease ran out",
+                           before=(StepState.pending,))
+        s.commit()
+    with pytest.raises(StepFailed, match="ended already"):
+        run_step(world.node(step.host or ""), step.id or 0, START)
+    assert world.steps(op.id or 0, StepAction.start)[0].state == StepState.failed
+
+
+def test_a_step_failed_while_it_ran_does_not_succeed_afterwards(world: World) -> None:
+    """The watcher failed a step whose node was slow; the node's late success must not overwrite
+    it (nor mark its job running): the step stays failed and the task fails."""
+    world.code_service("web", scale=1)
+    op = requests.request_scale(world.platform, env=ENV, service="web", scale=2)
+    world.dispatch.sent.clear()
+    step = start_step(world, op.id or 0)
+    node = world.node(step.host or "")
+    real = START.act
+
+    def slow_then_failed(n: object, st: Step, job: object) -> dict[str, object]:
+        with world.platform.session() as s:  # meanwhile, the watcher ends it
+            catalogue.end_step(session=s, step_id=st.id or 0, state=StepState.failed, error="lease ran out")
+            s.commit()
+        return real(n, st, job)  # type: ignore[arg-type]
+
+    with pytest.raises(StepFailed, match="was failed while it ran"):
+        run_step(node, step.id or 0, replace(START, act=slow_then_failed))
+    (after,) = world.steps(op.id or 0, StepAction.start)
+    assert (after.state, after.error) == (StepState.failed, "lease ran out")
+    assert world.job(after.job_id or "").state != JobState.running
 
 
 def test_a_redelivered_start_adopts_the_container_of_the_first_delivery(world: World) -> None:

@@ -120,7 +120,9 @@ class World:
 
     def beat(self, host: str) -> None:
         """One heartbeat of ``host``'s node (which reconciles its runtime with the catalogue)."""
-        NodeHeartbeat(self.node(host)).beat()
+        heartbeat = NodeHeartbeat(self.node(host))
+        heartbeat.beat()
+        heartbeat.wait_for_removals()  # removals run beside the heartbeat
 
     def watch(self) -> None:
         """One pass of the fleet watcher (it trusts the clock: heartbeats have had time to land)."""

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import or_, update
+from sqlalchemy import case, or_, update
 from sqlmodel import Session, col, select
 
 from orchestrator import catalogue, operations, service_types
@@ -78,7 +78,7 @@ def heartbeat(p: Platform, *, host: str, cpus: float, memory_mb: int, node: str 
         if containers is not None:
             done = reconcile(s, host=host, containers=containers, listed_at=listed_at or now)
         s.exec(update(Host).where(col(Host.name) == host, col(Host.state) == HostState.down)
-               .values(state=HostState.up))
+               .values(state=case((col(Host.drained), HostState.draining), else_=HostState.up)))
         s.commit()
     return done
 
@@ -200,6 +200,7 @@ def drain(p: Platform, *, host: str) -> list[int]:
         if target.state == HostState.down:
             raise BadInput(f"host {host} is down: its jobs are recovered elsewhere already")
         target.state = HostState.draining
+        target.drained = True
         s.add(target)
         services = sorted({j.service_id for j in s.exec(
             select(Job).where(Job.host == host, col(Job.state).in_(ACTIVE_JOB_STATES)))})
@@ -231,6 +232,7 @@ def undrain(p: Platform, *, host: str) -> None:
         if target.state != HostState.draining:
             raise BadInput(f"host {host} is {target.state}, not draining")
         target.state = HostState.up
+        target.drained = False
         s.add(target)
         s.commit()
 

@@ -156,6 +156,7 @@ class Host(SQLModel, table=True):
     docker_url: str
     address: str = "127.0.0.1"
     state: HostState = HostState.down  # up at its node's first heartbeat
+    drained: bool = False  # drained by an operator: back from down, it is draining, not up
     last_seen: datetime | None = None
     cpus: float = 0.0  # 0: not reported yet, no limit assumed
     memory_mb: int = 0

@@ -394,6 +394,18 @@ def test_a_job_whose_container_vanished_fails_and_is_healed(world: World) -> Non
     assert len(world.jobs("web")) == 4
 
 
+def test_a_drained_host_that_went_down_comes_back_draining(world: World) -> None:
+    world.code_service("web", scale=2)
+    fleet.drain(world.platform, host="h2")
+    world.run_all()
+    lose(world, "h2")
+    world.start_node("h2")
+    world.beat("h2")
+    assert world.host("h2").state == HostState.draining  # still takes no new job
+    fleet.undrain(world.platform, host="h2")
+    assert world.host("h2").state == HostState.up and not world.host("h2").drained
+
+
 def test_a_host_lost_recover_that_finds_no_room_asks_for_a_heal(world: World) -> None:
     world.code_service("web", scale=2)
     lose(world, "h1")  # h2 is down too: nowhere to go

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import case, or_, update
+from sqlalchemy import or_, update
 from sqlmodel import Session, col, select
 
 from orchestrator import catalogue, operations, service_types
@@ -77,8 +77,9 @@ def heartbeat(p: Platform, *, host: str, cpus: float, memory_mb: int, node: str 
         done = Reconciled()
         if containers is not None:
             done = reconcile(s, host=host, containers=containers, listed_at=listed_at or now)
-        s.exec(update(Host).where(col(Host.name) == host, col(Host.state) == HostState.down)
-               .values(state=case((col(Host.drained), HostState.draining), else_=HostState.up)))
+        for drained, state in ((False, HostState.up), (True, HostState.draining)):
+            s.exec(update(Host).where(col(Host.name) == host, col(Host.state) == HostState.down,
+                                      col(Host.drained).is_(drained)).values(state=state))
         s.commit()
     return done
 

@@ -201,7 +201,7 @@ def _never_picked_up(s: Session, cutoff: datetime) -> list[Step]:
         for stage in sorted({st.stage for st in steps}):
             mine = [st for st in steps if st.stage == stage]
             if any(st.state == StepState.pending for st in mine):
-                if turn_came is not None and _aware(turn_came) < cutoff:
+                if turn_came is not None and turn_came < cutoff:
                     found += [st for st in mine if st.state == StepState.pending]
                 break
             if any(st.state != StepState.succeeded for st in mine):
@@ -209,11 +209,6 @@ def _never_picked_up(s: Session, cutoff: datetime) -> list[Step]:
             ends = [st.finished_at for st in mine if st.finished_at is not None]
             turn_came = max(ends) if ends else None
     return found
-
-
-def _aware(moment: datetime) -> datetime:
-    """SQLite gives back naive times (written in UTC)."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=utcnow().tzinfo)
 
 
 def finish_forgotten(p: Platform, *, grace: float = 10.0) -> None:
@@ -225,7 +220,7 @@ def finish_forgotten(p: Platform, *, grace: float = 10.0) -> None:
         forgotten = []
         for op in s.exec(select(Operation).where(Operation.state == OpState.running)):
             steps = catalogue.steps_of(session=s, op_id=op.id or 0)
-            ends = [_aware(st.finished_at) for st in steps if st.finished_at is not None]
+            ends = [st.finished_at for st in steps if st.finished_at is not None]
             has_failed = any(st.state == StepState.failed for st in steps)
             if steps and (has_failed or (len(ends) == len(steps) and max(ends) < cutoff)):
                 forgotten.append(op.id or 0)
@@ -269,7 +264,7 @@ def heal(p: Platform) -> list[int]:
         wanted = [svc.id or 0 for svc in s.exec(select(Service).where(
             col(Service.heal_wanted).is_(True), col(Service.heal_gave_up).is_(False),
             col(Service.active_op_id).is_(None)))
-            if svc.heal_after is None or _aware(svc.heal_after) <= now]
+            if svc.heal_after is None or svc.heal_after <= now]
     for service_id in wanted:
         with p.session() as s:
             claimed = s.exec(update(Service).where(  # one watcher heals it

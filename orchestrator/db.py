@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import Enum as SAEnum
 from sqlalchemy import event, inspect
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, SQLModel, create_engine
@@ -76,7 +77,30 @@ def _schema_current(engine: Engine) -> bool:
             have = {c["name"] for c in inspector.get_columns(table.name)}
             if any(c.name not in have for c in table.columns):
                 return False
+        if _missing_enum_values(conn):
+            return False
     return True
+
+
+def _missing_enum_values(conn: Any) -> list[tuple[str, str]]:
+    """PostgreSQL keeps enum columns as types of their own: (type, label) for every label the
+    models have and the database's type lacks (new operation kinds, step actions, ...)."""
+    if conn.dialect.name != "postgresql":
+        return []
+    wanted: dict[str, list[str]] = {}
+    for table in SQLModel.metadata.sorted_tables:
+        for column in table.columns:
+            name = getattr(column.type, "name", None)
+            if isinstance(column.type, SAEnum) and name:
+                wanted.setdefault(name, list(column.type.enums))
+    missing = []
+    for name, labels in wanted.items():
+        have = {row[0] for row in conn.exec_driver_sql(
+            "SELECT e.enumlabel FROM pg_enum e JOIN pg_type t ON t.oid = e.enumtypid WHERE t.typname = %(n)s",
+            {"n": name})}
+        if have:  # a type not there yet is made by create_all, whole
+            missing += [(name, label) for label in labels if label not in have]
+    return missing
 
 
 def add_missing_columns(engine: Engine) -> list[str]:
@@ -97,6 +121,9 @@ def add_missing_columns(engine: Engine) -> list[str]:
                     f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}{default}'
                 )
                 added.append(f"{table.name}.{column.name}")
+        for name, label in _missing_enum_values(conn):
+            conn.exec_driver_sql(f"ALTER TYPE \"{name}\" ADD VALUE IF NOT EXISTS '{label}'")
+            added.append(f"{name}.{label}")
     return added
 
 

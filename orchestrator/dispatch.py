@@ -23,6 +23,8 @@ TASK_OF = {
     StepAction.start: names.TASK_START_JOB,
     StepAction.stop: names.TASK_STOP_JOB,
     StepAction.wait: names.TASK_WAIT,
+    StepAction.start_proxy: names.TASK_START_PROXY,
+    StepAction.route: names.TASK_ROUTE,
 }
 
 

@@ -50,6 +50,15 @@ class JobState(StrEnum):
 ACTIVE_JOB_STATES = (JobState.scheduled, JobState.starting, JobState.running)
 
 
+class RouteState(StrEnum):
+    """Whether the service proxy sends a code service's deploy job requests."""
+
+    pending = "pending"  # started by an operation, not yet in the proxy (until it passes there)
+    serving = "serving"
+    draining = "draining"  # no new requests; those in flight finish
+    out = "out"  # out of the proxy (about to stop)
+
+
 class OpKind(StrEnum):
     deploy = "deploy"
     redeploy = "redeploy"
@@ -59,6 +68,8 @@ class OpKind(StrEnum):
     worker_rm = "worker_rm"
     recover = "recover"  # back to scale after a host was lost
     drain = "drain"  # jobs moved off a draining host
+    routes = "routes"  # the service proxy takes a change of sites or certificates
+    revert = "revert"  # after a failed operation: its new jobs stop, the service is back at scale
 
 
 class OpTrigger(StrEnum):
@@ -70,6 +81,7 @@ class OpTrigger(StrEnum):
     host_lost = "host-lost"
     drain = "drain"
     heal = "heal"  # jobs died outside an operation: back to scale
+    revert = "revert"  # an operation failed: the service goes back to the jobs it had
 
 
 class OpState(StrEnum):
@@ -92,6 +104,8 @@ class StepAction(StrEnum):
     start = "start"
     stop = "stop"
     wait = "wait"
+    start_proxy = "start_proxy"  # a service proxy job: its files written, then its container
+    route = "route"  # a proxy job takes jobs in, drains them or lets them go (runtime API)
 
 
 class VariableSource(StrEnum):
@@ -141,6 +155,8 @@ class OpParams(BaseModel):
     command: str | None = None  # worker deploy
     worker_scale: ScaleChange | None = None
     host: str | None = None  # recover, drain: the host concerned
+    jobs: list[str] | None = None  # revert: the jobs of the failed operation to stop
+    failed_op: int | None = None  # revert: the operation that failed
     # Set when the operation starts: what it replaced, so a failure can put it back.
     release_before: ReleaseBefore | None = None
     scale_before: int | None = None
@@ -167,6 +183,9 @@ class Environment(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     name: str = Field(unique=True, index=True)
     sandbox: bool = False
+    # The service proxy's ports, kept for the environment's life (None: made before proxies).
+    http_port: int | None = None
+    https_port: int | None = None
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -181,6 +200,7 @@ class Service(SQLModel, table=True):
     size: str = "s"
     scale: int = 1
     overlap: int = 0  # seconds old jobs outlive new ones on a redeploy
+    health_path: str | None = None  # code services: HTTP GET must answer 2xx/3xx; None: TCP
     redeployable: bool = True
     release: int | None = None  # code services: the release now deployed (or being deployed)
     variables: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
@@ -195,6 +215,19 @@ class Service(SQLModel, table=True):
     heal_attempts: int = 0
     heal_after: datetime | None = None
     heal_gave_up: bool = False
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Site(SQLModel, table=True):
+    """A host name the environment's service proxy routes to a code service's deploy jobs."""
+
+    __table_args__ = (UniqueConstraint("env_id", "name"),)
+    id: int | None = Field(default=None, primary_key=True)
+    env_id: int = Field(foreign_key="environment.id", index=True)
+    name: str
+    service_id: int = Field(foreign_key="service.id", index=True)
+    cert: str | None = None  # PEM chain (TLS sites)
+    key: str | None = None  # PEM private key: a secret, never printed nor sent in a task
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -234,6 +267,8 @@ class Job(SQLModel, table=True):
     args: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     mounts: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     op_id: int | None = None
+    route: RouteState = RouteState.serving  # code services' deploy jobs: in the proxy or not
+    health_path: str | None = None  # ready when GET answers 2xx/3xx (else: its port accepts TCP)
     error: str | None = None
     created_at: datetime = Field(default_factory=utcnow)
     started_at: datetime | None = None
@@ -274,6 +309,8 @@ class Step(SQLModel, table=True):
     job_id: str | None = None
     seconds: int | None = None  # wait steps
     image: str | None = None  # check_image steps
+    route: RouteState | None = None  # route steps: where the jobs go (None: the proxy syncs only)
+    targets: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     state: StepState = StepState.pending
     error: str | None = None
     started_at: datetime | None = None
@@ -303,6 +340,12 @@ class EnvironmentPublic(SQLModel):
     sandbox: bool
 
 
+class SitePublic(SQLModel):
+    name: str
+    service: str
+    tls: bool
+
+
 class ServicePublic(SQLModel):
     env: str
     name: str
@@ -316,6 +359,7 @@ class ServicePublic(SQLModel):
     release: int | None
     port: int | None
     host: str | None
+    health_path: str | None = None
     heal_attempts: int = 0  # heals in a row after jobs died outside an operation
     heal_gave_up: bool = False  # it stopped healing: a redeploy (or any user operation) resets it
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from sqlalchemy import update
-from sqlmodel import Session, col
+from sqlmodel import Session, col, select
 
 from orchestrator import catalogue, planner, rules, spec
 from orchestrator.dispatch import SendFailed
@@ -29,7 +29,9 @@ from orchestrator.models import (
     OpState,
     OpTrigger,
     ReleaseBefore,
+    RouteState,
     Service,
+    ServiceType,
     Step,
     StepAction,
     StepState,
@@ -217,6 +219,9 @@ PLANS: dict[OpKind, Callable[[PlanInput], planner.Plan]] = {
     OpKind.worker_scale: _plan_worker_scale,
     OpKind.worker_deploy: _plan_worker_deploy,
     OpKind.worker_rm: lambda i: planner.plan_stop(i.jobs, kind=JobKind.worker, target=i.params.target),
+    OpKind.routes: lambda i: planner.plan_routes(i.spec),
+    OpKind.revert: lambda i: planner.plan_revert(i.spec, i.jobs, i.hosts, _new_id,
+                                                 failed=i.params.jobs or (), ports=i.ports),
 }
 
 
@@ -227,6 +232,9 @@ def _plan(p: Platform, s: Session, op: Operation, svc: Service, env: Environment
     plan = PLANS.get(op.kind)
     if plan is None:
         raise planner.PlanError(f"operation kind {op.kind} is not supported yet")
+    if op.kind == OpKind.revert and not svc.image:
+        # A failed first push: nothing to go back to, only its jobs to stop.
+        svc = svc.model_copy(update={"image": "-", "scale": 0})
     return plan(PlanInput(spec.service_spec(s, env, svc), spec.observed_jobs(s, svc), hosts,
                           planner.PortRange(p.settings.port_min, p.settings.port_max), op.parameters))
 
@@ -237,6 +245,7 @@ def _record_plan(s: Session, op: Operation, svc: Service,
     stages: list[list[Step]] = []
     # Host-less steps (an overlap's wait) run on the node of the first host the plan touches.
     home = next((h for item in plan.steps if (h := _host_of(item)) is not None), None)
+    kind = profile(svc.type)
     for index, stage in enumerate(plan.stages):
         rows = []
         for item in stage:
@@ -244,13 +253,19 @@ def _record_plan(s: Session, op: Operation, svc: Service,
             if isinstance(item, planner.StartJob):
                 j = item.job
                 mounts = dict([j.volume.split(":", 1)]) if j.volume else {}
+                routed = kind.routed and j.kind == JobKind.deploy
                 s.add(Job(
                     id=j.id, service_id=svc.id or 0, kind=j.kind, target=j.target,
                     host=j.host, port=j.port, container_name=j.container_name,
                     state=JobState.scheduled, release=j.release, image=j.image, command=j.command,
                     size=j.size_name, environment=dict(j.environment), args=list(j.args),
                     mounts=mounts, op_id=op.id,
+                    # In the proxy once it passes there (or when the operation succeeds).
+                    route=RouteState.pending if routed else RouteState.serving,
+                    health_path=svc.health_path if j.kind == JobKind.deploy else None,
                 ))
+                if svc.type == ServiceType.service_proxy:
+                    step.action = StepAction.start_proxy
                 if j.kind == JobKind.deploy:
                     _remember_placement(svc, j, moved=op.kind == OpKind.drain)
             s.add(step)
@@ -273,7 +288,7 @@ def _remember_placement(svc: Service, job: planner.NewJob, *, moved: bool = Fals
 def _host_of(item: planner.Step) -> str | None:
     if isinstance(item, planner.StartJob):
         return item.job.host
-    return item.host if isinstance(item, planner.CheckImage | planner.StopJob) else None
+    return item.host if isinstance(item, planner.CheckImage | planner.StopJob | planner.Route) else None
 
 
 def _step_row(op_id: int, stage: int, service: str, item: planner.Step, home: str | None) -> Step:
@@ -289,8 +304,22 @@ def _step_row(op_id: int, stage: int, service: str, item: planner.Step, home: st
     if isinstance(item, planner.StopJob):
         return Step(op_id=op_id, stage=stage, action=StepAction.stop, host=item.host,
                     job_id=item.job_id, name=f"stop {service} job {item.job_id} on {item.host}")
+    if isinstance(item, planner.Route):
+        return Step(op_id=op_id, stage=stage, action=StepAction.route, host=item.host,
+                    job_id=item.proxy, targets=list(item.jobs), route=item.to,
+                    name=_route_name(service, item))
     return Step(op_id=op_id, stage=stage, action=StepAction.wait, seconds=item.seconds, host=home,
                 name=f"overlap: old jobs live {item.seconds}s more")
+
+
+def _route_name(service: str, r: planner.Route) -> str:
+    jobs = ", ".join(r.jobs)
+    what = {
+        RouteState.serving: f"proxy: {service} jobs {jobs} in, once they pass",
+        RouteState.draining: f"proxy: drain {service} jobs {jobs}",
+        RouteState.out: f"proxy: {service} jobs {jobs} out (drained first)",
+    }.get(r.to, "proxy: sites and certificates in line")  # type: ignore[arg-type]
+    return f"{what} on {r.host} (proxy job {r.proxy})"
 
 
 # --- finish -------------------------------------------------------------------------------------
@@ -328,6 +357,11 @@ def finish(p: Platform, op_id: int) -> bool | None:
         catalogue.release_service(session=s, service_id=op.service_id, op_id=op_id)
         if ended:
             _keep_healing_account(s, op, succeeded=not failed)
+            if failed:
+                _queue_revert(s, op)
+            else:  # jobs it started that no proxy took in (none runs): serve from now on
+                s.exec(update(Job).where(col(Job.op_id) == op_id, col(Job.route) == RouteState.pending)
+                       .values(route=RouteState.serving))
         s.commit()
     start_next(p, op.service_id)
     return ended
@@ -337,13 +371,35 @@ USER_TRIGGERS = frozenset({OpTrigger.manual, OpTrigger.push, OpTrigger.support, 
                            OpTrigger.create})
 
 
+REVERTED = frozenset({*USER_TRIGGERS, OpTrigger.drain})
+
+
+def _queue_revert(s: Session, op: Operation) -> None:
+    """A user's operation failed: queue a revert (it goes first) that stops the jobs the
+    operation started and brings the service back to its scale on the kept release."""
+    if op.trigger not in REVERTED or op.kind in (OpKind.revert, OpKind.routes):
+        return
+    svc = s.get(Service, op.service_id)
+    env = s.get(Environment, op.env_id)
+    if svc is None or env is None:
+        return
+    started = [j.id for j in s.exec(select(Job).where(col(Job.op_id) == op.id,
+                                                      col(Job.state).in_(ACTIVE_JOB_STATES)))]
+    active = catalogue.active_jobs(session=s, service=svc)
+    below = sum(1 for j in active if j.kind == JobKind.deploy and j.id not in started) < svc.scale
+    if not started and not (below and svc.image):
+        return
+    catalogue.record_operation(session=s, env=env, service=svc, kind=OpKind.revert,
+                               trigger=OpTrigger.revert, params=OpParams(jobs=started, failed_op=op.id))
+
+
 def _keep_healing_account(s: Session, op: Operation, *, succeeded: bool) -> None:
     """A user's operation that succeeds starts the healing count afresh; a heal or a host-lost
     recover that fails asks for a heal (after its back-off): the service is below its scale."""
     if succeeded and op.trigger in USER_TRIGGERS:
         s.exec(update(Service).where(col(Service.id) == op.service_id)
                .values(heal_attempts=0, heal_gave_up=False, heal_after=None))
-    elif not succeeded and op.trigger in (OpTrigger.heal, OpTrigger.host_lost):
+    elif not succeeded and op.trigger in (OpTrigger.heal, OpTrigger.host_lost, OpTrigger.revert):
         catalogue.want_heal(session=s, service_id=op.service_id)
 
 

@@ -10,7 +10,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from orchestrator.models import JobKind
+from orchestrator.models import JobKind, RouteState
 from orchestrator.names import container_name
 from orchestrator.placement import HostLoad, choose_host, free_port
 from orchestrator.sizes import Size
@@ -25,6 +25,14 @@ class WorkerSpec:
     name: str
     command: str
     scale: int
+
+
+@dataclass(frozen=True)
+class ProxyJob:
+    """A running job of the environment's service proxy: route changes go to each."""
+
+    id: str
+    host: str
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,9 @@ class ServiceSpec:
     pinned_host: str | None = None  # databases live where their volume is
     args: tuple[str, ...] = ()  # flags for the image's own entrypoint (databases, caches)
     has_port: bool = True  # deploy jobs get a port (and PORT); worker jobs never do
+    routed: bool = False  # its deploy jobs serve sites through the proxy (code services)
+    start_first: bool = False  # a redeploy starts new jobs before stopping old ones (the proxy)
+    proxies: tuple[ProxyJob, ...] = ()  # the environment's running proxy jobs
 
 
 @dataclass(frozen=True)
@@ -109,7 +120,19 @@ class Wait:
     seconds: int
 
 
-Step = CheckImage | StartJob | StopJob | Wait
+@dataclass(frozen=True)
+class Route:
+    """On one proxy job: take ``jobs`` in (serving: once they pass the proxy's health check),
+    drain them, or let them go (out: drained, then removed). With no jobs: bring the proxy in
+    line with the catalogue (sites, certificates)."""
+
+    proxy: str
+    host: str
+    jobs: tuple[str, ...]
+    to: RouteState | None
+
+
+Step = CheckImage | StartJob | StopJob | Wait | Route
 
 
 @dataclass(frozen=True)
@@ -226,7 +249,7 @@ def plan_redeploy(spec: ServiceSpec, jobs: Sequence[ObservedJob], hosts: Sequenc
     start the new jobs, wait ``spec.overlap`` seconds, then stop the old ones (no downtime).
     A deploy is a redeploy with nothing to replace.
     """
-    overlap = spec.overlap > 0 and bool(jobs)
+    overlap = (spec.overlap > 0 or spec.start_first) and bool(jobs)
     # Without overlap the old jobs are gone before the new ones start: their room is free again.
     # With it they still hold their room, but they count for nothing in the spread: they go.
     kept = jobs if overlap else []
@@ -237,11 +260,15 @@ def plan_redeploy(spec: ServiceSpec, jobs: Sequence[ObservedJob], hosts: Sequenc
     check = _check_images(spec.image, new)
     starts = tuple(StartJob(j) for j in new)
     stops = tuple(StopJob(j.id, j.host) for j in jobs)
+    serve, old = _routes(spec, new, RouteState.serving), _deploy_ids(jobs)
     stages: list[tuple[Step, ...]] = [check] if check else []
     if overlap:
-        stages += [starts, (Wait(spec.overlap),), stops]
+        # New jobs pass and enter the proxy, old ones drain for the overlap, leave, then stop.
+        wait = (Wait(spec.overlap),) if spec.overlap > 0 else ()
+        stages += [starts, serve, _routes(spec, old, RouteState.draining), wait,
+                   _routes(spec, old, RouteState.out), stops]
     else:
-        stages += [stops, starts]
+        stages += [_routes(spec, old, RouteState.out), stops, starts, serve]
     return Plan(tuple(s for s in stages if s))
 
 
@@ -261,10 +288,13 @@ def plan_scale(spec: ServiceSpec, jobs: Sequence[ObservedJob], hosts: Sequence[H
         placer = _Placer(_hosts_with(hosts, jobs, spec.size, jobs), [j.host for j in jobs], ports)
         wanted = [WantedJob(kind, target, command)] * (scale - len(mine))
         new = _new_jobs(spec, wanted, placer, new_id)
-        return Plan((_check_images(spec.image, new), tuple(StartJob(j) for j in new)))
+        return _plan(_check_images(spec.image, new), tuple(StartJob(j) for j in new),
+                     _routes(spec, new, RouteState.serving))
     draining = {h.name for h in hosts if not h.schedulable}
     surplus = _pick_surplus(mine, len(mine) - scale, draining)
-    return Plan((tuple(StopJob(j.id, j.host) for j in surplus),)) if surplus else Plan()
+    # Surplus jobs leave the proxy (drained first) before they stop.
+    return _plan(_routes(spec, _deploy_ids(surplus), RouteState.out),
+                 tuple(StopJob(j.id, j.host) for j in surplus))
 
 
 def plan_recover(spec: ServiceSpec, jobs: Sequence[ObservedJob], hosts: Sequence[HostLoad],
@@ -280,7 +310,27 @@ def plan_recover(spec: ServiceSpec, jobs: Sequence[ObservedJob], hosts: Sequence
         return Plan()
     placer = _Placer(_hosts_with(hosts, jobs, spec.size, jobs), [j.host for j in jobs], ports)
     new = _new_jobs(spec, wanted, placer, new_id)
-    return Plan((_check_images(spec.image, new), tuple(StartJob(j) for j in new)))
+    return _plan(_check_images(spec.image, new), tuple(StartJob(j) for j in new),
+                 _routes(spec, new, RouteState.serving))
+
+
+def plan_revert(spec: ServiceSpec, jobs: Sequence[ObservedJob], hosts: Sequence[HostLoad],
+                new_id: Callable[[], str], *, failed: Iterable[str],
+                ports: PortRange = PortRange()) -> Plan:
+    """After a failed operation: the jobs it started (``failed``) leave the proxy and stop, and
+    the service is brought back to its scale from its current (restored) spec, new jobs in the
+    proxy before the failed ones go."""
+    gone = set(failed)
+    leaving = [j for j in jobs if j.id in gone]
+    staying = [j for j in jobs if j.id not in gone]
+    back = plan_recover(spec, staying, hosts, new_id, ports)
+    return _plan(*back.stages, _routes(spec, _deploy_ids(leaving), RouteState.out),
+                 tuple(StopJob(j.id, j.host) for j in leaving))
+
+
+def plan_routes(spec: ServiceSpec) -> Plan:
+    """Every proxy job brought in line with the catalogue (a site or certificate changed)."""
+    return _plan(tuple(Route(p.id, p.host, (), None) for p in spec.proxies))
 
 
 def plan_move(spec: ServiceSpec, jobs: Sequence[ObservedJob], hosts: Sequence[HostLoad],
@@ -300,14 +350,36 @@ def plan_move(spec: ServiceSpec, jobs: Sequence[ObservedJob], hosts: Sequence[Ho
     candidates = [h for h in hosts if h.name != away_from]
     placer = _Placer(_hosts_with(candidates, jobs, spec.size, jobs), [j.host for j in staying], ports)
     new = _new_jobs(replace(spec, pinned_host=None, port=None), wanted, placer, new_id)
-    return Plan((_check_images(spec.image, new), tuple(StartJob(j) for j in new),
-                 tuple(StopJob(j.id, j.host) for j in leaving)))
+    return _plan(_check_images(spec.image, new), tuple(StartJob(j) for j in new),
+                 _routes(spec, new, RouteState.serving),
+                 _routes(spec, _deploy_ids(leaving), RouteState.out),
+                 tuple(StopJob(j.id, j.host) for j in leaving))
 
 
 def plan_stop(jobs: Sequence[ObservedJob], *, kind: JobKind, target: str | None) -> Plan:
     """Stop every active job of one kind/target (``worker rm``)."""
     stops = tuple(StopJob(j.id, j.host) for j in jobs if j.kind == kind and j.target == target)
     return Plan((stops,)) if stops else Plan()
+
+
+def _plan(*stages: tuple[Step, ...]) -> Plan:
+    """A plan of the stages that have steps."""
+    return Plan(tuple(s for s in stages if s))
+
+
+def _deploy_ids(jobs: Iterable[ObservedJob | NewJob]) -> list[str]:
+    return [j.id for j in jobs if j.kind == JobKind.deploy]
+
+
+def _routes(spec: ServiceSpec, jobs: Iterable[ObservedJob | NewJob] | list[str],
+            to: RouteState) -> tuple[Step, ...]:
+    """One route step per proxy job for the deploy jobs given (or their ids); none when the
+    service serves no sites or no proxy runs (a proxy that starts later reads the catalogue)."""
+    ids = tuple(j if isinstance(j, str) else j.id for j in jobs
+                if isinstance(j, str) or j.kind == JobKind.deploy)
+    if not spec.routed or not ids:
+        return ()
+    return tuple(Route(p.id, p.host, ids, to) for p in spec.proxies)
 
 
 def _pick_surplus(jobs: Sequence[ObservedJob], count: int,

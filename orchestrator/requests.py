@@ -12,6 +12,7 @@ from sqlmodel import Session
 from orchestrator import catalogue, operations, rules, service_types
 from orchestrator.errors import BadInput
 from orchestrator.models import (
+    Environment,
     Operation,
     OpKind,
     OpParams,
@@ -80,14 +81,20 @@ def request_redeploy(p: Platform, *, env: str, service: str, support: bool = Fal
     return _request(p, env=env, service=service, decide=decide)
 
 
-def create_env(p: Platform, *, name: str, sandbox: bool, defaults: bool = True) -> list[Operation]:
-    """A new environment; unless ``defaults`` is off, its auto-included services (logging, the
-    service proxy and, outside sandboxes, monitoring) are created and deployed."""
+def create_env(p: Platform, *, name: str, sandbox: bool, defaults: bool = True,
+               http_port: int | None = None, https_port: int | None = None) -> list[Operation]:
+    """A new environment with its proxy ports (asked for, or the first free ones of the range);
+    unless ``defaults`` is off, its auto-included services (logging, the service proxy and,
+    outside sandboxes, monitoring) are created and deployed."""
     images = {ServiceType.logging: p.settings.image_logging,
               ServiceType.service_proxy: p.settings.image_service_proxy,
               ServiceType.monitoring: p.settings.image_monitoring}
     with p.session() as s:
         environment = catalogue.create_env(session=s, name=name, sandbox=sandbox)
+        catalogue.assign_proxy_ports(
+            session=s, env=environment, http_port=http_port, https_port=https_port,
+            job_ports=(p.settings.port_min, p.settings.port_max),
+            proxy_ports=(p.settings.proxy_port_min, p.settings.proxy_port_max))
         included = [i for i in service_types.INCLUDED_SERVICES
                     if defaults and (i.sandbox_too or not sandbox)]
         for item in included:
@@ -166,6 +173,71 @@ def request_worker_rm(p: Platform, *, env: str, service: str, target: str) -> Op
         return Decision(OpKind.worker_rm, OpTrigger.manual, OpParams(target=target))
 
     return _request(p, env=env, service=service, decide=decide)
+
+
+def add_site(p: Platform, *, env: str, site: str, service: str, cert: str | None = None,
+             key: str | None = None) -> Operation | None:
+    """Route the host name ``site`` to a code service's deploy jobs (with a certificate and its
+    key: on the HTTPS port too, chosen by SNI). The environment's proxy takes it live: returns
+    the operation that updates it (None when no proxy runs there)."""
+    name = rules.check_site_name(site)
+    if (cert is None) != (key is None):
+        raise BadInput("a TLS site needs both --cert and --key")
+    chain = rules.check_certificate(name, cert, key) if cert is not None and key is not None else None
+    with p.session() as s:
+        environment, svc = catalogue.get_service(session=s, env=env, name=service)
+        if svc.type != ServiceType.code:
+            raise BadInput(f"sites route to code services; {service} is a {svc.type} service")
+        if environment.http_port is None:
+            catalogue.assign_proxy_ports(
+                session=s, env=environment, http_port=None, https_port=None,
+                job_ports=(p.settings.port_min, p.settings.port_max),
+                proxy_ports=(p.settings.proxy_port_min, p.settings.proxy_port_max))
+        catalogue.add_site(session=s, env=environment, name=name, service=svc, cert=chain,
+                           key=key.strip() + "\n" if key is not None else None)
+        op = _record_routes(s, environment)
+        s.commit()
+    return _started(p, op)
+
+
+def remove_site(p: Platform, *, env: str, site: str) -> Operation | None:
+    with p.session() as s:
+        environment = catalogue.get_env(session=s, name=env)
+        s.delete(catalogue.get_site(session=s, env=environment, name=site))
+        op = _record_routes(s, environment)
+        s.commit()
+    return _started(p, op)
+
+
+def _record_routes(s: Session, env: Environment) -> Operation | None:
+    """The operation that brings the environment's proxy in line with its sites."""
+    svc = catalogue.proxy_service(session=s, env=env)
+    if svc is None:
+        return None
+    return catalogue.record_operation(session=s, env=env, service=svc, kind=OpKind.routes,
+                                      trigger=OpTrigger.manual)
+
+
+def _started(p: Platform, op: Operation | None) -> Operation | None:
+    if op is None:
+        return None
+    operations.start_next(p, op.service_id)
+    with p.reader() as s:
+        return catalogue.get_operation(session=s, op_id=op.id or 0)
+
+
+def set_health_path(p: Platform, *, env: str, service: str, path: str | None) -> None:
+    """The path the platform and the proxy GET to know a code service's deploy job is healthy
+    (2xx/3xx); None: a TCP connect. Takes effect at the next redeploy, like variables."""
+    if path is not None:
+        path = rules.check_health_path(path)
+    with p.session() as s:
+        _, svc = catalogue.get_service(session=s, env=env, name=service)
+        if svc.type != ServiceType.code:
+            raise BadInput(f"a health path is for code services; {service} is a {svc.type} service")
+        svc.health_path = path
+        s.add(svc)
+        s.commit()
 
 
 def _check_redeployable(svc: Service, support: bool) -> None:

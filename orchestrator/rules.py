@@ -148,3 +148,91 @@ def _image_reference_ok(image: str) -> bool:
 
 
 MAX_ID = 2**63 - 1  # what the databases' integers hold; a larger id or number names nothing
+
+
+# --- the service proxy: sites, certificates, health paths, ports --------------------------------
+
+MAX_SITE_NAME = 253
+MAX_HEALTH_PATH = 200
+_HEALTH_PATH = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@%/?-]*")
+
+
+def check_site_name(name: object) -> str:
+    """A site is a DNS host name (labels joined by dots), kept in lower case; no wildcards."""
+    if not isinstance(name, str) or not name or len(name) > MAX_SITE_NAME:
+        raise BadInput(f"site {name!r} is not a DNS name")
+    lowered = name.lower().rstrip(".")
+    if not all(_DNS_LABEL.fullmatch(label) for label in lowered.split(".")):
+        raise BadInput(f"site {name!r} is not a DNS name (labels of a-z, 0-9 and '-', joined by dots)")
+    return lowered
+
+
+def check_health_path(path: object) -> str:
+    """An HTTP path the proxy and the platform GET: it must start with / and hold no spaces."""
+    if not isinstance(path, str) or not _HEALTH_PATH.fullmatch(path) or len(path) > MAX_HEALTH_PATH:
+        raise BadInput(f"health path {path!r} must be a URL path: /, then no spaces or quotes "
+                       f"(at most {MAX_HEALTH_PATH} characters)")
+    return path
+
+
+def check_proxy_port(port: object, what: str, job_ports: tuple[int, int]) -> int:
+    """A proxy port: a whole number from 1024 to 65535, outside the range jobs take ports from."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 1024 <= port <= 65535:
+        raise BadInput(f"{what} must be a port from 1024 to 65535, not {port!r}")
+    if job_ports[0] <= port <= job_ports[1]:
+        raise BadInput(f"{what} {port} is in the range jobs take their ports from "
+                       f"({job_ports[0]}-{job_ports[1]})")
+    return port
+
+
+def check_certificate(site: str, cert_pem: str, key_pem: str, now: object = None) -> str:
+    """A TLS site's certificate (PEM, the site's own first, then its chain) and private key:
+    both must parse, the key must be the certificate's, the certificate must name the site
+    (a subjectAltName DNS entry, or a wildcard one level up) and be valid now. Returns the
+    chain as PEM, certificates only."""
+    from datetime import UTC, datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        chain = x509.load_pem_x509_certificates(cert_pem.encode())
+    except ValueError:
+        raise BadInput(f"the certificate for {site} is not a PEM certificate") from None
+    try:
+        key = serialization.load_pem_private_key(key_pem.encode(), password=None)
+    except (ValueError, TypeError):
+        raise BadInput(f"the key for {site} is not an unencrypted PEM private key") from None
+    leaf = chain[0]
+    public = serialization.PublicFormat.SubjectPublicKeyInfo
+    encoding = serialization.Encoding.DER
+    if key.public_key().public_bytes(encoding, public) != leaf.public_key().public_bytes(encoding, public):
+        raise BadInput(f"the key for {site} does not match its certificate")
+    names = _certificate_names(leaf)
+    if not any(_name_matches(pattern, site) for pattern in names):
+        shown = ", ".join(names) or "no DNS name"
+        raise BadInput(f"the certificate is for {shown}, not for {site}")
+    when = now if isinstance(now, datetime) else datetime.now(UTC)
+    if not leaf.not_valid_before_utc <= when <= leaf.not_valid_after_utc:
+        raise BadInput(f"the certificate for {site} is not valid now (valid from "
+                       f"{leaf.not_valid_before_utc:%Y-%m-%d} to {leaf.not_valid_after_utc:%Y-%m-%d})")
+    return "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in chain)
+
+
+def _certificate_names(cert: object) -> list[str]:
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    assert isinstance(cert, x509.Certificate)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        return [n.lower() for n in san.value.get_values_for_type(x509.DNSName)]
+    except x509.ExtensionNotFound:
+        return [str(a.value).lower() for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+
+
+def _name_matches(pattern: str, site: str) -> bool:
+    if pattern.startswith("*."):
+        head, _, rest = site.partition(".")
+        return bool(head) and rest == pattern[2:]
+    return pattern == site

@@ -19,13 +19,15 @@ class TypeProfile:
     deploys_on_create: bool = True
     has_port: bool = True  # False: its deploy jobs get no PORT (nothing listens)
     user_redeploy: bool = True  # False: the CLI and API refuse a redeploy
+    start_first: bool = False  # a redeploy starts the new jobs before it stops the old ones
+    routed: bool = False  # its deploy jobs serve the environment's sites through the proxy
     args: tuple[str, ...] = ()  # flags for the image's entrypoint; {port} is the job's port
     url_variable: str | None = None  # e.g. DATABASE_URL, for the env's code services
     secret_keys: frozenset[str] = field(default_factory=frozenset)
 
 
 PROFILES: dict[ServiceType, TypeProfile] = {
-    ServiceType.code: TypeProfile(deploys_on_create=False),
+    ServiceType.code: TypeProfile(deploys_on_create=False, routed=True),
     ServiceType.postgresql: TypeProfile(
         default_image="postgres:16", data_dir="/var/lib/postgresql/data", single_job=True,
         stable_port=True, args=("-p", "{port}"), url_variable="DATABASE_URL",
@@ -46,7 +48,9 @@ PROFILES: dict[ServiceType, TypeProfile] = {
         default_image="memcached:1.6", single_job=True, stable_port=True, url_variable="MEMCACHED_URL",
         args=("-p", "{port}"),
     ),
-    ServiceType.service_proxy: TypeProfile(default_image=None),
+    # The proxy listens on its environment's ports, not on one of the job range; its new jobs
+    # bind them beside the old ones (SO_REUSEPORT) before the old ones stop.
+    ServiceType.service_proxy: TypeProfile(default_image=None, has_port=False, start_first=True),
     ServiceType.logging: TypeProfile(default_image=None, user_redeploy=False),
     ServiceType.monitoring: TypeProfile(default_image=None, user_redeploy=False, has_port=False),
 }
@@ -173,7 +177,7 @@ class IncludedService:
 
     name: str
     type: ServiceType
-    command: str
+    command: str | None  # None: the image's own entrypoint
     sandbox_too: bool = True
 
 
@@ -184,7 +188,7 @@ def _placeholder_page(title: str) -> str:
 
 INCLUDED_SERVICES = (
     IncludedService("logging", ServiceType.logging, _placeholder_page("logging dashboard")),
-    IncludedService("service-proxy", ServiceType.service_proxy, _placeholder_page("service proxy")),
+    IncludedService("service-proxy", ServiceType.service_proxy, None),
     IncludedService("monitoring", ServiceType.monitoring, "exec sh -c 'while :; do sleep 30; done'",
                     sandbox_too=False),
 )

@@ -29,10 +29,18 @@ class Settings(BaseSettings):
     # Seconds a step may wait for its node to pick it up once its turn came (a busy node works
     # through its queue) before its message counts as lost.
     pickup_timeout: float = Field(default=120.0, gt=0)
+    # Service proxies: each environment keeps an HTTP and an HTTPS port from this range.
+    proxy_port_min: int = Field(default=30000, ge=1024, le=65535)
+    proxy_port_max: int = Field(default=30999, ge=1024, le=65535)
+    # Where a node keeps its proxy jobs' files (config, maps, certificates, sockets), one
+    # directory per job, mounted into its container. On the Docker host; keep the path short
+    # (unix socket paths are limited to 107 bytes).
+    proxy_dir: str = "/var/lib/orchestrator/proxy"
+    drain_timeout: float = Field(default=10.0, ge=0)  # seconds a job leaving the proxy may finish requests
     heal_backoff: float = Field(default=5.0, gt=0)  # first wait before a heal; doubles each attempt
     # Images of the auto-included services (built locally by scripts/build-images).
     image_logging: str = "orch/busybox:1"
-    image_service_proxy: str = "orch/busybox:1"
+    image_service_proxy: str = "orch/haproxy:2.6"
     image_monitoring: str = "orch/busybox:1"
 
     @property

@@ -78,6 +78,10 @@ def service_spec(s: Session, env: Environment, svc: Service) -> planner.ServiceS
         if kind.data_dir else None,
         port=svc.port, pinned_host=svc.host if kind.data_dir else None,
         args=service_types.entrypoint_args(svc.type),
+        routed=kind.routed, start_first=kind.start_first,
+        proxies=tuple(planner.ProxyJob(j.id, j.host)
+                      for j in catalogue.proxy_jobs(session=s, env_id=env.id or 0))
+        if kind.routed or svc.type == ServiceType.service_proxy else (),
     )
 
 

@@ -161,6 +161,25 @@ class PlatformEnv:
     broker_url: str | None = None  # another broker (e.g. RabbitMQ); None: Redis
     extra: tuple[tuple[str, str], ...] = ()  # more ORCH_* settings
 
+    @property
+    def job_ports(self) -> tuple[int, int]:
+        """``ports`` holds the jobs' range and, in its last 50 ports, the proxies' range (a
+        range of fewer than 100 ports is the jobs' only: that platform runs no proxy)."""
+        if self.ports[1] - self.ports[0] < 100:
+            return self.ports
+        return self.ports[0], self.ports[1] - 50
+
+    @property
+    def proxy_ports(self) -> tuple[int, int]:
+        if self.ports[1] - self.ports[0] < 100:
+            return self.ports
+        return self.ports[1] - 49, self.ports[1]
+
+    @property
+    def proxy_dir(self) -> str:
+        """Short: HAProxy's sockets live there (unix socket paths hold 107 bytes)."""
+        return f"/tmp/orch-proxy-{self.ports[0]}"
+
     def variables(self) -> dict[str, str]:
         chosen = {"ORCH_HEARTBEAT_INTERVAL": self.heartbeat_interval, "ORCH_HOST_DOWN_AFTER": self.host_down_after,
                   "ORCH_RESULT_BACKEND": self.result_backend}
@@ -169,8 +188,11 @@ class PlatformEnv:
             "ORCH_BROKER_URL": self.broker_url or f"redis://127.0.0.1:{self.redis_port}/{self.redis_db}",
             "ORCH_STOP_TIMEOUT": str(self.stop_timeout),
             "ORCH_START_TIMEOUT": str(self.start_timeout),
-            "ORCH_PORT_MIN": str(self.ports[0]),
-            "ORCH_PORT_MAX": str(self.ports[1]),
+            "ORCH_PORT_MIN": str(self.job_ports[0]),
+            "ORCH_PORT_MAX": str(self.job_ports[1]),
+            "ORCH_PROXY_PORT_MIN": str(self.proxy_ports[0]),
+            "ORCH_PROXY_PORT_MAX": str(self.proxy_ports[1]),
+            "ORCH_PROXY_DIR": self.proxy_dir,
             **{name: str(value) for name, value in chosen.items() if value is not None},
             **dict(self.extra),
         }

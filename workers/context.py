@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import socket
 import threading
 import uuid
@@ -10,6 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from orchestrator.platform import Platform
+from workers.proxy import MemoryProxies, ProxyDriver
 from workers.runtime.base import Runtime
 
 
@@ -22,6 +24,18 @@ def tcp_accepts(address: str, port: int) -> bool:
         return False
 
 
+def http_answers(address: str, port: int, path: str) -> bool:
+    """Whether GET PATH on ADDRESS:PORT answers 2xx or 3xx (a job's health check)."""
+    connection = http.client.HTTPConnection(address, port, timeout=1.0)
+    try:
+        connection.request("GET", path, headers={"User-Agent": "orchestrator-health-check"})
+        return 200 <= connection.getresponse().status < 400
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        connection.close()
+
+
 @dataclass
 class NodeContext:
     platform: Platform
@@ -29,9 +43,12 @@ class NodeContext:
     address: str  # where this host's jobs are reached
     runtime: Runtime
     port_lock: threading.Lock = field(default_factory=threading.Lock)  # one port move at a time
+    # The host's service proxy jobs (HAProxy on a real node, the in-memory twin in unit tests).
+    proxies: ProxyDriver = field(default_factory=MemoryProxies)
     # Whether something answers on ADDRESS:PORT (a job is ready; a port is held elsewhere): a
     # real TCP connect on a node; the in-memory runtime's answer in unit tests.
     accepts: Callable[[str, int], bool] = tcp_accepts
+    answers: Callable[[str, int, str], bool] = http_answers  # GET PATH answers 2xx/3xx
     # This node process, apart from the host's earlier ones: it holds the leases of the steps
     # it runs. A node started again must not renew what its predecessor held.
     incarnation: str = field(default_factory=lambda: uuid.uuid4().hex[:8])

@@ -28,6 +28,7 @@ DEMO_ENV = "demo"
 DEMO_SERVICE = "web"
 DEMO_IMAGE = "orch/sample-app:1"
 DEMO_COMMAND = "httpd -f -p $PORT -h /var/www"
+DEMO_SITE = "demo.localhost"
 
 
 def dev_settings() -> Settings:
@@ -120,9 +121,12 @@ def run_demo(platform: Platform, echo: Callable[[str], None]) -> int:
     with platform.reader() as s:
         exists = any(e.name == DEMO_ENV for e in catalogue.list_envs(session=s))
     if not exists:
-        requests.create_env(platform, name=DEMO_ENV, sandbox=True, defaults=False)
+        for op in requests.create_env(platform, name=DEMO_ENV, sandbox=True):
+            step(f"deploy {_load(platform, op.id or 0).service}, included in every environment", op)
         requests.add_service(platform, env=DEMO_ENV, name=DEMO_SERVICE, type=ServiceType.code,
                              image=None, command=DEMO_COMMAND, scale=2, size="xs")
+        requests.set_health_path(platform, env=DEMO_ENV, service=DEMO_SERVICE, path="/cgi-bin/info")
+        requests.add_site(platform, env=DEMO_ENV, site=DEMO_SITE, service=DEMO_SERVICE)
     _change(platform, variables={"GREETING": "hello"}, overlap=0)
     step(f"push {DEMO_IMAGE} to {DEMO_ENV}/{DEMO_SERVICE} (2 jobs)",
          requests.request_push(platform, env=DEMO_ENV, service=DEMO_SERVICE, image=DEMO_IMAGE))
@@ -140,6 +144,13 @@ def run_demo(platform: Platform, echo: Callable[[str], None]) -> int:
         with urllib.request.urlopen(f"http://127.0.0.1:{job.port}/cgi-bin/info", timeout=5) as r:
             body = r.read().decode().strip()
         echo(f"  job {job.id} container {(job.container_id or '')[:12]} port {job.port}: {body}")
+    if environment.http_port is not None:
+        url = f"http://127.0.0.1:{environment.http_port}/cgi-bin/info"
+        echo(f"\n== the site {DEMO_SITE} through the service proxy: curl -H 'Host: {DEMO_SITE}' {url}")
+        for _ in range(4):
+            request = urllib.request.Request(url, headers={"Host": DEMO_SITE})
+            with urllib.request.urlopen(request, timeout=5) as r:
+                echo(f"  {r.status} {r.read().decode().strip()}")
     echo("\ndemo done. Remove its containers with:\n"
          f"  docker rm -f $(docker ps -aq --filter label={names.LABEL_ENV}={DEMO_ENV})")
     return 0

@@ -7,11 +7,12 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from orchestrator import fleet
+from orchestrator import catalogue, fleet
 from orchestrator.models import utcnow
 from orchestrator.names import LABEL_JOB
 from orchestrator.periodic import Periodic
 from workers.context import NodeContext
+from workers.proxy import wanted
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,20 @@ class NodeHeartbeat:
             log.info("job %s: its container still runs and nothing replaced it: taken back", job_id)
         for container in done.remove:
             self._remove(container)
+        self.reconcile_proxies()
+
+    def reconcile_proxies(self) -> None:
+        """Every running proxy job of this host brought in line with the catalogue: what a
+        change missed (a proxy that started while another service's operation ran) is
+        caught within a beat. A proxy busy with a step's change is left to it."""
+        node = self.node
+        with node.platform.reader() as s:
+            running = catalogue.proxy_jobs_on(session=s, host=node.host)
+        for job, env_name in running:
+            try:
+                node.proxies.apply(job.id, wanted(node.platform, env_name, node.address), wait=False)
+            except Exception as exc:
+                log.debug("proxy job %s: not brought in line this beat: %s", job.id, exc)
 
     def _remove(self, container: fleet.Container) -> None:
         with self._lock:

@@ -24,6 +24,7 @@ from orchestrator.watcher import Watcher
 from workers import broker, tasks
 from workers.context import NodeContext
 from workers.heartbeat import NodeHeartbeat
+from workers.proxy import HAProxyDriver
 from workers.runtime.docker import DockerRuntime
 
 
@@ -32,7 +33,8 @@ def node_context(platform: Platform, host_name: str, *, pool_size: int) -> NodeC
     with platform.session() as s:
         host = catalogue.get_host(session=s, name=host_name)
     runtime = DockerRuntime(host.docker_url, pool_size=pool_size)
-    return NodeContext(platform=platform, host=host.name, address=host.address, runtime=runtime)
+    return NodeContext(platform=platform, host=host.name, address=host.address, runtime=runtime,
+                       proxies=HAProxyDriver(platform.settings.proxy_dir))
 
 
 def serve_host(app: Celery, node: NodeContext) -> list[Periodic]:

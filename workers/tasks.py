@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
@@ -19,10 +19,13 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from orchestrator import catalogue, names
 from orchestrator.errors import one_line
-from orchestrator.models import Job, JobState, Step, StepState, utcnow
+from orchestrator.models import Job, JobState, RouteState, Step, StepState, utcnow
 from orchestrator.placement import free_port
+from orchestrator.proxy import ProxyConfig
 from orchestrator.sizes import parse_size
 from workers.context import NodeContext
+from workers.proxy import passed as proxy_passed
+from workers.proxy import wanted as wanted_config
 from workers.runtime.base import ContainerSpec
 
 log = logging.getLogger(__name__)
@@ -123,14 +126,18 @@ def start_job(node: NodeContext, step: Step, job: Job | None) -> dict[str, Any]:
         state = node.runtime.run(container_spec(job))
         wait_ready(node, job)
     except Exception as exc:
-        try:  # leave Docker as true as the catalogue, without hiding why the start failed
-            node.runtime.stop(job.container_name, timeout=0)
-        except Exception as cleanup:
-            log.warning("job %s: removing its container after a failed start failed too: %s",
-                        job.id, cleanup)
-            exc.add_note(f"removing the container failed too: {cleanup}")
+        _remove_failed(node, job, exc)
         raise
     return {"job": job.id, "container": state.id, "port": job.port}
+
+
+def _remove_failed(node: NodeContext, job: Job, exc: Exception) -> None:
+    """Leave Docker as true as the catalogue, without hiding why the start failed."""
+    try:
+        node.runtime.stop(job.container_name, timeout=0)
+    except Exception as cleanup:
+        log.warning("job %s: removing its container after a failed start failed too: %s", job.id, cleanup)
+        exc.add_note(f"removing the container failed too: {cleanup}")
 
 
 def move_port(node: NodeContext, job: Job) -> Job:
@@ -149,10 +156,63 @@ def move_port(node: NodeContext, job: Job) -> Job:
 
 
 def stop_job(node: NodeContext, step: Step, job: Job | None) -> dict[str, Any]:
-    """Stop and remove the job's container; one that is already gone counts as stopped."""
+    """Stop and remove the job's container; one that is already gone counts as stopped. A
+    proxy job's files go with it."""
     job = _need(job, step)
     node.runtime.stop(job.container_name, timeout=node.platform.settings.stop_timeout)
+    node.proxies.remove(job.id)
     return {"job": job.id}
+
+
+# --- the service proxy ----------------------------------------------------------------------------
+
+
+def wanted_proxy(node: NodeContext, proxy_job: Job) -> Callable[[], ProxyConfig]:
+    return wanted_config(node.platform, proxy_job.environment.get("ORCH_ENV", ""), node.address)
+
+
+def start_proxy(node: NodeContext, step: Step, job: Job | None) -> dict[str, Any]:
+    """A service proxy job: its files first (the whole wanted state), then its container, ready
+    when HAProxy answers on its admin socket. It binds its environment's ports beside any
+    proxy job already there (SO_REUSEPORT), which then stops."""
+    job = _need(job, step)
+    mounts = node.proxies.prepare(job.id, wanted_proxy(node, job)())
+    spec = container_spec(job)
+    spec = replace(spec, volumes={**spec.volumes, **mounts})
+    try:
+        state = node.runtime.run(spec)
+        _wait(node, job, lambda: node.proxies.ready(job.id), "did not answer on its admin socket")
+    except Exception as exc:
+        _remove_failed(node, job, exc)
+        raise
+    return {"job": job.id, "container": state.id}
+
+
+def route(node: NodeContext, step: Step, proxy_job: Job | None) -> dict[str, Any]:
+    """On one proxy job: jobs in (once they pass the proxy's check), drained, or out (drained,
+    then removed); with no jobs, sites and certificates brought in line. The catalogue says the
+    jobs' new route first, so every proxy (and one that starts meanwhile) agrees."""
+    proxy_job = _need(proxy_job, step)
+    p, targets, to = node.platform, list(step.targets), step.route
+    if to is not None and targets:
+        with p.session() as s:
+            catalogue.set_route(session=s, job_ids=targets, state=to)
+            s.commit()
+    wanted = wanted_proxy(node, proxy_job)
+    drain = p.settings.drain_timeout if to == RouteState.out else 0.0
+    node.proxies.apply(proxy_job.id, wanted, drain_timeout=drain)
+    if to != RouteState.serving or not targets:
+        return {"proxy": proxy_job.id, "jobs": targets, "route": to}
+    timeout = p.settings.start_timeout
+    deadline = time.monotonic() + timeout
+    while True:
+        missing = set(targets) - proxy_passed(node.proxies.servers(proxy_job.id), targets)
+        if not missing:
+            return {"proxy": proxy_job.id, "jobs": targets, "route": to}
+        if time.monotonic() >= deadline:
+            raise StepFailed(f"job{'s' if len(missing) > 1 else ''} {', '.join(sorted(missing))} did not "
+                             f"pass the proxy's health check within {timeout:g}s")
+        time.sleep(0.05)
 
 
 def _need(job: Job | None, step: Step) -> Job:
@@ -182,14 +242,28 @@ def container_spec(job: Job) -> ContainerSpec:
 
 
 def wait_ready(node: NodeContext, job: Job) -> None:
-    """Ready = still running and, for a job with a port, accepting TCP connections on it.
-    A container that exits or restarts meanwhile fails at once, with its last log lines."""
+    """Ready = still running and, for a job with a port, accepting TCP connections on it (with
+    a health path: answering it with 2xx/3xx). A container that exits or restarts meanwhile
+    fails at once, with its last log lines."""
+    if job.port is None:
+        _wait(node, job, None, "")
+    elif job.health_path:
+        path, port = job.health_path, job.port
+        _wait(node, job, lambda: node.answers(node.address, port, path),
+              f"did not answer GET {path} on port {port} with 2xx/3xx")
+    else:
+        port = job.port
+        _wait(node, job, lambda: node.accepts(node.address, port), f"did not listen on port {port}")
+
+
+def _wait(node: NodeContext, job: Job, ready: Callable[[], bool] | None, failure: str) -> None:
+    """Until ``ready()`` (None: still running after 0.3 s), for the start timeout."""
     timeout = node.platform.settings.start_timeout
     deadline = time.monotonic() + timeout
     settle = time.monotonic() + 0.3
     while True:
-        if job.port is not None and node.accepts(node.address, job.port):
-            return  # listening: no need to ask Docker
+        if ready is not None and ready():
+            return  # no need to ask Docker
         state = node.runtime.inspect(job.container_name)
         if state is None:
             raise StepFailed(f"container {job.container_name} vanished while starting")
@@ -199,10 +273,10 @@ def wait_ready(node: NodeContext, job: Job) -> None:
                 f"container exited at once (exit code {state.exit_code})"
                 + (f"; last output: {logs}" if logs else "")
             )
-        if job.port is None and time.monotonic() >= settle:
+        if ready is None and time.monotonic() >= settle:
             return
         if time.monotonic() >= deadline:
-            raise StepFailed(f"job did not listen on port {job.port} within {timeout:g}s")
+            raise StepFailed(f"job {failure} within {timeout:g}s")
         time.sleep(0.05)
 
 
@@ -210,6 +284,9 @@ CHECK_IMAGE = Work(check_image)
 START = Work(start_job, job_on_begin=JobState.starting, job_on_done=JobState.running,
              job_on_failure=JobState.failed)
 STOP = Work(stop_job, job_on_begin=JobState.stopping, job_on_done=JobState.stopped)
+START_PROXY = Work(start_proxy, job_on_begin=JobState.starting, job_on_done=JobState.running,
+                   job_on_failure=JobState.failed)
+ROUTE = Work(route)  # its job is the proxy job, whose state it leaves alone
 
 
 # --- registration ---------------------------------------------------------------------------------
@@ -242,6 +319,16 @@ def register(app: Celery, node: NodeContext) -> None:
     def stop_job_task(self: Task, step_id: int, env: str = "", service: str = "",
                       **_labels: Any) -> dict[str, Any]:
         return step(self, step_id, STOP, env, service)
+
+    @app.task(name=names.TASK_START_PROXY, shared=False, bind=True)
+    def start_proxy_task(self: Task, step_id: int, env: str = "", service: str = "",
+                         **_labels: Any) -> dict[str, Any]:
+        return step(self, step_id, START_PROXY, env, service)
+
+    @app.task(name=names.TASK_ROUTE, shared=False, bind=True)
+    def route_task(self: Task, step_id: int, env: str = "", service: str = "",
+                   **_labels: Any) -> dict[str, Any]:
+        return step(self, step_id, ROUTE, env, service)
 
     @app.task(name=names.TASK_WAIT, shared=False, bind=True, max_retries=None)
     def wait_task(self: Task, step_id: int, env: str = "", service: str = "",

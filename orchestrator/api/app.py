@@ -1,13 +1,16 @@
 """The HTTP API under /api/v1: a thin adapter over the catalogue and operations.
 
 Bearer tokens (``orchestrator tokens create``) carry a role; support-only actions are checked
-here, server-side. Bad input is a 4xx with a reason, never a 500.
+here, server-side. Bad input is a 4xx with a reason, never a 500; a 422 names the fields at
+fault but never echoes what was sent (a body may hold a private key or a password).
 """
 
 from collections.abc import Callable, Iterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, status
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response, status
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field, StrictBool, StrictInt
@@ -23,6 +26,7 @@ from orchestrator.models import (
     ReleasePublic,
     Role,
     ServicePublic,
+    SitePublic,
     VariableView,
 )
 from orchestrator.platform import Platform
@@ -62,8 +66,40 @@ class WorkerScaleBody(BaseModel):
 
 
 class ServicePatch(BaseModel):
-    overlap: StrictInt | None = Field(default=None, ge=0, le=rules.MAX_OVERLAP)
-    redeployable: StrictBool | None = None
+    overlap: StrictInt | None = Field(default=None, ge=0, le=rules.MAX_OVERLAP)  # support only
+    redeployable: StrictBool | None = None  # support only
+    # Code services, any role, on its own: the path a deploy job must answer 2xx/3xx on; null
+    # goes back to a TCP check. Takes effect at the next redeploy.
+    health_path: str | None = None
+
+
+class ProxyPorts(BaseModel):
+    http_port: int | None
+    https_port: int | None
+
+
+class EnvironmentDetail(BaseModel):
+    """One environment: what ``orchestrator env show --json`` shows, but its services (they
+    have their own listing, /envs/{env}/services)."""
+
+    name: str
+    sandbox: bool
+    proxy: ProxyPorts
+    sites: list[SitePublic]
+
+
+MAX_PEM = 64 * 1024
+
+
+class SiteBody(BaseModel):
+    """A host name the environment's proxy routes to a code service; with ``cert`` (PEM,
+    the site's certificate first, then its chain) and ``key`` (PEM, unencrypted), on the HTTPS
+    port too, chosen by SNI. The key is kept as a secret: no response ever holds it."""
+
+    name: str
+    service: str = Field(min_length=1, max_length=MAX_NAME)
+    cert: str | None = Field(default=None, max_length=MAX_PEM)
+    key: str | None = Field(default=None, max_length=MAX_PEM)
 
 
 class VariablesBody(BaseModel):
@@ -107,6 +143,17 @@ def support_only(who: Role) -> None:
         raise HTTPException(status.HTTP_403_FORBIDDEN, "only the support role may do this")
 
 
+def checked_text(value: str | None, what: str) -> str | None:
+    """JSON may carry lone surrogates (\\ud800), which no catalogue or parser takes: a 400
+    (pydantic already refuses them, 422, in fields with a length limit)."""
+    if value is not None:
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise BadInput(f"the {what} is not valid Unicode text") from None
+    return value
+
+
 Db = Annotated[Session, Depends(_session)]
 ReadDb = Annotated[Session, Depends(_reader)]
 Who = Annotated[Role, Depends(_role)]
@@ -129,7 +176,15 @@ def create_api(platform: Platform) -> FastAPI:
     @api.exception_handler(BadInput)
     async def bad_input(_: Request, exc: BadInput) -> JSONResponse:
         code = status.HTTP_404_NOT_FOUND if isinstance(exc, NotFound) else status.HTTP_400_BAD_REQUEST
-        return JSONResponse({"detail": str(exc)}, status_code=code)
+        return JSONResponse({"detail": one_line(exc)}, status_code=code)
+
+    @api.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        """FastAPI's 422 (each error's loc, msg and type), without the input it would echo: a
+        missing field echoes the whole body, with any key or password in it."""
+        errors = [{k: e[k] for k in ("loc", "msg", "type") if k in e} for e in exc.errors()]
+        return JSONResponse({"detail": jsonable_encoder(errors)},
+                            status_code=status.HTTP_422_UNPROCESSABLE_ENTITY)
 
     def accepted(op: Any) -> JSONResponse:
         body = OperationAccepted(id=op.id, kind=op.kind, state=op.state,
@@ -143,9 +198,44 @@ def create_api(platform: Platform) -> FastAPI:
     def list_envs(db: ReadDb, _: Who) -> Any:
         return catalogue.list_envs(session=db)
 
-    @v1.get("/envs/{env}", response_model=EnvironmentPublic)
+    @v1.get("/envs/{env}", response_model=EnvironmentDetail)
     def get_env(env: str, db: ReadDb, _: Who) -> Any:
-        return catalogue.get_env(session=db, name=env)
+        environment = catalogue.get_env(session=db, name=env)
+        return EnvironmentDetail(
+            name=environment.name, sandbox=environment.sandbox,
+            proxy=ProxyPorts(http_port=environment.http_port, https_port=environment.https_port),
+            sites=catalogue.list_sites(session=db, env=environment))
+
+    @v1.get("/envs/{env}/sites", response_model=list[SitePublic])
+    def list_sites(env: str, db: ReadDb, _: Who) -> Any:
+        return catalogue.list_sites(session=db, env=catalogue.get_env(session=db, name=env))
+
+    @v1.post("/envs/{env}/sites", status_code=202, response_model=OperationAccepted,
+             responses={201: {"model": SitePublic,
+                              "description": "Added; no service proxy in the environment, so no "
+                                             "operation (a proxy deployed later serves it)"}})
+    def add_site(env: str, body: SiteBody, _: Who) -> Any:
+        """Route a host name to a code service: 202 with the operation that takes it live on the
+        environment's service proxy, or 201 with the site when the environment has no proxy."""
+        op = requests.add_site(platform, env=env, site=checked_text(body.name, "site") or "",
+                               service=checked_text(body.service, "service") or "",
+                               cert=checked_text(body.cert, "certificate"), key=checked_text(body.key, "key"))
+        if op is not None:
+            return accepted(op)
+        site = SitePublic(name=rules.check_site_name(body.name), service=body.service,
+                          tls=body.cert is not None)
+        return JSONResponse(site.model_dump(mode="json"), status_code=status.HTTP_201_CREATED)
+
+    @v1.delete("/envs/{env}/sites/{site}", status_code=202, response_model=OperationAccepted,
+               responses={204: {"description": "Removed; no service proxy in the environment, "
+                                               "so no operation"}})
+    def remove_site(env: str, site: str, _: Who) -> Any:
+        """Stop routing a host name: 202 with the operation that updates the environment's
+        service proxy, or 204 when the environment has no proxy."""
+        op = requests.remove_site(platform, env=env, site=site)
+        if op is not None:
+            return accepted(op)
+        return Response(status_code=status.HTTP_204_NO_CONTENT)
 
     @v1.get("/envs/{env}/services", response_model=list[ServicePublic])
     def list_services(env: str, db: ReadDb, _: Who) -> Any:
@@ -160,6 +250,17 @@ def create_api(platform: Platform) -> FastAPI:
 
     @v1.patch("/envs/{env}/services/{svc}", response_model=ServicePublic)
     def patch_service(env: str, svc: str, body: ServicePatch, db: Db, who: Who) -> Any:
+        """The overlap and the redeployable flag (support only), or, on its own, the health path
+        of a code service (any role; null: a TCP check)."""
+        given = body.model_fields_set
+        if "health_path" in given:
+            if given - {"health_path"}:
+                raise BadInput("give health_path on its own")
+            # Its own session: ``db`` has not begun, so it holds no write lock to wait on.
+            requests.set_health_path(platform, env=env, service=svc, path=body.health_path)
+            with platform.reader() as s:
+                environment, service = catalogue.get_service(session=s, env=env, name=svc)
+                return catalogue.service_public(service, environment)
         support_only(who)
         environment, service = catalogue.get_service(session=db, env=env, name=svc)
         catalogue.update_service(session=db, service=service, overlap=body.overlap,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import timedelta
 
-from sqlalchemy import update
+from sqlalchemy import case, update
 from sqlmodel import Session, col, select
 
 from orchestrator.errors import NotFound
@@ -37,14 +37,16 @@ def record_operation(*, session: Session, env: Environment, service: Service, ki
 
 
 def claim_next_operation(*, session: Session, service_id: int) -> Operation | None:
-    """Make the oldest queued operation of the service its active one, if none is active.
+    """Make the oldest queued operation of the service (a revert first) its active one, if
+    none is active.
 
     Whoever's UPDATE matches wins; everyone else gets None. Called after recording an operation
     and after finishing one, so a queued operation is never left behind."""
     op = session.exec(
         select(Operation)
         .where(Operation.service_id == service_id, Operation.state == OpState.queued)
-        .order_by(col(Operation.id))
+        # A revert puts the service back after a failure: it goes before what was asked since.
+        .order_by(case((col(Operation.kind) == OpKind.revert, 0), else_=1), col(Operation.id))
     ).first()
     if op is None:
         return None

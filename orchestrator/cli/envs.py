@@ -6,6 +6,7 @@ import click
 
 from orchestrator import catalogue, requests, rules, spec
 from orchestrator.cli.base import Context, emit, env_svc, json_option, listing, load_op, main, pass_ctx
+from orchestrator.errors import BadInput
 from orchestrator.models import EnvironmentPublic, ServiceType
 
 
@@ -18,11 +19,17 @@ def env() -> None:
 @click.argument("name")
 @click.option("--sandbox", is_flag=True, help="A sandbox gets no monitoring service.")
 @click.option("--no-defaults", is_flag=True, help="Skip the auto-included services.")
+@click.option("--http-port", type=int, default=None, help="The proxy's HTTP port (default: the first free one).")
+@click.option("--https-port", type=int, default=None, help="The proxy's HTTPS port (default: the first free one).")
 @pass_ctx
-def env_create(ctx: Context, name: str, sandbox: bool, no_defaults: bool) -> None:
+def env_create(ctx: Context, name: str, sandbox: bool, no_defaults: bool, http_port: int | None,
+               https_port: int | None) -> None:
     ops_started = requests.create_env(ctx.platform, name=name, sandbox=sandbox,
-                                        defaults=not no_defaults)
-    click.echo(f"environment {name} created")
+                                      defaults=not no_defaults, http_port=http_port, https_port=https_port)
+    with ctx.platform.reader() as s:
+        environment = catalogue.get_env(session=s, name=name)
+    click.echo(f"environment {name} created; its proxy serves http://{{host}}:{environment.http_port} "
+               f"and https://{{host}}:{environment.https_port}")
     for op in ops_started:
         click.echo(f"operation {op.id} deploys {load_op(ctx, op.id or 0).service}")
 
@@ -37,6 +44,31 @@ def env_list(ctx: Context, as_json: bool) -> None:
     listing(rows, as_json=as_json, headers=["NAME", "SANDBOX"],
             cells=lambda e: (e.name, "yes" if e.sandbox else "no"))
 
+
+
+@env.command("show")
+@click.argument("name")
+@json_option
+@click.option("--show-secrets", is_flag=True, help="Show dashboards' passwords.")
+@pass_ctx
+def env_show(ctx: Context, name: str, as_json: bool, show_secrets: bool) -> None:
+    """An environment: its proxy's ports, services and sites."""
+    with ctx.platform.reader() as s:
+        environment = catalogue.get_env(session=s, name=name)
+        services_ = [catalogue.service_public(svc, environment).model_dump(mode="json")
+                     for svc in catalogue.list_services(session=s, env=environment)]
+        sites_ = [site.model_dump(mode="json") for site in catalogue.list_sites(session=s, env=environment)]
+    data = {"name": environment.name, "sandbox": environment.sandbox,
+            "proxy": {"http_port": environment.http_port, "https_port": environment.https_port},
+            "services": services_, "sites": sites_}
+    if as_json:
+        emit(data)
+        return
+    click.echo(f"{'name':13} {environment.name}")
+    click.echo(f"{'sandbox':13} {'yes' if environment.sandbox else 'no'}")
+    click.echo(f"{'proxy':13} http port {environment.http_port}, https port {environment.https_port}")
+    click.echo(f"{'services':13} {', '.join(str(x['name']) for x in services_) or '-'}")
+    click.echo(f"{'sites':13} {', '.join(str(x['name']) for x in sites_) or '-'}")
 
 
 @main.group()
@@ -99,10 +131,18 @@ def services_show(ctx: Context, env_name: str, name: str, as_json: bool) -> None
 @env_svc
 @click.option("--overlap", type=int, default=None, help="Seconds (support only).")
 @click.option("--redeployable/--not-redeployable", default=None, help="(support only)")
+@click.option("--health-path", default=None,
+              help="GET it on a deploy job: 2xx/3xx is healthy (code services; '' for a TCP check).")
 @click.option("--support", is_flag=True, help="Act as the support role.")
 @pass_ctx
 def services_update(ctx: Context, env_name: str, name: str, overlap: int | None,
-                    redeployable: bool | None, support: bool) -> None:
+                    redeployable: bool | None, health_path: str | None, support: bool) -> None:
+    if health_path is not None:
+        if overlap is not None or redeployable is not None:
+            raise BadInput("give --health-path on its own")
+        requests.set_health_path(ctx.platform, env=env_name, service=name, path=health_path or None)
+        click.echo(f"service {name} updated: the health path takes effect at its next redeploy")
+        return
     with ctx.platform.session() as s:
         _, svc = catalogue.get_service(session=s, env=env_name, name=name)
         catalogue.update_service(session=s, service=svc, overlap=overlap, redeployable=redeployable,

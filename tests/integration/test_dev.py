@@ -19,14 +19,17 @@ from tests.conftest import DOCKER_URL, Cli
 
 pytestmark = pytest.mark.e2e
 
-PORT_MIN, PORT_MAX = 30500, 30749
+PORT_MIN, PORT_MAX = 30500, 30699
+PROXY_PORT_MIN, PROXY_PORT_MAX = 30700, 30749
 
 
 def test_dev_demo_runs_end_to_end(tmp_path: Path, docker_client: docker.DockerClient) -> None:
     catalogue = tmp_path / "dev.db"
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_")}  # no broker URL: in-process
     env.update(ORCH_DATABASE_URL=f"sqlite:///{catalogue}", ORCH_PORT_MIN=str(PORT_MIN),
-               ORCH_PORT_MAX=str(PORT_MAX), DOCKER_HOST=DOCKER_URL)
+               ORCH_PORT_MAX=str(PORT_MAX), ORCH_PROXY_PORT_MIN=str(PROXY_PORT_MIN),
+               ORCH_PROXY_PORT_MAX=str(PROXY_PORT_MAX), ORCH_PROXY_DIR=f"/tmp/orch-dev-{os.getpid()}",
+               DOCKER_HOST=DOCKER_URL)
     reader = Cli({"ORCH_DATABASE_URL": env["ORCH_DATABASE_URL"]})
     try:
         done = subprocess.run([sys.executable, "-m", "orchestrator.cli", "dev", "--demo"], cwd=tmp_path, env=env,
@@ -35,13 +38,19 @@ def test_dev_demo_runs_end_to_end(tmp_path: Path, docker_client: docker.DockerCl
         assert done.returncode == 0, output[-4000:]
         assert "broker memory://" in output, output[:1000]  # the in-process broker, not Redis
         succeeded = re.findall(r"^\[\s*[\d.]+s\] operation (\d+) succeeded$", done.stdout, flags=re.MULTILINE)
-        assert len(succeeded) == 3, output[-4000:]
+        assert len(succeeded) == 5, output[-4000:]
 
         ops = {o["id"]: o for o in json.loads(reader.ok("ops", "list", "demo", "--json"))}
-        assert [(ops[int(i)]["kind"], ops[int(i)]["trigger"]) for i in succeeded] == [
-            ("deploy", "push"), ("redeploy", "manual"), ("redeploy", "manual")]
+        assert [(ops[int(i)]["service"], ops[int(i)]["kind"], ops[int(i)]["trigger"]) for i in succeeded] == [
+            ("logging", "deploy", "create"), ("service-proxy", "deploy", "create"),
+            ("web", "deploy", "push"), ("web", "redeploy", "manual"), ("web", "redeploy", "manual")]
+        # The site answers through the service proxy, served by both jobs in turn.
+        answers = re.findall(r"^  200 job=(\w+) service=web release=1 greeting=hello again$", done.stdout,
+                             flags=re.MULTILINE)
+        assert len(answers) == 4, output[-4000:]
         jobs = json.loads(reader.ok("jobs", "list", "demo", "web", "--json"))
         assert len(jobs) == 2 and all(j["state"] == "running" for j in jobs), jobs
+        assert set(answers) == {j["id"] for j in jobs}, (answers, jobs)
         assert all(PORT_MIN <= j["port"] <= PORT_MAX for j in jobs), jobs
 
         # Docker agrees: the two jobs of this run are running, with the platform's labels.

@@ -255,7 +255,12 @@ def test_a_crashing_release_fails_and_the_last_good_release_stays_current(world:
     assert "Service web now runs 0 of 2 deploy jobs. Release 1 stays current." in failed.error
     svc = world.service("web")
     assert (svc.release, svc.image, svc.active_op_id) == (1, IMAGE, None)
-    assert world.jobs("web") == [] and world.all_containers("web") == {}  # no crashed container left
+    # Without overlap the old jobs had stopped: a revert started the last good release again.
+    revert = world.operations("web")[-1]
+    assert (revert.kind, revert.trigger, revert.state) == (OpKind.revert, OpTrigger.revert, OpState.succeeded)
+    assert {(j.release, j.image, j.state) for j in world.jobs("web")} == {(1, IMAGE, JobState.running)}
+    assert len(world.jobs("web")) == 2
+    assert_runtimes_match_catalogue(world, "web")  # no crashed container left
     # The next redeploy runs the last good release again.
     op = requests.request_redeploy(world.platform, env=ENV, service="web")
     world.run_all()

@@ -181,6 +181,12 @@ class World:
         with self.platform.reader() as s:
             return catalogue.get_operation(session=s, op_id=op_id)
 
+    def operations(self, service: str) -> list[Operation]:
+        """The service's operations, oldest first."""
+        with self.platform.reader() as s:
+            query = select(Operation).where(Operation.service_id == self.service(service).id)
+            return list(s.exec(query.order_by(col(Operation.id))))
+
     def steps(self, op_id: int, action: StepAction | None = None) -> list[Step]:
         with self.platform.reader() as s:
             steps = catalogue.steps_of(session=s, op_id=op_id)

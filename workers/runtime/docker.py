@@ -109,6 +109,8 @@ class DockerRuntime:
         if spec.volumes:
             owner = {k: v for k, v in spec.labels.items() if k in (LABEL_ENV, LABEL_SERVICE)}
             for name in spec.volumes:
+                if name.startswith("/"):
+                    continue  # a directory of the host (a proxy job's files), mounted as it is
                 # Made here, not implicitly by the create, so it carries its owner's labels.
                 # Creating a volume that exists returns it as it is.
                 self.client.volumes.create(name=name, labels=owner)

@@ -157,6 +157,7 @@ class OpParams(BaseModel):
     host: str | None = None  # recover, drain: the host concerned
     jobs: list[str] | None = None  # revert: the jobs of the failed operation to stop
     failed_op: int | None = None  # revert: the operation that failed
+    restart: bool | None = None  # revert: start jobs of the kept release up to the scale
     # Set when the operation starts: what it replaced, so a failure can put it back.
     release_before: ReleaseBefore | None = None
     scale_before: int | None = None

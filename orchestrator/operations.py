@@ -220,8 +220,8 @@ PLANS: dict[OpKind, Callable[[PlanInput], planner.Plan]] = {
     OpKind.worker_deploy: _plan_worker_deploy,
     OpKind.worker_rm: lambda i: planner.plan_stop(i.jobs, kind=JobKind.worker, target=i.params.target),
     OpKind.routes: lambda i: planner.plan_routes(i.spec),
-    OpKind.revert: lambda i: planner.plan_revert(i.spec, i.jobs, i.hosts, _new_id,
-                                                 failed=i.params.jobs or (), ports=i.ports),
+    OpKind.revert: lambda i: planner.plan_revert(i.spec, i.jobs, i.hosts, _new_id, failed=i.params.jobs or (),
+                                                 restart=bool(i.params.restart), ports=i.ports),
 }
 
 
@@ -357,9 +357,9 @@ def finish(p: Platform, op_id: int) -> bool | None:
         catalogue.release_service(session=s, service_id=op.service_id, op_id=op_id)
         if ended:
             _keep_healing_account(s, op, succeeded=not failed)
-            if failed:
-                _queue_revert(s, op)
-            else:  # jobs it started that no proxy took in (none runs): serve from now on
+            if not (failed and _queue_revert(s, op)):
+                # Jobs it started and no proxy took in (none runs, or a heal failed half way):
+                # they passed their start, they serve from now on (the heartbeat adds them).
                 s.exec(update(Job).where(col(Job.op_id) == op_id, col(Job.route) == RouteState.pending)
                        .values(route=RouteState.serving))
         s.commit()
@@ -374,23 +374,32 @@ USER_TRIGGERS = frozenset({OpTrigger.manual, OpTrigger.push, OpTrigger.support, 
 REVERTED = frozenset({*USER_TRIGGERS, OpTrigger.drain})
 
 
-def _queue_revert(s: Session, op: Operation) -> None:
+def _queue_revert(s: Session, op: Operation) -> bool:
     """A user's operation failed: queue a revert (it goes first) that stops the jobs the
-    operation started and brings the service back to its scale on the kept release."""
+    operation started and, when it had stopped jobs of the release it replaced (a push or
+    rollback without overlap), brings the service back to its scale on the kept release.
+    Whether it queued one."""
     if op.trigger not in REVERTED or op.kind in (OpKind.revert, OpKind.routes):
-        return
+        return False
     svc = s.get(Service, op.service_id)
     env = s.get(Environment, op.env_id)
     if svc is None or env is None:
-        return
+        return False
     started = [j.id for j in s.exec(select(Job).where(col(Job.op_id) == op.id,
                                                       col(Job.state).in_(ACTIVE_JOB_STATES)))]
+    # Jobs it stopped before it failed (a redeploy without overlap): the service had them.
+    stopped = any(st.action == StepAction.stop and st.state == StepState.succeeded
+                  for st in catalogue.steps_of(session=s, op_id=op.id or 0))
     active = catalogue.active_jobs(session=s, service=svc)
     below = sum(1 for j in active if j.kind == JobKind.deploy and j.id not in started) < svc.scale
-    if not started and not (below and svc.image):
-        return
+    # Back to scale only on the release kept: a failed change of variables would fail again.
+    restart = stopped and below and bool(svc.image) and op.parameters.release_before is not None
+    if not started and not restart:
+        return False
     catalogue.record_operation(session=s, env=env, service=svc, kind=OpKind.revert,
-                               trigger=OpTrigger.revert, params=OpParams(jobs=started, failed_op=op.id))
+                               trigger=OpTrigger.revert,
+                               params=OpParams(jobs=started, failed_op=op.id, restart=restart))
+    return True
 
 
 def _keep_healing_account(s: Session, op: Operation, *, succeeded: bool) -> None:

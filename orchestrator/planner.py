@@ -315,15 +315,15 @@ def plan_recover(spec: ServiceSpec, jobs: Sequence[ObservedJob], hosts: Sequence
 
 
 def plan_revert(spec: ServiceSpec, jobs: Sequence[ObservedJob], hosts: Sequence[HostLoad],
-                new_id: Callable[[], str], *, failed: Iterable[str],
+                new_id: Callable[[], str], *, failed: Iterable[str], restart: bool = True,
                 ports: PortRange = PortRange()) -> Plan:
-    """After a failed operation: the jobs it started (``failed``) leave the proxy and stop, and
-    the service is brought back to its scale from its current (restored) spec, new jobs in the
-    proxy before the failed ones go."""
+    """After a failed operation: the jobs it started (``failed``) leave the proxy and stop and,
+    with ``restart``, the service is brought back to its scale from its current (restored)
+    spec, new jobs in the proxy before the failed ones go."""
     gone = set(failed)
     leaving = [j for j in jobs if j.id in gone]
     staying = [j for j in jobs if j.id not in gone]
-    back = plan_recover(spec, staying, hosts, new_id, ports)
+    back = plan_recover(spec, staying, hosts, new_id, ports) if restart else Plan()
     return _plan(*back.stages, _routes(spec, _deploy_ids(leaving), RouteState.out),
                  tuple(StopJob(j.id, j.host) for j in leaving))
 

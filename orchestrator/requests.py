@@ -91,10 +91,9 @@ def create_env(p: Platform, *, name: str, sandbox: bool, defaults: bool = True,
               ServiceType.monitoring: p.settings.image_monitoring}
     with p.session() as s:
         environment = catalogue.create_env(session=s, name=name, sandbox=sandbox)
-        catalogue.assign_proxy_ports(
-            session=s, env=environment, http_port=http_port, https_port=https_port,
-            job_ports=(p.settings.port_min, p.settings.port_max),
-            proxy_ports=(p.settings.proxy_port_min, p.settings.proxy_port_max))
+        if defaults or http_port is not None or https_port is not None:
+            # An environment without a proxy (--no-defaults) takes its ports when it gets one.
+            _proxy_ports(p, s, environment, http_port, https_port)
         included = [i for i in service_types.INCLUDED_SERVICES
                     if defaults and (i.sandbox_too or not sandbox)]
         for item in included:
@@ -118,6 +117,8 @@ def add_service(p: Platform, *, env: str, name: str, type: ServiceType, image: s
         catalogue.add_service(session=s, env=environment, name=name, type=type,
                               image=image if type != ServiceType.code else None,
                               command=command, scale=scale, size=size)
+        if type == ServiceType.service_proxy and environment.http_port is None:
+            _proxy_ports(p, s, environment)
         s.commit()
     if not service_types.profile(type).deploys_on_create:
         return None
@@ -189,10 +190,7 @@ def add_site(p: Platform, *, env: str, site: str, service: str, cert: str | None
         if svc.type != ServiceType.code:
             raise BadInput(f"sites route to code services; {service} is a {svc.type} service")
         if environment.http_port is None:
-            catalogue.assign_proxy_ports(
-                session=s, env=environment, http_port=None, https_port=None,
-                job_ports=(p.settings.port_min, p.settings.port_max),
-                proxy_ports=(p.settings.proxy_port_min, p.settings.proxy_port_max))
+            _proxy_ports(p, s, environment)
         catalogue.add_site(session=s, env=environment, name=name, service=svc, cert=chain,
                            key=key.strip() + "\n" if key is not None else None)
         op = _record_routes(s, environment)
@@ -207,6 +205,14 @@ def remove_site(p: Platform, *, env: str, site: str) -> Operation | None:
         op = _record_routes(s, environment)
         s.commit()
     return _started(p, op)
+
+
+def _proxy_ports(p: Platform, s: Session, env: Environment, http_port: int | None = None,
+                 https_port: int | None = None) -> None:
+    catalogue.assign_proxy_ports(
+        session=s, env=env, http_port=http_port, https_port=https_port,
+        job_ports=(p.settings.port_min, p.settings.port_max),
+        proxy_ports=(p.settings.proxy_port_min, p.settings.proxy_port_max))
 
 
 def _record_routes(s: Session, env: Environment) -> Operation | None:

@@ -154,7 +154,8 @@ MAX_ID = 2**63 - 1  # what the databases' integers hold; a larger id or number n
 
 MAX_SITE_NAME = 253
 MAX_HEALTH_PATH = 200
-_HEALTH_PATH = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@%/?-]*")
+# No quotes, spaces or backslashes: HAProxy's configuration reads them as its own syntax.
+_HEALTH_PATH = re.compile(r"/[A-Za-z0-9._~!$&()*+,;=:@%/?-]*")
 
 
 def check_site_name(name: object) -> str:

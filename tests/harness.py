@@ -383,8 +383,8 @@ class Daemon:
 
 def retire(catalogue_url: str, *envs: str) -> None:
     """Before a test removes its environments' containers behind the platform's back: mark their
-    services as given up on healing, so the platform does not bring the containers back (a test
-    teardown, not a user's act; ``env rm`` is the user's way)."""
+    services as given up on healing, so the platform does not bring the containers back, and free
+    their proxy ports (a test teardown, not a user's act; ``env rm`` is the user's way)."""
     url = catalogue_url.replace("postgresql://", "postgresql+psycopg://", 1)
     engine = sqlalchemy.create_engine(url)
     try:
@@ -394,6 +394,9 @@ def retire(catalogue_url: str, *envs: str) -> None:
                     "UPDATE service SET heal_gave_up = :yes, heal_wanted = :no "
                     "WHERE env_id IN (SELECT id FROM environment WHERE name = :env)"),
                     {"yes": True, "no": False, "env": env})
+                # Its proxy ports go back to the range, for the environments that come next.
+                conn.execute(sqlalchemy.text(
+                    "UPDATE environment SET http_port = NULL, https_port = NULL WHERE name = :env"), {"env": env})
     finally:
         engine.dispose()
 

@@ -326,7 +326,13 @@ class HAProxyDriver:
 
 
 def _atomic(path: Path, text: str) -> None:
-    """Write a file whole (a reader sees the old or the new one), readable by its owner only."""
+    """Write a file whole (a reader sees the old or the new one), readable by its owner only;
+    one that already says ``text`` is left alone (the heartbeat applies every beat)."""
+    try:
+        if path.read_text() == text:
+            return
+    except OSError:
+        pass
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:

@@ -62,7 +62,8 @@ def add_site(*, session: Session, env: Environment, name: str, service: Service,
 
 
 def get_site(*, session: Session, env: Environment, name: str) -> Site:
-    site = session.exec(select(Site).where(Site.env_id == env.id, Site.name == name.lower())).first()
+    site = session.exec(select(Site).where(Site.env_id == env.id,
+                                           Site.name == name.lower().rstrip("."))).first()
     if site is None:
         raise NotFound(f"no site {name} in {env.name}")
     return site

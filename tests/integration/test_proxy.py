@@ -6,6 +6,7 @@ redeploy hands its ports over."""
 from __future__ import annotations
 
 import http.client
+import itertools
 import json
 import socket
 import ssl
@@ -113,7 +114,7 @@ class Load:
 
     def longest_gap(self) -> float:
         times = sorted(r[0] for r in self.results if r[1] == 200)
-        return max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0)
+        return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
 
 
 def proxy_containers(client: docker.DockerClient, env: str) -> set[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
@@ -301,9 +302,13 @@ def test_env_create_includes_logging_proxy_and_monitoring(
     for service, job in jobs.items():
         running = containers(docker_client, name, service)
         assert running == {job["id"]: job["container_id"]}, service
-    assert jobs["monitoring"]["port"] is None
+    assert jobs["monitoring"]["port"] is None and jobs["service-proxy"]["port"] is None
     assert page(jobs["logging"]["port"]).strip() == f"logging dashboard of {name}"
-    assert page(jobs["service-proxy"]["port"]).strip() == f"service proxy of {name}"
+    # The proxy (HAProxy) listens on the environment's HTTP port: no site yet, so 404.
+    http_port = json.loads(cli.ok("env", "show", name, "--json"))["proxy"]["http_port"]
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        page(http_port)
+    assert missing.value.code == 404 and missing.value.read().decode().strip() == "no such site"
 
     # Logging and monitoring refuse a redeploy; nothing is recorded, nothing restarts.
     before = containers(docker_client, name)

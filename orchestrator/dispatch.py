@@ -25,6 +25,7 @@ TASK_OF = {
     StepAction.wait: names.TASK_WAIT,
     StepAction.start_proxy: names.TASK_START_PROXY,
     StepAction.route: names.TASK_ROUTE,
+    StepAction.build: names.TASK_BUILD,
 }
 
 

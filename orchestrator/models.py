@@ -7,7 +7,7 @@ from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import JSON, Column, UniqueConstraint
+from sqlalchemy import JSON, Column, LargeBinary, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -105,7 +105,14 @@ class StepAction(StrEnum):
     stop = "stop"
     wait = "wait"
     start_proxy = "start_proxy"  # a service proxy job: its files written, then its container
+    build = "build"  # a pushed source built into the release's image (and pushed to the registry)
     route = "route"  # a proxy job takes jobs in, drains them or lets them go (runtime API)
+
+
+class ReleaseState(StrEnum):
+    building = "building"  # its operation runs
+    succeeded = "succeeded"
+    failed = "failed"
 
 
 class VariableSource(StrEnum):
@@ -158,6 +165,7 @@ class OpParams(BaseModel):
     jobs: list[str] | None = None  # revert: the jobs of the failed operation to stop
     failed_op: int | None = None  # revert: the operation that failed
     restart: bool | None = None  # revert: start jobs of the kept release up to the scale
+    source_id: int | None = None  # a push of a source: what the build step builds
     # Set when the operation starts: what it replaced, so a failure can put it back.
     release_before: ReleaseBefore | None = None
     scale_before: int | None = None
@@ -246,7 +254,24 @@ class Release(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     service_id: int = Field(foreign_key="service.id", index=True)
     number: int
-    image: str
+    image: str  # built ones: by digest once pushed to the registry (the same bytes every time)
+    state: ReleaseState | None = None  # None: made before releases had a state
+    build: str | None = None  # how it was built: dockerfile, procfile (None: an image was pushed)
+    source_id: int | None = None
+    commit: str | None = None  # a git push: the commit built
+    command: str | None = None  # a Procfile's web line: its deploy command
+    processes: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class BuildSource(SQLModel, table=True):
+    """A pushed source (a tar of the directory, Dockerfile included), kept for the node that
+    builds it: nodes reach the catalogue wherever they run."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    sha256: str = Field(unique=True, index=True)
+    data: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    size: int
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -311,6 +336,8 @@ class Step(SQLModel, table=True):
     seconds: int | None = None  # wait steps
     image: str | None = None  # check_image steps
     route: RouteState | None = None  # route steps: where the jobs go (None: the proxy syncs only)
+    source_id: int | None = None  # build steps: the source built
+    output: str | None = None  # build steps: the build's output, as it comes
     targets: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     state: StepState = StepState.pending
     error: str | None = None
@@ -385,6 +412,10 @@ class JobPublic(SQLModel):
 class ReleasePublic(SQLModel):
     number: int
     image: str
+    state: ReleaseState | None = None
+    current: bool = False
+    build: str | None = None
+    commit: str | None = None
     created_at: datetime
 
 
@@ -398,6 +429,7 @@ class StepPublic(SQLModel):
     error: str | None
     started_at: datetime | None
     finished_at: datetime | None
+    output: str | None = None  # build steps: the build's output
 
 
 class OperationPublic(SQLModel):

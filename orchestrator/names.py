@@ -21,6 +21,7 @@ TASK_STOP_JOB = "orchestrator.step.stop_job"
 TASK_WAIT = "orchestrator.step.wait"
 TASK_START_PROXY = "orchestrator.step.start_proxy"
 TASK_ROUTE = "orchestrator.step.route"
+TASK_BUILD = "orchestrator.step.build"
 TASK_FINISH = "orchestrator.op.finish"
 
 # The public task API on the control queue (send_task by other services): keep these stable.

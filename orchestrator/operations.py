@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from sqlalchemy import update
 from sqlmodel import Session, col, select
 
-from orchestrator import catalogue, planner, rules, spec
+from orchestrator import builds, catalogue, planner, rules, spec
 from orchestrator.dispatch import SendFailed
 from orchestrator.errors import BadInput
 from orchestrator.models import (
@@ -29,6 +29,7 @@ from orchestrator.models import (
     OpState,
     OpTrigger,
     ReleaseBefore,
+    ReleaseState,
     RouteState,
     Service,
     ServiceType,
@@ -106,6 +107,7 @@ def _fail_unstarted(p: Platform, op: Operation, error: str) -> None:
     with p.session() as s:
         if catalogue.end_operation(session=s, op_id=op.id or 0, state=OpState.failed, error=error):
             _keep_healing_account(s, op, succeeded=False)
+            _end_release(s, op, succeeded=False)
         catalogue.release_service(session=s, service_id=op.service_id, op_id=op.id or 0)
         s.commit()
 
@@ -127,6 +129,7 @@ def abandon(p: Platform, op_id: int, error: str, *, start: bool = True, heal: bo
         if not ended:
             s.rollback()
             return False
+        _end_release(s, op, succeeded=False)
         catalogue.release_service(session=s, service_id=op.service_id, op_id=op_id)
         if heal:
             catalogue.want_heal(session=s, service_id=op.service_id)
@@ -235,7 +238,11 @@ def _plan(p: Platform, s: Session, op: Operation, svc: Service, env: Environment
     if op.kind == OpKind.revert and not svc.image:
         # A failed first push: nothing to go back to, only its jobs to stop.
         svc = svc.model_copy(update={"image": "-", "scale": 0})
-    return plan(PlanInput(spec.service_spec(s, env, svc), spec.observed_jobs(s, svc), hosts,
+    wanted = spec.service_spec(s, env, svc)
+    source = op.parameters.source_id
+    if source is not None and op.kind in (OpKind.deploy, OpKind.redeploy):
+        wanted = replace(wanted, build=planner.BuildSpec(source, push=bool(p.settings.registry)))
+    return plan(PlanInput(wanted, spec.observed_jobs(s, svc), hosts,
                           planner.PortRange(p.settings.port_min, p.settings.port_max), op.parameters))
 
 
@@ -288,13 +295,17 @@ def _remember_placement(svc: Service, job: planner.NewJob, *, moved: bool = Fals
 def _host_of(item: planner.Step) -> str | None:
     if isinstance(item, planner.StartJob):
         return item.job.host
-    return item.host if isinstance(item, planner.CheckImage | planner.StopJob | planner.Route) else None
+    return None if isinstance(item, planner.Wait) else item.host
 
 
 def _step_row(op_id: int, stage: int, service: str, item: planner.Step, home: str | None) -> Step:
     if isinstance(item, planner.CheckImage):
         return Step(op_id=op_id, stage=stage, action=StepAction.check_image, host=item.host,
                     image=item.image, name=f"check image {item.image} on {item.host}")
+    if isinstance(item, planner.Build):
+        pushed = f", pushed to {builds.repository_of(item.image).split('/', 1)[0]}" if item.push else ""
+        return Step(op_id=op_id, stage=stage, action=StepAction.build, host=item.host, image=item.image,
+                    source_id=item.source_id, name=f"build {item.image} on {item.host}{pushed}")
     if isinstance(item, planner.StartJob):
         j = item.job
         what = f"{service} {j.kind}" + (f" {j.target}" if j.target else "")
@@ -357,6 +368,7 @@ def finish(p: Platform, op_id: int) -> bool | None:
         catalogue.release_service(session=s, service_id=op.service_id, op_id=op_id)
         if ended:
             _keep_healing_account(s, op, succeeded=not failed)
+            _end_release(s, op, succeeded=not failed)
             if not (failed and _queue_revert(s, op)):
                 # Jobs it started and no proxy took in (none runs, or a heal failed half way):
                 # they passed their start, they serve from now on (the heartbeat adds them).
@@ -400,6 +412,14 @@ def _queue_revert(s: Session, op: Operation) -> bool:
                                trigger=OpTrigger.revert,
                                params=OpParams(jobs=started, failed_op=op.id, restart=restart))
     return True
+
+
+def _end_release(s: Session, op: Operation, *, succeeded: bool) -> None:
+    """The release a push or rollback deployed takes the operation's outcome."""
+    number = op.parameters.release
+    if number is not None and op.kind in (OpKind.deploy, OpKind.redeploy):
+        catalogue.set_release_state(session=s, service_id=op.service_id, number=number,
+                                    state=ReleaseState.succeeded if succeeded else ReleaseState.failed)
 
 
 def _keep_healing_account(s: Session, op: Operation, *, succeeded: bool) -> None:

@@ -36,6 +36,14 @@ class ProxyJob:
 
 
 @dataclass(frozen=True)
+class BuildSpec:
+    """A push of a source: build it before anything else."""
+
+    source_id: int
+    push: bool  # to the platform's registry: built on one host, pulled by the others
+
+
+@dataclass(frozen=True)
 class ServiceSpec:
     env: str
     name: str
@@ -57,6 +65,7 @@ class ServiceSpec:
     routed: bool = False  # its deploy jobs serve sites through the proxy (code services)
     start_first: bool = False  # a redeploy starts new jobs before stopping old ones (the proxy)
     proxies: tuple[ProxyJob, ...] = ()  # the environment's running proxy jobs
+    build: BuildSpec | None = None  # the release's image is built from a pushed source first
 
 
 @dataclass(frozen=True)
@@ -100,8 +109,20 @@ class NewJob:
 
 @dataclass(frozen=True)
 class CheckImage:
+    """The image is on the host, or pulled there (before anything stops)."""
+
     host: str
     image: str
+
+
+@dataclass(frozen=True)
+class Build:
+    """Build the image from a pushed source on a host (and push it to the registry)."""
+
+    host: str
+    source_id: int
+    image: str
+    push: bool
 
 
 @dataclass(frozen=True)
@@ -132,7 +153,7 @@ class Route:
     to: RouteState | None
 
 
-Step = CheckImage | StartJob | StopJob | Wait | Route
+Step = CheckImage | Build | StartJob | StopJob | Wait | Route
 
 
 @dataclass(frozen=True)
@@ -236,6 +257,17 @@ def _wanted_jobs(spec: ServiceSpec) -> list[WantedJob]:
     return wanted
 
 
+def _builds(spec: ServiceSpec, jobs: Sequence[NewJob]) -> tuple[Step, ...]:
+    """Build on the first host the new jobs go to, then push to the registry (the other hosts
+    pull it); with no registry, on every host they go to."""
+    assert spec.build is not None
+    hosts = sorted({j.host for j in jobs})
+    if not hosts:
+        raise PlanError("a push of a source needs a job to run it: the service's scale is 0")
+    b = spec.build
+    return tuple(Build(h, b.source_id, spec.image, b.push) for h in (hosts[:1] if b.push else hosts))
+
+
 def _check_images(image: str, jobs: Iterable[NewJob]) -> tuple[Step, ...]:
     return tuple(CheckImage(host, image) for host in sorted({j.host for j in jobs}))
 
@@ -261,7 +293,8 @@ def plan_redeploy(spec: ServiceSpec, jobs: Sequence[ObservedJob], hosts: Sequenc
     starts = tuple(StartJob(j) for j in new)
     stops = tuple(StopJob(j.id, j.host) for j in jobs)
     serve, old = _routes(spec, new, RouteState.serving), _deploy_ids(jobs)
-    stages: list[tuple[Step, ...]] = [check] if check else []
+    stages: list[tuple[Step, ...]] = [_builds(spec, new)] if spec.build else []
+    stages += [check] if check else []
     if overlap:
         # New jobs pass and enter the proxy, old ones drain for the overlap, leave, then stop.
         wait = (Wait(spec.overlap),) if spec.overlap > 0 else ()

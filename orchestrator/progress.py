@@ -33,6 +33,7 @@ class Progress:
         self.echo = echo
         self.t0 = time.monotonic()
         self.seen: dict[str, StepState] = {}
+        self.shown: dict[str, int] = {}  # characters of each step's output printed
         self.op_state: str | None = None
 
     def _line(self, text: str) -> None:
@@ -45,6 +46,10 @@ class Progress:
         total = len(op.steps)
         for step in op.steps:
             key = f"{step.stage}:{step.name}"
+            if step.output and len(step.output) > self.shown.get(key, 0):  # a build's output
+                for line in step.output[self.shown.get(key, 0):].splitlines():
+                    self.echo(f"           | {line}")
+                self.shown[key] = len(step.output)
             if self.seen.get(key) == step.state or step.state == StepState.pending:
                 continue
             self.seen[key] = step.state

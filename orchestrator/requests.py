@@ -4,12 +4,13 @@ validated (a refusal raises BadInput and changes nothing), recorded as an operat
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sqlmodel import Session
 
-from orchestrator import catalogue, operations, rules, service_types
+from orchestrator import builds, catalogue, operations, rules, service_types
 from orchestrator.errors import BadInput
 from orchestrator.models import (
     Environment,
@@ -59,6 +60,33 @@ def request_push(p: Platform, *, env: str, service: str, image: str, support: bo
         release = catalogue.add_release(session=s, service=svc, image=image)
         kind = OpKind.deploy if release.number == 1 else OpKind.redeploy
         return Decision(kind, OpTrigger.push, OpParams(release=release.number, image=image))
+
+    return _request(p, env=env, service=service, decide=decide)
+
+
+def request_push_source(p: Platform, *, env: str, service: str, source: bytes, commit: str | None = None,
+                        support: bool = False) -> Operation:
+    """A new release of a code service built from a pushed directory (a tar of it): with its
+    Dockerfile, or on the platform's Python image after its Procfile. The build is the
+    operation's first step; with ``ORCH_REGISTRY`` set, the image is pushed there and the
+    release recorded by digest."""
+    built = builds.source_from_tar(source)
+    if commit is not None and not re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", commit):
+        raise BadInput(f"commit {commit!r} is not a git object name")
+
+    def decide(s: Session, svc: Service) -> Decision:
+        if svc.type != ServiceType.code:
+            raise BadInput(f"service {service} is a {svc.type} service: only code services take pushes")
+        _check_redeployable(svc, support)
+        env_row = catalogue.get_env_by_id(session=s, env_id=svc.env_id)
+        number = catalogue.next_release_number(session=s, service=svc)
+        image = builds.image_name(p.settings.registry, env_row.name, svc.name, number)
+        stored = catalogue.store_source(session=s, data=built.context)
+        release = catalogue.add_release(session=s, service=svc, image=image, build=built.kind,
+                                        source_id=stored.id, commit=commit, command=built.web,
+                                        processes=built.processes)
+        kind = OpKind.deploy if release.number == 1 else OpKind.redeploy
+        return Decision(kind, OpTrigger.push, OpParams(release=release.number, image=image, source_id=stored.id))
 
     return _request(p, env=env, service=service, decide=decide)
 
@@ -139,17 +167,23 @@ def request_scale(p: Platform, *, env: str, service: str, scale: int) -> Operati
 
 
 def request_worker_deploy(p: Platform, *, env: str, service: str, target: str,
-                          command: str) -> Operation:
-    """Start (or replace) the worker jobs of a target; from then on they redeploy with the service."""
+                          command: str | None) -> Operation:
+    """Start (or replace) the worker jobs of a target; from then on they redeploy with the
+    service. Without a command: the current release's Procfile line of that name."""
     rules.check_name("worker target", target)
-    if not command.strip():
-        raise BadInput("a worker target needs a --command")
 
     def decide(s: Session, svc: Service) -> Decision:
         if svc.type != ServiceType.code:
             raise BadInput(f"worker targets are for code services; {svc.name} is a {svc.type} service")
         _require_release(s, svc)
-        return Decision(OpKind.worker_deploy, OpTrigger.manual, OpParams(target=target, command=command))
+        chosen = command
+        if not (chosen or "").strip():
+            current = catalogue.get_release(session=s, service=svc, number=svc.release) if svc.release else None
+            chosen = current.processes.get(target) if current is not None else None
+            if not chosen:
+                raise BadInput(f"a worker target needs a --command (the current release has no Procfile "
+                               f"line {target})")
+        return Decision(OpKind.worker_deploy, OpTrigger.manual, OpParams(target=target, command=chosen))
 
     return _request(p, env=env, service=service, decide=decide)
 

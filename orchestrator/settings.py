@@ -37,6 +37,11 @@ class Settings(BaseSettings):
     # (unix socket paths are limited to 107 bytes).
     proxy_dir: str = "/var/lib/orchestrator/proxy"
     drain_timeout: float = Field(default=10.0, ge=0)  # seconds a job leaving the proxy may finish requests
+    # The platform's image registry (``orchestrator registry run``), e.g. 127.0.0.1:5000: built
+    # images are pushed there and nodes pull them. Empty: images are built on each host.
+    registry: str = ""
+    build_timeout: float = Field(default=1800.0, gt=0)  # seconds a build may take
+    git_dir: str = "/var/lib/orchestrator/git"  # the bare repositories `git push` reaches
     heal_backoff: float = Field(default=5.0, gt=0)  # first wait before a heal; doubles each attempt
     # Images of the auto-included services (built locally by scripts/build-images).
     image_logging: str = "orch/busybox:1"

@@ -70,8 +70,11 @@ def service_spec(s: Session, env: Environment, svc: Service) -> planner.ServiceS
     variables = {v.name: v.value for v in variables_for(s, env, svc)
                  if v.source != VariableSource.job}
     rules.check_variables_total(variables)  # refused before anything stops
+    release = catalogue.get_release(session=s, service=svc, number=svc.release) \
+        if svc.release is not None and svc.type == ServiceType.code else None
     return planner.ServiceSpec(
-        env=env.name, name=svc.name, type=svc.type, image=svc.image, command=svc.command,
+        env=env.name, name=svc.name, type=svc.type, image=svc.image,
+        command=release.command if release is not None and release.command else svc.command,
         size_name=svc.size, size=parse_size(svc.size), scale=svc.scale, overlap=svc.overlap,
         variables=variables, release=svc.release, workers=workers, has_port=kind.has_port,
         volume=f"{svc.volume or legacy_volume_name(env.name, svc.name)}:{kind.data_dir}"

@@ -193,6 +193,7 @@ class PlatformEnv:
             "ORCH_PROXY_PORT_MIN": str(self.proxy_ports[0]),
             "ORCH_PROXY_PORT_MAX": str(self.proxy_ports[1]),
             "ORCH_PROXY_DIR": self.proxy_dir,
+            "ORCH_GIT_DIR": f"/tmp/orch-git-{self.ports[0]}",
             **{name: str(value) for name, value in chosen.items() if value is not None},
             **dict(self.extra),
         }

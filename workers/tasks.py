@@ -17,7 +17,7 @@ from celery import Celery, Task
 from celery.exceptions import Retry
 from sqlalchemy.exc import SQLAlchemyError
 
-from orchestrator import catalogue, names
+from orchestrator import builds, catalogue, names
 from orchestrator.errors import one_line
 from orchestrator.models import Job, JobState, RouteState, Step, StepState, utcnow
 from orchestrator.placement import free_port
@@ -26,7 +26,7 @@ from orchestrator.sizes import parse_size
 from workers.context import NodeContext
 from workers.proxy import passed as proxy_passed
 from workers.proxy import wanted as wanted_config
-from workers.runtime.base import ContainerSpec
+from workers.runtime.base import ContainerError, ContainerSpec
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +110,69 @@ def _carry_out(node: NodeContext, step: Step, job: Job | None, work: Work, *, en
 
 
 def check_image(node: NodeContext, step: Step, _job: Job | None) -> dict[str, Any]:
-    """Fail before anything is stopped when the image is not on the host (nothing is pulled)."""
-    if not step.image or not node.runtime.has_image(step.image):
-        raise StepFailed(f"image {step.image} is not on host {node.host} (build or load it there)")
-    return {"image": step.image}
+    """The image is on the host, or pulled now (from the platform's registry or any registry
+    the host's Docker reaches): before anything stops, so a failed pull touches nothing."""
+    if not step.image:
+        raise StepFailed(f"step {step.id} names no image")
+    if node.runtime.has_image(step.image):
+        return {"image": step.image}
+    try:
+        node.runtime.pull(step.image)
+    except ContainerError as exc:
+        raise StepFailed(f"image {step.image} is not on host {node.host} and could not be pulled: {exc}") from None
+    return {"image": step.image, "pulled": True}
+
+
+def build(node: NodeContext, step: Step, _job: Job | None) -> dict[str, Any]:
+    """Build the pushed source into the release's image on this host, its output kept with the
+    step as it comes; with a registry, push it there and record the release by digest."""
+    p = node.platform
+    if step.source_id is None or not step.image:
+        raise StepFailed(f"step {step.id} names no source or image")
+    with p.reader() as s:
+        context = catalogue.get_source(session=s, source_id=step.source_id).data
+    output = BuildOutput(node, step.id or 0)
+    try:
+        node.runtime.build(context, step.image, output)
+        digest = node.runtime.push(step.image, output) if p.settings.registry else None
+    except ContainerError as exc:
+        output.flush()
+        raise StepFailed(f"the build failed: {exc}") from None
+    output.flush()
+    if digest is None:
+        return {"image": step.image}
+    pinned = f"{builds.repository_of(step.image)}@{digest}"
+    with p.session() as s:
+        op = catalogue.get_operation(session=s, op_id=step.op_id)
+        if op.parameters.release is not None:
+            catalogue.record_image(session=s, service_id=op.service_id, number=op.parameters.release, image=pinned)
+        s.commit()
+    return {"image": step.image, "digest": digest}
+
+
+class BuildOutput:
+    """A build's lines, written to its step every half second (and at the end)."""
+
+    def __init__(self, node: NodeContext, step_id: int, every: float = 0.5) -> None:
+        self.node, self.step_id, self.every = node, step_id, every
+        self.pending: list[str] = []
+        self.last = time.monotonic()
+
+    def __call__(self, line: str) -> None:
+        self.pending.append(line)
+        if time.monotonic() - self.last >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        text, self.pending, self.last = "".join(f"{line}\n" for line in self.pending), [], time.monotonic()
+        try:
+            with self.node.platform.session() as s:
+                catalogue.append_output(session=s, step_id=self.step_id, text=text)
+                s.commit()
+        except SQLAlchemyError as exc:  # the build goes on; its output is only for people
+            log.warning("step %s: its build output could not be kept: %s", self.step_id, one_line(exc))
 
 
 def start_job(node: NodeContext, step: Step, job: Job | None) -> dict[str, Any]:
@@ -281,6 +340,7 @@ def _wait(node: NodeContext, job: Job, ready: Callable[[], bool] | None, failure
 
 
 CHECK_IMAGE = Work(check_image)
+BUILD = Work(build)
 START = Work(start_job, job_on_begin=JobState.starting, job_on_done=JobState.running,
              job_on_failure=JobState.failed)
 STOP = Work(stop_job, job_on_begin=JobState.stopping, job_on_done=JobState.stopped)
@@ -319,6 +379,11 @@ def register(app: Celery, node: NodeContext) -> None:
     def stop_job_task(self: Task, step_id: int, env: str = "", service: str = "",
                       **_labels: Any) -> dict[str, Any]:
         return step(self, step_id, STOP, env, service)
+
+    @app.task(name=names.TASK_BUILD, shared=False, bind=True)
+    def build_task(self: Task, step_id: int, env: str = "", service: str = "",
+                   **_labels: Any) -> dict[str, Any]:
+        return step(self, step_id, BUILD, env, service)
 
     @app.task(name=names.TASK_START_PROXY, shared=False, bind=True)
     def start_proxy_task(self: Task, step_id: int, env: str = "", service: str = "",

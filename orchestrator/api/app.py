@@ -18,6 +18,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlmodel import Session
 
 from orchestrator import catalogue, requests, rules, spec
+from orchestrator.api.git import git_router
 from orchestrator.errors import BadInput, NotFound, one_line
 from orchestrator.models import (
     EnvironmentPublic,
@@ -290,7 +291,7 @@ def create_api(platform: Platform) -> FastAPI:
     @v1.get("/envs/{env}/services/{svc}/releases", response_model=list[ReleasePublic])
     def list_releases(env: str, svc: str, db: ReadDb, _: Who) -> Any:
         _env, service = catalogue.get_service(session=db, env=env, name=svc)
-        return catalogue.list_releases(session=db, service=service)
+        return catalogue.release_views(session=db, service=service)
 
     @v1.get("/envs/{env}/jobs", response_model=list[JobPublic])
     def list_env_jobs(env: str, db: ReadDb, _: Who) -> Any:
@@ -348,4 +349,5 @@ def create_api(platform: Platform) -> FastAPI:
                      scale=body.scale)
 
     api.include_router(v1)
+    api.include_router(git_router(platform))
     return api

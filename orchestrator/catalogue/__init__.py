@@ -4,6 +4,14 @@ Callers own the transaction (they commit); these functions add, flush and read. 
 noun; everything is reachable as ``catalogue.<function>``.
 """
 
+from orchestrator.catalogue.builds import (
+    append_output,
+    get_source,
+    record_image,
+    release_views,
+    set_release_state,
+    store_source,
+)
 from orchestrator.catalogue.hosts import add_host, get_host, host_loads, host_views, list_hosts
 from orchestrator.catalogue.jobs import active_jobs, job_public, list_jobs, move_job_port, set_job_state
 from orchestrator.catalogue.operations import (
@@ -46,6 +54,7 @@ from orchestrator.catalogue.services import (
     list_envs,
     list_releases,
     list_services,
+    next_release_number,
     service_public,
     set_variables,
     unset_variables,
@@ -61,6 +70,7 @@ __all__ = [
     "add_release",
     "add_service",
     "add_site",
+    "append_output",
     "assign_proxy_ports",
     "begin_operation",
     "begin_step",
@@ -77,6 +87,7 @@ __all__ = [
     "get_release",
     "get_service",
     "get_site",
+    "get_source",
     "get_worker",
     "host_loads",
     "host_views",
@@ -90,19 +101,25 @@ __all__ = [
     "list_sites",
     "mark_sent",
     "move_job_port",
+    "next_release_number",
     "operation_public",
     "proxy_config",
-    "proxy_jobs", "proxy_jobs_on",
+    "proxy_jobs",
+    "proxy_jobs_on",
     "proxy_service",
+    "record_image",
     "record_operation",
     "release_service",
+    "release_views",
     "role_of_token",
     "service_public",
     "set_job_state",
+    "set_release_state",
     "set_route",
     "set_variables",
     "skip_pending_steps",
     "steps_of",
+    "store_source",
     "take_over_step",
     "unset_variables",
     "update_service",

@@ -9,7 +9,15 @@ from sqlmodel import Session, col, select
 
 from orchestrator import names, rules, service_types
 from orchestrator.errors import BadInput, NotFound
-from orchestrator.models import Environment, Release, Service, ServicePublic, ServiceType, WorkerTarget
+from orchestrator.models import (
+    Environment,
+    Release,
+    ReleaseState,
+    Service,
+    ServicePublic,
+    ServiceType,
+    WorkerTarget,
+)
 from orchestrator.rules import MAX_ID, check_name
 
 
@@ -139,14 +147,24 @@ def get_worker(*, session: Session, service: Service, name: str) -> WorkerTarget
     return worker
 
 
-def add_release(*, session: Session, service: Service, image: str) -> Release:
+def add_release(*, session: Session, service: Service, image: str, build: str | None = None,
+                source_id: int | None = None, commit: str | None = None, command: str | None = None,
+                processes: dict[str, str] | None = None) -> Release:
+    """The service's next release; a built one records how, from what, and its Procfile."""
     last = session.exec(
         select(func.max(Release.number)).where(Release.service_id == service.id)
     ).first()
-    release = Release(service_id=service.id or 0, number=(last or 0) + 1, image=image)
+    release = Release(service_id=service.id or 0, number=(last or 0) + 1, image=image,
+                      state=ReleaseState.building, build=build, source_id=source_id, commit=commit,
+                      command=command, processes=processes or {})
     session.add(release)
     session.flush()
     return release
+
+
+def next_release_number(*, session: Session, service: Service) -> int:
+    last = session.exec(select(func.max(Release.number)).where(Release.service_id == service.id)).first()
+    return (last or 0) + 1
 
 
 def get_release(*, session: Session, service: Service, number: int) -> Release:

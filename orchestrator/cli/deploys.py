@@ -3,24 +3,45 @@ releases."""
 
 from __future__ import annotations
 
+import io
+import tarfile
+from pathlib import Path
+
 import click
 
 from orchestrator import catalogue, requests
-from orchestrator.cli.base import Context, env_svc, json_option, listing, main, pass_ctx, started, wait_option
-from orchestrator.models import JobKind, JobState, ReleasePublic
+from orchestrator.cli.base import Context, env_svc, follow, json_option, listing, main, pass_ctx, started, wait_option
+from orchestrator.errors import BadInput
+from orchestrator.models import JobKind, JobState
 
 
 @main.command()
 @env_svc
-@click.argument("image")
+@click.argument("source", metavar="IMAGE|DIRECTORY")
 @wait_option
 @click.option("--support", is_flag=True, help="Act as support (services not redeployable).")
 @pass_ctx
-def push(ctx: Context, env_name: str, name: str, image: str, wait: bool,
+def push(ctx: Context, env_name: str, name: str, source: str, wait: bool,
          support: bool) -> None:
-    """A new release of a code service: the first push deploys, later ones redeploy."""
-    op = requests.request_push(ctx.platform, env=env_name, service=name, image=image, support=support)
+    """A new release of a code service: the first push deploys, later ones redeploy. A
+    directory is built (its Dockerfile, or its Procfile on the platform's Python image)."""
+    path = Path(source)
+    if path.is_dir():
+        op = requests.request_push_source(ctx.platform, env=env_name, service=name, source=tar_directory(path),
+                                          support=support)
+    else:
+        op = requests.request_push(ctx.platform, env=env_name, service=name, image=source, support=support)
     started(ctx, op, wait)
+
+
+def tar_directory(path: Path) -> bytes:
+    """The directory as a tar (its .git left out): the build context."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        for item in sorted(path.iterdir()):
+            if item.name != ".git":
+                tar.add(item, arcname=item.name)
+    return out.getvalue()
 
 
 @main.command()
@@ -64,10 +85,11 @@ def worker() -> None:
 @worker.command("deploy")
 @env_svc
 @click.argument("target")
-@click.option("--command", required=True, help="Run through /bin/sh -c.")
+@click.option("--command", default=None,
+              help="Run through /bin/sh -c (default: the current release's Procfile line TARGET).")
 @wait_option
 @pass_ctx
-def worker_deploy(ctx: Context, env_name: str, name: str, target: str, command: str, wait: bool) -> None:
+def worker_deploy(ctx: Context, env_name: str, name: str, target: str, command: str | None, wait: bool) -> None:
     op = requests.request_worker_deploy(ctx.platform, env=env_name, service=name, target=target,
                                           command=command)
     started(ctx, op, wait)
@@ -125,8 +147,45 @@ def releases() -> None:
 def releases_list(ctx: Context, env_name: str, name: str, as_json: bool) -> None:
     with ctx.platform.reader() as s:
         _, svc = catalogue.get_service(session=s, env=env_name, name=name)
-        rows = [ReleasePublic.model_validate(r, from_attributes=True)
-                for r in catalogue.list_releases(session=s, service=svc)]
-        current = svc.release
-    listing(rows, as_json=as_json, headers=["RELEASE", "IMAGE", "CREATED", "CURRENT"],
-            cells=lambda r: (r.number, r.image, r.created_at, "*" if r.number == current else ""))
+        rows = catalogue.release_views(session=s, service=svc)
+    listing(rows, as_json=as_json, headers=["RELEASE", "STATE", "IMAGE", "COMMIT", "CREATED", "CURRENT"],
+            cells=lambda r: (r.number, r.state or "-", r.image, (r.commit or "-")[:12], r.created_at,
+                             "*" if r.current else ""))
+
+
+@main.group(hidden=True)
+def git() -> None:
+    """What a service's git repository runs (its hooks)."""
+
+
+@git.command("receive")
+@env_svc
+@pass_ctx
+def git_receive(ctx: Context, env_name: str, name: str) -> None:
+    """The post-receive hook: each pushed branch's commit is built and deployed; the pusher sees
+    this output as remote: lines. Reads `OLD NEW REF` lines on stdin, in the bare repository."""
+    import subprocess
+    import sys
+
+    code = 0
+    for line in sys.stdin.read().splitlines():
+        parts = line.split()
+        if len(parts) != 3 or not parts[2].startswith("refs/heads/") or set(parts[1]) == {"0"}:
+            continue
+        commit, branch = parts[1], parts[2].removeprefix("refs/heads/")
+        click.echo(f"orchestrator: building {branch} at {commit[:12]} for {env_name}/{name}")
+        archive = subprocess.run(["git", "archive", "--format=tar", commit], capture_output=True)
+        if archive.returncode != 0:
+            click.echo(f"orchestrator: error: git archive failed: {archive.stderr.decode(errors='replace')}")
+            code = 1
+            continue
+        try:
+            op = requests.request_push_source(ctx.platform, env=env_name, service=name, source=archive.stdout,
+                                              commit=commit)
+        except BadInput as exc:
+            click.echo(f"orchestrator: error: {exc}")
+            code = 1
+            continue
+        click.echo(f"orchestrator: operation {op.id} ({op.kind}) deploys release {op.parameters.release}")
+        code = max(code, follow(ctx, op.id or 0))
+    sys.exit(code)

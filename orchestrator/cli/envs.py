@@ -28,8 +28,9 @@ def env_create(ctx: Context, name: str, sandbox: bool, no_defaults: bool, http_p
                                       defaults=not no_defaults, http_port=http_port, https_port=https_port)
     with ctx.platform.reader() as s:
         environment = catalogue.get_env(session=s, name=name)
-    click.echo(f"environment {name} created; its proxy serves http://{{host}}:{environment.http_port} "
-               f"and https://{{host}}:{environment.https_port}")
+    ports = (f"; its proxy's ports: http {environment.http_port}, https {environment.https_port}"
+             if environment.http_port is not None else "")
+    click.echo(f"environment {name} created{ports}")
     for op in ops_started:
         click.echo(f"operation {op.id} deploys {load_op(ctx, op.id or 0).service}")
 

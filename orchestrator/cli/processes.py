@@ -100,3 +100,41 @@ def flower(ctx: Context, port: int, basic_auth: str, address: str) -> None:
         "flower", f"--port={port}", f"--address={address}", f"--basic-auth={basic_auth}",
         "--persistent=False", "--purge_offline_workers=60",
     ])
+
+
+@main.group()
+def registry() -> None:
+    """The platform's image registry (the CNCF distribution registry, Debian's docker-registry)."""
+
+
+@registry.command("run")
+@click.option("--port", type=click.IntRange(1024, 65535), required=True)
+@click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False),
+              help="Where it keeps the images (made if missing).")
+@click.option("--address", default="127.0.0.1", show_default=True, help="Where it listens.")
+def registry_run(port: int, data_dir: str, address: str) -> None:
+    """Serve the registry until stopped. Point the platform at it with ORCH_REGISTRY=ADDRESS:PORT:
+    built images are pushed there, and nodes pull from it. Docker talks to a registry on
+    127.0.0.0/8 without TLS; for another address, configure TLS or Docker's insecure-registries."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    binary = shutil.which("docker-registry") or shutil.which("registry")
+    if binary is None:
+        raise BadInput("docker-registry is not installed (Debian: apt-get install docker-registry)")
+    data = Path(data_dir).resolve()
+    data.mkdir(parents=True, exist_ok=True)
+    config = data / "config.yml"
+    config.write_text(
+        "version: 0.1\n"
+        "log:\n  level: warn\n"
+        "storage:\n"
+        f"  filesystem:\n    rootdirectory: {data / 'storage'}\n"
+        "  delete:\n    enabled: true\n"
+        "http:\n"
+        f"  addr: {address}:{port}\n"
+    )
+    click.echo(f"registry on {address}:{port}, images in {data / 'storage'}: export ORCH_REGISTRY={address}:{port}")
+    sys.stdout.flush()
+    os.execv(binary, [binary, "serve", str(config)])

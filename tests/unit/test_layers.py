@@ -18,13 +18,13 @@ LAYERS: dict[str, int] = {
     "orchestrator.settings": 1, "orchestrator.periodic": 1, "orchestrator.client": 1,
     "orchestrator.models": 2,
     "orchestrator.service_types": 3, "orchestrator.placement": 3, "orchestrator.db": 3,
-    "orchestrator.proxy": 3,
+    "orchestrator.proxy": 3, "orchestrator.builds": 3,
     "workers.runtime.base": 3, "workers.broker": 3,
     "orchestrator.rules": 4, "orchestrator.planner": 4, "orchestrator.dispatch": 4,
     "orchestrator.progress": 4, "workers.runtime.docker": 4, "workers.runtime.fake": 4,
     "orchestrator.catalogue.tokens": 5, "orchestrator.catalogue.hosts": 5,
     "orchestrator.catalogue.services": 5, "orchestrator.catalogue.operations": 5,
-    "orchestrator.catalogue.routing": 5,
+    "orchestrator.catalogue.routing": 5, "orchestrator.catalogue.builds": 5,
     "orchestrator.platform": 5,
     "orchestrator.catalogue.jobs": 6,
     "orchestrator.catalogue": 7,
@@ -35,15 +35,15 @@ LAYERS: dict[str, int] = {
     "workers.proxy": 10,
     "workers.tasks": 12, "workers.heartbeat": 12,
     "workers.node": 13, "workers.inline": 13,
-    "orchestrator.api.app": 15, "orchestrator.api.serve": 16, "orchestrator.api": 17,
+    "orchestrator.api.git": 14, "orchestrator.api.app": 15, "orchestrator.api.serve": 16, "orchestrator.api": 17,
     "workers.embedded": 17,  # dev: every process of the platform, the API included, in one
     "orchestrator.cli.base": 15,
     "orchestrator.cli.hosts": 16, "orchestrator.cli.envs": 16, "orchestrator.cli.deploys": 16,
     "orchestrator.cli.ops": 16, "orchestrator.cli.sites": 16, "orchestrator.cli.processes": 18,
     "orchestrator.cli": 19, "orchestrator.cli.__main__": 20,
 }
-PURE = {"orchestrator.proxy", "orchestrator.planner", "orchestrator.placement", "orchestrator.sizes",
-        "orchestrator.rules", "orchestrator.service_types"}
+PURE = {"orchestrator.proxy", "orchestrator.builds", "orchestrator.planner", "orchestrator.placement",
+        "orchestrator.sizes", "orchestrator.rules", "orchestrator.service_types"}
 IO_LIBRARIES = {"docker", "redis", "celery", "kombu", "sqlalchemy", "sqlmodel", "requests", "socket",
                 "subprocess", "urllib", "httpx", "psycopg"}
 

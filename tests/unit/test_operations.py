@@ -277,8 +277,9 @@ def test_an_image_missing_on_a_host_fails_before_anything_stops(world: World) ->
     world.run_all()
     failed = world.operation(op.id or 0)
     assert failed.state == OpState.failed
-    assert failed.error == (f"check image {IMAGE_2} on h2: image {IMAGE_2} is not on host h2 (build or load it "
-                            "there). Service web now runs 2 of 2 deploy jobs. Release 1 stays current.")
+    assert failed.error == (f"check image {IMAGE_2} on h2: image {IMAGE_2} is not on host h2 and could not be "
+                            f"pulled: manifest for {IMAGE_2} not found: manifest unknown. Service web now runs "
+                            "2 of 2 deploy jobs. Release 1 stays current.")
     assert ids(world.jobs("web")) == old
     assert_runtimes_match_catalogue(world, "web")
     assert {st.state for st in world.steps(op.id or 0, StepAction.stop)} == {StepState.skipped}

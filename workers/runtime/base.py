@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -48,7 +48,7 @@ def config_hash(spec: ContainerSpec) -> str:
 
 class Runtime(Protocol):
     def has_image(self, image: str) -> bool:
-        """Whether ``image`` is present on the host (nothing is ever pulled)."""
+        """Whether ``image`` is present on the host."""
 
     def run(self, spec: ContainerSpec) -> ContainerState:
         """Create and start the container; one of that name and config already there is adopted
@@ -75,3 +75,13 @@ class Runtime(Protocol):
 
     def capacity(self) -> tuple[float, int]:
         """What the host has: (CPUs, memory in MB)."""
+
+    def pull(self, image: str) -> None:
+        """Pull ``image`` (ContainerError with the registry's reason when it cannot)."""
+
+    def build(self, context: bytes, tag: str, output: Callable[[str], None]) -> None:
+        """Build a tar build context (Dockerfile at its root) as ``tag``, reusing the layer
+        cache, each line of output to ``output``; ContainerError when it fails."""
+
+    def push(self, tag: str, output: Callable[[str], None]) -> str:
+        """Push ``tag`` to its registry; returns the image's digest (sha256:...)."""

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -18,6 +19,7 @@ from orchestrator.names import LABEL_CONFIG_HASH, LABEL_ENV, LABEL_JOB, LABEL_SE
 from workers.runtime.base import ContainerError, ContainerSpec, ContainerState, config_hash
 
 PING_TIMEOUT = 5
+BUILD_TIMEOUT = 1800
 
 
 class DockerRuntime:
@@ -30,10 +32,13 @@ class DockerRuntime:
         )
         # Pings must be quick: a daemon that hangs is one that does not answer.
         self.pinger = docker.APIClient(base_url=base_url, version="auto", timeout=PING_TIMEOUT, tls=tls)
+        # Builds, pulls and pushes may stay silent for minutes (a pip install, a large layer).
+        self.builder = docker.APIClient(base_url=base_url, version="auto", timeout=BUILD_TIMEOUT, tls=tls)
 
     def close(self) -> None:
         self.client.close()
         self.pinger.close()
+        self.builder.close()
 
     def ping(self) -> bool:
         try:
@@ -159,6 +164,46 @@ class DockerRuntime:
                            labels=dict(c.attrs.get("Labels") or {}))
             for c in found
         ]
+
+    def pull(self, image: str) -> None:
+        try:  # a ref with its tag or digest; a failure may come in the stream, after a 200
+            for chunk in self.builder.pull(image, stream=True, decode=True):
+                if "error" in chunk:
+                    raise ContainerError(" ".join(str(chunk["error"]).split()))
+        except (APIError, NotFound) as exc:
+            raise ContainerError(_reason(exc)) from exc
+        if not self.has_image(image):
+            raise ContainerError(f"the pull of {image} ended without the image")
+
+    def build(self, context: bytes, tag: str, output: Callable[[str], None]) -> None:
+        try:
+            lines = self.builder.build(fileobj=io.BytesIO(context), custom_context=True, tag=tag, rm=True,
+                                       forcerm=True, decode=True, network_mode="host")
+            for chunk in lines:
+                if "error" in chunk:
+                    raise ContainerError(" ".join(str(chunk["error"]).split()))
+                text = chunk.get("stream") or chunk.get("status") or ""
+                for line in str(text).splitlines():
+                    if line.strip():
+                        output(line.rstrip())
+        except APIError as exc:
+            raise ContainerError(_reason(exc)) from exc
+
+    def push(self, tag: str, output: Callable[[str], None]) -> str:
+        repository, _, name = tag.rpartition(":")
+        digest = ""
+        try:
+            for chunk in self.builder.push(repository, tag=name, stream=True, decode=True):
+                if "error" in chunk:
+                    raise ContainerError(" ".join(str(chunk["error"]).split()))
+                digest = (chunk.get("aux") or {}).get("Digest", digest)
+                if chunk.get("status") and not chunk.get("progressDetail"):
+                    output(" ".join(filter(None, [chunk.get("id"), chunk["status"]])))
+        except APIError as exc:
+            raise ContainerError(_reason(exc)) from exc
+        if not digest:
+            raise ContainerError(f"the registry gave no digest for {tag}")
+        return str(digest)
 
     def capacity(self) -> tuple[float, int]:
         info = self.client.info()

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 
 from orchestrator.names import LABEL_JOB
@@ -20,6 +21,7 @@ class FakeRuntime:
         self.ports: dict[str, int] = {}  # container name -> the PORT it was given
         self.cpus, self.memory_mb = 4.0, 8192
         self.answering = True  # False: a daemon that does not answer (ping)
+        self.registry: set[str] = set()  # images a pull finds (share one set between runtimes)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
 
@@ -80,3 +82,24 @@ class FakeRuntime:
 
     def capacity(self) -> tuple[float, int]:
         return self.cpus, self.memory_mb
+
+    def pull(self, image: str) -> None:
+        if image not in self.registry:
+            raise ContainerError(f"manifest for {image} not found: manifest unknown")
+        self.images.add(image)
+
+    def build(self, context: bytes, tag: str, output: Callable[[str], None]) -> None:
+        output(f"Step 1/1 : building {len(context)} bytes")
+        if b"FAIL" in context:
+            output("error: the build failed")
+            raise ContainerError("The command '/bin/sh -c false' returned a non-zero code: 1")
+        self.images.add(tag)
+        output(f"Successfully tagged {tag}")
+
+    def push(self, tag: str, output: Callable[[str], None]) -> str:
+        digest = "sha256:" + hashlib.sha256(tag.encode()).hexdigest()
+        repository = tag.rsplit(":", 1)[0]
+        self.registry |= {tag, f"{repository}@{digest}"}
+        self.images.add(f"{repository}@{digest}")
+        output(f"{tag.rsplit(':', 1)[1]}: digest: {digest}")
+        return digest

@@ -35,7 +35,7 @@ class Source:
 def parse_procfile(text: str) -> dict[str, str]:
     """``name: command`` per line; blank lines and # comments are skipped."""
     processes: dict[str, str] = {}
-    for number, raw in enumerate(text.splitlines(), 1):
+    for number, raw in enumerate(text.removeprefix("\ufeff").splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue

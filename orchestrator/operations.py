@@ -78,6 +78,7 @@ def _start(p: Platform, op: Operation) -> bool:
                 running.state = OpState.succeeded
                 running.finished_at = utcnow()
                 catalogue.release_service(session=s, service_id=svc.id or 0, op_id=op_id)
+                _end_release(s, op, succeeded=True)
             s.add(running)
             s.commit()
             env_name, svc_name = env.name, svc.name
@@ -415,11 +416,13 @@ def _queue_revert(s: Session, op: Operation) -> bool:
 
 
 def _end_release(s: Session, op: Operation, *, succeeded: bool) -> None:
-    """The release a push or rollback deployed takes the operation's outcome."""
+    """The release a push deployed takes the operation's outcome; a rollback that succeeds
+    marks its release succeeded, one that fails leaves it as it was (it ran before)."""
     number = op.parameters.release
     if number is not None and op.kind in (OpKind.deploy, OpKind.redeploy):
         catalogue.set_release_state(session=s, service_id=op.service_id, number=number,
-                                    state=ReleaseState.succeeded if succeeded else ReleaseState.failed)
+                                    state=ReleaseState.succeeded if succeeded else ReleaseState.failed,
+                                    only_from=None if succeeded else ReleaseState.building)
 
 
 def _keep_healing_account(s: Session, op: Operation, *, succeeded: bool) -> None:

@@ -257,13 +257,15 @@ def _wanted_jobs(spec: ServiceSpec) -> list[WantedJob]:
     return wanted
 
 
-def _builds(spec: ServiceSpec, jobs: Sequence[NewJob]) -> tuple[Step, ...]:
+def _builds(spec: ServiceSpec, jobs: Sequence[NewJob], placer_hosts: Sequence[HostLoad]) -> tuple[Step, ...]:
     """Build on the first host the new jobs go to, then push to the registry (the other hosts
-    pull it); with no registry, on every host they go to."""
+    pull it); with no registry, on every host they go to. With no new job (scale 0), on the
+    first up host: the release is built all the same."""
     assert spec.build is not None
-    hosts = sorted({j.host for j in jobs})
+    hosts = sorted({j.host for j in jobs}) or [h.name for h in sorted(placer_hosts, key=lambda h: h.name)
+                                                 if h.schedulable][:1]
     if not hosts:
-        raise PlanError("a push of a source needs a job to run it: the service's scale is 0")
+        raise PlanError("no up host to build the pushed source on")
     b = spec.build
     return tuple(Build(h, b.source_id, spec.image, b.push) for h in (hosts[:1] if b.push else hosts))
 
@@ -287,13 +289,13 @@ def plan_redeploy(spec: ServiceSpec, jobs: Sequence[ObservedJob], hosts: Sequenc
     kept = jobs if overlap else []
     placer = _Placer(_hosts_with(hosts, kept, spec.size, jobs), [], ports)
     new = _new_jobs(spec, _wanted_jobs(spec), placer, new_id)
-    if not new and not jobs:
+    if not new and not jobs and spec.build is None:
         return Plan()
     check = _check_images(spec.image, new)
     starts = tuple(StartJob(j) for j in new)
     stops = tuple(StopJob(j.id, j.host) for j in jobs)
     serve, old = _routes(spec, new, RouteState.serving), _deploy_ids(jobs)
-    stages: list[tuple[Step, ...]] = [_builds(spec, new)] if spec.build else []
+    stages: list[tuple[Step, ...]] = [_builds(spec, new, hosts)] if spec.build else []
     stages += [check] if check else []
     if overlap:
         # New jobs pass and enter the proxy, old ones drain for the overlap, leave, then stop.

@@ -49,9 +49,13 @@ def record_image(*, session: Session, service_id: int, number: int, image: str) 
                  .values(image=image))
 
 
-def set_release_state(*, session: Session, service_id: int, number: int, state: ReleaseState) -> None:
-    session.exec(update(Release).where(col(Release.service_id) == service_id, col(Release.number) == number)
-                 .values(state=state))
+def set_release_state(*, session: Session, service_id: int, number: int, state: ReleaseState,
+                      only_from: ReleaseState | None = None) -> None:
+    """``only_from``: change it only from that state."""
+    query = update(Release).where(col(Release.service_id) == service_id, col(Release.number) == number)
+    if only_from is not None:
+        query = query.where(col(Release.state) == only_from)
+    session.exec(query.values(state=state))
 
 
 def release_views(*, session: Session, service: Service) -> list[ReleasePublic]:

@@ -89,6 +89,10 @@ class OpState(StrEnum):
     running = "running"
     succeeded = "succeeded"
     failed = "failed"
+    cancelled = "cancelled"  # ended by `ops cancel`: what had not started never will
+
+
+ENDED_OP_STATES = (OpState.succeeded, OpState.failed, OpState.cancelled)
 
 
 class StepState(StrEnum):

@@ -113,10 +113,11 @@ def _fail_unstarted(p: Platform, op: Operation, error: str) -> None:
         s.commit()
 
 
-def abandon(p: Platform, op_id: int, error: str, *, start: bool = True, heal: bool = False) -> bool:
-    """End an operation whose steps will never all run (never sent, or interrupted): what did
-    not start is skipped, the spec is put back, the service is free. With ``start``, the
-    service's next queued operation starts; with ``heal``, the service is healed back to its
+def abandon(p: Platform, op_id: int, error: str, *, start: bool = True, heal: bool = False,
+            state: OpState = OpState.failed) -> bool:
+    """End an operation whose steps will never all run (never sent, interrupted, cancelled):
+    what did not start is skipped, the spec is put back, the service is free. With ``start``,
+    the service's next queued operation starts; with ``heal``, the service is healed back to its
     scale afterwards (a fault, not the request, ended it). False when it had ended already."""
     with p.session() as s:
         op = catalogue.get_operation(session=s, op_id=op_id, for_update=True)
@@ -125,7 +126,7 @@ def abandon(p: Platform, op_id: int, error: str, *, start: bool = True, heal: bo
         catalogue.skip_pending_steps(session=s, op_id=op_id)
         _forget_unstarted_jobs(s, op_id)
         note = _restore_spec(s, op_id)
-        ended = catalogue.end_operation(session=s, op_id=op_id, state=OpState.failed,
+        ended = catalogue.end_operation(session=s, op_id=op_id, state=state,
                                         error=f"{error}. {service_summary(s, op.service_id)}{note}")
         if not ended:
             s.rollback()
@@ -138,6 +139,27 @@ def abandon(p: Platform, op_id: int, error: str, *, start: bool = True, heal: bo
     if start:
         start_next(p, op.service_id)
     return True
+
+
+def cancel(p: Platform, op_id: int) -> Operation:
+    """End a queued or running operation at the next step boundary: steps that run finish,
+    the others never start (their tasks find them skipped), the spec is put back and the
+    service's next operation starts. The next redeploy or scale brings the service back to
+    exactly its scale."""
+    with p.session() as s:
+        op = catalogue.get_operation(session=s, op_id=op_id, for_update=True)
+        if op.state not in (OpState.queued, OpState.running):
+            raise BadInput(f"operation {op_id} has ended already ({op.state})")
+        claimed = op.state == OpState.running or op.claimed_at is not None
+        if not claimed:  # queued, never started: nothing ran, nothing to put back
+            catalogue.skip_pending_steps(session=s, op_id=op_id)
+            catalogue.end_operation(session=s, op_id=op_id, state=OpState.cancelled, error="cancelled")
+            _end_release(s, op, succeeded=False)
+            s.commit()
+    if claimed:
+        abandon(p, op_id, "cancelled", state=OpState.cancelled)
+    with p.reader() as s:
+        return catalogue.get_operation(session=s, op_id=op_id)
 
 
 def _apply_changes(s: Session, params: OpParams, kind: OpKind, svc: Service) -> OpParams:

@@ -22,7 +22,7 @@ def follow(load: Callable[[], OperationPublic], echo: Callable[[str], None], pol
     while True:
         op = load()
         progress.update(op)
-        if op.state in ("succeeded", "failed"):
+        if op.state in ("succeeded", "failed", "cancelled"):
             progress.done(op)
             return 0 if op.state == "succeeded" else 1
         time.sleep(poll)

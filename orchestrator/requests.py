@@ -269,15 +269,44 @@ def _started(p: Platform, op: Operation | None) -> Operation | None:
 def set_health_path(p: Platform, *, env: str, service: str, path: str | None) -> None:
     """The path the platform and the proxy GET to know a code service's deploy job is healthy
     (2xx/3xx); None: a TCP connect. Takes effect at the next redeploy, like variables."""
-    if path is not None:
-        path = rules.check_health_path(path)
+    update_service(p, env=env, service=service, health_path=path or "")
+
+
+
+def update_service(p: Platform, *, env: str, service: str, image: str | None = None, command: str | None = None,
+                   size: str | None = None, health_path: str | None = None, overlap: int | None = None,
+                   redeployable: bool | None = None, support: bool = False) -> list[str]:
+    """Change how the service's next jobs start; each takes effect at its next redeploy, like
+    variables. ``command`` and ``health_path`` "" go back to none (the image's own command, a
+    TCP check). The overlap and the redeployable flag are support's. Returns what changed."""
+    changes: dict[str, object] = {}
+    if image is not None:
+        changes["image"] = rules.check_image_reference(image)
+    if command is not None:
+        changes["command"] = command if command.strip() else None
+    if size is not None:
+        rules.check_size(size)
+        changes["size"] = size
+    if health_path is not None:
+        changes["health_path"] = rules.check_health_path(health_path) if health_path else None
+    if not changes and overlap is None and redeployable is None:
+        raise BadInput("nothing to update: give --image, --command, --size, --health-path, --overlap "
+                       "or --redeployable")
     with p.session() as s:
         _, svc = catalogue.get_service(session=s, env=env, name=service)
-        if svc.type != ServiceType.code:
+        if "image" in changes and svc.type == ServiceType.code:
+            raise BadInput(f"{service} is a code service: its image is its release's (`orchestrator push`)")
+        if "health_path" in changes and svc.type != ServiceType.code:
             raise BadInput(f"a health path is for code services; {service} is a {svc.type} service")
-        svc.health_path = path
+        if overlap is not None or redeployable is not None:
+            catalogue.update_service(session=s, service=svc, overlap=overlap, redeployable=redeployable,
+                                     support=support)
+        changed = [name for name, value in changes.items() if getattr(svc, name) != value]
+        for name, value in changes.items():
+            setattr(svc, name, value)
         s.add(svc)
         s.commit()
+    return changed + [n for n, v in (("overlap", overlap), ("redeployable", redeployable)) if v is not None]
 
 
 def _check_redeployable(svc: Service, support: bool) -> None:

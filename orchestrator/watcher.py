@@ -25,6 +25,7 @@ from sqlmodel import Session, col, select
 from orchestrator import catalogue, fleet, operations
 from orchestrator.models import (
     ACTIVE_JOB_STATES,
+    ENDED_OP_STATES,
     Host,
     HostState,
     Job,
@@ -235,7 +236,7 @@ def start_stranded(p: Platform) -> None:
         queued = set(s.exec(select(Operation.service_id).where(Operation.state == OpState.queued)))
         services = list(s.exec(select(Service).where(col(Service.id).in_(queued))))
         held = list(s.exec(select(Service, Operation).join(Operation, col(Service.active_op_id) == col(Operation.id))
-                           .where(col(Operation.state).in_((OpState.succeeded, OpState.failed)))))
+                           .where(col(Operation.state).in_(ENDED_OP_STATES))))
     for svc, op in held:
         with p.session() as s:
             catalogue.release_service(session=s, service_id=svc.id or 0, op_id=op.id or 0)

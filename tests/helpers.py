@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from tests.harness import wait_for
 
-ENDED = ("succeeded", "failed")
+ENDED = ("succeeded", "failed", "cancelled")
 
 
 class RunsCli(Protocol):

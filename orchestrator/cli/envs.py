@@ -6,7 +6,6 @@ import click
 
 from orchestrator import catalogue, requests, rules, spec
 from orchestrator.cli.base import Context, emit, env_svc, json_option, listing, load_op, main, pass_ctx
-from orchestrator.errors import BadInput
 from orchestrator.models import EnvironmentPublic, ServiceType
 
 
@@ -130,26 +129,25 @@ def services_show(ctx: Context, env_name: str, name: str, as_json: bool) -> None
 
 @services.command("update")
 @env_svc
-@click.option("--overlap", type=int, default=None, help="Seconds (support only).")
-@click.option("--redeployable/--not-redeployable", default=None, help="(support only)")
+@click.option("--image", default=None, help="Databases, caches and included services (code services: push).")
+@click.option("--command", default=None, help="Run through /bin/sh -c ('' for the image's own).")
+@click.option("--size", default=None, help="xs, s, m, l, xl or MEM[:CPUS]")
 @click.option("--health-path", default=None,
               help="GET it on a deploy job: 2xx/3xx is healthy (code services; '' for a TCP check).")
+@click.option("--overlap", type=int, default=None, help="Seconds (support only).")
+@click.option("--redeployable/--not-redeployable", default=None, help="(support only)")
 @click.option("--support", is_flag=True, help="Act as the support role.")
 @pass_ctx
-def services_update(ctx: Context, env_name: str, name: str, overlap: int | None,
-                    redeployable: bool | None, health_path: str | None, support: bool) -> None:
-    if health_path is not None:
-        if overlap is not None or redeployable is not None:
-            raise BadInput("give --health-path on its own")
-        requests.set_health_path(ctx.platform, env=env_name, service=name, path=health_path or None)
-        click.echo(f"service {name} updated: the health path takes effect at its next redeploy")
-        return
-    with ctx.platform.session() as s:
-        _, svc = catalogue.get_service(session=s, env=env_name, name=name)
-        catalogue.update_service(session=s, service=svc, overlap=overlap, redeployable=redeployable,
-                                 support=support)
-        s.commit()
-    click.echo(f"service {name} updated")
+def services_update(ctx: Context, env_name: str, name: str, image: str | None, command: str | None,
+                    size: str | None, health_path: str | None, overlap: int | None,
+                    redeployable: bool | None, support: bool) -> None:
+    """Change how the service's next jobs start: they take effect at its next redeploy."""
+    changed = requests.update_service(ctx.platform, env=env_name, service=name, image=image, command=command,
+                                      size=size, health_path=health_path, overlap=overlap,
+                                      redeployable=redeployable, support=support)
+    what = ", ".join(changed) if changed else "nothing changed"
+    later = " (takes effect at its next redeploy)" if set(changed) - {"overlap", "redeployable"} else ""
+    click.echo(f"service {name} updated: {what}{later}")
 
 
 

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from orchestrator import catalogue
+from orchestrator import catalogue, operations
 from orchestrator.cli.base import Context, emit, follow, json_option, listing, load_op, main, pass_ctx, table
 
 
@@ -75,3 +75,18 @@ def ops_watch(ctx: Context, op_id: int) -> None:
     """Follow an operation's steps live until it ends."""
     load_op(ctx, op_id)
     sys.exit(follow(ctx, op_id))
+
+
+@ops.command("cancel")
+@click.argument("op_id", metavar="OP", type=int)
+@json_option
+@pass_ctx
+def ops_cancel(ctx: Context, op_id: int, as_json: bool) -> None:
+    """End a queued or running operation at its next step boundary (state cancelled): steps that
+    run finish, the others never start; the service's next operation starts. A redeploy or a
+    scale afterwards brings the service back to exactly its scale."""
+    op = operations.cancel(ctx.platform, op_id)
+    if as_json:
+        emit(load_op(ctx, op_id))
+        return
+    click.echo(f"operation {op.id} {op.state}" + (f": {op.error}" if op.error else ""))

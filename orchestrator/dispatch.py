@@ -26,6 +26,7 @@ TASK_OF = {
     StepAction.start_proxy: names.TASK_START_PROXY,
     StepAction.route: names.TASK_ROUTE,
     StepAction.build: names.TASK_BUILD,
+    StepAction.delete_volume: names.TASK_DELETE_VOLUME,
 }
 
 

@@ -69,6 +69,7 @@ class OpKind(StrEnum):
     recover = "recover"  # back to scale after a host was lost
     drain = "drain"  # jobs moved off a draining host
     routes = "routes"  # the service proxy takes a change of sites or certificates
+    remove = "remove"  # every job stops; then the service is removed (services rm, env rm)
     revert = "revert"  # after a failed operation: its new jobs stop, the service is back at scale
 
 
@@ -110,6 +111,7 @@ class StepAction(StrEnum):
     wait = "wait"
     start_proxy = "start_proxy"  # a service proxy job: its files written, then its container
     build = "build"  # a pushed source built into the release's image (and pushed to the registry)
+    delete_volume = "delete_volume"  # a removed service's data volume (--delete-data)
     route = "route"  # a proxy job takes jobs in, drains them or lets them go (runtime API)
 
 
@@ -170,6 +172,7 @@ class OpParams(BaseModel):
     failed_op: int | None = None  # revert: the operation that failed
     restart: bool | None = None  # revert: start jobs of the kept release up to the scale
     source_id: int | None = None  # a push of a source: what the build step builds
+    delete_data: bool | None = None  # remove: its data volume goes too
     # Set when the operation starts: what it replaced, so a failure can put it back.
     release_before: ReleaseBefore | None = None
     scale_before: int | None = None
@@ -199,6 +202,8 @@ class Environment(SQLModel, table=True):
     # The service proxy's ports, kept for the environment's life (None: made before proxies).
     http_port: int | None = None
     https_port: int | None = None
+    removing: bool = False  # env rm: removed once its last service is
+    removed_at: datetime | None = None  # removed: renamed NAME.removed.ID, kept for its history
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -228,6 +233,7 @@ class Service(SQLModel, table=True):
     heal_attempts: int = 0
     heal_after: datetime | None = None
     heal_gave_up: bool = False
+    removed_at: datetime | None = None  # removed: renamed NAME.removed.ID, kept for its history
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -338,7 +344,7 @@ class Step(SQLModel, table=True):
     host: str | None = None
     job_id: str | None = None
     seconds: int | None = None  # wait steps
-    image: str | None = None  # check_image steps
+    image: str | None = None  # check_image and build steps: the image; delete_volume: the volume
     route: RouteState | None = None  # route steps: where the jobs go (None: the proxy syncs only)
     source_id: int | None = None  # build steps: the source built
     output: str | None = None  # build steps: the build's output, as it comes

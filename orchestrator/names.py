@@ -22,6 +22,7 @@ TASK_WAIT = "orchestrator.step.wait"
 TASK_START_PROXY = "orchestrator.step.start_proxy"
 TASK_ROUTE = "orchestrator.step.route"
 TASK_BUILD = "orchestrator.step.build"
+TASK_DELETE_VOLUME = "orchestrator.step.delete_volume"
 TASK_FINISH = "orchestrator.op.finish"
 
 # The public task API on the control queue (send_task by other services): keep these stable.

@@ -79,6 +79,8 @@ def _start(p: Platform, op: Operation) -> bool:
                 running.finished_at = utcnow()
                 catalogue.release_service(session=s, service_id=svc.id or 0, op_id=op_id)
                 _end_release(s, op, succeeded=True)
+                if op.kind == OpKind.remove:
+                    catalogue.mark_service_removed(session=s, service=svc)
             s.add(running)
             s.commit()
             env_name, svc_name = env.name, svc.name
@@ -246,6 +248,7 @@ PLANS: dict[OpKind, Callable[[PlanInput], planner.Plan]] = {
     OpKind.worker_deploy: _plan_worker_deploy,
     OpKind.worker_rm: lambda i: planner.plan_stop(i.jobs, kind=JobKind.worker, target=i.params.target),
     OpKind.routes: lambda i: planner.plan_routes(i.spec),
+    OpKind.remove: lambda i: planner.plan_remove(i.spec, i.jobs, delete_data=bool(i.params.delete_data)),
     OpKind.revert: lambda i: planner.plan_revert(i.spec, i.jobs, i.hosts, _new_id, failed=i.params.jobs or (),
                                                  restart=bool(i.params.restart), ports=i.ports),
 }
@@ -258,10 +261,12 @@ def _plan(p: Platform, s: Session, op: Operation, svc: Service, env: Environment
     plan = PLANS.get(op.kind)
     if plan is None:
         raise planner.PlanError(f"operation kind {op.kind} is not supported yet")
-    if op.kind == OpKind.revert and not svc.image:
+    if op.kind in (OpKind.revert, OpKind.remove) and not svc.image:
         # A failed first push: nothing to go back to, only its jobs to stop.
         svc = svc.model_copy(update={"image": "-", "scale": 0})
     wanted = spec.service_spec(s, env, svc)
+    if op.kind == OpKind.remove and env.removing:
+        wanted = replace(wanted, proxies=())  # the whole environment goes, its proxy with it
     source = op.parameters.source_id
     if source is not None and op.kind in (OpKind.deploy, OpKind.redeploy):
         wanted = replace(wanted, build=planner.BuildSpec(source, push=bool(p.settings.registry)))
@@ -338,6 +343,9 @@ def _step_row(op_id: int, stage: int, service: str, item: planner.Step, home: st
     if isinstance(item, planner.StopJob):
         return Step(op_id=op_id, stage=stage, action=StepAction.stop, host=item.host,
                     job_id=item.job_id, name=f"stop {service} job {item.job_id} on {item.host}")
+    if isinstance(item, planner.DeleteVolume):
+        return Step(op_id=op_id, stage=stage, action=StepAction.delete_volume, host=item.host,
+                    image=item.volume, name=f"delete volume {item.volume} on {item.host}")
     if isinstance(item, planner.Route):
         return Step(op_id=op_id, stage=stage, action=StepAction.route, host=item.host,
                     job_id=item.proxy, targets=list(item.jobs), route=item.to,
@@ -392,6 +400,9 @@ def finish(p: Platform, op_id: int) -> bool | None:
         if ended:
             _keep_healing_account(s, op, succeeded=not failed)
             _end_release(s, op, succeeded=not failed)
+            removed = s.get(Service, op.service_id)
+            if not failed and op.kind == OpKind.remove and removed is not None:
+                catalogue.mark_service_removed(session=s, service=removed)
             if not (failed and _queue_revert(s, op)):
                 # Jobs it started and no proxy took in (none runs, or a heal failed half way):
                 # they passed their start, they serve from now on (the heartbeat adds them).

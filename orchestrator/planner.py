@@ -153,7 +153,13 @@ class Route:
     to: RouteState | None
 
 
-Step = CheckImage | Build | StartJob | StopJob | Wait | Route
+@dataclass(frozen=True)
+class DeleteVolume:
+    host: str
+    volume: str
+
+
+Step = CheckImage | Build | StartJob | StopJob | Wait | Route | DeleteVolume
 
 
 @dataclass(frozen=True)
@@ -361,6 +367,16 @@ def plan_revert(spec: ServiceSpec, jobs: Sequence[ObservedJob], hosts: Sequence[
     back = plan_recover(spec, staying, hosts, new_id, ports) if restart else Plan()
     return _plan(*back.stages, _routes(spec, _deploy_ids(leaving), RouteState.out),
                  tuple(StopJob(j.id, j.host) for j in leaving))
+
+
+def plan_remove(spec: ServiceSpec, jobs: Sequence[ObservedJob], *, delete_data: bool) -> Plan:
+    """Every job leaves the proxy (drained) and stops; with ``delete_data``, then the data
+    volume goes (on the host that holds it)."""
+    volume = spec.volume.split(":", 1)[0] if spec.volume else None
+    host = spec.pinned_host
+    delete = (DeleteVolume(host, volume),) if delete_data and volume and host else ()
+    return _plan(_routes(spec, _deploy_ids(jobs), RouteState.out),
+                 tuple(StopJob(j.id, j.host) for j in jobs), delete)
 
 
 def plan_routes(spec: ServiceSpec) -> Plan:

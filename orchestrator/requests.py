@@ -309,6 +309,48 @@ def update_service(p: Platform, *, env: str, service: str, image: str | None = N
     return changed + [n for n, v in (("overlap", overlap), ("redeployable", redeployable)) if v is not None]
 
 
+def request_remove_service(p: Platform, *, env: str, service: str, delete_data: bool = False,
+                           whole_env: bool = False) -> Operation:
+    """Stop every job of the service (drained out of the proxy first), then remove it: its
+    worker targets and sites go, its releases and operations stay as history (under the name
+    NAME.removed.ID). A database's data volume is kept (a service added again under that name
+    finds it) unless ``delete_data``. Refused while an operation of the service runs or waits."""
+
+    def decide(s: Session, svc: Service) -> Decision:
+        if not whole_env and svc.type in INCLUDED_TYPES:
+            raise BadInput(f"{svc.name} is included in every environment: `orchestrator env rm` removes it")
+        busy = catalogue.unfinished_operations(session=s, service=svc)
+        if busy:
+            raise BadInput(f"service {svc.name} has operation {busy[0].id} {busy[0].state}: wait for it to end, "
+                           f"or `orchestrator ops cancel {busy[0].id}`")
+        return Decision(OpKind.remove, OpTrigger.manual, OpParams(delete_data=delete_data or None))
+
+    return _request(p, env=env, service=service, decide=decide)
+
+
+def request_remove_env(p: Platform, *, env: str, delete_data: bool = False) -> list[tuple[str, Operation]]:
+    """Remove every service of the environment (each an operation), then the environment (its
+    proxy ports go back to the range). Refused while any of its services has an operation."""
+    with p.session() as s:
+        environment = catalogue.get_env(session=s, name=env)
+        services = catalogue.list_services(session=s, env=environment)
+        for svc in services:
+            busy = catalogue.unfinished_operations(session=s, service=svc)
+            if busy:
+                raise BadInput(f"service {svc.name} has operation {busy[0].id} {busy[0].state}: wait for it to "
+                               f"end, or `orchestrator ops cancel {busy[0].id}`")
+        environment.removing = True
+        s.add(environment)
+        if not services:
+            catalogue.mark_env_removed(session=s, env=environment)
+        s.commit()
+    return [(svc.name, request_remove_service(p, env=env, service=svc.name, delete_data=delete_data,
+                                              whole_env=True)) for svc in services]
+
+
+INCLUDED_TYPES = frozenset(i.type for i in service_types.INCLUDED_SERVICES)
+
+
 def _check_redeployable(svc: Service, support: bool) -> None:
     if not svc.redeployable and not support:
         raise BadInput(f"service {svc.name} is marked not redeployable: only support may redeploy it (--support)")

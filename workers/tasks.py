@@ -24,6 +24,7 @@ from orchestrator.placement import free_port
 from orchestrator.proxy import ProxyConfig
 from orchestrator.sizes import parse_size
 from workers.context import NodeContext
+from workers.proxy import ProxyError
 from workers.proxy import passed as proxy_passed
 from workers.proxy import wanted as wanted_config
 from workers.runtime.base import ContainerError, ContainerSpec
@@ -230,6 +231,13 @@ def wanted_proxy(node: NodeContext, proxy_job: Job) -> Callable[[], ProxyConfig]
     return wanted_config(node.platform, proxy_job.environment.get("ORCH_ENV", ""), node.address)
 
 
+def _gone(node: NodeContext, proxy_job_id: str) -> bool:
+    """Whether a proxy job stops or stopped (a new proxy job took over its ports)."""
+    with node.platform.reader() as s:
+        job = s.get(Job, proxy_job_id)
+        return job is None or job.state not in (JobState.running, JobState.starting, JobState.scheduled)
+
+
 def start_proxy(node: NodeContext, step: Step, job: Job | None) -> dict[str, Any]:
     """A service proxy job: its files first (the whole wanted state), then its container, ready
     when HAProxy answers on its admin socket. It binds its environment's ports beside any
@@ -253,13 +261,20 @@ def route(node: NodeContext, step: Step, proxy_job: Job | None) -> dict[str, Any
     jobs' new route first, so every proxy (and one that starts meanwhile) agrees."""
     proxy_job = _need(proxy_job, step)
     p, targets, to = node.platform, list(step.targets), step.route
+    if _gone(node, proxy_job.id):
+        return {"proxy": proxy_job.id, "skipped": "the proxy job is stopping"}
     if to is not None and targets:
         with p.session() as s:
             catalogue.set_route(session=s, job_ids=targets, state=to)
             s.commit()
     wanted = wanted_proxy(node, proxy_job)
     drain = p.settings.drain_timeout if to == RouteState.out else 0.0
-    node.proxies.apply(proxy_job.id, wanted, drain_timeout=drain)
+    try:
+        node.proxies.apply(proxy_job.id, wanted, drain_timeout=drain)
+    except ProxyError:
+        if _gone(node, proxy_job.id):  # replaced meanwhile (the proxy's own redeploy): its successor
+            return {"proxy": proxy_job.id, "skipped": "the proxy job stopped"}  # read the catalogue
+        raise
     if to != RouteState.serving or not targets:
         return {"proxy": proxy_job.id, "jobs": targets, "route": to}
     timeout = p.settings.start_timeout
@@ -339,7 +354,16 @@ def _wait(node: NodeContext, job: Job, ready: Callable[[], bool] | None, failure
         time.sleep(0.05)
 
 
+def delete_volume(node: NodeContext, step: Step, _job: Job | None) -> dict[str, Any]:
+    """A removed service's data volume, asked for with --delete-data."""
+    if not step.image:
+        raise StepFailed(f"step {step.id} names no volume")
+    node.runtime.remove_volume(step.image)
+    return {"volume": step.image}
+
+
 CHECK_IMAGE = Work(check_image)
+DELETE_VOLUME = Work(delete_volume)
 BUILD = Work(build)
 START = Work(start_job, job_on_begin=JobState.starting, job_on_done=JobState.running,
              job_on_failure=JobState.failed)
@@ -384,6 +408,11 @@ def register(app: Celery, node: NodeContext) -> None:
     def build_task(self: Task, step_id: int, env: str = "", service: str = "",
                    **_labels: Any) -> dict[str, Any]:
         return step(self, step_id, BUILD, env, service)
+
+    @app.task(name=names.TASK_DELETE_VOLUME, shared=False, bind=True)
+    def delete_volume_task(self: Task, step_id: int, env: str = "", service: str = "",
+                           **_labels: Any) -> dict[str, Any]:
+        return step(self, step_id, DELETE_VOLUME, env, service)
 
     @app.task(name=names.TASK_START_PROXY, shared=False, bind=True)
     def start_proxy_task(self: Task, step_id: int, env: str = "", service: str = "",

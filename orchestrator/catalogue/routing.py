@@ -111,8 +111,8 @@ def proxy_config(*, session: Session, env: Environment, bind: str) -> proxy.Prox
     if env.http_port is None or env.https_port is None:
         raise BadInput(f"environment {env.name} has no proxy ports")
     addresses = {h.name: h.address for h in session.exec(select(Host))}
-    code = list(session.exec(select(Service).where(Service.env_id == env.id,
-                                                    Service.type == ServiceType.code)))
+    code = list(session.exec(select(Service).where(Service.env_id == env.id, Service.type == ServiceType.code,
+                                                    col(Service.removed_at).is_(None))))
     jobs = session.exec(select(Job).where(
         col(Job.service_id).in_([s.id for s in code]), Job.kind == JobKind.deploy,
         Job.state == JobState.running,

@@ -11,12 +11,16 @@ from orchestrator import names, rules, service_types
 from orchestrator.errors import BadInput, NotFound
 from orchestrator.models import (
     Environment,
+    Operation,
+    OpState,
     Release,
     ReleaseState,
     Service,
     ServicePublic,
     ServiceType,
+    Site,
     WorkerTarget,
+    utcnow,
 )
 from orchestrator.rules import MAX_ID, check_name
 
@@ -46,7 +50,8 @@ def get_env_by_id(*, session: Session, env_id: int) -> Environment:
 
 
 def list_envs(*, session: Session) -> list[Environment]:
-    return list(session.exec(select(Environment).order_by(col(Environment.name))))
+    query = select(Environment).where(col(Environment.removed_at).is_(None)).order_by(col(Environment.name))
+    return list(session.exec(query))
 
 
 def add_service(*, session: Session, env: Environment, name: str, type: ServiceType,
@@ -81,8 +86,42 @@ def get_service(*, session: Session, env: str, name: str) -> tuple[Environment, 
 
 
 def list_services(*, session: Session, env: Environment) -> list[Service]:
-    query = select(Service).where(Service.env_id == env.id).order_by(col(Service.name))
+    query = (select(Service).where(Service.env_id == env.id, col(Service.removed_at).is_(None))
+             .order_by(col(Service.name)))
     return list(session.exec(query))
+
+
+def unfinished_operations(*, session: Session, service: Service) -> list[Operation]:
+    query = select(Operation).where(Operation.service_id == service.id,
+                                    col(Operation.state).in_((OpState.queued, OpState.running)))
+    return list(session.exec(query.order_by(col(Operation.id))))
+
+
+def mark_service_removed(*, session: Session, service: Service) -> None:
+    """A removed service keeps its history under a name no request can give (NAME.removed.ID):
+    its worker targets and sites go, it never heals; the name is free for a new service."""
+    for worker in workers_of(session=session, service=service):
+        session.delete(worker)
+    for site in session.exec(select(Site).where(Site.service_id == service.id)):
+        session.delete(site)
+    service.name = f"{service.name}.removed.{service.id}"
+    service.removed_at = utcnow()
+    service.scale, service.heal_wanted, service.heal_gave_up = 0, False, True
+    service.host, service.port = None, None
+    session.add(service)
+    session.flush()
+    env = session.get(Environment, service.env_id)
+    if env is not None and env.removing and not list_services(session=session, env=env):
+        mark_env_removed(session=session, env=env)
+
+
+def mark_env_removed(*, session: Session, env: Environment) -> None:
+    """Its services all removed: the environment goes too, its name and proxy ports free."""
+    env.name = f"{env.name}.removed.{env.id}"
+    env.removed_at = utcnow()
+    env.http_port = env.https_port = None
+    session.add(env)
+    session.flush()
 
 
 def update_service(*, session: Session, service: Service, overlap: int | None,

@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from orchestrator import catalogue, requests, rules, spec
-from orchestrator.cli.base import Context, emit, env_svc, json_option, listing, load_op, main, pass_ctx
+from orchestrator.cli.base import (
+    Context,
+    emit,
+    env_svc,
+    follow,
+    json_option,
+    listing,
+    load_op,
+    main,
+    pass_ctx,
+    started,
+    wait_option,
+)
 from orchestrator.models import EnvironmentPublic, ServiceType
 
 
@@ -44,6 +58,23 @@ def env_list(ctx: Context, as_json: bool) -> None:
     listing(rows, as_json=as_json, headers=["NAME", "SANDBOX"],
             cells=lambda e: (e.name, "yes" if e.sandbox else "no"))
 
+
+
+@env.command("rm")
+@click.argument("name")
+@click.option("--delete-data", is_flag=True, help="Delete databases' data volumes too (kept by default).")
+@wait_option
+@pass_ctx
+def env_rm(ctx: Context, name: str, delete_data: bool, wait: bool) -> None:
+    """Remove every service of the environment (each an operation), then the environment."""
+    ops_started = requests.request_remove_env(ctx.platform, env=name, delete_data=delete_data)
+    for service, op in ops_started:
+        click.echo(f"operation {op.id} removes {service}")
+    if not ops_started:
+        click.echo(f"environment {name} removed")
+    if wait:
+        codes = [follow(ctx, op.id or 0) for _, op in ops_started]
+        sys.exit(max(codes, default=0))
 
 
 @env.command("show")
@@ -94,6 +125,17 @@ def services_add(ctx: Context, env_name: str, name: str, type_: str, image: str 
         click.echo(f"operation {op.id} deploys it")
     elif image:
         click.echo("code services run their releases: `orchestrator push` deploys an image")
+
+
+@services.command("rm")
+@env_svc
+@click.option("--delete-data", is_flag=True, help="Delete a database's data volume too (kept by default).")
+@wait_option
+@pass_ctx
+def services_rm(ctx: Context, env_name: str, name: str, delete_data: bool, wait: bool) -> None:
+    """Stop every job of the service (out of the proxy first), then remove it."""
+    op = requests.request_remove_service(ctx.platform, env=env_name, service=name, delete_data=delete_data)
+    started(ctx, op, wait)
 
 
 @services.command("list")

@@ -76,6 +76,9 @@ class Runtime(Protocol):
     def capacity(self) -> tuple[float, int]:
         """What the host has: (CPUs, memory in MB)."""
 
+    def remove_volume(self, name: str) -> None:
+        """Delete a named volume (its data); one that is not there is fine."""
+
     def pull(self, image: str) -> None:
         """Pull ``image`` (ContainerError with the registry's reason when it cannot)."""
 

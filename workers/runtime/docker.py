@@ -165,6 +165,14 @@ class DockerRuntime:
             for c in found
         ]
 
+    def remove_volume(self, name: str) -> None:
+        try:
+            self.client.volumes.get(name).remove(force=True)
+        except NotFound:
+            return
+        except APIError as exc:
+            raise ContainerError(_reason(exc)) from exc
+
     def pull(self, image: str) -> None:
         try:  # a ref with its tag or digest; a failure may come in the stream, after a 200
             for chunk in self.builder.pull(image, stream=True, decode=True):

@@ -22,6 +22,7 @@ class FakeRuntime:
         self.cpus, self.memory_mb = 4.0, 8192
         self.answering = True  # False: a daemon that does not answer (ping)
         self.registry: set[str] = set()  # images a pull finds (share one set between runtimes)
+        self.volumes: set[str] = set()  # named volumes its containers made
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
 
@@ -47,6 +48,7 @@ class FakeRuntime:
             else:
                 state = replace(state, status="running")
             self.containers[spec.name] = state
+            self.volumes |= {v for v in spec.volumes if not v.startswith("/")}
             if "PORT" in spec.environment:
                 self.ports[spec.name] = int(spec.environment["PORT"])
             return state
@@ -82,6 +84,9 @@ class FakeRuntime:
 
     def capacity(self) -> tuple[float, int]:
         return self.cpus, self.memory_mb
+
+    def remove_volume(self, name: str) -> None:
+        self.volumes.discard(name)
 
     def pull(self, image: str) -> None:
         if image not in self.registry:

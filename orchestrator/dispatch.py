@@ -27,6 +27,8 @@ TASK_OF = {
     StepAction.route: names.TASK_ROUTE,
     StepAction.build: names.TASK_BUILD,
     StepAction.delete_volume: names.TASK_DELETE_VOLUME,
+    StepAction.run_once: names.TASK_RUN_ONCE,
+    StepAction.exec: names.TASK_EXEC,
 }
 
 

@@ -70,6 +70,8 @@ class OpKind(StrEnum):
     drain = "drain"  # jobs moved off a draining host
     routes = "routes"  # the service proxy takes a change of sites or certificates
     remove = "remove"  # every job stops; then the service is removed (services rm, env rm)
+    run = "run"  # a one-off command in a new container of the service (`orchestrator run`)
+    exec = "exec"  # a command in a running job's container (`orchestrator exec`)
     revert = "revert"  # after a failed operation: its new jobs stop, the service is back at scale
 
 
@@ -112,6 +114,8 @@ class StepAction(StrEnum):
     start_proxy = "start_proxy"  # a service proxy job: its files written, then its container
     build = "build"  # a pushed source built into the release's image (and pushed to the registry)
     delete_volume = "delete_volume"  # a removed service's data volume (--delete-data)
+    run_once = "run_once"  # a one-off container: its output kept, its exit code the step's
+    exec = "exec"  # a command run in a job's container
     route = "route"  # a proxy job takes jobs in, drains them or lets them go (runtime API)
 
 
@@ -165,7 +169,9 @@ class OpParams(BaseModel):
     image: str | None = None
     scale: int | None = None  # scale: the new deploy scale
     target: str | None = None  # worker operations
-    command: str | None = None  # worker deploy
+    command: str | None = None  # worker deploy; run and exec: the command, run through /bin/sh -c
+    argv: list[str] | None = None  # run and exec: the command as words (no shell)
+    job: str | None = None  # exec: the job it runs in
     worker_scale: ScaleChange | None = None
     host: str | None = None  # recover, drain: the host concerned
     jobs: list[str] | None = None  # revert: the jobs of the failed operation to stop
@@ -347,7 +353,8 @@ class Step(SQLModel, table=True):
     image: str | None = None  # check_image and build steps: the image; delete_volume: the volume
     route: RouteState | None = None  # route steps: where the jobs go (None: the proxy syncs only)
     source_id: int | None = None  # build steps: the source built
-    output: str | None = None  # build steps: the build's output, as it comes
+    output: str | None = None  # build, run and exec steps: the output, as it comes
+    exit_code: int | None = None  # run and exec steps
     targets: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     state: StepState = StepState.pending
     error: str | None = None
@@ -439,7 +446,8 @@ class StepPublic(SQLModel):
     error: str | None
     started_at: datetime | None
     finished_at: datetime | None
-    output: str | None = None  # build steps: the build's output
+    output: str | None = None  # build, run and exec steps: the output
+    exit_code: int | None = None
 
 
 class OperationPublic(SQLModel):

@@ -23,6 +23,8 @@ TASK_START_PROXY = "orchestrator.step.start_proxy"
 TASK_ROUTE = "orchestrator.step.route"
 TASK_BUILD = "orchestrator.step.build"
 TASK_DELETE_VOLUME = "orchestrator.step.delete_volume"
+TASK_RUN_ONCE = "orchestrator.step.run_once"
+TASK_EXEC = "orchestrator.step.exec"
 TASK_FINISH = "orchestrator.op.finish"
 
 # The public task API on the control queue (send_task by other services): keep these stable.

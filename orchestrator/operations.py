@@ -249,6 +249,8 @@ PLANS: dict[OpKind, Callable[[PlanInput], planner.Plan]] = {
     OpKind.worker_rm: lambda i: planner.plan_stop(i.jobs, kind=JobKind.worker, target=i.params.target),
     OpKind.routes: lambda i: planner.plan_routes(i.spec),
     OpKind.remove: lambda i: planner.plan_remove(i.spec, i.jobs, delete_data=bool(i.params.delete_data)),
+    OpKind.run: lambda i: planner.plan_run(i.spec, i.hosts),
+    OpKind.exec: lambda i: planner.plan_exec(i.jobs, i.params.job),
     OpKind.revert: lambda i: planner.plan_revert(i.spec, i.jobs, i.hosts, _new_id, failed=i.params.jobs or (),
                                                  restart=bool(i.params.restart), ports=i.ports),
 }
@@ -343,6 +345,12 @@ def _step_row(op_id: int, stage: int, service: str, item: planner.Step, home: st
     if isinstance(item, planner.StopJob):
         return Step(op_id=op_id, stage=stage, action=StepAction.stop, host=item.host,
                     job_id=item.job_id, name=f"stop {service} job {item.job_id} on {item.host}")
+    if isinstance(item, planner.RunOnce):
+        return Step(op_id=op_id, stage=stage, action=StepAction.run_once, host=item.host,
+                    name=f"run a one-off {service} container on {item.host}")
+    if isinstance(item, planner.Exec):
+        return Step(op_id=op_id, stage=stage, action=StepAction.exec, host=item.host, job_id=item.job_id,
+                    name=f"exec in {service} job {item.job_id} on {item.host}")
     if isinstance(item, planner.DeleteVolume):
         return Step(op_id=op_id, stage=stage, action=StepAction.delete_volume, host=item.host,
                     image=item.volume, name=f"delete volume {item.volume} on {item.host}")

@@ -159,7 +159,22 @@ class DeleteVolume:
     volume: str
 
 
-Step = CheckImage | Build | StartJob | StopJob | Wait | Route | DeleteVolume
+@dataclass(frozen=True)
+class RunOnce:
+    """A one-off container of the service on a host: it runs until it exits."""
+
+    host: str
+
+
+@dataclass(frozen=True)
+class Exec:
+    """A command in a running job's container."""
+
+    host: str
+    job_id: str
+
+
+Step = CheckImage | Build | StartJob | StopJob | Wait | Route | DeleteVolume | RunOnce | Exec
 
 
 @dataclass(frozen=True)
@@ -377,6 +392,22 @@ def plan_remove(spec: ServiceSpec, jobs: Sequence[ObservedJob], *, delete_data: 
     delete = (DeleteVolume(host, volume),) if delete_data and volume and host else ()
     return _plan(_routes(spec, _deploy_ids(jobs), RouteState.out),
                  tuple(StopJob(j.id, j.host) for j in jobs), delete)
+
+
+def plan_run(spec: ServiceSpec, hosts: Sequence[HostLoad]) -> Plan:
+    """A one-off container placed like a job of the service (its size counts), its image
+    checked (pulled) there first."""
+    host, _ = _Placer(hosts, [], PortRange()).place(spec.size, needs_port=False)
+    return Plan(((CheckImage(host, spec.image),), (RunOnce(host),)))
+
+
+def plan_exec(jobs: Sequence[ObservedJob], job_id: str | None) -> Plan:
+    """In the job asked for, or in the service's first deploy job."""
+    chosen = next((j for j in jobs if j.id == job_id), None) if job_id else \
+        next((j for j in jobs if j.kind == JobKind.deploy), jobs[0] if jobs else None)
+    if chosen is None:
+        raise PlanError(f"no running job {job_id}" if job_id else "the service runs no job")
+    return Plan(((Exec(chosen.host, chosen.id),),))
 
 
 def plan_routes(spec: ServiceSpec) -> Plan:

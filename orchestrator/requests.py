@@ -14,6 +14,7 @@ from orchestrator import builds, catalogue, operations, rules, service_types
 from orchestrator.errors import BadInput
 from orchestrator.models import (
     Environment,
+    JobState,
     Operation,
     OpKind,
     OpParams,
@@ -307,6 +308,46 @@ def update_service(p: Platform, *, env: str, service: str, image: str | None = N
         s.add(svc)
         s.commit()
     return changed + [n for n, v in (("overlap", overlap), ("redeployable", redeployable)) if v is not None]
+
+
+MAX_ARGV = 64 * 1024  # bytes of a one-off command's words
+
+
+def _check_argv(argv: list[str]) -> list[str]:
+    if not argv or not argv[0].strip():
+        raise BadInput("give the command after --, e.g. `orchestrator run ENV SVC -- python manage.py migrate`")
+    if sum(len(a) + 1 for a in argv) > MAX_ARGV or any("\0" in a for a in argv):
+        raise BadInput(f"the command is longer than {MAX_ARGV // 1024} KiB or holds a NUL")
+    return argv
+
+
+def request_run(p: Platform, *, env: str, service: str, argv: list[str]) -> Operation:
+    """A one-off container of the service (its current image, variables and size) on a placed
+    host, running ``argv`` until it exits; recorded as an operation (who asked is its trigger,
+    what ran its parameters, its output and exit code its step's)."""
+    argv = _check_argv(argv)
+
+    def decide(s: Session, svc: Service) -> Decision:
+        if not svc.image:
+            raise BadInput(f"service {svc.name} has no image yet: push one first")
+        return Decision(OpKind.run, OpTrigger.manual, OpParams(argv=argv))
+
+    return _request(p, env=env, service=service, decide=decide)
+
+
+def request_exec(p: Platform, *, env: str, service: str, argv: list[str], job: str | None = None) -> Operation:
+    """``argv`` in a running job of the service (``job``, or its first deploy job)."""
+    argv = _check_argv(argv)
+
+    def decide(s: Session, svc: Service) -> Decision:
+        jobs = [j for j in catalogue.active_jobs(session=s, service=svc) if j.state == JobState.running]
+        if job is not None and job not in {j.id for j in jobs}:
+            raise BadInput(f"service {svc.name} has no running job {job}")
+        if not jobs:
+            raise BadInput(f"service {svc.name} runs no job")
+        return Decision(OpKind.exec, OpTrigger.manual, OpParams(argv=argv, job=job))
+
+    return _request(p, env=env, service=service, decide=decide)
 
 
 def request_remove_service(p: Platform, *, env: str, service: str, delete_data: bool = False,

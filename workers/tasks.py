@@ -15,11 +15,13 @@ from typing import Any
 
 from celery import Celery, Task
 from celery.exceptions import Retry
+from sqlalchemy import update
 from sqlalchemy.exc import SQLAlchemyError
+from sqlmodel import col
 
-from orchestrator import builds, catalogue, names
+from orchestrator import builds, catalogue, names, spec
 from orchestrator.errors import one_line
-from orchestrator.models import Job, JobState, RouteState, Step, StepState, utcnow
+from orchestrator.models import Environment, Job, JobState, RouteState, Service, Step, StepState, utcnow
 from orchestrator.placement import free_port
 from orchestrator.proxy import ProxyConfig
 from orchestrator.sizes import parse_size
@@ -362,7 +364,61 @@ def delete_volume(node: NodeContext, step: Step, _job: Job | None) -> dict[str, 
     return {"volume": step.image}
 
 
+def run_once(node: NodeContext, step: Step, _job: Job | None) -> dict[str, Any]:
+    """A one-off container of the service: its current image, variables and size, the
+    operation's command; its output kept with the step as it comes, its exit code the step's
+    (not zero: the step fails)."""
+    p = node.platform
+    with p.reader() as s:
+        op = catalogue.get_operation(session=s, op_id=step.op_id)
+        svc = s.get(Service, op.service_id)
+        env = s.get(Environment, op.env_id)
+        assert svc is not None and env is not None
+        wanted = spec.service_spec(s, env, svc)
+    params = op.parameters
+    size = wanted.size
+    run_id = f"run{step.op_id}"
+    environment = {**wanted.variables, "ORCH_ENV": env.name, "ORCH_SERVICE": svc.name, "ORCH_JOB": run_id,
+                   "ORCH_KIND": "run", "ORCH_HOST": node.host}
+    if wanted.release is not None:
+        environment["ORCH_RELEASE"] = str(wanted.release)
+    container = ContainerSpec(
+        name=names.container_name(env.name, svc.name, run_id), image=wanted.image,
+        labels={names.LABEL_ENV: env.name, names.LABEL_SERVICE: svc.name, names.LABEL_KIND: "run"},
+        environment=environment, command=params.command, args=tuple(params.argv or ()) if not params.command else (),
+        memory_mb=size.memory_mb, cpus=size.cpus,
+    )
+    return _finished(node, step, lambda output: node.runtime.run_once(container, output))
+
+
+def exec_in_job(node: NodeContext, step: Step, job: Job | None) -> dict[str, Any]:
+    """The operation's command in a running job's container, its output and exit code kept."""
+    job = _need(job, step)
+    with node.platform.reader() as s:
+        params = catalogue.get_operation(session=s, op_id=step.op_id).parameters
+    argv = list(params.argv or ["/bin/sh", "-c", params.command or "true"])
+    return _finished(node, step, lambda output: node.runtime.exec(job.container_name, argv, output))
+
+
+def _finished(node: NodeContext, step: Step, act: Callable[[Callable[[str], None]], int]) -> dict[str, Any]:
+    output = BuildOutput(node, step.id or 0)
+    try:
+        code = act(output)
+    except ContainerError as exc:
+        output.flush()
+        raise StepFailed(str(exc)) from None
+    output.flush()
+    with node.platform.session() as s:
+        s.exec(update(Step).where(col(Step.id) == step.id).values(exit_code=code))
+        s.commit()
+    if code != 0:
+        raise StepFailed(f"the command exited with code {code}")
+    return {"exit_code": code}
+
+
 CHECK_IMAGE = Work(check_image)
+RUN_ONCE = Work(run_once)
+EXEC = Work(exec_in_job)
 DELETE_VOLUME = Work(delete_volume)
 BUILD = Work(build)
 START = Work(start_job, job_on_begin=JobState.starting, job_on_done=JobState.running,
@@ -413,6 +469,16 @@ def register(app: Celery, node: NodeContext) -> None:
     def delete_volume_task(self: Task, step_id: int, env: str = "", service: str = "",
                            **_labels: Any) -> dict[str, Any]:
         return step(self, step_id, DELETE_VOLUME, env, service)
+
+    @app.task(name=names.TASK_RUN_ONCE, shared=False, bind=True)
+    def run_once_task(self: Task, step_id: int, env: str = "", service: str = "",
+                      **_labels: Any) -> dict[str, Any]:
+        return step(self, step_id, RUN_ONCE, env, service)
+
+    @app.task(name=names.TASK_EXEC, shared=False, bind=True)
+    def exec_task(self: Task, step_id: int, env: str = "", service: str = "",
+                  **_labels: Any) -> dict[str, Any]:
+        return step(self, step_id, EXEC, env, service)
 
     @app.task(name=names.TASK_START_PROXY, shared=False, bind=True)
     def start_proxy_task(self: Task, step_id: int, env: str = "", service: str = "",

@@ -4,15 +4,28 @@ releases."""
 from __future__ import annotations
 
 import io
+import sys
 import tarfile
+import time
 from pathlib import Path
 
 import click
 
 from orchestrator import catalogue, requests
-from orchestrator.cli.base import Context, env_svc, follow, json_option, listing, main, pass_ctx, started, wait_option
+from orchestrator.cli.base import (
+    Context,
+    env_svc,
+    follow,
+    json_option,
+    listing,
+    load_op,
+    main,
+    pass_ctx,
+    started,
+    wait_option,
+)
 from orchestrator.errors import BadInput
-from orchestrator.models import JobKind, JobState
+from orchestrator.models import JobKind, JobState, OpState, StepAction
 
 
 @main.command()
@@ -189,3 +202,46 @@ def git_receive(ctx: Context, env_name: str, name: str) -> None:
         click.echo(f"orchestrator: operation {op.id} ({op.kind}) deploys release {op.parameters.release}")
         code = max(code, follow(ctx, op.id or 0))
     sys.exit(code)
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@env_svc
+@click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- CMD...")
+@pass_ctx
+def run(ctx: Context, env_name: str, name: str, argv: tuple[str, ...]) -> None:
+    """A one-off job: CMD in a new container of the service (its current image, variables and
+    size) on a placed host; its output streams here, its exit code is ours, its container goes."""
+    op = requests.request_run(ctx.platform, env=env_name, service=name, argv=list(argv))
+    sys.exit(_follow_output(ctx, op.id or 0))
+
+
+@main.command("exec", context_settings={"ignore_unknown_options": True})
+@env_svc
+@click.option("--job", default=None, help="The job to run it in (default: the service's first deploy job).")
+@click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- CMD...")
+@pass_ctx
+def exec_(ctx: Context, env_name: str, name: str, job: str | None, argv: tuple[str, ...]) -> None:
+    """CMD in a running job's container (docker exec); its output streams here, its exit code is ours."""
+    op = requests.request_exec(ctx.platform, env=env_name, service=name, argv=list(argv), job=job)
+    sys.exit(_follow_output(ctx, op.id or 0))
+
+
+def _follow_output(ctx: Context, op_id: int) -> int:
+    """The command's output as it comes, then its exit code (1 when it never ran: why on stderr)."""
+    shown = 0
+    while True:
+        op = load_op(ctx, op_id)
+        steps = [s for s in op.steps if s.action in (StepAction.run_once, StepAction.exec)]
+        text = (steps[0].output or "") if steps else ""
+        if len(text) > shown:
+            sys.stdout.write(text[shown:])
+            sys.stdout.flush()
+            shown = len(text)
+        if op.state in (OpState.succeeded, OpState.failed, OpState.cancelled):
+            break
+        time.sleep(0.1)
+    code = steps[0].exit_code if steps else None
+    if code is None:
+        click.echo(f"error: operation {op_id} {op.state}: {op.error or 'the command never ran'}", err=True)
+        return 1
+    return code

@@ -114,3 +114,40 @@ def test_env_rm_removes_every_service_and_frees_the_name(cli: Cli, docker_client
         retire(cli.env["ORCH_DATABASE_URL"], name)
         remove_containers(docker_client, name)
 
+
+
+def test_run_passes_on_output_and_exit_code_and_leaves_no_container(
+        cli: Cli, env_name: str, docker_client: docker.DockerClient) -> None:
+    cli.ok("services", "add", env_name, "web", "--type", "code", "--command", HTTPD, "--scale", "1")
+    cli.ok("vars", "set", env_name, "web", "GREETING=hello")
+    cli.ok("push", env_name, "web", SAMPLE_IMAGE, "--wait")
+    before = containers(docker_client, env_name, running=False)
+
+    done = cli.popen("run", env_name, "web", "--", "sh", "-c", 'echo "$GREETING from $ORCH_KIND"; ls /var/www; exit 3')
+    out, err = done.communicate(timeout=60)
+    assert done.returncode == 3, (out, err)
+    assert "hello from run" in out and "index.html" in out
+    assert containers(docker_client, env_name, running=False) == before  # its container is gone
+    op = ops_json(cli, env_name)[0]  # recorded: what ran, its output and exit code
+    assert (op["kind"], op["state"], op["params"]["argv"][0]) == ("run", "failed", "sh")
+    assert op["steps"][-1]["exit_code"] == 3 and "hello from run" in op["steps"][-1]["output"]
+    ok = cli.popen("run", env_name, "web", "--", "true")
+    assert ok.wait(timeout=60) == 0
+    missing = cli("run", env_name, "nope", "--", "true")
+    assert missing.exit_code == 2
+
+
+def test_exec_runs_in_a_job(cli: Cli, env_name: str, docker_client: docker.DockerClient) -> None:
+    cli.ok("services", "add", env_name, "web", "--type", "code", "--command", HTTPD, "--scale", "2")
+    cli.ok("push", env_name, "web", SAMPLE_IMAGE, "--wait")
+    jobs = jobs_json(cli, env_name, "web")
+    target = jobs[1]["id"]
+    done = cli.popen("exec", env_name, "web", "--job", target, "--", "sh", "-c", "echo job=$ORCH_JOB; exit 4")
+    out, err = done.communicate(timeout=60)
+    assert done.returncode == 4 and f"job={target}" in out, (out, err)
+    first = cli.popen("exec", env_name, "web", "--", "cat", "/var/www/index.html")
+    out, _ = first.communicate(timeout=60)
+    assert first.returncode == 0 and "sample app" in out
+    unknown = cli("exec", env_name, "web", "--job", "nope", "--", "true")
+    assert unknown.exit_code == 2 and "no running job nope" in unknown.output
+    assert containers(docker_client, env_name, "web") == {j["id"]: j["container_id"] for j in jobs}

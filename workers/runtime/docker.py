@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import time
@@ -90,14 +91,14 @@ class DockerRuntime:
             time.sleep(0.05)
         raise ContainerError(_reason(conflict)) from conflict
 
-    def _create(self, spec: ContainerSpec, wanted_hash: str) -> Container:
+    def _create(self, spec: ContainerSpec, wanted_hash: str, *, restart: bool = True) -> Container:
         labels = {**spec.labels, LABEL_CONFIG_HASH: wanted_hash}
         options: dict[str, Any] = {
             "name": spec.name,
             "labels": labels,
             "environment": dict(spec.environment),
             "network_mode": "host",
-            "restart_policy": {"Name": "unless-stopped"},
+            "restart_policy": {"Name": "unless-stopped" if restart else "no"},
             "detach": True,
             "init": True,  # a real PID 1 forwards SIGTERM, so stops are quick and graceful
         }
@@ -164,6 +165,33 @@ class DockerRuntime:
                            labels=dict(c.attrs.get("Labels") or {}))
             for c in found
         ]
+
+    def run_once(self, spec: ContainerSpec, output: Callable[[str], None]) -> int:
+        existing = self._get(spec.name)
+        if existing is not None:
+            existing.remove(force=True)
+        try:
+            container = self._create(spec, config_hash(spec), restart=False)
+            container.start()
+            _lines(container.logs(stream=True, follow=True), output)
+            code = int(container.wait().get("StatusCode", -1))
+        except APIError as exc:
+            raise ContainerError(_reason(exc)) from exc
+        finally:
+            with contextlib.suppress(NotFound, APIError):
+                self.client.containers.get(spec.name).remove(force=True)
+        return code
+
+    def exec(self, name: str, argv: list[str], output: Callable[[str], None]) -> int:
+        container = self._get(name)
+        if container is None:
+            raise ContainerError(f"container {name} is not on this host")
+        try:
+            created = self.client.api.exec_create(container.id, argv, stdout=True, stderr=True)
+            _lines(self.client.api.exec_start(created["Id"], stream=True), output)
+            return int(self.client.api.exec_inspect(created["Id"]).get("ExitCode") or 0)
+        except APIError as exc:
+            raise ContainerError(_reason(exc)) from exc
 
     def remove_volume(self, name: str) -> None:
         try:
@@ -236,6 +264,18 @@ def _state(container: Container) -> ContainerState:
         restart_count=int(attrs.get("RestartCount", 0)),
         labels=dict(container.labels),
     )
+
+
+def _lines(chunks: Any, output: Callable[[str], None]) -> None:
+    """Whole lines out of a stream of byte chunks (a line may span chunks)."""
+    rest = b""
+    for chunk in chunks:
+        rest += chunk
+        *whole, rest = rest.split(b"\n")
+        for line in whole:
+            output(line.decode(errors="replace").rstrip("\r"))
+    if rest:
+        output(rest.decode(errors="replace"))
 
 
 def _reason(exc: APIError) -> str:

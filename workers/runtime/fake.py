@@ -85,6 +85,18 @@ class FakeRuntime:
     def capacity(self) -> tuple[float, int]:
         return self.cpus, self.memory_mb
 
+    def run_once(self, spec: ContainerSpec, output: Callable[[str], None]) -> int:
+        if spec.image not in self.images:
+            raise ContainerError(f"image {spec.image} is not on this host")
+        output(f"ran {spec.command}")
+        return 1 if spec.image in self.crashing else 0
+
+    def exec(self, name: str, argv: list[str], output: Callable[[str], None]) -> int:
+        if name not in self.containers:
+            raise ContainerError(f"container {name} is not on this host")
+        output(f"ran {' '.join(argv)}")
+        return 0
+
     def remove_volume(self, name: str) -> None:
         self.volumes.discard(name)
 

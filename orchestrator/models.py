@@ -371,7 +371,7 @@ class HostPublic(SQLModel):
     name: str
     docker_url: str
     address: str
-    state: HostState
+    state: str  # up, down, draining; unknown: its node never sent a heartbeat
     last_seen: datetime | None
     jobs: int = 0
     cpus: float = 0.0

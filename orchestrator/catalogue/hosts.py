@@ -47,7 +47,8 @@ def host_views(*, session: Session) -> list[HostPublic]:
     for h in list_hosts(session=session):
         load = loads[h.name]
         views.append(HostPublic(
-            name=h.name, docker_url=h.docker_url, address=h.address, state=h.state,
+            name=h.name, docker_url=h.docker_url, address=h.address,
+            state="unknown" if h.last_seen is None else h.state,
             last_seen=h.last_seen, jobs=counts[h.name], cpus=h.cpus, memory_mb=h.memory_mb,
             free_cpus=round(max(0.0, h.cpus - load.used_cpus), 3),
             free_memory_mb=max(0, h.memory_mb - load.used_memory_mb),

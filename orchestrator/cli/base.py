@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable, Sequence
 from functools import cached_property
 from typing import Any, TypeVar
@@ -13,7 +14,7 @@ import click
 from pydantic import BaseModel
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from orchestrator import catalogue, progress
+from orchestrator import catalogue, names, progress
 from orchestrator.errors import BadInput, one_line
 from orchestrator.models import Operation, OperationPublic
 from orchestrator.platform import Platform, make_platform
@@ -47,6 +48,11 @@ class OneLineGroup(click.Group):
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         kwargs.setdefault("standalone_mode", False)
+        argv = args[0] if args else kwargs.get("args")
+        if (argv is None and len(sys.argv) <= 1) or argv == []:
+            # Bare `orchestrator`: its usage, readable, on stdout.
+            click.echo(self.get_help(click.Context(self, info_name=kwargs.get("prog_name") or "orchestrator")))
+            sys.exit(0)
         try:
             return super().main(*args, **kwargs)
         except click.UsageError as exc:
@@ -54,8 +60,9 @@ class OneLineGroup(click.Group):
         except BadInput as exc:
             fail(str(exc))
         except SQLAlchemyError as exc:  # not the request's fault: exit 1, as a failed operation
-            fail(f"the catalogue is unavailable: {one_line(exc.orig if isinstance(exc, DBAPIError) else exc)}",
-                 code=1)
+            url = masked_url(get_settings().database_url)
+            fail(f"the catalogue ({url}) is unavailable: "
+                 f"{one_line(exc.orig if isinstance(exc, DBAPIError) else exc)}", code=1)
         except click.Abort:
             click.echo("aborted", err=True)
             sys.exit(1)
@@ -73,7 +80,17 @@ def env_svc(fn: F) -> F:
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-wait_option = click.option("--wait", is_flag=True, help="Follow the operation to its end.")
+def _remember_json(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+    ctx.meta["as_json"] = value
+    return value
+
+
+def wait_option(fn: F) -> F:
+    """--wait (follow the operation to its end) and --json (print {"operation": ID}) of the
+    commands that start an operation."""
+    fn = click.option("--json", "as_json", is_flag=True, expose_value=False, callback=_remember_json,
+                      help='Print {"operation": ID} (with --wait: only that, then the exit status).')(fn)
+    return click.option("--wait", is_flag=True, help="Follow the operation to its end.")(fn)
 
 
 def emit(data: Any) -> None:
@@ -112,12 +129,53 @@ def load_op(ctx: Context, op_id: int) -> OperationPublic:
 
 
 def follow(ctx: Context, op_id: int) -> int:
-    """Live progress until the operation ends; 0 if it succeeded, else 1."""
-    return progress.follow(lambda: load_op(ctx, op_id), click.echo)
+    """Live progress until the operation ends; 0 if it succeeded, else 1. When its first
+    steps wait for a host whose node has not been heard from, say so (once)."""
+    began = time.monotonic()
+    warned: set[str] = set()
+
+    def load() -> OperationPublic:
+        op = load_op(ctx, op_id)
+        if time.monotonic() - began > NO_NODE_HINT_AFTER and op.state in ("queued", "running"):
+            waiting = {s.host for s in op.steps if s.state == "pending" and s.host} - warned
+            if waiting and not any(s.state == "running" for s in op.steps):
+                for host in sorted(waiting - _heard_from(ctx)):
+                    warned.add(host)
+                    click.echo(f"warning: no node is consuming {names.host_queue(host)}: "
+                               f"is `orchestrator node run {host}` running?", err=True)
+        return op
+
+    return progress.follow(load, click.echo)
+
+
+NO_NODE_HINT_AFTER = 3.0  # seconds an operation's first steps may wait before the hint
+
+
+def _heard_from(ctx: Context) -> set[str]:
+    """Hosts whose node sent a heartbeat lately."""
+    with ctx.platform.reader() as s:
+        return {h.name for h in catalogue.host_views(session=s) if h.state in ("up", "draining")}
 
 
 def started(ctx: Context, op: Operation, wait: bool) -> None:
-    """Say which operation a command started; with ``--wait``, follow it and exit with its end."""
-    click.echo(f"operation {op.id} ({op.kind}) {op.state}")
+    """Say which operation a command started (``{"operation": ID}`` with --json); with
+    ``--wait``, follow it and exit with its end."""
+    as_json = bool(click.get_current_context().meta.get("as_json"))
+    if as_json:
+        emit({"operation": op.id})
+    else:
+        click.echo(f"operation {op.id} ({op.kind}) {op.state}")
     if wait:
-        sys.exit(follow(ctx, op.id or 0))
+        code = follow(ctx, op.id or 0) if not as_json else progress.follow(lambda: load_op(ctx, op.id or 0),
+                                                                         lambda _line: None)
+        sys.exit(code)
+
+
+def masked_url(url: str) -> str:
+    """A URL with its password hidden: scheme://user:*****@host/..."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    userinfo, _, host = rest.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user + ':*****' if ':' in userinfo else user}@{host}"

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from orchestrator import catalogue, requests
-from orchestrator.cli.base import Context, json_option, listing, main, pass_ctx, started
+from orchestrator.cli.base import Context, json_option, listing, main, pass_ctx, started, wait_option
 from orchestrator.errors import BadInput
 
 
@@ -31,13 +31,14 @@ def _read(path: str | None, what: str) -> str | None:
 @click.option("--service", required=True, help="The code service whose deploy jobs serve it.")
 @click.option("--cert", default=None, help="PEM certificate (chain) for HTTPS: served by SNI.")
 @click.option("--key", default=None, help="PEM private key of the certificate (kept as a secret).")
-@click.option("--wait", is_flag=True, help="Follow the proxy's update to its end.")
+@wait_option
 @pass_ctx
 def sites_add(ctx: Context, env_name: str, site: str, service: str, cert: str | None,
               key: str | None, wait: bool) -> None:
     op = requests.add_site(ctx.platform, env=env_name, site=site, service=service,
                            cert=_read(cert, "certificate"), key=_read(key, "key"))
-    click.echo(f"site {site.lower()} routes to {service}" + (" (HTTPS too)" if cert else ""))
+    if not click.get_current_context().meta.get("as_json"):
+        click.echo(f"site {site.lower()} routes to {service}" + (" (HTTPS too)" if cert else ""))
     if op is not None:
         started(ctx, op, wait)
 
@@ -45,11 +46,12 @@ def sites_add(ctx: Context, env_name: str, site: str, service: str, cert: str | 
 @sites.command("rm")
 @click.argument("env_name", metavar="ENV")
 @click.argument("site", metavar="SITE")
-@click.option("--wait", is_flag=True, help="Follow the proxy's update to its end.")
+@wait_option
 @pass_ctx
 def sites_rm(ctx: Context, env_name: str, site: str, wait: bool) -> None:
     op = requests.remove_site(ctx.platform, env=env_name, site=site)
-    click.echo(f"site {site.lower()} removed")
+    if not click.get_current_context().meta.get("as_json"):
+        click.echo(f"site {site.lower()} removed")
     if op is not None:
         started(ctx, op, wait)
 

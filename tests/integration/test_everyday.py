@@ -151,3 +151,13 @@ def test_exec_runs_in_a_job(cli: Cli, env_name: str, docker_client: docker.Docke
     unknown = cli("exec", env_name, "web", "--job", "nope", "--", "true")
     assert unknown.exit_code == 2 and "no running job nope" in unknown.output
     assert containers(docker_client, env_name, "web") == {j["id"]: j["container_id"] for j in jobs}
+
+
+def test_commands_that_start_operations_print_json(cli: Cli, env_name: str) -> None:
+    cli.ok("services", "add", env_name, "web", "--type", "code", "--command", HTTPD, "--scale", "1")
+    started = json.loads(cli.ok("push", env_name, "web", SAMPLE_IMAGE, "--json"))
+    assert set(started) == {"operation"} and isinstance(started["operation"], int)
+    wait_op(cli, started["operation"], 60, succeed=True)
+    result = cli("scale", env_name, "web", "2", "--json", "--wait")
+    assert result.exit_code == 0 and json.loads(result.stdout) == {"operation": started["operation"] + 1}
+    assert len(jobs_json(cli, env_name, "web")) == 2

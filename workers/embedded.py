@@ -13,10 +13,11 @@ from collections.abc import Callable
 from typing import Any
 
 from celery.worker import WorkController
+from sqlmodel import col, select
 
-from orchestrator import catalogue, control, names, requests
-from orchestrator.errors import NotFound
-from orchestrator.models import OperationPublic, ServiceType
+from orchestrator import catalogue, control, names, operations, requests
+from orchestrator.errors import BadInput, NotFound
+from orchestrator.models import Operation, OperationPublic, OpState, ServiceType
 from orchestrator.platform import Platform, make_platform
 from orchestrator.progress import follow
 from orchestrator.settings import Settings
@@ -100,12 +101,30 @@ def run_dev(settings: Settings, *, api_port: int | None, demo: bool,
         threading.Event().wait()
         return 0
     except KeyboardInterrupt:
-        return 0
+        ended = end_unfinished(platform)
+        echo(f"\ninterrupted: {len(ended)} operation(s) cancelled ({', '.join(map(str, ended)) or 'none'})")
+        return 130
     finally:
         for loop in loops:
             loop.stop()
         worker.stop(in_sighandler=False)
         thread.join(15)
+
+
+def end_unfinished(platform: Platform) -> list[int]:
+    """Ctrl-C: the operations this one process runs end now (cancelled), so none blocks its
+    service for good once the process is gone."""
+    with platform.reader() as s:
+        unfinished = [op.id or 0 for op in s.exec(
+            select(Operation).where(col(Operation.state).in_((OpState.queued, OpState.running))))]
+    ended = []
+    for op_id in unfinished:
+        try:
+            operations.cancel(platform, op_id)
+            ended.append(op_id)
+        except BadInput:  # it ended meanwhile
+            pass
+    return ended
 
 
 def run_demo(platform: Platform, echo: Callable[[str], None]) -> int:

@@ -99,6 +99,8 @@ def flower(ctx: Context, port: int, basic_auth: str, address: str) -> None:
     ctx.platform.app.start([
         "flower", f"--port={port}", f"--address={address}", f"--basic-auth={basic_auth}",
         "--persistent=False", "--purge_offline_workers=60",
+        # Each step's keyword arguments name its operation, environment, service, host and job.
+        "--tasks_columns=name,uuid,state,kwargs,received,started,runtime,worker,result",
     ])
 
 

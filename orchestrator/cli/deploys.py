@@ -103,6 +103,7 @@ def worker() -> None:
 @wait_option
 @pass_ctx
 def worker_deploy(ctx: Context, env_name: str, name: str, target: str, command: str | None, wait: bool) -> None:
+    """Start (or replace) a worker target's jobs; from then on they redeploy with the service."""
     op = requests.request_worker_deploy(ctx.platform, env=env_name, service=name, target=target,
                                           command=command)
     started(ctx, op, wait)
@@ -115,6 +116,7 @@ def worker_deploy(ctx: Context, env_name: str, name: str, target: str, command: 
 @wait_option
 @pass_ctx
 def worker_scale(ctx: Context, env_name: str, name: str, target: str, scale: str, wait: bool) -> None:
+    """Set a worker target's scale: N, or +N/-N."""
     op = requests.request_worker_scale(ctx.platform, env=env_name, service=name, target=target,
                                          scale=scale)
     started(ctx, op, wait)
@@ -126,6 +128,7 @@ def worker_scale(ctx: Context, env_name: str, name: str, target: str, scale: str
 @wait_option
 @pass_ctx
 def worker_rm(ctx: Context, env_name: str, name: str, target: str, wait: bool) -> None:
+    """Stop a worker target's jobs and forget the target."""
     op = requests.request_worker_rm(ctx.platform, env=env_name, service=name, target=target)
     started(ctx, op, wait)
 
@@ -135,6 +138,7 @@ def worker_rm(ctx: Context, env_name: str, name: str, target: str, wait: bool) -
 @json_option
 @pass_ctx
 def worker_list(ctx: Context, env_name: str, name: str, as_json: bool) -> None:
+    """A service's worker targets: command, scale, jobs running."""
     with ctx.platform.reader() as s:
         environment, svc = catalogue.get_service(session=s, env=env_name, name=name)
         jobs = catalogue.list_jobs(session=s, env=environment, service=svc)
@@ -158,6 +162,7 @@ def releases() -> None:
 @json_option
 @pass_ctx
 def releases_list(ctx: Context, env_name: str, name: str, as_json: bool) -> None:
+    """A code service's releases: state, image, commit, and which one is current."""
     with ctx.platform.reader() as s:
         _, svc = catalogue.get_service(session=s, env=env_name, name=name)
         rows = catalogue.release_views(session=s, service=svc)

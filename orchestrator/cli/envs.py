@@ -37,6 +37,7 @@ def env() -> None:
 @pass_ctx
 def env_create(ctx: Context, name: str, sandbox: bool, no_defaults: bool, http_port: int | None,
                https_port: int | None) -> None:
+    """A new environment; its included services (logging, the proxy, monitoring) deploy."""
     ops_started = requests.create_env(ctx.platform, name=name, sandbox=sandbox,
                                       defaults=not no_defaults, http_port=http_port, https_port=https_port)
     with ctx.platform.reader() as s:
@@ -52,6 +53,7 @@ def env_create(ctx: Context, name: str, sandbox: bool, no_defaults: bool, http_p
 @json_option
 @pass_ctx
 def env_list(ctx: Context, as_json: bool) -> None:
+    """Every environment."""
     with ctx.platform.reader() as s:
         rows = [EnvironmentPublic.model_validate(e, from_attributes=True)
                 for e in catalogue.list_envs(session=s)]
@@ -117,6 +119,7 @@ def services() -> None:
 @pass_ctx
 def services_add(ctx: Context, env_name: str, name: str, type_: str, image: str | None,
                  command: str | None, scale: int, size: str) -> None:
+    """A new service; databases, caches and included types deploy now, code services at their first push."""
     kind = ServiceType(type_)
     op = requests.add_service(ctx.platform, env=env_name, name=name, type=kind, image=image,
                                 command=command, scale=scale, size=size)
@@ -143,6 +146,7 @@ def services_rm(ctx: Context, env_name: str, name: str, delete_data: bool, wait:
 @json_option
 @pass_ctx
 def services_list(ctx: Context, env_name: str, as_json: bool) -> None:
+    """An environment's services."""
     with ctx.platform.reader() as s:
         environment = catalogue.get_env(session=s, name=env_name)
         rows = [catalogue.service_public(svc, environment)
@@ -156,6 +160,7 @@ def services_list(ctx: Context, env_name: str, as_json: bool) -> None:
 @json_option
 @pass_ctx
 def services_show(ctx: Context, env_name: str, name: str, as_json: bool) -> None:
+    """A service and its jobs."""
     with ctx.platform.reader() as s:
         environment, svc = catalogue.get_service(session=s, env=env_name, name=name)
         public = catalogue.service_public(svc, environment)
@@ -203,6 +208,7 @@ def vars_() -> None:
 @click.argument("pairs", nargs=-1, required=True, metavar="KEY=VALUE...")
 @pass_ctx
 def vars_set(ctx: Context, env_name: str, name: str, pairs: tuple[str, ...]) -> None:
+    """Set user variables (KEY=VALUE...); a redeploy applies them."""
     updates = rules.parse_assignments(pairs)
     with ctx.platform.session() as s:
         _, svc = catalogue.get_service(session=s, env=env_name, name=name)
@@ -216,6 +222,7 @@ def vars_set(ctx: Context, env_name: str, name: str, pairs: tuple[str, ...]) -> 
 @click.argument("keys", nargs=-1, required=True, metavar="KEY...")
 @pass_ctx
 def vars_unset(ctx: Context, env_name: str, name: str, keys: tuple[str, ...]) -> None:
+    """Remove user variables; a redeploy applies it."""
     with ctx.platform.session() as s:
         _, svc = catalogue.get_service(session=s, env=env_name, name=name)
         catalogue.unset_variables(session=s, service=svc, keys=keys)

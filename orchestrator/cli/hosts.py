@@ -20,6 +20,7 @@ def hosts() -> None:
               help="Where this host's jobs are reached.")
 @pass_ctx
 def hosts_add(ctx: Context, name: str, docker_url: str, address: str) -> None:
+    """Register a Docker host (its node then runs with `orchestrator node run NAME`)."""
     with ctx.platform.session() as s:
         catalogue.add_host(session=s, name=name, docker_url=docker_url, address=address)
         s.commit()
@@ -30,6 +31,7 @@ def hosts_add(ctx: Context, name: str, docker_url: str, address: str) -> None:
 @json_option
 @pass_ctx
 def hosts_list(ctx: Context, as_json: bool) -> None:
+    """Every host: state, jobs, free capacity, last heartbeat."""
     with ctx.platform.reader() as s:
         rows = catalogue.host_views(session=s)
     listing(rows, as_json=as_json,
@@ -51,6 +53,7 @@ def hosts_drain(ctx: Context, name: str) -> None:
 @click.argument("name")
 @pass_ctx
 def hosts_undrain(ctx: Context, name: str) -> None:
+    """Let a drained host take new jobs again."""
     fleet.undrain(ctx.platform, host=name)
     click.echo(f"host {name} takes jobs again")
 

@@ -23,6 +23,7 @@ def jobs() -> None:
 @pass_ctx
 def jobs_list(ctx: Context, env_name: str, name: str | None, include_stopped: bool,
               as_json: bool) -> None:
+    """The jobs of an environment (or of one service): host, port, state, release."""
     with ctx.platform.reader() as s:
         environment = catalogue.get_env(session=s, name=env_name)
         svc = catalogue.get_service(session=s, env=env_name, name=name)[1] if name else None
@@ -44,6 +45,7 @@ def ops() -> None:
 @json_option
 @pass_ctx
 def ops_list(ctx: Context, env_name: str | None, as_json: bool) -> None:
+    """Operations, newest first (of one environment, or all)."""
     with ctx.platform.reader() as s:
         environment = catalogue.get_env(session=s, name=env_name) if env_name else None
         rows = [catalogue.operation_public(session=s, op=op)
@@ -57,6 +59,7 @@ def ops_list(ctx: Context, env_name: str | None, as_json: bool) -> None:
 @json_option
 @pass_ctx
 def ops_show(ctx: Context, op_id: int, as_json: bool) -> None:
+    """One operation: its state, error and every step."""
     op = load_op(ctx, op_id)
     if as_json:
         emit(op)

@@ -41,6 +41,7 @@ def control() -> None:
 @click.option("--loglevel", default="INFO", show_default=True)
 @pass_ctx
 def control_run(ctx: Context, concurrency: int, loglevel: str) -> None:
+    """Run the control worker (queue orchestrator) until stopped."""
     from workers.node import run_control
 
     run_control(ctx.platform, concurrency=concurrency, loglevel=loglevel)

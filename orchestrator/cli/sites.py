@@ -35,6 +35,7 @@ def _read(path: str | None, what: str) -> str | None:
 @pass_ctx
 def sites_add(ctx: Context, env_name: str, site: str, service: str, cert: str | None,
               key: str | None, wait: bool) -> None:
+    """Route host name SITE to a code service's deploy jobs (HTTPS too, with --cert and --key)."""
     op = requests.add_site(ctx.platform, env=env_name, site=site, service=service,
                            cert=_read(cert, "certificate"), key=_read(key, "key"))
     if not click.get_current_context().meta.get("as_json"):
@@ -49,6 +50,7 @@ def sites_add(ctx: Context, env_name: str, site: str, service: str, cert: str | 
 @wait_option
 @pass_ctx
 def sites_rm(ctx: Context, env_name: str, site: str, wait: bool) -> None:
+    """Stop routing host name SITE."""
     op = requests.remove_site(ctx.platform, env=env_name, site=site)
     if not click.get_current_context().meta.get("as_json"):
         click.echo(f"site {site.lower()} removed")
@@ -61,6 +63,7 @@ def sites_rm(ctx: Context, env_name: str, site: str, wait: bool) -> None:
 @json_option
 @pass_ctx
 def sites_list(ctx: Context, env_name: str, as_json: bool) -> None:
+    """An environment's sites: name, service, TLS."""
     with ctx.platform.reader() as s:
         rows = catalogue.list_sites(session=s, env=catalogue.get_env(session=s, name=env_name))
     listing(rows, as_json=as_json, headers=["NAME", "SERVICE", "TLS"],

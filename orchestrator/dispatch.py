@@ -16,6 +16,7 @@ from celery.canvas import Signature
 from kombu.exceptions import OperationalError
 
 from orchestrator import names
+from orchestrator.errors import one_line
 from orchestrator.models import Step, StepAction
 
 TASK_OF = {
@@ -61,11 +62,11 @@ class CeleryDispatch:
                     for s in stage]
             parts.append(sigs[0] if len(sigs) == 1 else group(sigs))
         parts.append(self._finish(op_id, env=env, service=service, queue=home))
-        _send(chain(*parts))
+        _send(chain(*parts), self.app)
 
     def send_finish(self, op_id: int, *, env: str, service: str, host: str | None) -> None:
         queue = names.host_queue(host) if host else names.CONTROL_QUEUE
-        _send(self._finish(op_id, env=env, service=service, queue=queue))
+        _send(self._finish(op_id, env=env, service=service, queue=queue), self.app)
 
     def _step(self, step: Step, *, env: str, service: str, queue: str) -> Signature:
         """A step's task: its id, plus arguments that tell a Flower reader what it serves."""
@@ -82,11 +83,23 @@ class CeleryDispatch:
         )
 
 
-def _send(signature: Signature) -> None:
+def _send(signature: Signature, app: Celery) -> None:
     try:
         signature.apply_async()
-    except (OperationalError, OSError) as exc:
-        raise SendFailed(str(exc) or type(exc).__name__) from exc
+    except (OperationalError, OSError, RuntimeError) as exc:
+        # RuntimeError: Celery's result store (the broker's Redis) could not be reached either
+        where = f"broker {masked(str(app.conf.broker_url))}, results {masked(str(app.conf.result_backend))}"
+        raise SendFailed(f"{where}: {one_line(exc) or type(exc).__name__}") from exc
+
+
+def masked(url: str) -> str:
+    """A URL with its password hidden."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    userinfo, _, host = rest.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user + ':*****' if ':' in userinfo else user}@{host}"
 
 
 def _home_queue(stages: Sequence[Sequence[Step]]) -> str:

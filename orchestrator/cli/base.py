@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from orchestrator import catalogue, names, progress
+from orchestrator.dispatch import masked
 from orchestrator.errors import BadInput, one_line
 from orchestrator.models import Operation, OperationPublic
 from orchestrator.platform import Platform, make_platform
@@ -173,9 +174,4 @@ def started(ctx: Context, op: Operation, wait: bool) -> None:
 
 def masked_url(url: str) -> str:
     """A URL with its password hidden: scheme://user:*****@host/..."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return url
-    userinfo, _, host = rest.rpartition("@")
-    user = userinfo.split(":", 1)[0]
-    return f"{scheme}://{user + ':*****' if ':' in userinfo else user}@{host}"
+    return masked(url)

@@ -90,7 +90,7 @@ EnvName = Annotated[str, AfterValidator(_rule(lambda v: rules.check_name("enviro
 SiteName = Annotated[str, AfterValidator(_rule(rules.check_site_name))]
 VariableName = Annotated[str, AfterValidator(_rule(lambda v: rules.check_variables({v: ""})))]
 VariableValue = Annotated[str, AfterValidator(_rule(lambda v: rules.check_variables({"V": v})))]
-Scale = Annotated[int, BeforeValidator(_scale)]
+ScaleValue = Annotated[int, BeforeValidator(_scale)]
 Type = Annotated[ServiceType, BeforeValidator(_type)]
 Image = Annotated[str, AfterValidator(_rule(rules.check_image_reference))]
 Size = Annotated[str, AfterValidator(_rule(rules.check_size))]
@@ -104,14 +104,14 @@ class _Strict(BaseModel):
 
 class WorkerDecl(_Strict):
     command: str | None = None  # a new target without one: the current release's Procfile line
-    scale: Scale | None = None
+    scale: ScaleValue | None = None
 
 
 class ServiceDecl(_Strict):
     type: Type
     image: Image | None = None
     command: str | None = None
-    scale: Scale | None = None
+    scale: ScaleValue | None = None
     size: Size | None = None
     variables: dict[VariableName, VariableValue | None] | None = None
     overlap: Overlap | None = None
@@ -183,13 +183,7 @@ class Manifest:
         return {rules.check_site_name(name): site for name, site in (self.data.sites or {}).items()}
 
     def line(self, path: Iterable[object]) -> int:
-        """The line of the key at ``path``, or of the nearest enclosing one that is in the file."""
-        keys = tuple(str(p) for p in path if p != "[key]")
-        while keys:
-            if keys in self.lines:
-                return self.lines[keys]
-            keys = keys[:-1]
-        return 1
+        return _line_of(self.lines, path)
 
     def error(self, path: Iterable[object], message: str) -> ManifestError:
         where = tuple(str(p) for p in path if p != "[key]")
@@ -220,7 +214,14 @@ def load(text: str, file: str, read: Callable[[str], str] | None = None) -> Mani
 
 
 def _line_of(lines: Mapping[Path, int], loc: Iterable[object]) -> int:
-    return Manifest("", ManifestFile.model_construct(), lines).line(loc)
+    """The line of the key at ``loc`` (a pydantic error's location, or a path), or of the nearest
+    enclosing key that is in the file."""
+    keys = tuple(str(p) for p in loc if p != "[key]")
+    while keys:
+        if keys in lines:
+            return lines[keys]
+        keys = keys[:-1]
+    return 1
 
 
 def _parse_yaml(text: str, file: str, lines: dict[Path, int]) -> object:
@@ -674,14 +675,13 @@ def _check_types(m: Manifest, current: EnvState, pruned: list[str]) -> None:
             if clashes:
                 raise m.error(("services", name), f"{clashes[0]}: one would shadow the other in code services")
         kinds[name] = decl.type
-    for site, decl in m.sites.items():
-        kind = kinds.get(decl.service)
-        written = next(w for w in (m.data.sites or {}) if rules.check_site_name(w) == site)
+    for written, site in (m.data.sites or {}).items():
+        kind = kinds.get(site.service)
         if kind is None:
-            raise m.error(("sites", written, "service"), f"no service {decl.service} in the file or the environment")
+            raise m.error(("sites", written, "service"), f"no service {site.service} in the file or the environment")
         if kind != ServiceType.code:
             raise m.error(("sites", written, "service"),
-                          f"sites route to code services; {decl.service} is a {kind} service")
+                          f"sites route to code services; {site.service} is a {kind} service")
 
 
 def _redeploy_allowed(m: Manifest, path: Path, name: str, have: ServiceState, support: bool) -> None:
@@ -787,8 +787,8 @@ def _service(m: Manifest, name: str, decl: ServiceDecl, have: ServiceState, *, p
         reasons["variables"] = (*where, "variables")
 
     redeploy = bool(reasons) and runs and push is None
-    for path in list(reasons.values())[:1] if redeploy else []:
-        _redeploy_allowed(m, path, name, have, support)
+    if redeploy:
+        _redeploy_allowed(m, next(iter(reasons.values())), name, have, support)
     later = "" if runs else " (its first push takes it)"
     out: list[Change] = []
     if shown:

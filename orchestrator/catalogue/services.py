@@ -36,7 +36,8 @@ def create_env(*, session: Session, name: str, sandbox: bool) -> Environment:
 
 
 def get_env(*, session: Session, name: str) -> Environment:
-    env = session.exec(select(Environment).where(Environment.name == name)).first()
+    env = session.exec(select(Environment).where(Environment.name == name,
+                                                 col(Environment.removed_at).is_(None))).first()
     if env is None:
         raise NotFound(f"no environment named {name}")
     return env
@@ -78,7 +79,8 @@ def add_service(*, session: Session, env: Environment, name: str, type: ServiceT
 def get_service(*, session: Session, env: str, name: str) -> tuple[Environment, Service]:
     environment = get_env(session=session, name=env)
     service = session.exec(
-        select(Service).where(Service.env_id == environment.id, Service.name == name)
+        select(Service).where(Service.env_id == environment.id, Service.name == name,
+                              col(Service.removed_at).is_(None))
     ).first()
     if service is None:
         raise NotFound(f"no service named {name} in environment {env}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
-from orchestrator.cli import deploys, envs, hosts, ops, processes, sites  # noqa: F401  (they add commands)
+from orchestrator.cli import deploys, envs, hosts, manifest, ops, processes, sites  # noqa: F401  (they add commands)
 from orchestrator.cli.base import main
 
 __all__ = ["main", "run"]

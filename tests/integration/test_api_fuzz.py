@@ -5,10 +5,12 @@ release and operation), must never get a server error."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any
 
+import docker
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
@@ -17,7 +19,7 @@ from schemathesis import GenerationMode
 from schemathesis.core.result import Ok
 
 from tests.conftest import Cli
-from tests.harness import HTTPD
+from tests.harness import HTTPD, remove_containers, retire
 from tests.helpers import op_of, wait_op
 from tests.integration.api import Api, api_fixture  # noqa: F401 (the api fixture)
 
@@ -28,6 +30,8 @@ BUDGET = 90.0  # seconds, a hard stop for the run whatever the examples cost
 # An image that does not exist: operations the fuzzer starts fail at their image check and never
 # start containers (a fuzzed scale of 1000 must not start 1000 of them).
 NO_IMAGE = "orch/fuzz-missing:1"
+# Calls that remove what they name: never given the seeded names (the run checks them at its end).
+REMOVING = {("DELETE", "/api/v1/envs/{env}"), ("DELETE", "/api/v1/envs/{env}/services/{svc}")}
 WORKER_CMD = "trap 'exit 0' TERM; while true; do sleep 1; done"
 
 
@@ -45,9 +49,10 @@ def seed(cli: Cli) -> dict[str, Any]:
     return {"env": env, "svc": "web", "target": "mailer", "release": 1, "op_id": op}
 
 
-def test_no_server_error(api: Api, platform_env: dict[str, str]) -> None:
+def test_no_server_error(api: Api, platform_env: dict[str, str], docker_client: docker.DockerClient) -> None:
     cli = Cli(platform_env)
     known = seed(cli)
+    envs_before = {e["name"] for e in json.loads(cli.ok("env", "list", "--json"))}
     schema = schemathesis.openapi.from_url(f"{api.base}/openapi.json")
     auth = {"Authorization": f"Bearer {api.support}"}
     base = api.base.removesuffix("/api/v1")
@@ -62,7 +67,8 @@ def test_no_server_error(api: Api, platform_env: dict[str, str]) -> None:
     assert len(operations) >= 15, [o.label for o in operations]
     for operation in operations:
         names = {p.name for p in operation.path_parameters}
-        existing = {k: v for k, v in known.items() if k in names}
+        removing = (operation.method.upper(), operation.path) in REMOVING
+        existing = {} if removing else {k: v for k, v in known.items() if k in names}
         strategies = [operation.as_strategy(GenerationMode.POSITIVE),
                       operation.as_strategy(GenerationMode.NEGATIVE)]
         if existing:
@@ -94,3 +100,8 @@ def test_no_server_error(api: Api, platform_env: dict[str, str]) -> None:
     assert not server_errors, f"{len(server_errors)} server errors in {calls} calls:\n" + "\n".join(server_errors[:30])
     # The seeded service is still readable: the fuzzing left the catalogue consistent.
     cli.ok("services", "show", known["env"], "web", "--json")
+    # What the fuzzer created (environments, with their included services; services in the seeded
+    # one) runs no container after the test.
+    made = {e["name"] for e in json.loads(cli.ok("env", "list", "--json"))} - envs_before
+    retire(cli.env["ORCH_DATABASE_URL"], known["env"], *made)
+    remove_containers(docker_client, known["env"], *made)

@@ -25,7 +25,7 @@ LAYERS: dict[str, int] = {
     "orchestrator.catalogue.tokens": 5, "orchestrator.catalogue.hosts": 5,
     "orchestrator.catalogue.services": 5, "orchestrator.catalogue.operations": 5,
     "orchestrator.catalogue.routing": 5, "orchestrator.catalogue.builds": 5,
-    "orchestrator.platform": 5,
+    "orchestrator.platform": 5, "orchestrator.manifest": 5,
     "orchestrator.catalogue.jobs": 6,
     "orchestrator.catalogue": 7,
     "orchestrator.spec": 8,
@@ -40,10 +40,11 @@ LAYERS: dict[str, int] = {
     "orchestrator.cli.base": 15,
     "orchestrator.cli.hosts": 16, "orchestrator.cli.envs": 16, "orchestrator.cli.deploys": 16,
     "orchestrator.cli.ops": 16, "orchestrator.cli.sites": 16, "orchestrator.cli.processes": 18,
+    "orchestrator.cli.manifest": 16,
     "orchestrator.cli": 19, "orchestrator.cli.__main__": 20,
 }
 PURE = {"orchestrator.proxy", "orchestrator.builds", "orchestrator.planner", "orchestrator.placement",
-        "orchestrator.sizes", "orchestrator.rules", "orchestrator.service_types"}
+        "orchestrator.sizes", "orchestrator.rules", "orchestrator.service_types", "orchestrator.manifest"}
 IO_LIBRARIES = {"docker", "redis", "celery", "kombu", "sqlalchemy", "sqlmodel", "requests", "socket",
                 "subprocess", "urllib", "httpx", "psycopg"}
 

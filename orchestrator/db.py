@@ -133,8 +133,8 @@ def _default_sql(column: Any) -> str:
     if column.nullable:
         return ""
     value = _model_default(column)
-    if isinstance(value, bool):
-        return f" NOT NULL DEFAULT {int(value)}"
+    if isinstance(value, bool):  # a boolean literal: PostgreSQL refuses 0/1 for a boolean
+        return f" NOT NULL DEFAULT {'TRUE' if value else 'FALSE'}"
     if isinstance(value, int | float):
         return f" NOT NULL DEFAULT {value}"
     text = json.dumps(value) if isinstance(value, dict | list) else str(value or "")

@@ -71,6 +71,8 @@ def _start(p: Platform, op: Operation) -> bool:
             env = s.get(Environment, op.env_id)
             running = s.get(Operation, op_id)
             assert svc is not None and env is not None and running is not None
+            if svc.removed_at is not None:
+                raise BadInput(f"the service was removed (operation {op_id} waited behind its removal)")
             running.parameters = _apply_changes(s, running.parameters, op.kind, svc)
             plan = _plan(p, s, op, svc, env)
             stages = _record_plan(s, op, svc, plan)
@@ -80,7 +82,8 @@ def _start(p: Platform, op: Operation) -> bool:
                 catalogue.release_service(session=s, service_id=svc.id or 0, op_id=op_id)
                 _end_release(s, op, succeeded=True)
                 if op.kind == OpKind.remove:
-                    catalogue.mark_service_removed(session=s, service=svc)
+                    catalogue.mark_service_removed(session=s, service=svc,
+                                                   data_deleted=bool(op.parameters.delete_data))
             s.add(running)
             s.commit()
             env_name, svc_name = env.name, svc.name
@@ -134,6 +137,7 @@ def abandon(p: Platform, op_id: int, error: str, *, start: bool = True, heal: bo
             s.rollback()
             return False
         _end_release(s, op, succeeded=False)
+        _serve_survivors(s, op.service_id)
         catalogue.release_service(session=s, service_id=op.service_id, op_id=op_id)
         if heal:
             catalogue.want_heal(session=s, service_id=op.service_id)
@@ -410,10 +414,14 @@ def finish(p: Platform, op_id: int) -> bool | None:
             _end_release(s, op, succeeded=not failed)
             removed = s.get(Service, op.service_id)
             if not failed and op.kind == OpKind.remove and removed is not None:
-                catalogue.mark_service_removed(session=s, service=removed)
-            if not (failed and _queue_revert(s, op)):
-                # Jobs it started and no proxy took in (none runs, or a heal failed half way):
-                # they passed their start, they serve from now on (the heartbeat adds them).
+                catalogue.mark_service_removed(session=s, service=removed,
+                                               data_deleted=bool(op.parameters.delete_data))
+            if failed:
+                # What runs and is not to be stopped by a revert serves again: jobs the
+                # operation started, and old ones it had drained or taken out before it failed
+                # (the heartbeat brings every proxy in line).
+                _serve_survivors(s, op.service_id, keep_out=_queue_revert(s, op))
+            else:  # jobs it started that no proxy took in (none runs): they serve from now on
                 s.exec(update(Job).where(col(Job.op_id) == op_id, col(Job.route) == RouteState.pending)
                        .values(route=RouteState.serving))
         s.commit()
@@ -425,20 +433,32 @@ USER_TRIGGERS = frozenset({OpTrigger.manual, OpTrigger.push, OpTrigger.support, 
                            OpTrigger.create})
 
 
-REVERTED = frozenset({*USER_TRIGGERS, OpTrigger.drain})
+REVERTED = USER_TRIGGERS  # a drain's replacement jobs stay: the old ones are on a host to leave
 
 
-def _queue_revert(s: Session, op: Operation) -> bool:
-    """A user's operation failed: queue a revert (it goes first) that stops the jobs the
-    operation started and, when it had stopped jobs of the release it replaced (a push or
-    rollback without overlap), brings the service back to its scale on the kept release.
-    Whether it queued one."""
-    if op.trigger not in REVERTED or op.kind in (OpKind.revert, OpKind.routes):
-        return False
+def _serve_survivors(s: Session, service_id: int, keep_out: Sequence[str] = ()) -> None:
+    """Active jobs of the service left pending, draining or out by an operation that ended
+    before it stopped them serve again, but those in ``keep_out`` (a revert stops them)."""
+    query = update(Job).where(col(Job.service_id) == service_id, col(Job.state).in_(ACTIVE_JOB_STATES),
+                              col(Job.route).in_((RouteState.pending, RouteState.draining, RouteState.out)))
+    if keep_out:
+        query = query.where(col(Job.id).not_in(list(keep_out)))
+    s.exec(query.values(route=RouteState.serving))
+
+
+def _queue_revert(s: Session, op: Operation) -> list[str]:
+    """A user's operation failed: queue a revert (it goes first) that puts the service back on
+    the jobs it had: with its old jobs still there (an overlap, a scale up), the jobs it started
+    stop; with its old jobs stopped by a push or rollback, the kept release's jobs start first.
+    A failed change that stopped old jobs and cannot go back (a manual redeploy after a change
+    of variables) keeps the jobs it started. The jobs the revert stops (none: no revert)."""
+    if op.trigger not in REVERTED or op.kind in (OpKind.revert, OpKind.routes, OpKind.remove, OpKind.run,
+                                                 OpKind.exec):
+        return []
     svc = s.get(Service, op.service_id)
     env = s.get(Environment, op.env_id)
     if svc is None or env is None:
-        return False
+        return []
     started = [j.id for j in s.exec(select(Job).where(col(Job.op_id) == op.id,
                                                       col(Job.state).in_(ACTIVE_JOB_STATES)))]
     # Jobs it stopped before it failed (a redeploy without overlap): the service had them.
@@ -448,12 +468,14 @@ def _queue_revert(s: Session, op: Operation) -> bool:
     below = sum(1 for j in active if j.kind == JobKind.deploy and j.id not in started) < svc.scale
     # Back to scale only on the release kept: a failed change of variables would fail again.
     restart = stopped and below and bool(svc.image) and op.parameters.release_before is not None
+    if stopped and not restart:
+        return []  # stopping what it started would leave the service with less than it has
     if not started and not restart:
-        return False
+        return []
     catalogue.record_operation(session=s, env=env, service=svc, kind=OpKind.revert,
                                trigger=OpTrigger.revert,
                                params=OpParams(jobs=started, failed_op=op.id, restart=restart))
-    return True
+    return started
 
 
 def _end_release(s: Session, op: Operation, *, succeeded: bool) -> None:

@@ -209,6 +209,7 @@ def check_certificate(site: str, cert_pem: str, key_pem: str, now: object = None
     encoding = serialization.Encoding.DER
     if key.public_key().public_bytes(encoding, public) != leaf.public_key().public_bytes(encoding, public):
         raise BadInput(f"the key for {site} does not match its certificate")
+    _check_strength(site, leaf, key)
     names = _certificate_names(leaf)
     if not any(_name_matches(pattern, site) for pattern in names):
         shown = ", ".join(names) or "no DNS name"
@@ -218,6 +219,26 @@ def check_certificate(site: str, cert_pem: str, key_pem: str, now: object = None
         raise BadInput(f"the certificate for {site} is not valid now (valid from "
                        f"{leaf.not_valid_before_utc:%Y-%m-%d} to {leaf.not_valid_after_utc:%Y-%m-%d})")
     return "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in chain)
+
+
+def _check_strength(site: str, leaf: object, key: object) -> None:
+    """What OpenSSL 3 (HAProxy's) refuses by default: RSA keys under 2048 bits, EC keys under
+    256, MD5 or SHA-1 signatures. Refused here, so the proxy never reloads onto a refusal."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    assert isinstance(leaf, x509.Certificate)
+    if isinstance(key, rsa.RSAPrivateKey) and key.key_size < 2048:
+        raise BadInput(f"the key for {site} is RSA {key.key_size}: at least 2048 bits")
+    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size < 256:
+        raise BadInput(f"the key for {site} is EC {key.curve.key_size}: at least 256 bits")
+    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+        raise BadInput(f"the key for {site} is neither RSA nor EC")
+    algorithm = leaf.signature_hash_algorithm
+    if algorithm is None or isinstance(algorithm, hashes.MD5 | hashes.SHA1):
+        name = algorithm.name if algorithm is not None else "none"
+        raise BadInput(f"the certificate for {site} is signed with {name}: use SHA-256 or better")
 
 
 def _certificate_names(cert: object) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from orchestrator import catalogue, fleet
 from orchestrator.models import utcnow
@@ -26,6 +26,8 @@ class NodeHeartbeat:
         self._removals = ThreadPoolExecutor(max_workers=4, thread_name_prefix="remove")
         self._removing: set[str] = set()
         self._lock = threading.Lock()
+        self._proxies = ThreadPoolExecutor(max_workers=1, thread_name_prefix="proxies")
+        self._reconciling: Future[None] | None = None
 
     def periodic(self) -> Periodic:
         """This heartbeat every ``settings.heartbeat_interval`` seconds, in a thread of its own."""
@@ -53,7 +55,10 @@ class NodeHeartbeat:
             log.info("job %s: its container still runs and nothing replaced it: taken back", job_id)
         for container in done.remove:
             self._remove(container)
-        self.reconcile_proxies()
+        # Off the beat's thread: a proxy slow to reload must never delay a heartbeat.
+        with self._lock:
+            if self._reconciling is None or self._reconciling.done():
+                self._reconciling = self._proxies.submit(self.reconcile_proxies)
 
     def reconcile_proxies(self) -> None:
         """Every running proxy job of this host brought in line with the catalogue: what a
@@ -87,7 +92,12 @@ class NodeHeartbeat:
                 self._removing.discard(name)
 
     def wait_for_removals(self) -> None:
-        """Until the removals asked so far are done (for tests and a clean stop)."""
+        """Until the removals (and the proxies' reconciliation) asked so far are done (for
+        tests and a clean stop)."""
+        with self._lock:
+            reconciling = self._reconciling
+        if reconciling is not None:
+            reconciling.result()
         self._removals.submit(lambda: None).result()
         while True:
             with self._lock:

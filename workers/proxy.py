@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import threading
 import time
@@ -194,14 +195,10 @@ class HAProxyDriver:
             return False
 
     def remove(self, job_id: str) -> None:
-        directory = self.directory(job_id)
-        if not directory.is_dir():
-            return
-        for path in sorted(directory.rglob("*"), reverse=True):
-            path.rmdir() if path.is_dir() else path.unlink(missing_ok=True)
-        directory.rmdir()
-        with self._locks_lock:
-            self._locks.pop(job_id, None)
+        with self.lock(job_id):  # never under a change being written
+            directory = self.directory(job_id)
+            if directory.is_dir():
+                shutil.rmtree(directory, ignore_errors=True)
 
     # --- the running proxy -----------------------------------------------------------------
 
@@ -287,6 +284,10 @@ class HAProxyDriver:
         for s in leaving:
             if not s.drained:
                 self.command(job_id, f"set server {s.backend}/{s.name} state drain")
+        if drain_timeout <= 0:
+            # Not this caller's to wait for (the heartbeat, another service's step): servers
+            # still busy are left draining; the step that takes them out waits for them.
+            leaving = [s for s in leaving if s.sessions == 0]
         deadline = time.monotonic() + drain_timeout
         names = {(s.backend, s.name) for s in leaving}
         while time.monotonic() < deadline:

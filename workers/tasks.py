@@ -263,12 +263,12 @@ def route(node: NodeContext, step: Step, proxy_job: Job | None) -> dict[str, Any
     jobs' new route first, so every proxy (and one that starts meanwhile) agrees."""
     proxy_job = _need(proxy_job, step)
     p, targets, to = node.platform, list(step.targets), step.route
-    if _gone(node, proxy_job.id):
-        return {"proxy": proxy_job.id, "skipped": "the proxy job is stopping"}
-    if to is not None and targets:
+    if to is not None and targets:  # first: a proxy that takes over from this one reads it
         with p.session() as s:
             catalogue.set_route(session=s, job_ids=targets, state=to)
             s.commit()
+    if _gone(node, proxy_job.id):
+        return {"proxy": proxy_job.id, "skipped": "the proxy job is stopping"}
     wanted = wanted_proxy(node, proxy_job)
     drain = p.settings.drain_timeout if to == RouteState.out else 0.0
     try:

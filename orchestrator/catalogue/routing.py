@@ -29,6 +29,10 @@ def assign_proxy_ports(*, session: Session, env: Environment, http_port: int | N
                        proxy_ports: tuple[int, int]) -> None:
     """Give the environment its two proxy ports: the ones asked for (checked), the others the
     lowest free ones of ``proxy_ports``. No two environments share a port."""
+    if session.get_bind().dialect.name == "postgresql":
+        # One assignment at a time (SQLite's writers are one at a time already): two at once
+        # would both see the same ports free.
+        session.connection().exec_driver_sql("SELECT pg_advisory_xact_lock(7263001)")
     taken: set[int] = set()
     for other in session.exec(select(Environment).where(col(Environment.id) != env.id)):
         taken |= {p for p in (other.http_port, other.https_port) if p is not None}

@@ -71,6 +71,13 @@ def add_service(*, session: Session, env: Environment, name: str, type: ServiceT
                       scale=scale, size=size,
                       credentials=service_types.new_credentials(type, name),
                       volume=names.volume_name(env.name, name) if kind.data_dir else None)
+    kept = _kept_data(session, env, name, type) if kind.data_dir else None
+    if kept is not None:
+        # The data of a removed database of that name (kept): its volume, on its host, opened
+        # with its credentials; the old row lets go of it.
+        service.credentials, service.volume, service.host = dict(kept.credentials), kept.volume, kept.host
+        kept.volume = kept.host = None
+        session.add(kept)
     session.add(service)
     session.flush()
     return service
@@ -99,9 +106,11 @@ def unfinished_operations(*, session: Session, service: Service) -> list[Operati
     return list(session.exec(query.order_by(col(Operation.id))))
 
 
-def mark_service_removed(*, session: Session, service: Service) -> None:
+def mark_service_removed(*, session: Session, service: Service, data_deleted: bool = False) -> None:
     """A removed service keeps its history under a name no request can give (NAME.removed.ID):
-    its worker targets and sites go, it never heals; the name is free for a new service."""
+    its worker targets and sites go, it never heals; the name is free for a new service. A
+    database whose data was kept keeps its volume, host and credentials on the row, for a new
+    service of that name to take over (``add_service``)."""
     for worker in workers_of(session=session, service=service):
         session.delete(worker)
     for site in session.exec(select(Site).where(Site.service_id == service.id)):
@@ -109,12 +118,26 @@ def mark_service_removed(*, session: Session, service: Service) -> None:
     service.name = f"{service.name}.removed.{service.id}"
     service.removed_at = utcnow()
     service.scale, service.heal_wanted, service.heal_gave_up = 0, False, True
-    service.host, service.port = None, None
+    service.port = None
+    if data_deleted or service.volume is None:
+        service.volume = service.host = None
     session.add(service)
     session.flush()
     env = session.get(Environment, service.env_id)
     if env is not None and env.removing and not list_services(session=session, env=env):
         mark_env_removed(session=session, env=env)
+
+
+def _kept_data(session: Session, env: Environment, name: str, type: ServiceType) -> Service | None:
+    """The latest removed database of that name and type whose volume was kept, in this
+    environment or in a removed one of the same name (their volumes have the same name)."""
+    envs = select(Environment.id).where(
+        (col(Environment.id) == env.id) | col(Environment.name).startswith(f"{env.name}.removed."))
+    query = (select(Service).where(col(Service.env_id).in_(envs), col(Service.removed_at).is_not(None),
+                                   col(Service.volume).is_not(None), Service.type == type,
+                                   (col(Service.name) == name) | col(Service.name).startswith(f"{name}.removed."))
+             .order_by(col(Service.removed_at).desc()))
+    return session.exec(query).first()
 
 
 def mark_env_removed(*, session: Session, env: Environment) -> None:

@@ -62,7 +62,7 @@ class OneLineGroup(click.Group):
             fail(str(exc))
         except SQLAlchemyError as exc:  # not the request's fault: exit 1, as a failed operation
             url = masked_url(get_settings().database_url)
-            fail(f"the catalogue ({url}) is unavailable: "
+            fail(f"the catalogue is unavailable ({url}): "
                  f"{one_line(exc.orig if isinstance(exc, DBAPIError) else exc)}", code=1)
         except click.Abort:
             click.echo("aborted", err=True)

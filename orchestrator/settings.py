@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     registry: str = ""
     build_timeout: float = Field(default=1800.0, gt=0)  # seconds a build may take
     git_dir: str = "/var/lib/orchestrator/git"  # the bare repositories `git push` reaches
+    # Seconds a removed service's (or environment's) rows stay for `ops show` and the like,
+    # before the watcher deletes them with their operations, steps, jobs and releases.
+    removed_grace: float = Field(default=600.0, ge=0)
     heal_backoff: float = Field(default=5.0, gt=0)  # first wait before a heal; doubles each attempt
     # Images of the auto-included services (built locally by scripts/build-images).
     image_logging: str = "orch/busybox:1"

@@ -26,6 +26,7 @@ from orchestrator import catalogue, fleet, operations
 from orchestrator.models import (
     ACTIVE_JOB_STATES,
     ENDED_OP_STATES,
+    Environment,
     Host,
     HostState,
     Job,
@@ -76,6 +77,7 @@ class Watcher:
             fleet.fail_steps_on_down_hosts(self.p)
             start_stranded(self.p)
             heal(self.p)
+            purge_removed(self.p)
         except Exception:
             self.distrust()
             raise
@@ -227,6 +229,23 @@ def finish_forgotten(p: Platform, *, grace: float = 10.0) -> None:
                 forgotten.append(op.id or 0)
     for op_id in forgotten:
         operations.finish(p, op_id)
+
+
+def purge_removed(p: Platform) -> None:
+    """Rows of services and environments removed longer ago than ``removed_grace`` go."""
+    before = utcnow() - timedelta(seconds=p.settings.removed_grace)
+    with p.reader() as s:
+        due = s.exec(select(Service.id).where(col(Service.removed_at).is_not(None),
+                                              col(Service.removed_at) < before)).first()
+        due = due or s.exec(select(Environment.id).where(col(Environment.removed_at).is_not(None),
+                                                         col(Environment.removed_at) < before)).first()
+    if due is None:  # the common case: nothing to write
+        return
+    with p.session() as s:
+        purged = catalogue.purge_removed(session=s, before=before)
+        s.commit()
+    if purged:
+        log.info("removed long enough ago, their rows deleted: %s", ", ".join(purged))
 
 
 def start_stranded(p: Platform) -> None:

@@ -194,6 +194,7 @@ class PlatformEnv:
             "ORCH_PROXY_PORT_MAX": str(self.proxy_ports[1]),
             "ORCH_PROXY_DIR": self.proxy_dir,
             "ORCH_GIT_DIR": f"/tmp/orch-git-{self.ports[0]}",
+            "ORCH_REMOVED_GRACE": "1",  # removed services' rows go a second after their removal
             **{name: str(value) for name, value in chosen.items() if value is not None},
             **dict(self.extra),
         }

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import datetime
 
-from sqlalchemy import func, update
+from sqlalchemy import delete, func, update
 from sqlmodel import Session, col, select
 
 from orchestrator import names, rules, service_types
 from orchestrator.errors import BadInput, NotFound
 from orchestrator.models import (
     Environment,
+    Job,
     Operation,
     OpState,
     Release,
@@ -19,6 +21,7 @@ from orchestrator.models import (
     ServicePublic,
     ServiceType,
     Site,
+    Step,
     WorkerTarget,
     utcnow,
 )
@@ -138,6 +141,34 @@ def _kept_data(session: Session, env: Environment, name: str, type: ServiceType)
                                    (col(Service.name) == name) | col(Service.name).startswith(f"{name}.removed."))
              .order_by(col(Service.removed_at).desc()))
     return session.exec(query).first()
+
+
+def purge_removed(*, session: Session, before: datetime) -> list[str]:
+    """Delete the rows of services removed before ``before`` (their steps, operations, jobs,
+    releases) and of environments removed then with no service left; a kept database's row
+    stays while a new service may take its data over (its volume). The names purged."""
+    purged = []
+    for svc in session.exec(select(Service).where(col(Service.removed_at).is_not(None),
+                                                  col(Service.removed_at) < before,
+                                                  col(Service.volume).is_(None))):
+        ops = [op.id for op in session.exec(select(Operation).where(Operation.service_id == svc.id))]
+        session.exec(delete(Step).where(col(Step.op_id).in_(ops)))
+        session.exec(delete(Operation).where(col(Operation.service_id) == svc.id))
+        session.exec(delete(Job).where(col(Job.service_id) == svc.id))
+        session.exec(delete(Release).where(col(Release.service_id) == svc.id))
+        session.exec(delete(Site).where(col(Site.service_id) == svc.id))
+        session.exec(delete(WorkerTarget).where(col(WorkerTarget.service_id) == svc.id))
+        purged.append(svc.name)
+        session.delete(svc)
+    session.flush()
+    for env in session.exec(select(Environment).where(col(Environment.removed_at).is_not(None),
+                                                      col(Environment.removed_at) < before)):
+        if session.exec(select(Service.id).where(Service.env_id == env.id)).first() is None:
+            session.exec(delete(Operation).where(col(Operation.env_id) == env.id))
+            session.exec(delete(Site).where(col(Site.env_id) == env.id))
+            purged.append(env.name)
+            session.delete(env)
+    return purged
 
 
 def mark_env_removed(*, session: Session, env: Environment) -> None:

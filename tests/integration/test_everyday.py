@@ -8,6 +8,7 @@ import uuid
 
 import docker
 import pytest
+import sqlalchemy
 
 from tests.conftest import Cli, containers
 from tests.harness import HTTPD, SAMPLE_IMAGE, remove_containers, retire, wait_for
@@ -83,6 +84,9 @@ def test_services_rm_leaves_no_container_or_row_and_keeps_data_unless_asked(
     names = {s["name"] for s in json.loads(cli.ok("services", "list", env_name, "--json"))}
     assert names == {"db"}
     assert cli("jobs", "list", env_name, "web").exit_code == 2
+    # Its rows (service, jobs, operations, releases, worker targets) go once the watcher's
+    # grace (ORCH_REMOVED_GRACE, 1 s here) has passed.
+    wait_for("web's rows to go", lambda: rows(cli, env_name, "web"), 20, until=lambda n: n == 0)
     # The name is free again.
     cli.ok("services", "add", env_name, "web", "--type", "code", "--command", HTTPD)
 
@@ -94,6 +98,26 @@ def test_services_rm_leaves_no_container_or_row_and_keeps_data_unless_asked(
     cli.ok("services", "rm", env_name, "db", "--delete-data", "--wait")
     with pytest.raises(docker.errors.NotFound):
         docker_client.volumes.get(volume.name)
+
+
+def rows(cli: Cli, env: str, service: str) -> int:
+    """Catalogue rows of the service (by its name or a removed NAME.removed.ID) and its jobs,
+    operations, releases and worker targets."""
+    engine = sqlalchemy.create_engine(cli.env["ORCH_DATABASE_URL"])
+    try:
+        with engine.connect() as conn:
+            ids = [r[0] for r in conn.execute(sqlalchemy.text(
+                "SELECT s.id FROM service s JOIN environment e ON e.id = s.env_id WHERE e.name = :env "
+                "AND (s.name = :svc OR s.name LIKE :removed)"), {"env": env, "svc": service,
+                                                                 "removed": f"{service}.removed.%"})]
+            count = len(ids)
+            for table in ("job", "operation", "release", "workertarget"):
+                for svc_id in ids:
+                    count += conn.execute(sqlalchemy.text(f"SELECT count(*) FROM {table} WHERE service_id = :i"),
+                                          {"i": svc_id}).scalar_one()
+            return count
+    finally:
+        engine.dispose()
 
 
 def test_env_rm_removes_every_service_and_frees_the_name(cli: Cli, docker_client: docker.DockerClient) -> None:

@@ -48,3 +48,28 @@ def test_a_removed_service_is_never_found_by_its_old_or_new_name(world: World) -
             with pytest.raises(NotFound):
                 catalogue.get_service(session=s, env=ENV, name=name)
         s.rollback()
+
+
+def test_removed_rows_are_purged_after_the_grace_but_kept_data(world: World) -> None:
+    from datetime import timedelta
+
+    from sqlmodel import select
+
+    from orchestrator import requests
+    from orchestrator.models import Operation, Service, utcnow
+
+    requests.add_service(world.platform, env=ENV, name="api", type=ServiceType.code, image=None,
+                         command="serve", scale=1, size="s")
+    with world.platform.session() as s:
+        env = catalogue.get_env(session=s, name=ENV)
+        api = catalogue.get_service(session=s, env=ENV, name="api")[1]
+        db = catalogue.add_service(session=s, env=env, name="db", type=ServiceType.postgresql, image=None,
+                                   command=None, scale=1, size="s")
+        catalogue.mark_service_removed(session=s, service=api)
+        catalogue.mark_service_removed(session=s, service=db)  # its data kept: its row stays
+        s.commit()
+        assert catalogue.purge_removed(session=s, before=utcnow() - timedelta(minutes=5)) == []
+        assert catalogue.purge_removed(session=s, before=utcnow() + timedelta(seconds=1)) == [api.name]
+        s.commit()
+        left = {svc.name for svc in s.exec(select(Service))}
+        assert left == {db.name} and not list(s.exec(select(Operation).where(Operation.service_id == api.id)))

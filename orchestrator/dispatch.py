@@ -8,6 +8,7 @@ plane uses; ``workers.inline.InlineDispatch`` is its in-process twin for unit te
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -18,6 +19,8 @@ from kombu.exceptions import OperationalError
 from orchestrator import names
 from orchestrator.errors import one_line
 from orchestrator.models import Step, StepAction
+
+log = logging.getLogger(__name__)
 
 TASK_OF = {
     StepAction.check_image: names.TASK_CHECK_IMAGE,
@@ -47,6 +50,15 @@ class Dispatch(Protocol):
         queue of ``host`` (the control queue when None). Both raise SendFailed when nothing
         could be sent."""
 
+    def revoke(self, step_ids: Sequence[int]) -> None:
+        """Tell the nodes to drop these steps' tasks (a cancel); best effort: a task that runs
+        anyway finds its step skipped and does nothing."""
+
+
+def step_task_id(step_id: int) -> str:
+    """A step's Celery task id: the same for its retries and redeliveries, and known to cancel."""
+    return f"orch-step-{step_id}"
+
 
 class CeleryDispatch:
     def __init__(self, app: Celery) -> None:
@@ -74,7 +86,16 @@ class CeleryDispatch:
             "step_id": step.id, "op": step.op_id, "env": env, "service": service,
             "host": step.host, "job": step.job_id,
         }
-        return self.app.signature(TASK_OF[step.action], kwargs=kwargs, queue=queue, immutable=True)
+        return self.app.signature(TASK_OF[step.action], kwargs=kwargs, queue=queue, immutable=True,
+                                  task_id=step_task_id(step.id or 0))
+
+    def revoke(self, step_ids: Sequence[int]) -> None:
+        if not step_ids:
+            return
+        try:
+            self.app.control.revoke([step_task_id(i) for i in step_ids])
+        except (OperationalError, OSError) as exc:  # the steps are skipped in the catalogue anyway
+            log.warning("revoking the tasks of steps %s failed: %s", list(step_ids), one_line(exc))
 
     def _finish(self, op_id: int, *, env: str, service: str, queue: str) -> Signature:
         return self.app.signature(

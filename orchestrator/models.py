@@ -172,6 +172,7 @@ class OpParams(BaseModel):
     command: str | None = None  # worker deploy; run and exec: the command, run through /bin/sh -c
     argv: list[str] | None = None  # run and exec: the command as words (no shell)
     job: str | None = None  # exec: the job it runs in
+    requested_by: str | None = None  # run and exec: who asked (USER@HOST of the CLI, or the API token)
     worker_scale: ScaleChange | None = None
     host: str | None = None  # recover, drain: the host concerned
     jobs: list[str] | None = None  # revert: the jobs of the failed operation to stop

@@ -165,7 +165,10 @@ def cancel(p: Platform, op_id: int) -> Operation:
     if claimed:
         abandon(p, op_id, "cancelled", state=OpState.cancelled)
     with p.reader() as s:
-        return catalogue.get_operation(session=s, op_id=op_id)
+        skipped = [st.id or 0 for st in catalogue.steps_of(session=s, op_id=op_id) if st.state == StepState.skipped]
+        ended = catalogue.get_operation(session=s, op_id=op_id)
+    p.dispatch.revoke(skipped)  # their tasks are dropped (and would find them skipped anyway)
+    return ended
 
 
 def _apply_changes(s: Session, params: OpParams, kind: OpKind, svc: Service) -> OpParams:

@@ -321,7 +321,8 @@ def _check_argv(argv: list[str]) -> list[str]:
     return argv
 
 
-def request_run(p: Platform, *, env: str, service: str, argv: list[str]) -> Operation:
+def request_run(p: Platform, *, env: str, service: str, argv: list[str], requested_by: str | None = None
+                ) -> Operation:
     """A one-off container of the service (its current image, variables and size) on a placed
     host, running ``argv`` until it exits; recorded as an operation (who asked is its trigger,
     what ran its parameters, its output and exit code its step's)."""
@@ -330,12 +331,13 @@ def request_run(p: Platform, *, env: str, service: str, argv: list[str]) -> Oper
     def decide(s: Session, svc: Service) -> Decision:
         if not svc.image:
             raise BadInput(f"service {svc.name} has no image yet: push one first")
-        return Decision(OpKind.run, OpTrigger.manual, OpParams(argv=argv))
+        return Decision(OpKind.run, OpTrigger.manual, OpParams(argv=argv, requested_by=requested_by))
 
     return _request(p, env=env, service=service, decide=decide)
 
 
-def request_exec(p: Platform, *, env: str, service: str, argv: list[str], job: str | None = None) -> Operation:
+def request_exec(p: Platform, *, env: str, service: str, argv: list[str], job: str | None = None,
+                 requested_by: str | None = None) -> Operation:
     """``argv`` in a running job of the service (``job``, or its first deploy job)."""
     argv = _check_argv(argv)
 
@@ -345,7 +347,7 @@ def request_exec(p: Platform, *, env: str, service: str, argv: list[str], job: s
             raise BadInput(f"service {svc.name} has no running job {job}")
         if not jobs:
             raise BadInput(f"service {svc.name} runs no job")
-        return Decision(OpKind.exec, OpTrigger.manual, OpParams(argv=argv, job=job))
+        return Decision(OpKind.exec, OpTrigger.manual, OpParams(argv=argv, job=job, requested_by=requested_by))
 
     return _request(p, env=env, service=service, decide=decide)
 

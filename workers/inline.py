@@ -56,6 +56,7 @@ class InlineDispatch:
     nodes: dict[str, NodeContext] = field(default_factory=dict)
     sent: list[SentChain | SentFinish] = field(default_factory=list)
     platform: Platform | None = None
+    revoked: list[int] = field(default_factory=list)  # steps a cancel revoked
 
     def add_node(self, node: NodeContext) -> None:
         self.nodes[node.host] = node
@@ -68,6 +69,9 @@ class InlineDispatch:
 
     def send_finish(self, op_id: int, *, env: str, service: str, host: str | None) -> None:
         self.sent.append(SentFinish(op_id))
+
+    def revoke(self, step_ids: Sequence[int]) -> None:
+        self.revoked.extend(step_ids)
 
     def run_all(self, limit: int = 1000) -> int:
         """Run what was sent, and what that sends, until nothing is left; returns how many

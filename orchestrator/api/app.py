@@ -553,16 +553,17 @@ def create_api(platform: Platform) -> FastAPI:
 
     @v1.post("/envs/{env}/services/{svc}/run", status_code=202, response_model=OperationAccepted,
              tags=["commands"])
-    def run(env: str, svc: str, body: RunBody, _: Who) -> Any:
+    def run(env: str, svc: str, body: RunBody, who: Who) -> Any:
         """Run argv in a new container of the service until it exits; its operation keeps the output and exit code."""
-        return start(requests.request_run, env=env, service=svc, argv=checked_argv(body.argv))
+        return start(requests.request_run, env=env, service=svc, argv=checked_argv(body.argv),
+                     requested_by=f"api ({who})")
 
     @v1.post("/envs/{env}/services/{svc}/exec", status_code=202, response_model=OperationAccepted,
              tags=["commands"])
-    def exec_(env: str, svc: str, body: ExecBody, _: Who) -> Any:
+    def exec_(env: str, svc: str, body: ExecBody, who: Who) -> Any:
         """Run argv in a running job of the service; its operation keeps the output and exit code."""
         return start(requests.request_exec, env=env, service=svc, argv=checked_argv(body.argv),
-                     job=checked_text(body.job, "job"))
+                     job=checked_text(body.job, "job"), requested_by=f"api ({who})")
 
     # Jobs.
 

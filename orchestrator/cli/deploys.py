@@ -216,7 +216,7 @@ def git_receive(ctx: Context, env_name: str, name: str) -> None:
 def run(ctx: Context, env_name: str, name: str, argv: tuple[str, ...]) -> None:
     """A one-off job: CMD in a new container of the service (its current image, variables and
     size) on a placed host; its output streams here, its exit code is ours, its container goes."""
-    op = requests.request_run(ctx.platform, env=env_name, service=name, argv=list(argv))
+    op = requests.request_run(ctx.platform, env=env_name, service=name, argv=list(argv), requested_by=_who())
     sys.exit(_follow_output(ctx, op.id or 0))
 
 
@@ -227,8 +227,21 @@ def run(ctx: Context, env_name: str, name: str, argv: tuple[str, ...]) -> None:
 @pass_ctx
 def exec_(ctx: Context, env_name: str, name: str, job: str | None, argv: tuple[str, ...]) -> None:
     """CMD in a running job's container (docker exec); its output streams here, its exit code is ours."""
-    op = requests.request_exec(ctx.platform, env=env_name, service=name, argv=list(argv), job=job)
+    op = requests.request_exec(ctx.platform, env=env_name, service=name, argv=list(argv), job=job,
+                               requested_by=_who())
     sys.exit(_follow_output(ctx, op.id or 0))
+
+
+def _who() -> str:
+    """Who runs this CLI: USER@HOST."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "?"
+    return f"{user}@{socket.gethostname()}"
 
 
 def _follow_output(ctx: Context, op_id: int) -> int:

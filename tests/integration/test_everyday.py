@@ -154,6 +154,7 @@ def test_run_passes_on_output_and_exit_code_and_leaves_no_container(
     assert containers(docker_client, env_name, running=False) == before  # its container is gone
     op = ops_json(cli, env_name)[0]  # recorded: what ran, its output and exit code
     assert (op["kind"], op["state"], op["params"]["argv"][0]) == ("run", "failed", "sh")
+    assert "@" in op["params"]["requested_by"]  # who asked: USER@HOST
     assert op["steps"][-1]["exit_code"] == 3 and "hello from run" in op["steps"][-1]["output"]
     ok = cli.popen("run", env_name, "web", "--", "true")
     assert ok.wait(timeout=60) == 0

@@ -340,6 +340,9 @@ class BrokerDown:
     def send_finish(self, op_id: int, *, env: str, service: str, host: str | None) -> None:
         raise SendFailed("connection refused")
 
+    def revoke(self, step_ids: Sequence[int]) -> None:
+        pass
+
 
 def test_an_operation_that_cannot_be_sent_fails_and_restores_the_spec(world: World) -> None:
     world.code_service("web", scale=2)

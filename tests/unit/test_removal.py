@@ -73,3 +73,18 @@ def test_removed_rows_are_purged_after_the_grace_but_kept_data(world: World) -> 
         s.commit()
         left = {svc.name for svc in s.exec(select(Service))}
         assert left == {db.name} and not list(s.exec(select(Operation).where(Operation.service_id == api.id)))
+
+
+def test_cancel_revokes_the_tasks_of_the_steps_it_skips(world: World) -> None:
+    from orchestrator import operations, requests
+    from orchestrator.models import OpState, StepState
+    from tests.unit.world import IMAGE_2
+
+    world.code_service("web", scale=2)
+    op = requests.request_push(world.platform, env=ENV, service="web", image=IMAGE_2)
+    cancelled = operations.cancel(world.platform, op.id or 0)  # sent, nothing ran yet
+    assert cancelled.state == OpState.cancelled
+    skipped = [st.id for st in world.steps(op.id or 0) if st.state == StepState.skipped]
+    assert skipped and world.dispatch.revoked == skipped
+    world.run_all()  # the tasks that run anyway do nothing
+    assert {j.release for j in world.jobs("web")} == {1} and len(world.jobs("web")) == 2

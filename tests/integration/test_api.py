@@ -167,7 +167,7 @@ def test_bad_input_is_a_4xx_with_a_reason(api: Api, cli: Cli, env_name: str, tmp
     assert deployed["state"] == "succeeded", json.dumps(deployed)
     web = f"/envs/{env_name}/services/web"
     cli.ok("worker", "deploy", env_name, "web", "mailer", "--command", WORKER_CMD, "--wait")
-    snapshot = (cli.ok("ops", "list", "--json"), cli.ok("services", "list", env_name, "--json"),
+    snapshot = (cli.ok("ops", "list", env_name, "--json"), cli.ok("services", "list", env_name, "--json"),
                 cli.ok("releases", "list", env_name, "web", "--json"))
     cases: list[tuple[str, str, Any, int]] = [
         ("GET", "/envs/nope", None, 404),
@@ -231,7 +231,7 @@ def test_bad_input_is_a_4xx_with_a_reason(api: Api, cli: Cli, env_name: str, tmp
     if response.status_code != 422:
         wrong.append(f"POST {web}/scale <not json>: {response.status_code} {response.text[:200]}")
     assert not wrong, "\n".join(wrong)
-    assert (cli.ok("ops", "list", "--json"), cli.ok("services", "list", env_name, "--json"),
+    assert (cli.ok("ops", "list", env_name, "--json"), cli.ok("services", "list", env_name, "--json"),
             cli.ok("releases", "list", env_name, "web", "--json")) == snapshot
 
 

@@ -146,7 +146,7 @@ def test_bad_input_is_refused_in_one_line_and_changes_nothing(api: Api, cli: Cli
     services = f"/envs/{env_name}/services"
     fresh = f"b{uuid.uuid4().hex[:8]}"
     snapshot = (cli.ok("env", "list", "--json"), cli.ok("services", "list", env_name, "--json"),
-                cli.ok("ops", "list", "--json"))
+                cli.ok("ops", "list", env_name, "--json"))
     redis: dict[str, Any] = {"name": "cache", "type": "redis", "image": REDIS}
     cases: list[tuple[str, str, Any, int, str]] = [
         ("POST", "/envs", {"name": "Bad_Name"}, 400, "not a DNS label"),
@@ -215,7 +215,7 @@ def test_bad_input_is_refused_in_one_line_and_changes_nothing(api: Api, cli: Cli
             wrong.append(f"POST {path} with a lone surrogate: {response.status_code} {response.text[:200]}")
     assert not wrong, "\n".join(wrong)
     assert (cli.ok("env", "list", "--json"), cli.ok("services", "list", env_name, "--json"),
-            cli.ok("ops", "list", "--json")) == snapshot
+            cli.ok("ops", "list", env_name, "--json")) == snapshot
 
 
 def test_patch_changes_image_command_and_size(api: Api, cli: Cli, env_name: str) -> None:

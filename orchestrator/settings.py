@@ -40,7 +40,8 @@ class Settings(BaseSettings):
     # The platform's image registry (``orchestrator registry run``), e.g. 127.0.0.1:5000: built
     # images are pushed there and nodes pull them. Empty: images are built on each host.
     registry: str = ""
-    build_timeout: float = Field(default=1800.0, gt=0)  # seconds a build may take
+    build_timeout: float = Field(default=1800.0, gt=0)  # seconds a build may stay silent
+    run_timeout: float = Field(default=3600.0, gt=0)  # seconds a one-off (`run`) may take: then it is killed
     git_dir: str = "/var/lib/orchestrator/git"  # the bare repositories `git push` reaches
     # Seconds a removed service's (or environment's) rows stay for `ops show` and the like,
     # before the watcher deletes them with their operations, steps, jobs and releases.

@@ -388,7 +388,8 @@ def run_once(node: NodeContext, step: Step, _job: Job | None) -> dict[str, Any]:
         environment=environment, command=params.command, args=tuple(params.argv or ()) if not params.command else (),
         memory_mb=size.memory_mb, cpus=size.cpus,
     )
-    return _finished(node, step, lambda output: node.runtime.run_once(container, output))
+    timeout = p.settings.run_timeout
+    return _finished(node, step, lambda output: node.runtime.run_once(container, output, timeout))
 
 
 def exec_in_job(node: NodeContext, step: Step, job: Job | None) -> dict[str, Any]:

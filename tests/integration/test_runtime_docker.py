@@ -11,6 +11,7 @@ import pytest
 
 from tests.conftest import DOCKER_URL
 from tests.runtime_contract import LONG_COMMAND, RuntimeContract, Target
+from workers.runtime.base import ContainerError
 from workers.runtime.docker import DockerRuntime
 
 pytestmark = pytest.mark.e2e
@@ -78,3 +79,18 @@ def test_no_limits_means_none_set(docker_target: Target, docker_client: docker.D
     state = docker_target.runtime.run(docker_target.spec("nolimits", memory_mb=None, cpus=None))
     host = docker_client.api.inspect_container(state.id)["HostConfig"]
     assert host["Memory"] == 0 and host["NanoCpus"] == 0
+
+
+def test_a_one_off_streams_its_output_passes_on_its_exit_code_and_is_killed_at_its_timeout(
+        docker_target: Target, docker_client: docker.DockerClient) -> None:
+    lines: list[str] = []
+    done = docker_target.spec("oneoff", command="echo first; echo second; exit 5")
+    assert docker_target.runtime.run_once(done, lines.append, timeout=30) == 5
+    assert lines == ["first", "second"]
+    assert docker_target.runtime.inspect(done.name) is None  # removed
+    slow = docker_target.spec("slow", command="echo start; sleep 60")
+    began = time.monotonic()
+    with pytest.raises(ContainerError, match=r"killed after 1\.5s"):
+        docker_target.runtime.run_once(slow, lines.append, timeout=1.5)
+    assert time.monotonic() - began < 15 and lines[-1] == "start"
+    assert docker_target.runtime.inspect(slow.name) is None

@@ -76,9 +76,10 @@ class Runtime(Protocol):
     def capacity(self) -> tuple[float, int]:
         """What the host has: (CPUs, memory in MB)."""
 
-    def run_once(self, spec: ContainerSpec, output: Callable[[str], None]) -> int:
+    def run_once(self, spec: ContainerSpec, output: Callable[[str], None], timeout: float) -> int:
         """Run a container until it exits (no restart), each line of its output to ``output``,
-        then remove it; its exit code. One of that name already there is replaced."""
+        then remove it; its exit code. Killed after ``timeout`` seconds (ContainerError). One
+        of that name already there is replaced."""
 
     def exec(self, name: str, argv: list[str], output: Callable[[str], None]) -> int:
         """Run ``argv`` in the running container ``name``, its output to ``output``; its exit code."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -166,20 +167,33 @@ class DockerRuntime:
             for c in found
         ]
 
-    def run_once(self, spec: ContainerSpec, output: Callable[[str], None]) -> int:
+    def run_once(self, spec: ContainerSpec, output: Callable[[str], None], timeout: float) -> int:
         existing = self._get(spec.name)
         if existing is not None:
             existing.remove(force=True)
+        killed = threading.Event()
+
+        def kill() -> None:
+            killed.set()
+            with contextlib.suppress(NotFound, APIError):
+                self.client.containers.get(spec.name).kill()
+
+        watchdog = threading.Timer(timeout, kill)
+        watchdog.daemon = True
         try:
             container = self._create(spec, config_hash(spec), restart=False)
             container.start()
+            watchdog.start()
             _lines(container.logs(stream=True, follow=True), output)
             code = int(container.wait().get("StatusCode", -1))
         except APIError as exc:
             raise ContainerError(_reason(exc)) from exc
         finally:
+            watchdog.cancel()
             with contextlib.suppress(NotFound, APIError):
                 self.client.containers.get(spec.name).remove(force=True)
+        if killed.is_set():
+            raise ContainerError(f"killed after {timeout:g}s (ORCH_RUN_TIMEOUT)")
         return code
 
     def exec(self, name: str, argv: list[str], output: Callable[[str], None]) -> int:

@@ -85,7 +85,7 @@ class FakeRuntime:
     def capacity(self) -> tuple[float, int]:
         return self.cpus, self.memory_mb
 
-    def run_once(self, spec: ContainerSpec, output: Callable[[str], None]) -> int:
+    def run_once(self, spec: ContainerSpec, output: Callable[[str], None], timeout: float) -> int:
         if spec.image not in self.images:
             raise ContainerError(f"image {spec.image} is not on this host")
         output(f"ran {spec.command}")

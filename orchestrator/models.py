@@ -354,7 +354,8 @@ class Step(SQLModel, table=True):
     image: str | None = None  # check_image and build steps: the image; delete_volume: the volume
     route: RouteState | None = None  # route steps: where the jobs go (None: the proxy syncs only)
     source_id: int | None = None  # build steps: the source built
-    output: str | None = None  # build, run and exec steps: the output, as it comes
+    output: str | None = None  # build, run and exec steps: the output, as it comes (its end)
+    output_dropped: int = 0  # characters of the output no longer kept (before ``output``)
     exit_code: int | None = None  # run and exec steps
     targets: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     state: StepState = StepState.pending
@@ -447,7 +448,8 @@ class StepPublic(SQLModel):
     error: str | None
     started_at: datetime | None
     finished_at: datetime | None
-    output: str | None = None  # build, run and exec steps: the output
+    output: str | None = None  # build, run and exec steps: the output (its last 256 KiB)
+    output_dropped: int = 0  # characters before ``output`` no longer kept
     exit_code: int | None = None
 
 

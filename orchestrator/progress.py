@@ -46,10 +46,12 @@ class Progress:
         total = len(op.steps)
         for step in op.steps:
             key = f"{step.stage}:{step.name}"
-            if step.output and len(step.output) > self.shown.get(key, 0):  # a build's output
-                for line in step.output[self.shown.get(key, 0):].splitlines():
+            total = step.output_dropped + len(step.output or "")  # from the output's start
+            if step.output and total > self.shown.get(key, 0):  # a build's output
+                start = max(0, self.shown.get(key, 0) - step.output_dropped)
+                for line in step.output[start:].splitlines():
                     self.echo(f"           | {line}")
-                self.shown[key] = len(step.output)
+                self.shown[key] = total
             if self.seen.get(key) == step.state or step.state == StepState.pending:
                 continue
             self.seen[key] = step.state

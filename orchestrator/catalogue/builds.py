@@ -36,7 +36,9 @@ def append_output(*, session: Session, step_id: int, text: str) -> None:
     """More of a build step's output (the last MAX_OUTPUT characters are kept)."""
     step = session.get(Step, step_id)
     if step is not None:
-        step.output = ((step.output or "") + text)[-MAX_OUTPUT:]
+        whole = (step.output or "") + text
+        step.output = whole[-MAX_OUTPUT:]
+        step.output_dropped += len(whole) - len(step.output)
         session.add(step)
 
 

@@ -251,10 +251,11 @@ def _follow_output(ctx: Context, op_id: int) -> int:
         op = load_op(ctx, op_id)
         steps = [s for s in op.steps if s.action in (StepAction.run_once, StepAction.exec)]
         text = (steps[0].output or "") if steps else ""
-        if len(text) > shown:
-            sys.stdout.write(text[shown:])
+        dropped = steps[0].output_dropped if steps else 0
+        if dropped + len(text) > shown:  # counted from the output's start: the catalogue keeps its end
+            sys.stdout.write(text[max(0, shown - dropped):])
             sys.stdout.flush()
-            shown = len(text)
+            shown = dropped + len(text)
         if op.state in (OpState.succeeded, OpState.failed, OpState.cancelled):
             break
         time.sleep(0.1)

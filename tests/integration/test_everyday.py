@@ -186,3 +186,16 @@ def test_commands_that_start_operations_print_json(cli: Cli, env_name: str) -> N
     result = cli("scale", env_name, "web", "2", "--json", "--wait")
     assert result.exit_code == 0 and json.loads(result.stdout) == {"operation": started["operation"] + 1}
     assert len(jobs_json(cli, env_name, "web")) == 2
+
+
+def test_run_streams_output_past_what_the_operation_keeps(cli: Cli, env_name: str) -> None:
+    cli.ok("services", "add", env_name, "web", "--type", "code", "--command", HTTPD, "--scale", "0")
+    cli.ok("push", env_name, "web", SAMPLE_IMAGE, "--wait")
+    done = cli.popen("run", env_name, "web", "--", "seq", "1", "60000")  # about 330 KiB
+    out, err = done.communicate(timeout=120)
+    assert done.returncode == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "1" and lines[-1] == "60000" and len(lines) == 60000
+    step = ops_json(cli, env_name)[0]["steps"][-1]
+    assert step["output"].endswith("60000\n") and step["output_dropped"] > 0
+    assert len(step["output"]) == 256 * 1024

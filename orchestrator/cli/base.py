@@ -7,6 +7,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from functools import cached_property
 from typing import Any, TypeVar
 
@@ -17,7 +18,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from orchestrator import catalogue, names, progress
 from orchestrator.dispatch import masked
 from orchestrator.errors import BadInput, one_line
-from orchestrator.models import Operation, OperationPublic
+from orchestrator.models import Operation, OperationPublic, utcnow
 from orchestrator.platform import Platform, make_platform
 from orchestrator.settings import Settings, get_settings
 
@@ -153,9 +154,12 @@ NO_NODE_HINT_AFTER = 3.0  # seconds an operation's first steps may wait before t
 
 
 def _heard_from(ctx: Context) -> set[str]:
-    """Hosts whose node sent a heartbeat lately."""
+    """Hosts whose node sent a heartbeat in the last three intervals (a node that died a moment
+    ago still shows its host up until the watcher's verdict)."""
+    recent = utcnow() - timedelta(seconds=3 * ctx.settings.heartbeat_interval)
     with ctx.platform.reader() as s:
-        return {h.name for h in catalogue.host_views(session=s) if h.state in ("up", "draining")}
+        return {h.name for h in catalogue.host_views(session=s)
+                if h.state in ("up", "draining") and h.last_seen is not None and h.last_seen >= recent}
 
 
 def started(ctx: Context, op: Operation, wait: bool) -> None:

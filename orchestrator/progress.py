@@ -49,6 +49,9 @@ class Progress:
             total = step.output_dropped + len(step.output or "")  # from the output's start
             if step.output and total > self.shown.get(key, 0):  # a build's output
                 start = max(0, self.shown.get(key, 0) - step.output_dropped)
+                if step.output_dropped > self.shown.get(key, 0):
+                    self.echo(f"           | [... {step.output_dropped - self.shown.get(key, 0)} "
+                              "characters not kept ...]")
                 for line in step.output[start:].splitlines():
                     self.echo(f"           | {line}")
                 self.shown[key] = total

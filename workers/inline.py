@@ -16,26 +16,11 @@ from orchestrator import operations
 from orchestrator.models import Step, StepAction
 from orchestrator.platform import Platform
 from workers.context import NodeContext
-from workers.tasks import (
-    BUILD,
-    CHECK_IMAGE,
-    DELETE_VOLUME,
-    EXEC,
-    ROUTE,
-    RUN_ONCE,
-    START,
-    START_PROXY,
-    STOP,
-    StepFailed,
-    Work,
-    run_step,
-)
+from workers.tasks import WORK_OF as TASK_WORK
+from workers.tasks import StepFailed, Work, run_step
 
 WAIT_AT_ONCE = Work(lambda _node, step, _job: {"waited": step.seconds})
-WORK_OF = {StepAction.check_image: CHECK_IMAGE, StepAction.start: START, StepAction.stop: STOP,
-           StepAction.wait: WAIT_AT_ONCE, StepAction.start_proxy: START_PROXY, StepAction.route: ROUTE,
-           StepAction.build: BUILD, StepAction.delete_volume: DELETE_VOLUME,
-           StepAction.run_once: RUN_ONCE, StepAction.exec: EXEC}
+WORK_OF = {**TASK_WORK, StepAction.wait: WAIT_AT_ONCE}
 
 
 @dataclass

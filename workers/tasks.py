@@ -20,8 +20,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import col
 
 from orchestrator import builds, catalogue, names, spec
+from orchestrator.dispatch import TASK_OF
 from orchestrator.errors import one_line
-from orchestrator.models import Environment, Job, JobState, RouteState, Service, Step, StepState, utcnow
+from orchestrator.models import Environment, Job, JobState, RouteState, Service, Step, StepAction, StepState, utcnow
 from orchestrator.placement import free_port
 from orchestrator.proxy import ProxyConfig
 from orchestrator.sizes import parse_size
@@ -429,6 +430,13 @@ START_PROXY = Work(start_proxy, job_on_begin=JobState.starting, job_on_done=JobS
                    job_on_failure=JobState.failed)
 ROUTE = Work(route)  # its job is the proxy job, whose state it leaves alone
 
+# The work of each step action (waits, which ask again later, are registered on their own).
+WORK_OF: dict[StepAction, Work] = {
+    StepAction.check_image: CHECK_IMAGE, StepAction.build: BUILD, StepAction.start: START,
+    StepAction.stop: STOP, StepAction.start_proxy: START_PROXY, StepAction.route: ROUTE,
+    StepAction.delete_volume: DELETE_VOLUME, StepAction.run_once: RUN_ONCE, StepAction.exec: EXEC,
+}
+
 
 # --- registration ---------------------------------------------------------------------------------
 
@@ -446,52 +454,16 @@ def register(app: Celery, node: NodeContext) -> None:
             log.warning("step %s: the catalogue is unavailable (%s): trying again", step_id, one_line(exc))
             raise task.retry(countdown=1.0, max_retries=CATALOGUE_RETRIES) from None
 
-    @app.task(name=names.TASK_CHECK_IMAGE, shared=False, bind=True)
-    def check_image_task(self: Task, step_id: int, env: str = "", service: str = "",
-                         **_labels: Any) -> dict[str, Any]:
-        return step(self, step_id, CHECK_IMAGE, env, service)
-
-    @app.task(name=names.TASK_START_JOB, shared=False, bind=True)
-    def start_job_task(self: Task, step_id: int, env: str = "", service: str = "",
-                       **_labels: Any) -> dict[str, Any]:
-        return step(self, step_id, START, env, service)
-
-    @app.task(name=names.TASK_STOP_JOB, shared=False, bind=True)
-    def stop_job_task(self: Task, step_id: int, env: str = "", service: str = "",
+    def register_work(action: StepAction, work: Work) -> None:
+        @app.task(name=TASK_OF[action], shared=False, bind=True)
+        def work_task(self: Task, step_id: int, env: str = "", service: str = "",
                       **_labels: Any) -> dict[str, Any]:
-        return step(self, step_id, STOP, env, service)
+            return step(self, step_id, work, env, service)
 
-    @app.task(name=names.TASK_BUILD, shared=False, bind=True)
-    def build_task(self: Task, step_id: int, env: str = "", service: str = "",
-                   **_labels: Any) -> dict[str, Any]:
-        return step(self, step_id, BUILD, env, service)
+    for action, work in WORK_OF.items():
+        register_work(action, work)
 
-    @app.task(name=names.TASK_DELETE_VOLUME, shared=False, bind=True)
-    def delete_volume_task(self: Task, step_id: int, env: str = "", service: str = "",
-                           **_labels: Any) -> dict[str, Any]:
-        return step(self, step_id, DELETE_VOLUME, env, service)
-
-    @app.task(name=names.TASK_RUN_ONCE, shared=False, bind=True)
-    def run_once_task(self: Task, step_id: int, env: str = "", service: str = "",
-                      **_labels: Any) -> dict[str, Any]:
-        return step(self, step_id, RUN_ONCE, env, service)
-
-    @app.task(name=names.TASK_EXEC, shared=False, bind=True)
-    def exec_task(self: Task, step_id: int, env: str = "", service: str = "",
-                  **_labels: Any) -> dict[str, Any]:
-        return step(self, step_id, EXEC, env, service)
-
-    @app.task(name=names.TASK_START_PROXY, shared=False, bind=True)
-    def start_proxy_task(self: Task, step_id: int, env: str = "", service: str = "",
-                         **_labels: Any) -> dict[str, Any]:
-        return step(self, step_id, START_PROXY, env, service)
-
-    @app.task(name=names.TASK_ROUTE, shared=False, bind=True)
-    def route_task(self: Task, step_id: int, env: str = "", service: str = "",
-                   **_labels: Any) -> dict[str, Any]:
-        return step(self, step_id, ROUTE, env, service)
-
-    @app.task(name=names.TASK_WAIT, shared=False, bind=True, max_retries=None)
+    @app.task(name=TASK_OF[StepAction.wait], shared=False, bind=True, max_retries=None)
     def wait_task(self: Task, step_id: int, env: str = "", service: str = "",
                   **_labels: Any) -> dict[str, Any]:
         def body(_node: NodeContext, step_row: Step, _job: Job | None) -> dict[str, Any]:

@@ -253,6 +253,8 @@ def _follow_output(ctx: Context, op_id: int) -> int:
         text = (steps[0].output or "") if steps else ""
         dropped = steps[0].output_dropped if steps else 0
         if dropped + len(text) > shown:  # counted from the output's start: the catalogue keeps its end
+            if dropped > shown:  # it came faster than we read and is no longer kept: say so
+                click.echo(f"[... {dropped - shown} characters of output not kept ...]", err=True)
             sys.stdout.write(text[max(0, shown - dropped):])
             sys.stdout.flush()
             shown = dropped + len(text)

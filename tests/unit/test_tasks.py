@@ -216,3 +216,13 @@ def test_a_port_held_by_the_jobs_own_adopted_container_is_not_moved(world: World
     assert world.job(job.id).port == job.port
     with world.platform.reader() as s:
         assert s.exec(select(Step).where(Step.id == step.id)).one().state == StepState.succeeded
+
+
+def test_every_step_action_has_a_task_and_its_work() -> None:
+    from orchestrator.dispatch import TASK_OF
+    from orchestrator.models import StepAction
+    from workers.tasks import WORK_OF
+
+    assert set(TASK_OF) == set(StepAction)
+    assert set(WORK_OF) == set(StepAction) - {StepAction.wait}
+    assert len(set(TASK_OF.values())) == len(TASK_OF)

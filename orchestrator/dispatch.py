@@ -16,7 +16,7 @@ from celery import Celery, chain, group
 from celery.canvas import Signature
 from kombu.exceptions import OperationalError
 
-from orchestrator import names
+from orchestrator import names, service_types
 from orchestrator.errors import one_line
 from orchestrator.models import Step, StepAction
 
@@ -114,13 +114,9 @@ def _send(signature: Signature, app: Celery) -> None:
 
 
 def masked(url: str) -> str:
-    """A URL with its password hidden."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return url
-    userinfo, _, host = rest.rpartition("@")
-    user = userinfo.split(":", 1)[0]
-    return f"{scheme}://{user + ':*****' if ':' in userinfo else user}@{host}"
+    """A URL with its credentials hidden (``service_types.mask``); one without them as it is."""
+    _scheme, sep, rest = url.partition("://")
+    return service_types.mask(url) if sep and "@" in rest else url
 
 
 def _home_queue(stages: Sequence[Sequence[Step]]) -> str:

@@ -19,7 +19,7 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -404,6 +404,3 @@ def passed(states: Iterable[ServerState], names: Iterable[str]) -> set[str]:
     wanted = set(names)
     return {s.name for s in states if s.name in wanted and s.passed and s.running}
 
-
-def serving(states: Iterable[ServerState]) -> Mapping[str, ServerState]:
-    return {s.name: s for s in states}

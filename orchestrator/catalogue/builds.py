@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
-from sqlalchemy import func, update
+from sqlalchemy import update
 from sqlmodel import Session, col, select
 
 from orchestrator.errors import NotFound
@@ -65,6 +65,3 @@ def release_views(*, session: Session, service: Service) -> list[ReleasePublic]:
     return [ReleasePublic(number=r.number, image=r.image, state=r.state, current=r.number == service.release,
                           build=r.build, commit=r.commit, created_at=r.created_at) for r in releases]
 
-
-def sources_size(*, session: Session) -> int:
-    return int(session.exec(select(func.coalesce(func.sum(BuildSource.size), 0))).one())

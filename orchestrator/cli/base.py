@@ -62,7 +62,7 @@ class OneLineGroup(click.Group):
         except BadInput as exc:
             fail(str(exc))
         except SQLAlchemyError as exc:  # not the request's fault: exit 1, as a failed operation
-            url = masked_url(get_settings().database_url)
+            url = masked(get_settings().database_url)
             fail(f"the catalogue is unavailable ({url}): "
                  f"{one_line(exc.orig if isinstance(exc, DBAPIError) else exc)}", code=1)
         except click.Abort:
@@ -175,7 +175,3 @@ def started(ctx: Context, op: Operation, wait: bool) -> None:
                                                                          lambda _line: None)
         sys.exit(code)
 
-
-def masked_url(url: str) -> str:
-    """A URL with its password hidden: scheme://user:*****@host/..."""
-    return masked(url)

@@ -15,7 +15,7 @@ from typing import Any
 from celery import Celery, Task
 from sqlalchemy.exc import SQLAlchemyError
 
-from orchestrator import operations, requests
+from orchestrator import operations, requests, who
 from orchestrator.errors import BadInput
 from orchestrator.names import (
     TASK_API_PUSH,
@@ -49,10 +49,13 @@ def register_api(app: Celery, platform: Platform) -> None:
     """The task API (consumed by ``orchestrator control run``)."""
 
     def start(request: Callable[..., Any], **kwargs: Any) -> int:
+        asked = who.asker.set("send_task")
         try:
             op = request(platform, **kwargs)
         except BadInput as exc:
             raise InvalidRequest(str(exc)) from None
+        finally:
+            who.asker.reset(asked)
         return int(op.id)
 
     @app.task(name=TASK_API_REDEPLOY, shared=False)

@@ -67,15 +67,21 @@ def _private_file(path: Path) -> None:
 
 
 def _schema_current(engine: Engine) -> bool:
-    """Every table and column there already: the common case, checked without a write lock."""
+    """Every table, column and index there already: the common case, checked without a write
+    lock, at every start of every process (on PostgreSQL, one query for all the tables' columns
+    and one for their indexes)."""
     with engine.connect() as conn:
         inspector = inspect(conn)
-        tables = set(inspector.get_table_names())
-        for table in SQLModel.metadata.sorted_tables:
-            if table.name not in tables:
+        wanted = SQLModel.metadata.sorted_tables
+        if not {t.name for t in wanted} <= set(inspector.get_table_names()):
+            return False
+        names = [t.name for t in wanted]
+        columns = inspector.get_multi_columns(filter_names=names)
+        indexes = inspector.get_multi_indexes(filter_names=names)
+        for table in wanted:
+            if not {c.name for c in table.columns} <= {c["name"] for c in columns[(None, table.name)]}:
                 return False
-            have = {c["name"] for c in inspector.get_columns(table.name)}
-            if any(c.name not in have for c in table.columns):
+            if not {i.name for i in table.indexes} <= {i["name"] for i in indexes[(None, table.name)]}:
                 return False
         if _missing_enum_values(conn):
             return False
@@ -103,10 +109,17 @@ def _missing_enum_values(conn: Any) -> list[tuple[str, str]]:
     return missing
 
 
+def _missing_indexes(inspector: Any, table: Any) -> list[Any]:
+    """The table's indexes (by name) that the database does not have yet."""
+    have = {i["name"] for i in inspector.get_indexes(table.name)}
+    return [index for index in table.indexes if index.name not in have]
+
+
 def add_missing_columns(engine: Engine) -> list[str]:
     """Bring an older catalogue up to the current tables: create_all makes missing tables, this
-    adds missing columns (every column added since is nullable or has a default). Additive only:
-    nothing is dropped or rewritten. Returns what it added, as table.column."""
+    adds missing columns (every column added since is nullable or has a default), then missing
+    indexes. Additive only: nothing is dropped or rewritten. Returns what it added, as
+    table.column, and as table.index for an index."""
     added = []
     with engine.begin() as conn:
         inspector = inspect(conn)  # on this connection: SQLite holds one writer at a time
@@ -121,6 +134,10 @@ def add_missing_columns(engine: Engine) -> list[str]:
                     f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}{default}'
                 )
                 added.append(f"{table.name}.{column.name}")
+        for table in SQLModel.metadata.sorted_tables:  # their columns are all there now
+            for index in _missing_indexes(inspect(conn), table):
+                index.create(conn)
+                added.append(f"{table.name}.{index.name}")
         for name, label in _missing_enum_values(conn):
             conn.exec_driver_sql(f"ALTER TYPE \"{name}\" ADD VALUE IF NOT EXISTS '{label}'")
             added.append(f"{name}.{label}")

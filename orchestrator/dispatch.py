@@ -4,21 +4,24 @@ Stages run one after the other; the steps of a stage run in parallel (a group, w
 joins with a chord before the next stage). Each step goes to the queue of the host it touches;
 the chain ends with the operation's finish task. ``Dispatch`` is the interface the control
 plane uses; ``workers.inline.InlineDispatch`` is its in-process twin for unit tests.
+
+Celery is imported by ``CeleryDispatch`` as it sends, not with this module: what only reads the
+catalogue (``orchestrator hosts list``, ``jobs list``) never loads it.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any, Protocol
-
-from celery import Celery, chain, group
-from celery.canvas import Signature
-from kombu.exceptions import OperationalError
+from typing import TYPE_CHECKING, Any, Protocol
 
 from orchestrator import names, service_types
 from orchestrator.errors import one_line
 from orchestrator.models import Step, StepAction
+
+if TYPE_CHECKING:
+    from celery import Celery
+    from celery.canvas import Signature
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,8 @@ class CeleryDispatch:
 
     def send_operation(self, op_id: int, stages: Sequence[Sequence[Step]], *, env: str,
                        service: str) -> None:
+        from celery import chain, group
+
         home = _home_queue(stages)
         parts: list[Signature] = []
         for stage in stages:
@@ -90,6 +95,8 @@ class CeleryDispatch:
                                   task_id=step_task_id(step.id or 0))
 
     def revoke(self, step_ids: Sequence[int]) -> None:
+        from kombu.exceptions import OperationalError
+
         if not step_ids:
             return
         try:
@@ -105,6 +112,8 @@ class CeleryDispatch:
 
 
 def _send(signature: Signature, app: Celery) -> None:
+    from kombu.exceptions import OperationalError
+
     try:
         signature.apply_async()
     except (OperationalError, OSError, RuntimeError) as exc:

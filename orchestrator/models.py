@@ -7,7 +7,7 @@ from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import JSON, Column, LargeBinary, UniqueConstraint
+from sqlalchemy import JSON, Column, Index, LargeBinary, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -172,7 +172,7 @@ class OpParams(BaseModel):
     command: str | None = None  # worker deploy; run and exec: the command, run through /bin/sh -c
     argv: list[str] | None = None  # run and exec: the command as words (no shell)
     job: str | None = None  # exec: the job it runs in
-    requested_by: str | None = None  # run and exec: who asked (USER@HOST of the CLI, or the API token)
+    requested_by: str | None = None  # who asked (USER@HOST of the CLI, the API token's name, send_task)
     worker_scale: ScaleChange | None = None
     host: str | None = None  # recover, drain: the host concerned
     jobs: list[str] | None = None  # revert: the jobs of the failed operation to stop
@@ -199,6 +199,10 @@ class Host(SQLModel, table=True):
     last_seen: datetime | None = None
     cpus: float = 0.0  # 0: not reported yet, no limit assumed
     memory_mb: int = 0
+    # Where its node serves its jobs' metrics (/metrics?env=ENV) and its node exporter answers,
+    # on its address: set by its node when it starts (None: not yet, or a node without them).
+    metrics_port: int | None = None
+    node_exporter_port: int | None = None
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -293,8 +297,12 @@ class BuildSource(SQLModel, table=True):
 
 
 class Job(SQLModel, table=True):
+    # What the queries filter on: a service's jobs in a state (active jobs, listings, status);
+    # the jobs in a state, of one host or all (host loads, reconciliation, lost hosts).
+    __table_args__ = (Index("ix_job_service_id_state", "service_id", "state"),
+                      Index("ix_job_state_host", "state", "host"))
     id: str = Field(primary_key=True)
-    service_id: int = Field(foreign_key="service.id", index=True)
+    service_id: int = Field(foreign_key="service.id")  # indexed first in ix_job_service_id_state
     kind: JobKind
     target: str | None = None
     host: str
@@ -319,12 +327,17 @@ class Job(SQLModel, table=True):
 
 
 class Operation(SQLModel, table=True):
+    # A service's queued or running operations (claiming the next, one at a time); an
+    # environment's, newest first (ops list: an index walk, PostgreSQL included); the watcher's
+    # scans of running and queued ones (ix_operation_state).
+    __table_args__ = (Index("ix_operation_service_id_state", "service_id", "state"),
+                      Index("ix_operation_env_id_id", "env_id", "id"))
     id: int | None = Field(default=None, primary_key=True)
     kind: OpKind
-    env_id: int = Field(foreign_key="environment.id", index=True)
-    service_id: int = Field(foreign_key="service.id", index=True)
+    env_id: int = Field(foreign_key="environment.id")  # indexed first in ix_operation_env_id_id
+    service_id: int = Field(foreign_key="service.id")  # and in ix_operation_service_id_state
     trigger: OpTrigger = OpTrigger.manual
-    state: OpState = OpState.queued
+    state: OpState = Field(default=OpState.queued, index=True)
     params: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     error: str | None = None
     created_at: datetime = Field(default_factory=utcnow)
@@ -332,6 +345,9 @@ class Operation(SQLModel, table=True):
     started_at: datetime | None = None
     sent_at: datetime | None = None  # its steps reached the broker
     finished_at: datetime | None = None
+    # What its environment's log has: 0 nothing, 1 its start, 2 its end too. A default in the
+    # table as well: a writer that does not know the column (an older process) still inserts.
+    logged: int = Field(default=0, index=True, sa_column_kwargs={"server_default": "0"})
 
     @property
     def parameters(self) -> OpParams:
@@ -358,7 +374,7 @@ class Step(SQLModel, table=True):
     output_dropped: int = 0  # characters of the output no longer kept (before ``output``)
     exit_code: int | None = None  # run and exec steps
     targets: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
-    state: StepState = StepState.pending
+    state: StepState = Field(default=StepState.pending, index=True)  # running ones: the watcher's lease check
     error: str | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
@@ -385,6 +401,14 @@ class HostPublic(SQLModel):
 class EnvironmentPublic(SQLModel):
     name: str
     sandbox: bool
+
+
+class DashboardPublic(BaseModel):
+    """An included service's dashboard: where it answers and its credentials (HTTP basic auth)."""
+
+    url: str
+    user: str
+    password: str  # masked unless secrets are asked for
 
 
 class SitePublic(SQLModel):

@@ -11,6 +11,11 @@ LABEL_TARGET = "orchestrator.target"
 LABEL_RELEASE = "orchestrator.release"
 LABEL_CONFIG_HASH = "orchestrator.config-hash"
 
+# The variables every job's log lines carry (json-file's "env" option): who wrote each line.
+LOG_LABELS = ("ORCH_ENV", "ORCH_SERVICE", "ORCH_JOB", "ORCH_KIND", "ORCH_RELEASE", "ORCH_HOST")
+LABEL_SHIPPER = "orchestrator.log-shipper"  # a host's log shipper: the platform it ships for
+LABEL_NODE_EXPORTER = "orchestrator.node-exporter"  # a host's node exporter: the platform it serves
+
 CONTROL_QUEUE = "orchestrator"
 HOST_QUEUE_PREFIX = "host."
 
@@ -39,6 +44,29 @@ def host_queue(host: str) -> str:
     return f"{HOST_QUEUE_PREFIX}{host}"
 
 
+def queue_host(queue: str) -> str | None:
+    """The host whose node consumes ``queue`` (None: not a host's queue)."""
+    return queue.removeprefix(HOST_QUEUE_PREFIX) if queue.startswith(HOST_QUEUE_PREFIX) else None
+
+
+# Simulated hosts (``orchestrator sim run``): a Docker URL of their own scheme, and an address in
+# the reserved .invalid domain (RFC 2606), which never resolves: nothing can reach one.
+SIM_SCHEME = "sim://"
+SIM_DOMAIN = "sim.invalid"
+
+
+def sim_docker_url(host: str) -> str:
+    return f"{SIM_SCHEME}{host}"
+
+
+def sim_address(host: str) -> str:
+    return f"{host}.{SIM_DOMAIN}"
+
+
+def is_simulated(docker_url: str) -> bool:
+    return docker_url.startswith(SIM_SCHEME)
+
+
 # Names derived from env + service join them with "_", which names (DNS labels) cannot contain:
 # env "a-b" + service "db" and env "a" + service "b-db" never share a container or a volume.
 SEPARATOR = "_"
@@ -57,3 +85,14 @@ def volume_name(env: str, service: str) -> str:
 def legacy_volume_name(env: str, service: str) -> str:
     """The volume of a database created before names were unambiguous (kept: it holds its data)."""
     return f"orch-{env}-{service}-data"
+
+
+def shipper_name(host: str, platform_key: str) -> str:
+    """The log shipper container of ``host`` (and its volume): one per host and platform, as
+    several platforms (test runs) may share one Docker engine."""
+    return f"orch-logship-{host}-{platform_key}"
+
+
+def node_exporter_name(host: str, platform_key: str) -> str:
+    """The node exporter container of ``host`` (one per host and platform)."""
+    return f"orch-nodeexp-{host}-{platform_key}"

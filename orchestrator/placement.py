@@ -36,8 +36,8 @@ class HostLoad:
             return self.used_memory_mb / 1_000_000
         return max(cpu, mem)
 
-    def with_job(self, size: Size, port: int | None) -> HostLoad:
-        ports = self.used_ports | {port} if port is not None else self.used_ports
+    def with_job(self, size: Size, port: int | None, span: int = 1) -> HostLoad:
+        ports = self.used_ports | set(range(port, port + span)) if port is not None else self.used_ports
         return replace(
             self,
             used_cpus=self.used_cpus + size.cpus,
@@ -57,10 +57,12 @@ def choose_host(hosts: Sequence[HostLoad], size: Size, service_jobs: Mapping[str
 
 
 def free_port(used: AbstractSet[int], port_min: int, port_max: int,
-              usable: Callable[[int], bool] = lambda _port: True) -> int | None:
+              usable: Callable[[int], bool] = lambda _port: True, *, span: int = 1) -> int | None:
     """The lowest port of the range that no job on the host holds and ``usable`` accepts (a node
-    passes a check that nothing outside the platform answers on it)."""
-    for port in range(port_min, port_max + 1):
-        if port not in used and usable(port):
+    passes a check that nothing outside the platform answers on it), with the ``span - 1``
+    ports after it free too (a job that holds several)."""
+    for port in range(port_min, port_max - span + 2):
+        held = range(port, port + span)
+        if not any(p in used for p in held) and all(usable(p) for p in held):
             return port
     return None

@@ -62,6 +62,7 @@ class ServiceSpec:
     pinned_host: str | None = None  # databases live where their volume is
     args: tuple[str, ...] = ()  # flags for the image's own entrypoint (databases, caches)
     has_port: bool = True  # deploy jobs get a port (and PORT); worker jobs never do
+    extra_ports: tuple[str, ...] = ()  # deploy jobs also hold PORT+1, ... named by these variables
     routed: bool = False  # its deploy jobs serve sites through the proxy (code services)
     start_first: bool = False  # a redeploy starts new jobs before stopping old ones (the proxy)
     proxies: tuple[ProxyJob, ...] = ()  # the environment's running proxy jobs
@@ -209,6 +210,7 @@ def job_environment(spec: ServiceSpec, job_id: str, kind: JobKind, target: str |
         env["ORCH_TARGET"] = target
     if port is not None:
         env["PORT"] = str(port)
+        env.update((name, str(port + i)) for i, name in enumerate(spec.extra_ports, 1))
     return env
 
 
@@ -221,7 +223,7 @@ class _Placer:
         self.ports = ports
 
     def place(self, size: Size, needs_port: bool, *, host: str | None = None,
-              port: int | None = None) -> tuple[str, int | None]:
+              port: int | None = None, span: int = 1) -> tuple[str, int | None]:
         if host is not None:
             pinned = self.hosts.get(host)
             if pinned is None or not pinned.schedulable:
@@ -232,17 +234,18 @@ class _Placer:
         if chosen is None:
             raise PlanError(f"no up host has room for a job of {size.memory_mb}m/{size.cpus} CPU")
         if needs_port and port is None:
-            port = free_port(self.hosts[chosen].used_ports, self.ports.low, self.ports.high)
+            port = free_port(self.hosts[chosen].used_ports, self.ports.low, self.ports.high, span=span)
             if port is None:
                 raise PlanError(f"host {chosen} has no free port in {self.ports.low}-{self.ports.high}")
         if not needs_port:
             port = None
-        self.hosts[chosen] = self.hosts[chosen].with_job(size, port)
+        self.hosts[chosen] = self.hosts[chosen].with_job(size, port, span)
         if port is not None and self.hosts[chosen].address:
             # Hosts on one address (several daemons on one machine) share its ports.
+            held = set(range(port, port + span))
             for name, other in self.hosts.items():
                 if name != chosen and other.address == self.hosts[chosen].address:
-                    self.hosts[name] = replace(other, used_ports=other.used_ports | {port})
+                    self.hosts[name] = replace(other, used_ports=other.used_ports | held)
         self.service_jobs[chosen] += 1
         return chosen, port
 
@@ -256,7 +259,7 @@ def _new_jobs(spec: ServiceSpec, wanted: Sequence[WantedJob], placer: _Placer,
         needs_port = deploy and spec.has_port
         host, port = placer.place(spec.size, needs_port,
                                   host=spec.pinned_host if deploy else None,
-                                  port=spec.port if deploy else None)
+                                  port=spec.port if deploy else None, span=1 + len(spec.extra_ports))
         job_id = new_id()
         env = job_environment(spec, job_id, kind, target, host, port)
         jobs.append(NewJob(

@@ -6,7 +6,9 @@ it runs (``workers.node`` for a host's steps, ``orchestrator.control`` for the c
 
 from __future__ import annotations
 
-from celery import Celery
+from functools import cached_property
+from typing import TYPE_CHECKING
+
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
@@ -15,17 +17,32 @@ from orchestrator.db import session as new_session
 from orchestrator.dispatch import CeleryDispatch, Dispatch
 from orchestrator.settings import Settings
 
+if TYPE_CHECKING:
+    from celery import Celery
+
 
 class Platform:
-    """What the control side needs to act: the catalogue, a way to send work, settings."""
+    """What the control side needs to act: the catalogue, a way to send work, settings. The
+    Celery app, when none is given, is made when first used: a command that only reads the
+    catalogue never imports Celery."""
 
-    def __init__(self, engine: Engine, app: Celery, settings: Settings, *,
+    def __init__(self, engine: Engine, app: Celery | None, settings: Settings, *,
                  reader: Engine | None = None, dispatch: Dispatch | None = None) -> None:
         self.engine = engine
         self.reader_engine = reader or engine
-        self.app = app
         self.settings = settings
-        self.dispatch: Dispatch = dispatch or CeleryDispatch(app)
+        if app is not None:
+            self.app = app
+        if dispatch is not None:
+            self.dispatch = dispatch
+
+    @cached_property
+    def app(self) -> Celery:
+        return create_app(self.settings)
+
+    @cached_property
+    def dispatch(self) -> Dispatch:
+        return CeleryDispatch(self.app)
 
     def session(self) -> Session:
         return new_session(self.engine)
@@ -37,6 +54,8 @@ class Platform:
 
 def create_app(settings: Settings) -> Celery:
     """A Celery app on the configured broker, with no tasks: it sends by task name."""
+    from celery import Celery
+
     app = Celery("orchestrator", set_as_current=False)
     app.config_from_object("celeryconfig")
     app.conf.broker_url = settings.broker_url
@@ -45,6 +64,6 @@ def create_app(settings: Settings) -> Celery:
 
 
 def make_platform(settings: Settings) -> Platform:
-    """The catalogue's engines (schema made or migrated) and a Celery app, bound together."""
+    """The catalogue's engines (schema made or migrated); its Celery app is made when first used."""
     writer, reader = make_engines(settings.database_url)
-    return Platform(writer, create_app(settings), settings, reader=reader)
+    return Platform(writer, None, settings, reader=reader)

@@ -23,6 +23,7 @@ from orchestrator.models import (
     ServiceType,
 )
 from orchestrator.platform import Platform
+from orchestrator.who import asker
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,11 @@ def _request(p: Platform, *, env: str, service: str,
     with p.session() as s:
         environment, svc = catalogue.get_service(session=s, env=env, name=service)
         decision = decide(s, svc)
+        params = decision.params
+        if params.requested_by is None and asker.get() is not None:
+            params = params.model_copy(update={"requested_by": asker.get()})
         op = catalogue.record_operation(session=s, env=environment, service=svc, kind=decision.kind,
-                                        trigger=decision.trigger, params=decision.params)
+                                        trigger=decision.trigger, params=params)
         s.commit()
     operations.start_next(p, op.service_id)
     with p.reader() as s:
@@ -97,8 +101,9 @@ def request_redeploy(p: Platform, *, env: str, service: str, support: bool = Fal
     """A manual redeploy, a support redeploy, or (with ``release``) a rollback."""
 
     def decide(s: Session, svc: Service) -> Decision:
-        if not service_types.profile(svc.type).user_redeploy:
-            raise BadInput(f"{svc.type} services cannot be redeployed through the CLI or API")
+        if not service_types.profile(svc.type).user_redeploy and not support:
+            raise BadInput(f"{svc.type} services cannot be redeployed through the CLI or API (support can, "
+                           "with --support)")
         _check_redeployable(svc, support)
         if release is not None:
             rel = catalogue.get_release(session=s, service=svc, number=release)
@@ -256,7 +261,7 @@ def _record_routes(s: Session, env: Environment) -> Operation | None:
     if svc is None:
         return None
     return catalogue.record_operation(session=s, env=env, service=svc, kind=OpKind.routes,
-                                      trigger=OpTrigger.manual)
+                                      trigger=OpTrigger.manual, params=OpParams(requested_by=asker.get()))
 
 
 def _started(p: Platform, op: Operation | None) -> Operation | None:

@@ -22,6 +22,9 @@ class TypeProfile:
     start_first: bool = False  # a redeploy starts the new jobs before it stops the old ones
     routed: bool = False  # its deploy jobs serve the environment's sites through the proxy
     args: tuple[str, ...] = ()  # flags for the image's entrypoint; {port} is the job's port
+    # More ports a job holds after its PORT, by the variable that names each: the logging
+    # service's PORT is its dashboard and API, PORT+1 (SYSLOG_PORT) its syslog (RELP) input.
+    extra_ports: tuple[str, ...] = ()
     url_variable: str | None = None  # e.g. DATABASE_URL, for the env's code services
     secret_keys: frozenset[str] = field(default_factory=frozenset)
 
@@ -51,11 +54,24 @@ PROFILES: dict[ServiceType, TypeProfile] = {
     # The proxy listens on its environment's ports, not on one of the job range; its new jobs
     # bind them beside the old ones (SO_REUSEPORT) before the old ones stop.
     ServiceType.service_proxy: TypeProfile(default_image=None, has_port=False, start_first=True),
-    ServiceType.logging: TypeProfile(default_image=None, user_redeploy=False),
-    ServiceType.monitoring: TypeProfile(default_image=None, user_redeploy=False, has_port=False),
+    # One job holds the environment's log store (a volume on its host) and its stable ports,
+    # which every host's log shipper sends to: they stay true across its redeploys.
+    ServiceType.logging: TypeProfile(default_image=None, user_redeploy=False, data_dir="/var/lib/orch-logs",
+                                     single_job=True, stable_port=True,
+                                     extra_ports=("SYSLOG_PORT",)),
+    # Prometheus (PORT: its UI, API and console pages) and its blackbox exporter (BLACKBOX_PORT),
+    # its data in a volume; what it checks is in files its host's node keeps in line.
+    ServiceType.monitoring: TypeProfile(default_image=None, user_redeploy=False, data_dir="/var/lib/orch-monitoring",
+                                        single_job=True, stable_port=True, extra_ports=("BLACKBOX_PORT",)),
 }
 
 DATABASE_TYPES = frozenset({ServiceType.postgresql, ServiceType.mysql})
+
+
+def ports_held(environment: Mapping[str, str]) -> int:
+    """How many ports from its PORT a job holds, from its variables."""
+    extra = {name for p in PROFILES.values() for name in p.extra_ports}
+    return 1 + len(extra.intersection(environment))
 
 
 def profile(kind: ServiceType) -> TypeProfile:
@@ -72,6 +88,8 @@ def new_credentials(kind: ServiceType, service: str) -> dict[str, str]:
         return creds
     if kind == ServiceType.redis:
         return {"password": secrets.token_urlsafe(18)}
+    if kind in (ServiceType.logging, ServiceType.monitoring):  # its dashboard and API (HTTP basic auth)
+        return {"user": "admin", "password": secrets.token_urlsafe(18)}
     return {}
 
 
@@ -85,6 +103,10 @@ def container_variables(kind: ServiceType, creds: Mapping[str, str]) -> dict[str
                 "MYSQL_PASSWORD": creds["password"], "MYSQL_DATABASE": creds["database"]}
     if kind == ServiceType.redis:
         return {"REDIS_PASSWORD": creds["password"]}
+    if kind == ServiceType.logging and "password" in creds:
+        return {"LOG_USER": creds["user"], "LOG_PASSWORD": creds["password"]}
+    if kind == ServiceType.monitoring and "password" in creds:
+        return {"MONITOR_USER": creds["user"], "MONITOR_PASSWORD": creds["password"]}
     return {}
 
 
@@ -181,14 +203,8 @@ class IncludedService:
     sandbox_too: bool = True
 
 
-def _placeholder_page(title: str) -> str:
-    return (f'mkdir -p /tmp/www && echo "{title} of $ORCH_ENV" > /tmp/www/index.html'
-            " && exec httpd -f -p $PORT -h /tmp/www")
-
-
 INCLUDED_SERVICES = (
-    IncludedService("logging", ServiceType.logging, _placeholder_page("logging dashboard")),
+    IncludedService("logging", ServiceType.logging, None),
     IncludedService("service-proxy", ServiceType.service_proxy, None),
-    IncludedService("monitoring", ServiceType.monitoring, "exec sh -c 'while :; do sleep 30; done'",
-                    sandbox_too=False),
+    IncludedService("monitoring", ServiceType.monitoring, None, sandbox_too=False),
 )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -36,6 +38,9 @@ class Settings(BaseSettings):
     # directory per job, mounted into its container. On the Docker host; keep the path short
     # (unix socket paths are limited to 107 bytes).
     proxy_dir: str = "/var/lib/orchestrator/proxy"
+    # Where a node keeps its monitoring jobs' files (Prometheus' and the blackbox exporter's
+    # configuration, the targets), one directory per job, mounted into its container.
+    monitor_dir: str = "/var/lib/orchestrator/monitor"
     drain_timeout: float = Field(default=10.0, ge=0)  # seconds a job leaving the proxy may finish requests
     # The platform's image registry (``orchestrator registry run``), e.g. 127.0.0.1:5000: built
     # images are pushed there and nodes pull them. Empty: images are built on each host.
@@ -48,13 +53,19 @@ class Settings(BaseSettings):
     removed_grace: float = Field(default=600.0, ge=0)
     heal_backoff: float = Field(default=5.0, gt=0)  # first wait before a heal; doubles each attempt
     # Images of the auto-included services (built locally by scripts/build-images).
-    image_logging: str = "orch/busybox:1"
+    image_logging: str = "orch/logging:1"
     image_service_proxy: str = "orch/haproxy:2.6"
-    image_monitoring: str = "orch/busybox:1"
+    image_monitoring: str = "orch/monitoring:1"
 
     @property
     def backend_url(self) -> str:
         return self.result_backend or self.broker_url
+
+    @property
+    def platform_key(self) -> str:
+        """Short and stable for this platform (its catalogue): names what it keeps on a Docker
+        engine that several platforms may share, such as each host's log shipper."""
+        return hashlib.sha256(self.database_url.encode()).hexdigest()[:8]
 
 
 def get_settings() -> Settings:

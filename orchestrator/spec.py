@@ -28,7 +28,8 @@ def variables_for(s: Session, env: Environment, svc: Service) -> list[VariableVi
         merged[name] = (value, VariableSource.platform)
     result = [VariableView(name=n, value=v, source=src, secret=service_types.is_secret(n, v))
               for n, (v, src) in merged.items()]
-    per_job = [*(["PORT"] if service_types.profile(svc.type).has_port else []), *JOB_VARIABLES]
+    kind = service_types.profile(svc.type)
+    per_job = [*(["PORT", *kind.extra_ports] if kind.has_port else []), *JOB_VARIABLES]
     result += [VariableView(name=n, value="(set per job)", source=VariableSource.job, secret=False)
                for n in per_job]
     return sorted(result, key=lambda v: v.name)
@@ -77,6 +78,7 @@ def service_spec(s: Session, env: Environment, svc: Service) -> planner.ServiceS
         command=release.command if release is not None and release.command else svc.command,
         size_name=svc.size, size=parse_size(svc.size), scale=svc.scale, overlap=svc.overlap,
         variables=variables, release=svc.release, workers=workers, has_port=kind.has_port,
+        extra_ports=kind.extra_ports,
         volume=f"{svc.volume or legacy_volume_name(env.name, svc.name)}:{kind.data_dir}"
         if kind.data_dir else None,
         port=svc.port, pinned_host=svc.host if kind.data_dir else None,

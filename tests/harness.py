@@ -9,6 +9,7 @@ processes it starts.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import socket
@@ -31,6 +32,8 @@ SAMPLE_IMAGE = "orch/sample-app:1"
 BUSYBOX_IMAGE = "orch/busybox:1"
 HTTPD = "httpd -f -p $PORT -h /var/www"  # the sample image's web server, on the job's port
 LABEL_ENV = "orchestrator.env"  # the spec's label (orchestrator.names, not imported: see above)
+LABEL_SHIPPER = "orchestrator.log-shipper"  # a host's log shipper, by the platform it ships for
+LABEL_NODE_EXPORTER = "orchestrator.node-exporter"  # a host's node exporter, by the platform it serves
 
 T = TypeVar("T")
 
@@ -193,6 +196,7 @@ class PlatformEnv:
             "ORCH_PROXY_PORT_MIN": str(self.proxy_ports[0]),
             "ORCH_PROXY_PORT_MAX": str(self.proxy_ports[1]),
             "ORCH_PROXY_DIR": self.proxy_dir,
+            "ORCH_MONITOR_DIR": f"/tmp/orch-monitor-{self.ports[0]}",
             "ORCH_GIT_DIR": f"/tmp/orch-git-{self.ports[0]}",
             "ORCH_REMOVED_GRACE": "1",  # removed services' rows go a second after their removal
             **{name: str(value) for name, value in chosen.items() if value is not None},
@@ -251,8 +255,14 @@ class Platform:
         stop_process(self.nodes[host], signal.SIGKILL)
 
     def stop_nodes(self) -> None:
+        """Its nodes, and what they ran beside the jobs on this machine's Docker."""
         for proc in self.nodes.values():
             stop_process(proc)
+        client = docker.DockerClient(base_url=DEFAULT_DOCKER_URL, version="auto")
+        try:
+            remove_host_containers(client, self.env.database_url)
+        finally:
+            client.close()
 
 
 # --- a Redis server of its own (to stop and start in fault tests) --------------------------------------
@@ -401,6 +411,27 @@ def retire(catalogue_url: str, *envs: str) -> None:
                     "UPDATE environment SET http_port = NULL, https_port = NULL WHERE name = :env"), {"env": env})
     finally:
         engine.dispose()
+
+
+def platform_key(database_url: str) -> str:
+    """What the platform names its things on a shared Docker engine by (Settings.platform_key)."""
+    return hashlib.sha256(database_url.encode()).hexdigest()[:8]
+
+
+def remove_host_containers(client: docker.DockerClient, database_url: str) -> int:
+    """Remove what the platform's nodes run beside the jobs (log shippers, node exporters) and
+    their volumes (named as they are); how many containers."""
+    removed = 0
+    key = platform_key(database_url)
+    for label in (LABEL_SHIPPER, LABEL_NODE_EXPORTER):
+        for found in client.api.containers(all=True, filters={"label": f"{label}={key}"}):
+            with suppress(docker.errors.NotFound):
+                client.api.remove_container(found["Id"], force=True, v=True)
+                removed += 1
+            for name in found["Names"]:
+                with suppress(docker.errors.NotFound, docker.errors.APIError):
+                    client.api.remove_volume(name.lstrip("/"), force=True)
+    return removed
 
 
 def remove_containers(client: docker.DockerClient, *envs: str) -> int:

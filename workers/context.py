@@ -11,6 +11,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from orchestrator.platform import Platform
+from workers.exporter import NodeExporter
+from workers.logship import LogShipper
+from workers.monitor import MonitorFiles
 from workers.proxy import MemoryProxies, ProxyDriver
 from workers.runtime.base import Runtime
 
@@ -45,6 +48,10 @@ class NodeContext:
     port_lock: threading.Lock = field(default_factory=threading.Lock)  # one port move at a time
     # The host's service proxy jobs (HAProxy on a real node, the in-memory twin in unit tests).
     proxies: ProxyDriver = field(default_factory=MemoryProxies)
+    # The host's log shipper (None: this node ships no logs, as with the in-memory runtime).
+    shipper: LogShipper | None = None
+    node_exporter: NodeExporter | None = None  # the host's (None: none, as with the in-memory runtime)
+    monitors: MonitorFiles | None = None  # its monitoring jobs' files (None: not kept, in unit tests)
     # Whether something answers on ADDRESS:PORT (a job is ready; a port is held elsewhere): a
     # real TCP connect on a node; the in-memory runtime's answer in unit tests.
     accepts: Callable[[str, int], bool] = tcp_accepts

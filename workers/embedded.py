@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import urllib.request
 from collections.abc import Callable
 from typing import Any
@@ -15,7 +16,9 @@ from typing import Any
 from celery.worker import WorkController
 from sqlmodel import col, select
 
-from orchestrator import catalogue, control, names, operations, requests
+from orchestrator import catalogue, control, names, operations, requests, who
+from orchestrator import logs as env_logs
+from orchestrator.catalogue import LoggingDown
 from orchestrator.errors import BadInput, NotFound
 from orchestrator.models import Operation, OperationPublic, OpState, ServiceType
 from orchestrator.platform import Platform, make_platform
@@ -137,6 +140,7 @@ def run_demo(platform: Platform, echo: Callable[[str], None]) -> int:
         if code:
             raise SystemExit(code)
 
+    who.asker.set("the dev demo")  # what it asks for says so, in the environment's log
     with platform.reader() as s:
         exists = any(e.name == DEMO_ENV for e in catalogue.list_envs(session=s))
     if not exists:
@@ -170,9 +174,28 @@ def run_demo(platform: Platform, echo: Callable[[str], None]) -> int:
             request = urllib.request.Request(url, headers={"Host": DEMO_SITE})
             with urllib.request.urlopen(request, timeout=5) as r:
                 echo(f"  {r.status} {r.read().decode().strip()}")
+    _show_log(platform, echo)
     echo("\ndemo done. Remove its containers with:\n"
          f"  docker rm -f $(docker ps -aq --filter label={names.LABEL_ENV}={DEMO_ENV})")
     return 0
+
+
+def _show_log(platform: Platform, echo: Callable[[str], None], timeout: float = 20.0) -> None:
+    """The end of the environment's log (its logging service): the jobs' lines and the
+    platform's events, once the last redeploy's end is there."""
+    echo(f"\n== the environment's log (its logging service): orchestrator logs {DEMO_ENV} -n 8")
+    deadline = time.monotonic() + timeout
+    lines: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        try:
+            lines = env_logs.read(platform, DEMO_ENV, env_logs.LogQuery(limit=8))
+        except (BadInput, LoggingDown):
+            lines = []
+        if any("succeeded" in line["line"] and "redeploy" in line["line"] for line in lines[-3:]):
+            break
+        time.sleep(0.5)
+    for text in env_logs.render(lines):
+        echo(f"  {text}")
 
 
 def _change(platform: Platform, *, variables: dict[str, str] | None = None,

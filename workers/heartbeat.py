@@ -11,6 +11,7 @@ from orchestrator import catalogue, fleet
 from orchestrator.models import utcnow
 from orchestrator.names import LABEL_JOB
 from orchestrator.periodic import Periodic
+from workers import monitor
 from workers.context import NodeContext
 from workers.proxy import wanted
 
@@ -58,7 +59,58 @@ class NodeHeartbeat:
         # Off the beat's thread: a proxy slow to reload must never delay a heartbeat.
         with self._lock:
             if self._reconciling is None or self._reconciling.done():
-                self._reconciling = self._proxies.submit(self.reconcile_proxies)
+                self._reconciling = self._proxies.submit(self.reconcile)
+
+    def reconcile(self) -> None:
+        self.reconcile_proxies()
+        self.reconcile_shipper()
+        self.reconcile_node_exporter()
+        self.reconcile_monitors()
+
+    def reconcile_monitors(self) -> None:
+        """Every running monitoring job of this host checks what its environment runs now."""
+        node = self.node
+        if node.monitors is None:
+            return
+        with node.platform.reader() as s:
+            running = catalogue.monitoring_jobs_on(session=s, host=node.host)
+            endpoints = {env.name: catalogue.monitor_dashboard(session=s, env=env) for _, env in running}
+        for job, env in running:
+            endpoint = endpoints[env.name]
+            if endpoint is None:
+                continue
+            try:
+                node.monitors.apply(job.id, monitor.wanted(node.platform, env, endpoint.blackbox_port), endpoint)
+            except Exception as exc:
+                log.debug("monitoring job %s: not brought in line this beat: %s", job.id, exc)
+
+    def reconcile_node_exporter(self) -> None:
+        """The host's node exporter runs while some environment has a monitoring service, and
+        the catalogue knows its port."""
+        exporter, node = self.node.node_exporter, self.node
+        if exporter is None:
+            return
+        with node.platform.reader() as s:
+            if not catalogue.monitoring_wanted(session=s):
+                return
+            known = catalogue.get_host(session=s, name=node.host).node_exporter_port
+        port = exporter.ensure()
+        if port != known:
+            with node.platform.session() as s:
+                catalogue.set_metrics_ports(session=s, name=node.host, node_exporter_port=port)
+                s.commit()
+
+    def reconcile_shipper(self) -> None:
+        """The host's log shipper sends to every environment's logging service as placed now."""
+        shipper = self.node.shipper
+        if shipper is None:
+            return
+        with self.node.platform.reader() as s:
+            targets = catalogue.log_targets(session=s)
+        try:
+            shipper.apply(targets)
+        except Exception as exc:  # said by the shipper; the next beat tries again
+            log.debug("host %s: log shipper not brought in line this beat: %s", self.node.host, exc)
 
     def reconcile_proxies(self) -> None:
         """Every running proxy job of this host brought in line with the catalogue: what a
@@ -92,7 +144,7 @@ class NodeHeartbeat:
                 self._removing.discard(name)
 
     def wait_for_removals(self) -> None:
-        """Until the removals (and the proxies' reconciliation) asked so far are done (for
+        """Until the removals (and the proxies' and shipper's reconciliation) asked so far are done (for
         tests and a clean stop)."""
         with self._lock:
             reconciling = self._reconciling

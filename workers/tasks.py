@@ -19,13 +19,14 @@ from sqlalchemy import update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import col
 
-from orchestrator import builds, catalogue, names, spec
+from orchestrator import builds, catalogue, names, service_types, spec
 from orchestrator.dispatch import TASK_OF
 from orchestrator.errors import one_line
 from orchestrator.models import Environment, Job, JobState, RouteState, Service, Step, StepAction, StepState, utcnow
 from orchestrator.placement import free_port
 from orchestrator.proxy import ProxyConfig
 from orchestrator.sizes import parse_size
+from workers import monitor
 from workers.context import NodeContext
 from workers.proxy import ProxyError
 from workers.proxy import passed as proxy_passed
@@ -183,10 +184,15 @@ def start_job(node: NodeContext, step: Step, job: Job | None) -> dict[str, Any]:
     """Start the job's container (adopting one of the same name) and wait until it is ready."""
     job = _need(job, step)
     try:
-        if job.port is not None and node.accepts(node.address, job.port) \
+        port, span = job.port, service_types.ports_held(job.environment)
+        if port is not None and any(node.accepts(node.address, port + i) for i in range(span)) \
                 and node.runtime.inspect(job.container_name) is None:
             job = move_port(node, job)  # a program outside the platform holds it
-        state = node.runtime.run(container_spec(job))
+        spec = container_spec(job)
+        if node.monitors is not None and "BLACKBOX_PORT" in job.environment:  # a monitoring job: its files first
+            files = node.monitors.prepare(job.id, wanted_monitoring(node, job))
+            spec = replace(spec, volumes={**spec.volumes, **files})
+        state = node.runtime.run(spec)
         wait_ready(node, job)
     except Exception as exc:
         _remove_failed(node, job, exc)
@@ -209,7 +215,8 @@ def move_port(node: NodeContext, job: Job) -> Job:
     with node.port_lock, p.session() as s:
         load = next(h for h in catalogue.host_loads(session=s) if h.name == node.host)
         port = free_port(load.used_ports, p.settings.port_min, p.settings.port_max,
-                         usable=lambda candidate: not node.accepts(node.address, candidate))
+                         usable=lambda candidate: not node.accepts(node.address, candidate),
+                         span=service_types.ports_held(job.environment))
         if port is not None:
             moved = catalogue.move_job_port(session=s, job_id=job.id, port=port)
             s.commit()
@@ -220,11 +227,20 @@ def move_port(node: NodeContext, job: Job) -> Job:
 
 def stop_job(node: NodeContext, step: Step, job: Job | None) -> dict[str, Any]:
     """Stop and remove the job's container; one that is already gone counts as stopped. A
-    proxy job's files go with it."""
+    proxy or monitoring job's files go with it."""
     job = _need(job, step)
     node.runtime.stop(job.container_name, timeout=node.platform.settings.stop_timeout)
     node.proxies.remove(job.id)
+    if node.monitors is not None:
+        node.monitors.remove(job.id)
     return {"job": job.id}
+
+
+def wanted_monitoring(node: NodeContext, job: Job) -> dict[str, str]:
+    """A monitoring job's directory as the catalogue says now."""
+    with node.platform.reader() as s:
+        env = catalogue.get_env(session=s, name=job.environment.get("ORCH_ENV", ""))
+    return monitor.wanted(node.platform, env, int(job.environment["BLACKBOX_PORT"]))
 
 
 # --- the service proxy ----------------------------------------------------------------------------
@@ -441,11 +457,21 @@ WORK_OF: dict[StepAction, Work] = {
 # --- registration ---------------------------------------------------------------------------------
 
 
+NodeOf = Callable[[Task], NodeContext]  # the node a task runs for, from its request
+
+
 def register(app: Celery, node: NodeContext) -> None:
     """Register the step tasks of ``node`` on ``app`` under their stable names. Their keyword
     arguments besides ``step_id`` only tell a Flower reader what the step serves."""
+    register_for(app, lambda _task: node)
+
+
+def register_for(app: Celery, node_of: NodeOf) -> None:
+    """Register the step tasks on ``app``, each running for the node ``node_of(task)`` names: a
+    process that serves many hosts' queues (``workers.sim``) finds it from the task's queue."""
 
     def step(task: Task, step_id: int, work: Work, env: str, service: str) -> dict[str, Any]:
+        node = node_of(task)
         try:
             return run_step(node, step_id, work, env=env, service=service)
         except SQLAlchemyError as exc:

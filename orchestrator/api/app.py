@@ -7,25 +7,34 @@ fault but never echoes what was sent (a body may hold a private key or a passwor
 /docs is Swagger UI served from the ``swagger_ui_bundle`` package: it works offline.
 """
 
+import json
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response, status
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response, status
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, Field, StrictBool, StrictInt
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlmodel import Session
+from starlette.types import ASGIApp, Receive, Scope, Send
 from swagger_ui_bundle import swagger_ui_path  # type: ignore[import-untyped]
 
-from orchestrator import catalogue, operations, requests, rules, spec
+from orchestrator import catalogue, operations, requests, rules, spec, who
+from orchestrator import logs as env_logs
+from orchestrator import status as env_status
 from orchestrator.api.git import git_router
+from orchestrator.catalogue import LoggingDown
 from orchestrator.errors import BadInput, NotFound, one_line
+from orchestrator.metrics import PlatformCollector
 from orchestrator.models import (
+    DashboardPublic,
     Environment,
     EnvironmentPublic,
     JobPublic,
@@ -64,6 +73,7 @@ TAGS = [
     {"name": "commands", "description": "One-off commands: in a new container, or in a running job."},
     {"name": "sites", "description": "Host names the environment's service proxy routes to code services."},
     {"name": "jobs", "description": "Jobs: the containers the platform runs."},
+    {"name": "logs", "description": "What the environment's jobs wrote and the platform did; how its services are."},
     {"name": "operations", "description": "Operations: every change, recorded and run step by step."},
     {"name": "hooks", "description": "Webhooks for code pushes."},
 ]
@@ -156,6 +166,19 @@ class ProxyPorts(BaseModel):
     https_port: int | None
 
 
+class LogLine(BaseModel):
+    """One line of an environment's log: a job's, or the platform's own event (kind "event")."""
+
+    time: str
+    env: str | None
+    service: str | None
+    job: str | None
+    kind: str | None
+    host: str | None
+    release: str | None
+    line: str
+
+
 class EnvironmentDetail(BaseModel):
     """One environment: what ``orchestrator env show --json`` shows, but its services (they
     have their own listing, /envs/{env}/services)."""
@@ -164,6 +187,7 @@ class EnvironmentDetail(BaseModel):
     sandbox: bool
     proxy: ProxyPorts
     sites: list[SitePublic]
+    dashboards: dict[str, DashboardPublic]  # logging: its url, user, password (shown with show_secrets)
 
 
 class EnvironmentCreated(EnvironmentDetail):
@@ -253,11 +277,12 @@ def checked_argv(argv: list[str]) -> list[str]:
     return argv
 
 
-def env_detail(db: Session, environment: Environment) -> dict[str, Any]:
+def env_detail(db: Session, environment: Environment, show_secrets: bool = False) -> dict[str, Any]:
     """The fields of an EnvironmentDetail."""
     return {"name": environment.name, "sandbox": environment.sandbox,
             "proxy": ProxyPorts(http_port=environment.http_port, https_port=environment.https_port),
-            "sites": catalogue.list_sites(session=db, env=environment)}
+            "sites": catalogue.list_sites(session=db, env=environment),
+            "dashboards": catalogue.dashboards(session=db, env=environment, show_secrets=show_secrets)}
 
 
 def accepted_fields(op: Operation) -> dict[str, Any]:
@@ -292,15 +317,47 @@ def openapi_30(node: Any) -> Any:
     return out
 
 
+MAX_PAGE = 1000  # rows of a list per request
+
+
+@dataclass(frozen=True)
+class PageOf:
+    """A page of a list that grows (jobs, operations): ``limit`` rows from ``offset``."""
+
+    limit: int
+    offset: int
+
+
+def _page(limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+          offset: Annotated[int, Query(ge=0, le=rules.MAX_ID)] = 0) -> PageOf:
+    return PageOf(limit, offset)
+
+
 Db = Annotated[Session, Depends(_session)]
 ReadDb = Annotated[Session, Depends(_reader)]
 Who = Annotated[Role, Depends(_role)]
+Page = Annotated[PageOf, Depends(_page)]
+
+
+class _AskedByApi:
+    """What a request asks for says it came through the API (the log's "asked by")."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        asked = who.asker.set("api")
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            who.asker.reset(asked)
 
 
 def create_api(platform: Platform) -> FastAPI:
     api = FastAPI(title="orchestrator", version="1", description=DESCRIPTION, openapi_tags=TAGS,
                   openapi_url="/api/v1/openapi.json", docs_url=None, redoc_url=None)
     api.state.platform = platform
+    api.add_middleware(_AskedByApi)
     v1 = APIRouter(prefix="/api/v1")
 
     @api.exception_handler(SQLAlchemyError)
@@ -326,6 +383,14 @@ def create_api(platform: Platform) -> FastAPI:
 
     # Swagger UI, offline: its files from the swagger_ui_bundle package, never a CDN.
     api.mount(DOCS_STATIC, StaticFiles(directory=swagger_ui_path), name="docs-static")
+
+    # The platform's metrics, for Prometheus: no token (nothing secret in them).
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(PlatformCollector(platform))
+
+    @api.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @api.get("/docs", include_in_schema=False)
     def docs() -> HTMLResponse:
@@ -376,9 +441,9 @@ def create_api(platform: Platform) -> FastAPI:
         return EnvironmentCreated(**detail, operations=[op.id or 0 for op in started])
 
     @v1.get("/envs/{env}", response_model=EnvironmentDetail, tags=["envs"])
-    def get_env(env: str, db: ReadDb, _: Who) -> Any:
-        """An environment: its proxy's ports and its sites."""
-        return EnvironmentDetail(**env_detail(db, catalogue.get_env(session=db, name=env)))
+    def get_env(env: str, db: ReadDb, _: Who, show_secrets: bool = False) -> Any:
+        """An environment: its proxy's ports, its sites and its dashboards."""
+        return EnvironmentDetail(**env_detail(db, catalogue.get_env(session=db, name=env), show_secrets))
 
     @v1.delete("/envs/{env}", status_code=202, response_model=list[RemovalAccepted], tags=["envs"])
     def remove_env(env: str, _: Who, delete_data: bool = False) -> Any:
@@ -565,27 +630,56 @@ def create_api(platform: Platform) -> FastAPI:
         return start(requests.request_exec, env=env, service=svc, argv=checked_argv(body.argv),
                      job=checked_text(body.job, "job"), requested_by=f"api ({who})")
 
+    # Logs.
+
+    @v1.get("/envs/{env}/logs", response_model=list[LogLine], tags=["logs"],
+            responses={200: {"content": {"application/x-ndjson": {}}}})
+    def read_logs(env: str, _: Who, service: str | None = None, job: str | None = None, since: str | None = None,
+                  grep: str | None = None, lines: int | None = None, follow: bool = False) -> Any:
+        """The last matching lines, oldest first; follow=1: then each new one (NDJSON); 503: logging is down."""
+        if lines is None:
+            lines = env_logs.MAX_LINES if since is not None else 100
+        query = env_logs.LogQuery(service=checked_text(service, "service"), job=checked_text(job, "job"),
+                                  grep=checked_text(grep, "grep"), limit=lines,
+                                  since=env_logs.parse_since(since) if since is not None else None)
+        try:
+            if not follow:
+                return env_logs.read(platform, env, query)
+            stream = env_logs.follow(platform, env, query)
+        except LoggingDown as exc:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, one_line(exc)) from None
+        return StreamingResponse((json.dumps(line) + "\n" if line is not None else "\n" for line in stream),
+                                 media_type="application/x-ndjson")
+
+    @v1.get("/envs/{env}/status", tags=["logs"])
+    def env_status_(env: str, _: Who) -> Any:
+        """Each service's running and wanted jobs, and each check and alert from its monitoring."""
+        return env_status.status(platform, env)
+
     # Jobs.
 
     @v1.get("/envs/{env}/jobs", response_model=list[JobPublic], tags=["jobs"])
-    def list_env_jobs(env: str, db: ReadDb, _: Who) -> Any:
-        """The active jobs of the environment's services."""
-        return catalogue.list_jobs(session=db, env=catalogue.get_env(session=db, name=env))
+    def list_env_jobs(env: str, db: ReadDb, _: Who, page: Page) -> Any:
+        """The active jobs of the environment's services, a page at a time (limit, at most 1000, from offset)."""
+        return catalogue.list_jobs(session=db, env=catalogue.get_env(session=db, name=env), limit=page.limit,
+                                   offset=page.offset)
 
     @v1.get("/envs/{env}/services/{svc}/jobs", response_model=list[JobPublic], tags=["jobs"])
-    def list_jobs(env: str, svc: str, db: ReadDb, _: Who) -> Any:
-        """The active jobs of the service."""
+    def list_jobs(env: str, svc: str, db: ReadDb, _: Who, page: Page) -> Any:
+        """The active jobs of the service, a page at a time: limit (default 100, at most 1000) from offset."""
         environment, service = catalogue.get_service(session=db, env=env, name=svc)
-        return catalogue.list_jobs(session=db, env=environment, service=service)
+        return catalogue.list_jobs(session=db, env=environment, service=service, limit=page.limit,
+                                   offset=page.offset)
 
     # Operations.
 
     @v1.get("/operations", response_model=list[OperationPublic], tags=["operations"])
-    def list_operations(db: ReadDb, _: Who, env: str | None = None) -> Any:
-        """The latest operations, newest first (of one environment with env)."""
+    def list_operations(db: ReadDb, _: Who, page: Page, env: str | None = None) -> Any:
+        """The operations, newest first (of env only, if given), a page at a time (limit, from offset)."""
         environment = catalogue.get_env(session=db, name=env) if env else None
-        return [catalogue.operation_public(session=db, op=op)
-                for op in catalogue.list_operations(session=db, env=environment)]
+        return catalogue.operations_public(
+            session=db, ops=catalogue.list_operations(session=db, env=environment, limit=page.limit,
+                                                      offset=page.offset))
 
     @v1.get("/operations/{op_id}", response_model=OperationPublic, tags=["operations"])
     def get_operation(op_id: int, db: ReadDb, _: Who) -> Any:

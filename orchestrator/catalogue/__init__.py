@@ -12,8 +12,41 @@ from orchestrator.catalogue.builds import (
     set_release_state,
     store_source,
 )
-from orchestrator.catalogue.hosts import add_host, get_host, host_loads, host_views, list_hosts
-from orchestrator.catalogue.jobs import active_jobs, job_public, list_jobs, move_job_port, set_job_state
+from orchestrator.catalogue.hosts import (
+    add_host,
+    get_host,
+    host_loads,
+    host_views,
+    list_hosts,
+    set_metrics_ports,
+)
+from orchestrator.catalogue.jobs import (
+    active_jobs,
+    job_public,
+    list_jobs,
+    move_job_port,
+    running_jobs_of,
+    set_job_state,
+)
+from orchestrator.catalogue.logs import (
+    LogEndpoint,
+    LoggingDown,
+    dashboard,
+    dashboards,
+    log_targets,
+    logging_endpoint,
+    mark_logged,
+    monitoring_wanted,
+    unlogged_operations,
+)
+from orchestrator.catalogue.monitoring import (
+    MonitorEndpoint,
+    MonitoringDown,
+    monitor_dashboard,
+    monitor_endpoint,
+    monitoring_checks,
+    monitoring_jobs_on,
+)
 from orchestrator.catalogue.operations import (
     begin_operation,
     begin_step,
@@ -24,6 +57,7 @@ from orchestrator.catalogue.operations import (
     list_operations,
     mark_sent,
     operation_public,
+    operations_public,
     record_operation,
     release_service,
     skip_pending_steps,
@@ -69,6 +103,10 @@ from orchestrator.catalogue.services import (
 from orchestrator.catalogue.tokens import create_token, role_of_token
 
 __all__ = [
+    "LogEndpoint",
+    "LoggingDown",
+    "MonitorEndpoint",
+    "MonitoringDown",
     "active_jobs",
     "add_host",
     "add_release",
@@ -81,6 +119,8 @@ __all__ = [
     "claim_next_operation",
     "create_env",
     "create_token",
+    "dashboard",
+    "dashboards",
     "end_operation",
     "end_step",
     "find_worker",
@@ -103,12 +143,21 @@ __all__ = [
     "list_releases",
     "list_services",
     "list_sites",
+    "log_targets",
+    "logging_endpoint",
     "mark_env_removed",
+    "mark_logged",
     "mark_sent",
     "mark_service_removed",
+    "monitor_dashboard",
+    "monitor_endpoint",
+    "monitoring_checks",
+    "monitoring_jobs_on",
+    "monitoring_wanted",
     "move_job_port",
     "next_release_number",
     "operation_public",
+    "operations_public",
     "proxy_config",
     "proxy_jobs",
     "proxy_jobs_on",
@@ -119,8 +168,10 @@ __all__ = [
     "release_service",
     "release_views",
     "role_of_token",
+    "running_jobs_of",
     "service_public",
     "set_job_state",
+    "set_metrics_ports",
     "set_release_state",
     "set_route",
     "set_variables",
@@ -129,6 +180,7 @@ __all__ = [
     "store_source",
     "take_over_step",
     "unfinished_operations",
+    "unlogged_operations",
     "unset_variables",
     "update_service",
     "want_heal",

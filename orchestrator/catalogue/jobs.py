@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+from typing import Any, cast
+
 from sqlalchemy import update
 from sqlmodel import Session, col, select
 
+from orchestrator import service_types
 from orchestrator.catalogue.services import list_services
 from orchestrator.errors import NotFound
 from orchestrator.models import (
@@ -25,16 +29,33 @@ def active_jobs(*, session: Session, service: Service) -> list[Job]:
     return list(session.exec(query.order_by(col(Job.created_at), col(Job.id))))
 
 
+def running_jobs_of(*, session: Session, env: str, host: str | None = None) -> list[tuple[Job, Service]]:
+    """The environment's running jobs (on ``host`` only, when given), each with its service."""
+    query = (select(Job, Service).join(Service, col(Service.id) == Job.service_id)
+             .join(Environment, col(Environment.id) == Service.env_id)
+             .where(Environment.name == env, col(Environment.removed_at).is_(None), Job.state == JobState.running))
+    if host is not None:
+        query = query.where(Job.host == host)
+    return [(job, svc) for job, svc in session.exec(query.order_by(col(Job.id)))]
+
+
+# What a listing shows of a job: its columns but the big ones (environment, args, mounts).
+_PUBLIC_COLUMNS = [name for name in JobPublic.model_fields if name not in ("env", "service")]
+
+
 def list_jobs(*, session: Session, env: Environment, service: Service | None = None,
-              include_stopped: bool = False) -> list[JobPublic]:
-    services = {s.id: s for s in list_services(session=session, env=env)}
-    query = select(Job).where(col(Job.service_id).in_(list(services)))
-    if service is not None:
-        query = query.where(Job.service_id == service.id)
+              include_stopped: bool = False, limit: int | None = None, offset: int = 0) -> list[JobPublic]:
+    """The environment's active jobs (or all, ``include_stopped``), of one service when given, by
+    service then age: two queries, the second reading only the columns shown."""
+    services = {s.id: s.name for s in list_services(session=session, env=env)}
+    query = select(col(Job.service_id), *(col(getattr(Job, name)) for name in _PUBLIC_COLUMNS))
+    query = query.where(col(Job.service_id).in_([service.id] if service is not None else list(services)))
     if not include_stopped:
         query = query.where(col(Job.state).in_((*ACTIVE_JOB_STATES, JobState.stopping)))
-    jobs = session.exec(query.order_by(col(Job.service_id), col(Job.created_at), col(Job.id)))
-    return [job_public(j, env.name, services[j.service_id].name) for j in jobs]
+    query = query.order_by(col(Job.service_id), col(Job.created_at), col(Job.id)).offset(offset).limit(limit)
+    rows = cast("Iterable[Sequence[Any]]", session.exec(query))  # sqlmodel types a select of many columns as of one
+    return [JobPublic(env=env.name, service=services.get(row[0], "?"),
+                      **dict(zip(_PUBLIC_COLUMNS, row[1:], strict=True))) for row in rows]
 
 
 def job_public(job: Job, env: str, service: str) -> JobPublic:
@@ -49,12 +70,14 @@ def move_job_port(*, session: Session, job_id: str, port: int) -> Job:
         raise NotFound(f"no job {job_id}")
     old = str(job.port)
     job.port = port
-    job.environment = {**job.environment, "PORT": str(port)}
+    extra = service_types.ports_held(job.environment) - 1
+    service = session.get(Service, job.service_id)
+    names = service_types.profile(service.type).extra_ports[:extra] if service is not None else ()
+    job.environment = {**job.environment, "PORT": str(port), **{n: str(port + i) for i, n in enumerate(names, 1)}}
     job.args = [str(port) if a == old else a.replace(f"={old}", f"={port}") for a in job.args]
     for step in session.exec(select(Step).where(Step.job_id == job_id, Step.action == StepAction.start)):
         step.name = step.name.replace(f"port {old}", f"port {port}")
         session.add(step)
-    service = session.get(Service, job.service_id)
     if service is not None and service.port is not None and str(service.port) == old:
         service.port = port
         session.add(service)

@@ -104,11 +104,12 @@ def get_operation(*, session: Session, op_id: int, for_update: bool = False) -> 
 
 
 def list_operations(*, session: Session, env: Environment | None = None,
-                    limit: int = 50) -> list[Operation]:
+                    limit: int = 50, offset: int = 0) -> list[Operation]:
+    """A page of operations, newest first (of one environment, or all)."""
     query = select(Operation)
     if env is not None:
         query = query.where(Operation.env_id == env.id)
-    return list(session.exec(query.order_by(col(Operation.id).desc()).limit(limit)))
+    return list(session.exec(query.order_by(col(Operation.id).desc()).offset(offset).limit(limit)))
 
 
 def steps_of(*, session: Session, op_id: int) -> list[Step]:
@@ -116,17 +117,26 @@ def steps_of(*, session: Session, op_id: int) -> list[Step]:
     return list(session.exec(query))
 
 
-def operation_public(*, session: Session, op: Operation, steps: Sequence[Step] | None = None
-                     ) -> OperationPublic:
-    env = session.get(Environment, op.env_id)
-    service = session.get(Service, op.service_id)
-    if steps is None:
-        steps = steps_of(session=session, op_id=op.id or 0)
-    return OperationPublic(
-        env=env.name if env else "?", service=service.name if service else "?",
-        steps=[StepPublic(job=s.job_id, **s.model_dump()) for s in steps],
-        **op.model_dump(exclude={"env_id", "service_id"}),
-    )
+def operation_public(*, session: Session, op: Operation) -> OperationPublic:
+    return operations_public(session=session, ops=[op])[0]
+
+
+def operations_public(*, session: Session, ops: Sequence[Operation]) -> list[OperationPublic]:
+    """Operations as the CLI and the API show them, with their steps: three queries (names of
+    environments, of services, the steps) whatever their number."""
+    if not ops:
+        return []
+    env_ids = {op.env_id for op in ops}
+    service_ids = {op.service_id for op in ops}
+    envs = dict(session.exec(select(Environment.id, Environment.name).where(col(Environment.id).in_(env_ids))).all())
+    services = dict(session.exec(select(Service.id, Service.name).where(col(Service.id).in_(service_ids))).all())
+    steps: dict[int, list[StepPublic]] = {op.id or 0: [] for op in ops}
+    query = select(Step).where(col(Step.op_id).in_(list(steps)))
+    for step in session.exec(query.order_by(col(Step.op_id), col(Step.stage), col(Step.id))):
+        steps[step.op_id].append(StepPublic(job=step.job_id, **step.model_dump()))
+    return [OperationPublic(env=envs.get(op.env_id, "?"), service=services.get(op.service_id, "?"),
+                            steps=steps[op.id or 0], **op.model_dump(exclude={"env_id", "service_id"}))
+            for op in ops]
 
 
 def begin_step(*, session: Session, step_id: int, node: str, lease: float) -> Step | None:

@@ -1,7 +1,8 @@
 """The ``orchestrator`` command: a thin adapter over requests, the catalogue and the fleet.
 
 Exit status: 0 success, 1 the operation failed, 2 bad input (one line on stderr, nothing changed).
-Each module adds one family of commands to ``main``.
+Each module adds one family of commands to ``main``, imported when one of its commands runs
+(``base.COMMANDS``): ``--help`` and each command load only what they use.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import os
 import sys
 
-from orchestrator.cli import deploys, envs, hosts, manifest, ops, processes, sites  # noqa: F401  (they add commands)
 from orchestrator.cli.base import main
 
 __all__ = ["main", "run"]

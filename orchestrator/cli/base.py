@@ -1,40 +1,53 @@
-"""What every command shares: the lazy context, the one place bad input becomes exit 2,
-output helpers, the ENV SVC arguments, and following an operation."""
+"""What every command shares: the command table and the group that loads each command's module
+when it runs, the lazy context, the one place bad input becomes exit 2, output helpers, the
+ENV SVC, --json and --wait options. Following an operation is in ``follow``.
+
+Nothing here imports the catalogue, SQLAlchemy, pydantic or Celery: ``orchestrator --help`` loads
+this module and click only (tests/unit/test_cli_startup.py).
+"""
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
-import time
 from collections.abc import Callable, Sequence
-from datetime import timedelta
 from functools import cached_property
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-from pydantic import BaseModel
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from orchestrator import catalogue, names, progress
-from orchestrator.dispatch import masked
 from orchestrator.errors import BadInput, one_line
-from orchestrator.models import Operation, OperationPublic, utcnow
-from orchestrator.platform import Platform, make_platform
-from orchestrator.settings import Settings, get_settings
+from orchestrator.who import asker, cli_user
+
+if TYPE_CHECKING:
+    from orchestrator.platform import Platform
+    from orchestrator.settings import Settings
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 class Context:
-    """Built lazily so ``--help`` and bad input need no database or broker."""
+    """Built lazily so ``--help`` and bad input need no database or broker; the one place the
+    commands' settings and platform (the catalogue, and Celery once something is sent) are
+    imported."""
 
     @cached_property
     def settings(self) -> Settings:
+        from orchestrator.settings import get_settings
+
         return get_settings()
 
     @cached_property
     def platform(self) -> Platform:
+        from orchestrator.platform import make_platform
+
         return make_platform(self.settings)
+
+
+def who() -> str:
+    """Who runs this CLI: USER@HOST."""
+    return cli_user()
 
 
 pass_ctx = click.make_pass_decorator(Context, ensure=True)
@@ -45,8 +58,77 @@ def fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
+# Each top-level command: the module of orchestrator.cli that adds it, and its line in
+# `orchestrator --help` (None: a hidden command). A command's module is imported when the command
+# runs, so each command loads what it uses and `--help` none of them; the lines are the first
+# sentence of each command's help (test_cli_startup.py checks them against the commands).
+COMMANDS: dict[str, tuple[str, str | None]] = {
+    "api": ("processes", "Serve the HTTP API under /api/v1 (OpenAPI at /api/v1/openapi.json)."),
+    "apply": ("manifest", "Make the environment what FILE declares: each change as the matching command would "
+                          "make it (operations visible in `ops`); only what changed is redeployed."),
+    "control": ("processes", "The control worker: runs the task API other services call (queue orchestrator)."),
+    "dev": ("processes", "The whole platform in one process: catalogue, broker, a node for local Docker, the API."),
+    "env": ("envs", "Environments: named sets of services."),
+    "exec": ("deploys", "CMD in a running job's container (docker exec); its output streams here, its exit code "
+                        "is ours."),
+    "flower": ("processes", "Flower on the platform's broker, behind basic auth: every step of every operation."),
+    "git": ("deploys", None),
+    "hosts": ("hosts", "Docker hosts the platform runs jobs on."),
+    "jobs": ("ops", "Jobs: one container each."),
+    "logs": ("observe", "Lines of the environment's jobs (of SVC only, when given) and its platform events, oldest "
+                        'first: TIME SERVICE JOB LINE, or with --json [{"time","env","service","job","kind","host",'
+                        '"release","line"}] (with -f, one such object per line).'),
+    "node": ("processes", "The Celery worker node of a Docker host."),
+    "ops": ("ops", "Operations and their steps."),
+    "plan": ("manifest", "Print what `apply FILE` would change (create, change, remove, redeploy); change nothing."),
+    "push": ("deploys", "A new release of a code service: the first push deploys, later ones redeploy."),
+    "redeploy": ("deploys", "Replace every job of the service with new ones from its current spec."),
+    "registry": ("processes", "The platform's image registry (the CNCF distribution registry, Debian's "
+                              "docker-registry)."),
+    "releases": ("deploys", "Releases of code services."),
+    "rollback": ("deploys", "Redeploy an earlier release."),
+    "run": ("deploys", "A one-off job: CMD in a new container of the service (its current image, variables and "
+                       "size) on a placed host; its output streams here, its exit code is ours, its container goes."),
+    "scale": ("deploys", "Start only the extra jobs, or stop only the surplus."),
+    "services": ("envs", "Services: how an environment's jobs start."),
+    "sim": ("processes", "Simulated hosts: many hosts served by one process, for scale tests."),
+    "sites": ("sites", "Sites: host names served by the environment's service proxy (HTTP, and HTTPS by SNI)."),
+    "status": ("observe", "Every service (jobs running/wanted), each job's check and the firing alerts, from the "
+                          'environment\'s monitoring; --json: {"services", "checks", "alerts", "monitoring": why '
+                          "none}."),
+    "tokens": ("processes", "Bearer tokens for the HTTP API."),
+    "vars": ("envs", "User variables of a service (they take effect at the next redeploy)."),
+    "worker": ("deploys", "Worker targets of a code service: jobs without a port, with their own command and scale."),
+}
+
+
+def load_commands(*names: str) -> None:
+    """Import the modules that add these commands (every command's, when none is known)."""
+    modules = {COMMANDS[n][0] for n in names if n in COMMANDS} or {module for module, _ in COMMANDS.values()}
+    for module in sorted(modules):
+        importlib.import_module(f"orchestrator.cli.{module}")
+
+
 class OneLineGroup(click.Group):
-    """Usage errors and refused requests end as one line on stderr and exit 2."""
+    """Loads a command's module when the command is asked for (``COMMANDS``). Usage errors and
+    refused requests end as one line on stderr and exit 2."""
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands:
+            load_commands(cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(COMMANDS) | set(self.commands))
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """click's own listing, from the table: the commands' modules stay unloaded."""
+        shown = {name: summary for name, (_module, summary) in COMMANDS.items() if summary is not None}
+        limit = formatter.width - 6 - max(map(len, shown))
+        rows = [(name, click.Command(name, help=summary).get_short_help_str(limit))
+                for name, summary in sorted(shown.items())]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         kwargs.setdefault("standalone_mode", False)
@@ -55,19 +137,36 @@ class OneLineGroup(click.Group):
             # Bare `orchestrator`: its usage, readable, on stdout.
             click.echo(self.get_help(click.Context(self, info_name=kwargs.get("prog_name") or "orchestrator")))
             sys.exit(0)
+        asked = asker.set(cli_user())  # what a command asks for says who asked
         try:
             return super().main(*args, **kwargs)
         except click.UsageError as exc:
             fail(" ".join(exc.format_message().split()))
         except BadInput as exc:
             fail(str(exc))
-        except SQLAlchemyError as exc:  # not the request's fault: exit 1, as a failed operation
-            url = masked(get_settings().database_url)
-            fail(f"the catalogue is unavailable ({url}): "
-                 f"{one_line(exc.orig if isinstance(exc, DBAPIError) else exc)}", code=1)
         except click.Abort:
             click.echo("aborted", err=True)
             sys.exit(1)
+        except Exception as exc:
+            if (unavailable := catalogue_unavailable(exc)) is None:
+                raise
+            fail(unavailable, code=1)  # not the request's fault: exit 1, as a failed operation
+        finally:
+            asker.reset(asked)
+
+
+def catalogue_unavailable(exc: Exception) -> str | None:
+    """What to say when ``exc`` is the catalogue's database failing; None for anything else.
+    (SQLAlchemy is imported here, once something failed, not with every command.)"""
+    from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+
+    from orchestrator.dispatch import masked
+    from orchestrator.settings import get_settings
+
+    if not isinstance(exc, SQLAlchemyError):
+        return None
+    return (f"the catalogue is unavailable ({masked(get_settings().database_url)}): "
+            f"{one_line(exc.orig if isinstance(exc, DBAPIError) else exc)}")
 
 
 @click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -97,7 +196,7 @@ def wait_option(fn: F) -> F:
 
 def emit(data: Any) -> None:
     def plain(x: Any) -> Any:
-        if isinstance(x, BaseModel):
+        if hasattr(x, "model_dump"):  # a pydantic model (pydantic is not imported for --help)
             return x.model_dump(mode="json")
         if isinstance(x, list):
             return [plain(i) for i in x]
@@ -109,8 +208,8 @@ def emit(data: Any) -> None:
 def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> None:
     cells = [[("" if c is None else str(c)) for c in row] for row in [headers, *rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    for row in cells:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    # One write: click.echo flushes after each call, thousands of times for thousands of jobs.
+    click.echo("\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells))
 
 
 R = TypeVar("R")
@@ -123,55 +222,3 @@ def listing(rows: Sequence[R], *, as_json: bool, headers: Sequence[str],
         emit(list(rows))
     else:
         table([cells(r) for r in rows], headers)
-
-
-def load_op(ctx: Context, op_id: int) -> OperationPublic:
-    with ctx.platform.reader() as s:
-        return catalogue.operation_public(session=s, op=catalogue.get_operation(session=s, op_id=op_id))
-
-
-def follow(ctx: Context, op_id: int) -> int:
-    """Live progress until the operation ends; 0 if it succeeded, else 1. When its first
-    steps wait for a host whose node has not been heard from, say so (once)."""
-    began = time.monotonic()
-    warned: set[str] = set()
-
-    def load() -> OperationPublic:
-        op = load_op(ctx, op_id)
-        if time.monotonic() - began > NO_NODE_HINT_AFTER and op.state in ("queued", "running"):
-            waiting = {s.host for s in op.steps if s.state == "pending" and s.host} - warned
-            if waiting and not any(s.state == "running" for s in op.steps):
-                for host in sorted(waiting - _heard_from(ctx)):
-                    warned.add(host)
-                    click.echo(f"warning: no node is consuming {names.host_queue(host)}: "
-                               f"is `orchestrator node run {host}` running?", err=True)
-        return op
-
-    return progress.follow(load, click.echo)
-
-
-NO_NODE_HINT_AFTER = 3.0  # seconds an operation's first steps may wait before the hint
-
-
-def _heard_from(ctx: Context) -> set[str]:
-    """Hosts whose node sent a heartbeat in the last three intervals (a node that died a moment
-    ago still shows its host up until the watcher's verdict)."""
-    recent = utcnow() - timedelta(seconds=3 * ctx.settings.heartbeat_interval)
-    with ctx.platform.reader() as s:
-        return {h.name for h in catalogue.host_views(session=s)
-                if h.state in ("up", "draining") and h.last_seen is not None and h.last_seen >= recent}
-
-
-def started(ctx: Context, op: Operation, wait: bool) -> None:
-    """Say which operation a command started (``{"operation": ID}`` with --json); with
-    ``--wait``, follow it and exit with its end."""
-    as_json = bool(click.get_current_context().meta.get("as_json"))
-    if as_json:
-        emit({"operation": op.id})
-    else:
-        click.echo(f"operation {op.id} ({op.kind}) {op.state}")
-    if wait:
-        code = follow(ctx, op.id or 0) if not as_json else progress.follow(lambda: load_op(ctx, op.id or 0),
-                                                                         lambda _line: None)
-        sys.exit(code)
-

@@ -7,19 +7,8 @@ import sys
 import click
 
 from orchestrator import catalogue, requests, rules, spec
-from orchestrator.cli.base import (
-    Context,
-    emit,
-    env_svc,
-    follow,
-    json_option,
-    listing,
-    load_op,
-    main,
-    pass_ctx,
-    started,
-    wait_option,
-)
+from orchestrator.cli.base import Context, emit, env_svc, json_option, listing, main, pass_ctx, wait_option
+from orchestrator.cli.follow import follow, load_op, started
 from orchestrator.models import EnvironmentPublic, ServiceType
 
 
@@ -91,9 +80,11 @@ def env_show(ctx: Context, name: str, as_json: bool, show_secrets: bool) -> None
         services_ = [catalogue.service_public(svc, environment).model_dump(mode="json")
                      for svc in catalogue.list_services(session=s, env=environment)]
         sites_ = [site.model_dump(mode="json") for site in catalogue.list_sites(session=s, env=environment)]
+        boards = {kind: board.model_dump(mode="json") for kind, board in
+                  catalogue.dashboards(session=s, env=environment, show_secrets=show_secrets).items()}
     data = {"name": environment.name, "sandbox": environment.sandbox,
             "proxy": {"http_port": environment.http_port, "https_port": environment.https_port},
-            "services": services_, "sites": sites_}
+            "services": services_, "sites": sites_, "dashboards": boards}
     if as_json:
         emit(data)
         return
@@ -102,6 +93,8 @@ def env_show(ctx: Context, name: str, as_json: bool, show_secrets: bool) -> None
     click.echo(f"{'proxy':13} http port {environment.http_port}, https port {environment.https_port}")
     click.echo(f"{'services':13} {', '.join(str(x['name']) for x in services_) or '-'}")
     click.echo(f"{'sites':13} {', '.join(str(x['name']) for x in sites_) or '-'}")
+    for kind, board in boards.items():
+        click.echo(f"{kind:13} {board['url']} (user {board['user']}, password {board['password']})")
 
 
 @main.group()

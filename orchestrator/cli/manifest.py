@@ -12,7 +12,8 @@ from pathlib import Path
 import click
 
 from orchestrator import catalogue, manifest, requests, rules
-from orchestrator.cli.base import Context, fail, follow, main, pass_ctx
+from orchestrator.cli.base import Context, fail, main, pass_ctx
+from orchestrator.cli.follow import follow
 from orchestrator.errors import BadInput, NotFound
 from orchestrator.manifest import (
     AddService,

@@ -7,7 +7,8 @@ import sys
 import click
 
 from orchestrator import catalogue, operations
-from orchestrator.cli.base import Context, emit, follow, json_option, listing, load_op, main, pass_ctx, table
+from orchestrator.cli.base import Context, emit, json_option, listing, main, pass_ctx, table
+from orchestrator.cli.follow import follow, load_op
 
 
 @main.group()
@@ -42,14 +43,16 @@ def ops() -> None:
 
 @ops.command("list")
 @click.argument("env_name", metavar="ENV", required=False)
+@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True,
+              help="How many, from the newest.")
 @json_option
 @pass_ctx
-def ops_list(ctx: Context, env_name: str | None, as_json: bool) -> None:
+def ops_list(ctx: Context, env_name: str | None, limit: int, as_json: bool) -> None:
     """Operations, newest first (of one environment, or all)."""
     with ctx.platform.reader() as s:
         environment = catalogue.get_env(session=s, name=env_name) if env_name else None
-        rows = [catalogue.operation_public(session=s, op=op)
-                for op in catalogue.list_operations(session=s, env=environment)]
+        rows = catalogue.operations_public(
+            session=s, ops=catalogue.list_operations(session=s, env=environment, limit=limit))
     listing(rows, as_json=as_json, headers=["ID", "KIND", "ENV", "SERVICE", "TRIGGER", "STATE", "CREATED"],
             cells=lambda o: (o.id, o.kind, o.env, o.service, o.trigger, o.state, o.created_at))
 

@@ -1,4 +1,4 @@
-"""The platform's processes: a host's node, the control worker, the API (and its tokens),
+"""The platform's processes: a host's node, simulated hosts, the control worker, the API (and its tokens),
 Flower, and ``dev`` (all of them in one process)."""
 
 from __future__ import annotations
@@ -29,6 +29,42 @@ def node_run(ctx: Context, name: str, concurrency: int | None, loglevel: str) ->
 
     run_node(ctx.platform, name, concurrency=concurrency or ctx.settings.node_concurrency,
              loglevel=loglevel)
+
+
+@main.group()
+def sim() -> None:
+    """Simulated hosts: many hosts served by one process, for scale tests."""
+
+
+@sim.command("run")
+@click.option("--hosts", "count", type=click.IntRange(1, 10000), required=True, help="How many hosts.")
+@click.option("--prefix", default="sim", show_default=True, help="Hosts are PREFIX1..PREFIXN.")
+@click.option("--start-latency", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="Seconds each container start takes.")
+@click.option("--stop-latency", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="Seconds each stop of a running container takes (at most the stop timeout).")
+@click.option("--fail-rate", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Probability that a start fails (its container exits at once).")
+@click.option("--control", "control_dir", type=click.Path(file_okay=False), default=None,
+              help="A directory watched for files kill-HOST: each kills its host (heartbeats stop, "
+                   "its queue is no longer consumed).")
+@click.option("--seed", type=int, default=None, help="Seed of the injected failures.")
+@click.option("--concurrency", type=int, default=32, show_default=True, help="Steps run at once (threads).")
+@click.option("--loglevel", default="INFO", show_default=True)
+@pass_ctx
+def sim_run(ctx: Context, count: int, prefix: str, start_latency: float, stop_latency: float, fail_rate: float,
+            control_dir: str | None, seed: int | None, concurrency: int, loglevel: str) -> None:
+    """Register hosts PREFIX1..PREFIXN (16 CPUs, 64 GiB each, address HOST.sim.invalid) and serve
+    all their queues in this process, each host with an in-memory runtime where every image
+    exists, until stopped (SIGTERM, Ctrl-C)."""
+    from pathlib import Path
+
+    from workers.sim import SimOptions, run_sim
+
+    options = SimOptions(hosts=count, prefix=prefix, start_latency=start_latency, stop_latency=stop_latency,
+                         fail_rate=fail_rate, seed=seed,
+                         control_dir=Path(control_dir) if control_dir is not None else None)
+    run_sim(ctx.platform, options, concurrency=concurrency, loglevel=loglevel)
 
 
 @main.group()

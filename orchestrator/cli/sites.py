@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from orchestrator import catalogue, requests
-from orchestrator.cli.base import Context, json_option, listing, main, pass_ctx, started, wait_option
+from orchestrator.cli.base import Context, json_option, listing, main, pass_ctx, wait_option
+from orchestrator.cli.follow import started
 from orchestrator.errors import BadInput
 
 

@@ -78,7 +78,7 @@ def test_envs_and_services_made_through_the_api_are_what_the_cli_lists(
     created = api.as_user("POST", "/envs", json={"name": new_env, "sandbox": True, "defaults": False})
     assert created.status_code == 201, created.text
     assert created.json() == {"name": new_env, "sandbox": True, "sites": [], "operations": [],
-                              "proxy": {"http_port": None, "https_port": None}}
+                              "proxy": {"http_port": None, "https_port": None}, "dashboards": {}}
     assert api.as_user("GET", f"/envs/{new_env}").json() == {
         k: v for k, v in created.json().items() if k != "operations"}
     assert {"name": new_env, "sandbox": True} in json.loads(cli.ok("env", "list", "--json"))

@@ -197,7 +197,7 @@ def test_env_shows_its_proxy_ports_and_sites(api: Api, cli: Cli, env_name: str,
     shown = json.loads(cli.ok("env", "show", env_name, "--json"))
     got = api.as_user("GET", f"/envs/{env_name}")
     assert got.status_code == 200, got.text
-    assert got.json() == {k: shown[k] for k in ("name", "sandbox", "proxy", "sites")}
+    assert got.json() == {k: shown[k] for k in ("name", "sandbox", "proxy", "sites", "dashboards")}
     proxy = got.json()["proxy"]
     assert set(proxy) == {"http_port", "https_port"}
     assert all(isinstance(p, int) for p in proxy.values()) and proxy["http_port"] != proxy["https_port"]
@@ -214,7 +214,7 @@ def test_env_shows_its_proxy_ports_and_sites(api: Api, cli: Cli, env_name: str,
            "--https-port", str(https_port))
     try:
         got = api.as_support("GET", f"/envs/{name}")
-        assert got.json() == {"name": name, "sandbox": True, "sites": [],
+        assert got.json() == {"name": name, "sandbox": True, "sites": [], "dashboards": {},
                               "proxy": {"http_port": http_port, "https_port": https_port}}, got.text
     finally:
         retire(cli.env["ORCH_DATABASE_URL"], name)

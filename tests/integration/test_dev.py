@@ -16,6 +16,7 @@ import pytest
 
 from orchestrator.names import LABEL_ENV, LABEL_JOB, LABEL_SERVICE
 from tests.conftest import DOCKER_URL, Cli
+from tests.harness import remove_host_containers
 
 pytestmark = pytest.mark.e2e
 
@@ -72,8 +73,14 @@ def test_dev_demo_runs_end_to_end(tmp_path: Path, docker_client: docker.DockerCl
             all=True, filters={"label": [f"{LABEL_ENV}=demo", f"{LABEL_SERVICE}=web"]})}
         assert not replaced & set(left), {job: left[job] for job in replaced & set(left)}
         assert {j["id"] for j in everything} & set(left) == {j["id"] for j in jobs}, left
+        # The environment's log (its logging service) ends with the last redeploy's end, as the
+        # platform wrote it there.
+        last = succeeded[-1]
+        assert re.search(rf"^  \S+ web - operation {last} \(redeploy of web\) succeeded after [\d.]+s$", done.stdout,
+                         flags=re.MULTILINE), output[-3000:]
     finally:
         remove_this_runs_containers(reader, catalogue, docker_client)
+        remove_host_containers(docker_client, env["ORCH_DATABASE_URL"])
 
 
 def remove_this_runs_containers(reader: Cli, catalogue: Path, client: docker.DockerClient) -> None:

@@ -286,6 +286,12 @@ def defaults_env(cli: Cli, docker_client: docker.DockerClient) -> Iterator[Calla
         remove_env_leftovers(cli, docker_client, name)
 
 
+def _passwords(url: str, user: str, password: str) -> urllib.request.HTTPPasswordMgrWithDefaultRealm:
+    manager = urllib.request.HTTPPasswordMgrWithDefaultRealm()
+    manager.add_password(None, url, user, password)
+    return manager
+
+
 def page(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as resp:
         return resp.read().decode()  # type: ignore[no-any-return]
@@ -302,8 +308,19 @@ def test_env_create_includes_logging_proxy_and_monitoring(
     for service, job in jobs.items():
         running = containers(docker_client, name, service)
         assert running == {job["id"]: job["container_id"]}, service
-    assert jobs["monitoring"]["port"] is None and jobs["service-proxy"]["port"] is None
-    assert page(jobs["logging"]["port"]).strip() == f"logging dashboard of {name}"
+    assert jobs["service-proxy"]["port"] is None  # it listens on the environment's own ports
+    # Logging and monitoring hold their PORT and the next (syslog; the blackbox exporter).
+    assert jobs["monitoring"]["port"] is not None and jobs["logging"]["port"] is not None
+    # The logging dashboard answers nobody without the environment's credentials, and them with it.
+    with pytest.raises(urllib.error.HTTPError) as refused_page:
+        page(jobs["logging"]["port"])
+    assert refused_page.value.code == 401
+    board = json.loads(cli.ok("env", "show", name, "--json", "--show-secrets"))["dashboards"]["logging"]
+    assert board["url"] == f"http://127.0.0.1:{jobs['logging']['port']}/"
+    opener = urllib.request.build_opener(urllib.request.HTTPBasicAuthHandler(
+        _passwords(board["url"], board["user"], board["password"])))
+    with opener.open(board["url"], timeout=5) as resp:
+        assert resp.status == 200 and name in resp.read().decode()
     # The proxy (HAProxy) listens on the environment's HTTP port: no site yet, so 404.
     http_port = json.loads(cli.ok("env", "show", name, "--json"))["proxy"]["http_port"]
     with pytest.raises(urllib.error.HTTPError) as missing:

@@ -14,7 +14,10 @@ from tests.harness import ROOT
 
 def commands(group: click.Group, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], click.Command]]:
     found = []
-    for name, command in group.commands.items():
+    ctx = click.Context(group)
+    for name in group.list_commands(ctx):  # the top group loads its commands' modules as it is asked
+        command = group.get_command(ctx, name)
+        assert command is not None, name
         if command.hidden:
             continue
         found.append(((*path, name), command))

@@ -45,3 +45,22 @@ def test_older_catalogue_is_migrated(tmp_path: Path, monkeypatch: pytest.MonkeyP
     again = make_engine(f"sqlite:///{path}")
     assert all(a == [] for a in added), added
     assert add_missing_columns(again) == []
+
+
+def test_a_catalogue_made_before_an_index_gets_it_at_the_next_start(tmp_path: Path) -> None:
+    """Indexes added to the models since a catalogue was made (its tables and columns all there)
+    are created by the next start, and the start after finds nothing to do."""
+    path = tmp_path / "c.db"
+    make_engine(f"sqlite:///{path}").dispose()
+    conn = sqlite3.connect(path)
+    conn.executescript("drop index ix_job_service_id_state; drop index ix_operation_state; drop index ix_step_state;")
+    conn.close()
+
+    make_engine(f"sqlite:///{path}").dispose()
+    conn = sqlite3.connect(path)
+    indexes = {name for (name,) in conn.execute("select name from sqlite_master where type = 'index'")}
+    plan = conn.execute("explain query plan select * from job where service_id = 1 and state = 'running'").fetchall()
+    conn.close()
+    assert {"ix_job_service_id_state", "ix_operation_state", "ix_step_state"} <= indexes
+    assert "ix_job_service_id_state" in str(plan)
+    assert add_missing_columns(make_engine(f"sqlite:///{path}")) == []

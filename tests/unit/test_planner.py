@@ -170,8 +170,8 @@ def test_worker_targets_get_worker_jobs_without_a_port() -> None:
 
 
 def test_a_portless_type_gets_no_port() -> None:
-    assert not profile(ServiceType.monitoring).has_port  # what service_spec gives the planner
-    jobs = started(plan_redeploy(make_spec(type="monitoring", has_port=False), [], hosts("h1"), ids(), PORTS))
+    assert not profile(ServiceType.service_proxy).has_port  # what service_spec gives the planner
+    jobs = started(plan_redeploy(make_spec(type="service_proxy", has_port=False), [], hosts("h1"), ids(), PORTS))
     assert [j.port for j in jobs] == [None, None]
     assert all("PORT" not in dict(j.environment) for j in jobs)
 

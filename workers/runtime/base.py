@@ -36,6 +36,14 @@ class ContainerState:
     labels: Mapping[str, str]
 
 
+@dataclass(frozen=True)
+class ContainerStats:
+    """What a running container has used: CPU seconds since it started, memory now."""
+
+    cpu_seconds: float
+    memory_bytes: int
+
+
 def config_hash(spec: ContainerSpec) -> str:
     """A short hash of everything that makes a container what it is (kept in a label)."""
     body = json.dumps(
@@ -83,6 +91,9 @@ class Runtime(Protocol):
 
     def exec(self, name: str, argv: list[str], output: Callable[[str], None]) -> int:
         """Run ``argv`` in the running container ``name``, its output to ``output``; its exit code."""
+
+    def stats(self, name: str) -> ContainerStats | None:
+        """CPU and memory the running container ``name`` uses; None when it does not run."""
 
     def remove_volume(self, name: str) -> None:
         """Delete a named volume (its data); one that is not there is fine."""

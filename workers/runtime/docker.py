@@ -17,11 +17,12 @@ from docker.models.containers import Container
 from docker.tls import TLSConfig
 from docker.utils import kwargs_from_env
 
-from orchestrator.names import LABEL_CONFIG_HASH, LABEL_ENV, LABEL_JOB, LABEL_SERVICE
-from workers.runtime.base import ContainerError, ContainerSpec, ContainerState, config_hash
+from orchestrator.names import LABEL_CONFIG_HASH, LABEL_ENV, LABEL_JOB, LABEL_SERVICE, LOG_LABELS
+from workers.runtime.base import ContainerError, ContainerSpec, ContainerState, ContainerStats, config_hash
 
 PING_TIMEOUT = 5
 BUILD_TIMEOUT = 1800
+LOG_OPTIONS = {"max-size": "20m", "max-file": "3", "env": ",".join(LOG_LABELS)}
 
 
 class DockerRuntime:
@@ -60,7 +61,7 @@ class DockerRuntime:
         existing = self._get(spec.name)
         if existing is not None and existing.labels.get(LABEL_CONFIG_HASH) != wanted_hash:
             try:  # same name, other config: never adopt a stale container
-                existing.remove(force=True)
+                existing.remove(force=True, v=True)
             except NotFound:
                 pass
             except APIError as exc:
@@ -102,6 +103,10 @@ class DockerRuntime:
             "restart_policy": {"Name": "unless-stopped" if restart else "no"},
             "detach": True,
             "init": True,  # a real PID 1 forwards SIGTERM, so stops are quick and graceful
+            # Docker's own json-file log, bounded, each line labelled with the job's ORCH_*
+            # variables: the host's log shipper reads it from there (``docker logs`` works as
+            # ever, and a start never depends on the logging service).
+            "log_config": {"Type": "json-file", "Config": dict(LOG_OPTIONS)},
         }
         if spec.command:
             options["entrypoint"] = ["/bin/sh", "-c"]
@@ -121,7 +126,10 @@ class DockerRuntime:
                 # Made here, not implicitly by the create, so it carries its owner's labels.
                 # Creating a volume that exists returns it as it is.
                 self.client.volumes.create(name=name, labels=owner)
-            options["volumes"] = {name: {"bind": path, "mode": "rw"} for name, path in spec.volumes.items()}
+            # A path ending ":ro" is mounted read-only (a log shipper's view of the job logs).
+            options["volumes"] = {
+                name: {"bind": path.removesuffix(":ro"), "mode": "ro" if path.endswith(":ro") else "rw"}
+                for name, path in spec.volumes.items()}
         try:
             container: Container = self.client.containers.create(spec.image, **options)
         except ImageNotFound as exc:
@@ -170,7 +178,7 @@ class DockerRuntime:
     def run_once(self, spec: ContainerSpec, output: Callable[[str], None], timeout: float) -> int:
         existing = self._get(spec.name)
         if existing is not None:
-            existing.remove(force=True)
+            existing.remove(force=True, v=True)
         killed = threading.Event()
 
         def kill() -> None:
@@ -182,16 +190,19 @@ class DockerRuntime:
         watchdog.daemon = True
         try:
             container = self._create(spec, config_hash(spec), restart=False)
+            # Attached before it starts, its output comes straight from it: following its log
+            # file instead could miss lines when Docker rotates the file (a fast, long output).
+            streamed = container.attach(stdout=True, stderr=True, stream=True, logs=True)
             container.start()
             watchdog.start()
-            _lines(container.logs(stream=True, follow=True), output)
+            _lines(streamed, output)
             code = int(container.wait().get("StatusCode", -1))
         except APIError as exc:
             raise ContainerError(_reason(exc)) from exc
         finally:
             watchdog.cancel()
             with contextlib.suppress(NotFound, APIError):
-                self.client.containers.get(spec.name).remove(force=True)
+                self.client.containers.get(spec.name).remove(force=True, v=True)
         if killed.is_set():
             raise ContainerError(f"killed after {timeout:g}s (ORCH_RUN_TIMEOUT)")
         return code
@@ -254,6 +265,23 @@ class DockerRuntime:
         if not digest:
             raise ContainerError(f"the registry gave no digest for {tag}")
         return str(digest)
+
+    def stats(self, name: str) -> ContainerStats | None:
+        """One sample from Docker's stats API (``one-shot``: no wait for a second sample)."""
+        try:
+            raw = self.client.api.stats(name, stream=False, one_shot=True)
+        except (NotFound, APIError):
+            return None
+        cpu = raw.get("cpu_stats", {}).get("cpu_usage", {}).get("total_usage")
+        memory = raw.get("memory_stats", {}).get("usage")
+        if cpu is None or memory is None:
+            return None  # not running: Docker gives empty stats
+        cache = raw.get("memory_stats", {}).get("stats", {}).get("cache", 0)  # page cache is not the job's
+        return ContainerStats(cpu_seconds=int(cpu) / 1e9, memory_bytes=max(int(memory) - int(cache), 0))
+
+    def containers_dir(self) -> str:
+        """Where this engine keeps its containers' json-file logs (on its own machine)."""
+        return f"{self.client.info()['DockerRootDir']}/containers"
 
     def capacity(self) -> tuple[float, int]:
         info = self.client.info()

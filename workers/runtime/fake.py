@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 
 from orchestrator.names import LABEL_JOB
-from workers.runtime.base import ContainerError, ContainerSpec, ContainerState, config_hash
+from workers.runtime.base import ContainerError, ContainerSpec, ContainerState, ContainerStats, config_hash
 
 
 class FakeRuntime:
@@ -38,12 +38,13 @@ class FakeRuntime:
             if state is not None and self.hashes.get(spec.name) != wanted:
                 state = None  # same name, other config: replaced, as Docker's runtime does
             self.hashes[spec.name] = wanted
+            starting = state is None or state.status != "running"  # not an adoption of a running one
             if state is None:
                 state = ContainerState(
                     id=f"fake{next(self._ids):060d}", name=spec.name, status="created",
                     exit_code=0, restart_count=0, labels=dict(spec.labels),
                 )
-            if spec.image in self.crashing:
+            if spec.image in self.crashing or (starting and self._start_fails(spec)):
                 state = replace(state, status="exited", exit_code=1)
             else:
                 state = replace(state, status="running")
@@ -52,6 +53,10 @@ class FakeRuntime:
             if "PORT" in spec.environment:
                 self.ports[spec.name] = int(spec.environment["PORT"])
             return state
+
+    def _start_fails(self, spec: ContainerSpec) -> bool:
+        """Whether this start of ``spec`` exits at once (a subclass injects failures here)."""
+        return False
 
     def inspect(self, name: str) -> ContainerState | None:
         return self.containers.get(name)
@@ -73,6 +78,13 @@ class FakeRuntime:
 
     def jobs(self) -> list[ContainerState]:
         return [c for c in self.containers.values() if LABEL_JOB in c.labels]
+
+    def stats(self, name: str) -> ContainerStats | None:
+        """A running container here uses one CPU second and 16 MiB per restart it had, plus one."""
+        state = self.containers.get(name)
+        if state is None or state.status != "running":
+            return None
+        return ContainerStats(cpu_seconds=1.0 + state.restart_count, memory_bytes=(1 + state.restart_count) << 24)
 
     def listening(self, port: int) -> bool:
         """Whether a running container of this runtime was given ``port`` (it "listens")."""

@@ -1,0 +1,135 @@
+"""The platform's own metrics, in Prometheus' text format, read from the catalogue when scraped
+(nothing to keep in step, and every process that serves them agrees):
+
+- ``PlatformCollector`` (the API's ``/metrics``): operations by kind and outcome, operation and
+  step durations, operations queued and running, jobs by state, hosts by state;
+- ``EnvironmentCollector`` (each node's ``/metrics?env=ENV``, scraped by that environment's
+  monitoring): its services' wanted and running jobs, and whether each host is up.
+
+Nothing secret is in either: names, counts and durations only.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from datetime import datetime
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import func
+from sqlmodel import col, select
+
+from orchestrator import catalogue
+from orchestrator.models import (
+    ENDED_OP_STATES,
+    Environment,
+    Host,
+    HostState,
+    Job,
+    JobKind,
+    JobState,
+    Operation,
+    OpState,
+    Service,
+    Step,
+)
+from orchestrator.platform import Platform
+
+OPERATION_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+
+def histogram(name: str, documentation: str, label: str, samples: Iterable[tuple[str, float]],
+              buckets: Sequence[float]) -> HistogramMetricFamily:
+    """A histogram of (label value, seconds) samples."""
+    family = HistogramMetricFamily(name, documentation, labels=[label])
+    by_label: dict[str, list[float]] = defaultdict(list)
+    for value, seconds in samples:
+        by_label[value].append(max(seconds, 0.0))
+    for value, durations in sorted(by_label.items()):
+        counts = [(str(le), float(sum(1 for d in durations if d <= le))) for le in buckets]
+        counts.append(("+Inf", float(len(durations))))
+        family.add_metric([value], counts, sum_value=sum(durations))
+    return family
+
+
+def _seconds(start: datetime | None, end: datetime | None) -> float | None:
+    return (end - start).total_seconds() if start is not None and end is not None else None
+
+
+class PlatformCollector(Collector):
+    def __init__(self, p: Platform) -> None:
+        self.p = p
+
+    def collect(self) -> Iterator[Metric]:
+        with self.p.reader() as s:
+            ops = list(s.exec(select(Operation.kind, Operation.state, func.count())
+                              .group_by(col(Operation.kind), col(Operation.state))))
+            op_times = list(s.exec(select(Operation.kind, Operation.started_at, Operation.finished_at)
+                                   .where(col(Operation.state).in_(ENDED_OP_STATES),
+                                          col(Operation.started_at).is_not(None))))
+            step_times = list(s.exec(select(Step.action, Step.started_at, Step.finished_at)
+                                     .where(col(Step.started_at).is_not(None), col(Step.finished_at).is_not(None))))
+            jobs = list(s.exec(select(Job.state, func.count()).group_by(col(Job.state))))
+            hosts = list(s.exec(select(Host.state, func.count()).group_by(col(Host.state))))
+        ended = CounterMetricFamily("orchestrator_operations", "Operations that ended, by kind and outcome.",
+                                    labels=["kind", "outcome"])
+        now = GaugeMetricFamily("orchestrator_operations_now", "Operations queued or running now, by kind.",
+                                labels=["kind", "state"])
+        for kind, state, count in sorted(ops):
+            if state in ENDED_OP_STATES:
+                ended.add_metric([kind, state], count)
+            else:
+                now.add_metric([kind, state], count)
+        queued = GaugeMetricFamily("orchestrator_operations_queued", "Operations waiting for their service.",
+                                   value=sum(c for _, st, c in ops if st == OpState.queued))
+        yield from (ended, now, queued)
+        yield histogram("orchestrator_operation_duration_seconds", "From start to end of operations that ended.",
+                        "kind", ((k, d) for k, a, b in op_times if (d := _seconds(a, b)) is not None),
+                        OPERATION_BUCKETS)
+        yield histogram("orchestrator_step_duration_seconds", "From start to end of steps that ended, by action.",
+                        "action", ((k, d) for k, a, b in step_times if (d := _seconds(a, b)) is not None),
+                        STEP_BUCKETS)
+        by_job_state = GaugeMetricFamily("orchestrator_jobs", "Jobs by state.", labels=["state"])
+        counted = Counter({state: count for state, count in jobs})
+        for state in JobState:
+            by_job_state.add_metric([state.value], counted.get(state, 0))
+        yield by_job_state
+        by_host_state = GaugeMetricFamily("orchestrator_hosts", "Hosts by state.", labels=["state"])
+        counted = Counter({state: count for state, count in hosts})
+        for state in HostState:
+            by_host_state.add_metric([state.value], counted.get(state, 0))
+        yield by_host_state
+
+
+class EnvironmentCollector(Collector):
+    """One environment's services (wanted and running deploy jobs) and the hosts (up or not)."""
+
+    def __init__(self, p: Platform, env: str) -> None:
+        self.p = p
+        self.env = env
+
+    def collect(self) -> Iterator[Metric]:
+        wanted = GaugeMetricFamily("orchestrator_service_wanted_jobs", "Deploy jobs the service should run.",
+                                   labels=["env", "service"])
+        running = GaugeMetricFamily("orchestrator_service_running_jobs", "Deploy jobs of the service running.",
+                                    labels=["env", "service"])
+        up = GaugeMetricFamily("orchestrator_host_up", "1 when the host is up (its node heartbeats).",
+                               labels=["host"])
+        with self.p.reader() as s:
+            env = s.exec(select(Environment).where(Environment.name == self.env,
+                                                   col(Environment.removed_at).is_(None))).first()
+            services: list[Service] = catalogue.list_services(session=s, env=env) if env is not None else []
+            counts = Counter(s.exec(
+                select(Job.service_id).where(col(Job.service_id).in_([svc.id for svc in services]),
+                                             Job.kind == JobKind.deploy, Job.state == JobState.running)))
+            hosts = list(s.exec(select(Host.name, Host.state)))
+        for svc in services:
+            if svc.type == "code" and svc.release is None:
+                continue  # nothing pushed yet: nothing wanted
+            wanted.add_metric([self.env, svc.name], svc.scale)
+            running.add_metric([self.env, svc.name], counts.get(svc.id or 0, 0))
+        for name, state in sorted(hosts):
+            up.add_metric([name], 1 if state == HostState.up else 0)
+        yield from (wanted, running, up)

@@ -1,0 +1,95 @@
+"""A host's monitoring jobs' files: each job's directory (``ORCH_MONITOR_DIR/JOB``, mounted
+read-only at /etc/orch-monitoring) holds Prometheus' and the blackbox exporter's configuration
+and the targets, rendered from the catalogue (``orchestrator.monitoring``). The node writes the
+whole directory before the job starts and keeps it in line from its heartbeat: targets change
+with redeploys, scale and moves and Prometheus reads them by itself; a new site's blackbox
+module is reloaded into the exporter before the targets that name it; a changed Prometheus
+configuration is reloaded through its lifecycle API."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import shutil
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+
+from orchestrator import catalogue, monitoring
+from orchestrator.catalogue.monitoring import MonitorEndpoint
+from orchestrator.models import Environment
+from orchestrator.platform import Platform
+
+log = logging.getLogger(__name__)
+
+MOUNT = f"{monitoring.CONFIG_DIR}:ro"
+RELOAD_TIMEOUT = 5.0
+
+
+def wanted(p: Platform, env: Environment, blackbox_port: int) -> dict[str, str]:
+    """The environment's monitoring directory as the catalogue says now."""
+    with p.reader() as s:
+        checks, scrapes = catalogue.monitoring_checks(session=s, env=env)
+    return monitoring.monitoring_files(env.name, checks, scrapes, blackbox_port)
+
+
+class MonitorFiles:
+    def __init__(self, root: str) -> None:
+        self.root = Path(root)
+
+    def directory(self, job_id: str) -> Path:
+        return self.root / job_id
+
+    def prepare(self, job_id: str, files: Mapping[str, str]) -> dict[str, str]:
+        """The job's directory, whole, before it starts; the mount that shows it to the job."""
+        self.write(job_id, files)
+        return {str(self.directory(job_id)): MOUNT}
+
+    def write(self, job_id: str, files: Mapping[str, str], *, only: set[str] | None = None) -> set[str]:
+        """Write what differs (each file atomically: a temporary file, then a rename; never the
+        directory itself, which the job has mounted); the names written."""
+        root = self.directory(job_id)
+        (root / monitoring.TARGETS_DIR).mkdir(parents=True, exist_ok=True)
+        written = set()
+        for name, text in files.items():
+            if only is not None and name not in only:
+                continue
+            path = root / name
+            try:
+                if path.read_text() == text:
+                    continue
+            except OSError:
+                pass
+            temporary = path.with_name(f".{path.name}.tmp")
+            temporary.write_text(text)
+            os.chmod(temporary, 0o644)
+            temporary.replace(path)
+            written.add(name)
+        return written
+
+    def apply(self, job_id: str, files: Mapping[str, str], endpoint: MonitorEndpoint) -> set[str]:
+        """Bring a running job's directory in line, reloading what must be: the blackbox
+        exporter first (a new site's module), then the targets, then Prometheus' own files."""
+        if self.write(job_id, files, only={monitoring.BLACKBOX_FILE}):
+            _post(f"http://127.0.0.1:{endpoint.blackbox_port}/-/reload")
+        changed = self.write(job_id, files, only=set(files) - {monitoring.BLACKBOX_FILE})
+        if changed & {monitoring.PROMETHEUS_FILE, monitoring.RULES_FILE}:
+            _post(f"http://{endpoint.address}:{endpoint.port}/-/reload", endpoint.user, endpoint.password)
+        return changed
+
+    def remove(self, job_id: str) -> None:
+        shutil.rmtree(self.directory(job_id), ignore_errors=True)
+
+
+def _post(url: str, user: str | None = None, password: str | None = None) -> None:
+    request = urllib.request.Request(url, method="POST", data=b"")
+    if user is not None:
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=RELOAD_TIMEOUT):
+            pass
+    except (OSError, urllib.error.HTTPError) as exc:
+        log.warning("reload %s failed: %s", url, exc)

@@ -115,6 +115,11 @@ def _missing_indexes(inspector: Any, table: Any) -> list[Any]:
     return [index for index in table.indexes if index.name not in have]
 
 
+# What rows that were there before a column get, when its default is not what they are:
+# operations older than logging are history, not events waiting to be written.
+BACKFILL = {("operation", "logged"): 'UPDATE "operation" SET "logged" = 2'}
+
+
 def add_missing_columns(engine: Engine) -> list[str]:
     """Bring an older catalogue up to the current tables: create_all makes missing tables, this
     adds missing columns (every column added since is nullable or has a default), then missing
@@ -133,6 +138,8 @@ def add_missing_columns(engine: Engine) -> list[str]:
                 conn.exec_driver_sql(
                     f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}{default}'
                 )
+                if (table.name, column.name) in BACKFILL:
+                    conn.exec_driver_sql(BACKFILL[table.name, column.name])
                 added.append(f"{table.name}.{column.name}")
         for table in SQLModel.metadata.sorted_tables:  # their columns are all there now
             for index in _missing_indexes(inspect(conn), table):

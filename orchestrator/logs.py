@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 
 FIELDS = ("time", "env", "service", "job", "kind", "host", "release", "line")
 MAX_LINES = 10_000
-TIMEOUT = 5.0  # seconds to wait for the logging service's answer (a follow waits between lines)
+TIMEOUT = 5.0  # seconds to wait for the logging service's answer
+FOLLOW_TIMEOUT = 20.0  # a follow hears a keep-alive every 5 s: silence this long is a store gone
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(s|m|h|d)")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 # Operations the platform asks for itself (a user's have who asked in their parameters).
@@ -109,7 +110,7 @@ def follow(p: Platform, env: str, query: LogQuery) -> Iterator[dict[str, Any] | 
     The query is checked, and the logging service asked, before this returns."""
     with p.reader() as s:
         endpoint = check_query(s, env, query)
-    connection = _connect(endpoint, timeout=None)
+    connection = _connect(endpoint, timeout=FOLLOW_TIMEOUT)
     try:
         response = _send(connection, endpoint, "GET", "/api/logs?" + urllib.parse.urlencode(query.params(True)))
     except BaseException:

@@ -69,6 +69,16 @@ def _check(kind: str, value: str, pattern: re.Pattern[str]) -> str:
     return value
 
 
+def valid_target(target: Target) -> bool:
+    """Whether ``target`` can go into a shipper's configuration (one that cannot is left out,
+    not allowed to stop every other environment's shipping)."""
+    try:
+        _check_target(target)
+    except ValueError:
+        return False
+    return True
+
+
 def _check_target(target: Target) -> Target:
     _check("environment name", target.env, _NAME)
     _check("address", target.address, _ADDRESS)

@@ -104,7 +104,8 @@ class PlatformCollector(Collector):
 
 
 class EnvironmentCollector(Collector):
-    """One environment's services (wanted and running deploy jobs) and the hosts (up or not)."""
+    """One environment's services (wanted and running deploy jobs) and the hosts its jobs run on
+    (or ran on, when lost with their host): 1 unless down."""
 
     def __init__(self, p: Platform, env: str) -> None:
         self.p = p
@@ -124,12 +125,14 @@ class EnvironmentCollector(Collector):
             counts = Counter(s.exec(
                 select(Job.service_id).where(col(Job.service_id).in_([svc.id for svc in services]),
                                              Job.kind == JobKind.deploy, Job.state == JobState.running)))
-            hosts = list(s.exec(select(Host.name, Host.state)))
+            used = set(s.exec(select(Job.host).where(col(Job.service_id).in_([svc.id for svc in services]),
+                                                     col(Job.state).in_((JobState.running, JobState.lost)))))
+            hosts = [(n, st) for n, st in s.exec(select(Host.name, Host.state)) if n in used]
         for svc in services:
             if svc.type == "code" and svc.release is None:
                 continue  # nothing pushed yet: nothing wanted
             wanted.add_metric([self.env, svc.name], svc.scale)
             running.add_metric([self.env, svc.name], counts.get(svc.id or 0, 0))
-        for name, state in sorted(hosts):
-            up.add_metric([name], 1 if state == HostState.up else 0)
+        for name, state in sorted(hosts):  # draining is not down: its jobs still run
+            up.add_metric([name], 0 if state == HostState.down else 1)
         yield from (wanted, running, up)

@@ -23,7 +23,15 @@ from orchestrator.models import (
     ServiceType,
 )
 from orchestrator.platform import Platform
+from orchestrator.settings import Settings
 from orchestrator.who import asker
+
+# The images of the auto-included services, from the settings.
+INCLUDED_IMAGES: dict[ServiceType, Callable[[Settings], str]] = {
+    ServiceType.logging: lambda s: s.image_logging,
+    ServiceType.service_proxy: lambda s: s.image_service_proxy,
+    ServiceType.monitoring: lambda s: s.image_monitoring,
+}
 
 
 @dataclass(frozen=True)
@@ -96,14 +104,27 @@ def request_push_source(p: Platform, *, env: str, service: str, source: bytes, c
     return _request(p, env=env, service=service, decide=decide)
 
 
+def _up_to_date(p: Platform, svc: Service) -> None:
+    """An included service made by an older platform (logging and monitoring were placeholders:
+    busybox, no credentials) takes the current image and entrypoint, and credentials, at its
+    support redeploy."""
+    if "password" in svc.credentials or svc.type not in INCLUDED_IMAGES:
+        return
+    svc.credentials = service_types.new_credentials(ServiceType(svc.type), svc.name)
+    svc.image = INCLUDED_IMAGES[ServiceType(svc.type)](p.settings)
+    svc.command = None
+
+
 def request_redeploy(p: Platform, *, env: str, service: str, support: bool = False,
                      release: int | None = None) -> Operation:
     """A manual redeploy, a support redeploy, or (with ``release``) a rollback."""
 
     def decide(s: Session, svc: Service) -> Decision:
-        if not service_types.profile(svc.type).user_redeploy and not support:
-            raise BadInput(f"{svc.type} services cannot be redeployed through the CLI or API (support can, "
-                           "with --support)")
+        if not service_types.profile(svc.type).user_redeploy:
+            if not support:
+                raise BadInput(f"{svc.type} services cannot be redeployed through the CLI or API (support can, "
+                               "with --support)")
+            _up_to_date(p, svc)
         _check_redeployable(svc, support)
         if release is not None:
             rel = catalogue.get_release(session=s, service=svc, number=release)
@@ -120,9 +141,7 @@ def create_env(p: Platform, *, name: str, sandbox: bool, defaults: bool = True,
     """A new environment with its proxy ports (asked for, or the first free ones of the range);
     unless ``defaults`` is off, its auto-included services (logging, the service proxy and,
     outside sandboxes, monitoring) are created and deployed."""
-    images = {ServiceType.logging: p.settings.image_logging,
-              ServiceType.service_proxy: p.settings.image_service_proxy,
-              ServiceType.monitoring: p.settings.image_monitoring}
+    images = {kind: image(p.settings) for kind, image in INCLUDED_IMAGES.items()}
     with p.session() as s:
         environment = catalogue.create_env(session=s, name=name, sandbox=sandbox)
         if defaults or http_port is not None or https_port is not None:

@@ -25,6 +25,9 @@ MAX_VARIABLES_TOTAL = 512 * 1024
 _DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
+# Set per job by the platform: a user variable of these names would change how a job starts.
+PLATFORM_PORT_VARIABLES = frozenset({"PORT", *(n for p in service_types.PROFILES.values() for n in p.extra_ports)})
+
 
 def check_name(kind: str, name: str) -> str:
     """Names of hosts, environments, services, worker targets and tokens are DNS labels."""
@@ -95,7 +98,7 @@ def check_variables(values: Mapping[str, object]) -> dict[str, str]:
         if len(key) > MAX_VARIABLE_NAME or len(value) > MAX_VARIABLE_VALUE:
             raise BadInput(f"variable {key[:40]}: names take at most {MAX_VARIABLE_NAME} characters, "
                            "values 64 KiB")
-        if key == "PORT" or key.startswith("ORCH_"):
+        if key in PLATFORM_PORT_VARIABLES or key.startswith("ORCH_"):
             raise BadInput(f"{key} is set by the platform for every job and cannot be overridden")
     return {k: str(v) for k, v in values.items()}
 

@@ -65,7 +65,7 @@ def _from_prometheus(endpoint: MonitorEndpoint, env: str,
     firing = _get(endpoint, "/api/v1/alerts")["alerts"]
     status_of = {(r["metric"].get("job", ""), r["metric"].get("instance", "")): int(float(r["value"][1]))
                  for r in codes["result"]}
-    down_since = {a["labels"].get("job", ""): a.get("activeAt") for a in firing
+    down_since = {a["labels"].get("job") or a["labels"].get("site", ""): a.get("activeAt") for a in firing
                   if a["labels"].get("alertname") in ("JobDown", "SiteServerErrors")}
     checks = []
     for r in sorted(success["result"], key=lambda r: (r["metric"].get("service", ""), r["metric"].get("job", ""),
@@ -77,7 +77,8 @@ def _from_prometheus(endpoint: MonitorEndpoint, env: str,
         checks.append({"service": labels.get("service", ""), "job": job or None,
                        "check": labels.get("check", ""), "target": labels.get("site") or labels.get("instance", ""),
                        "state": "passing" if ok else "failing",
-                       "since": started.get(job) if ok else down_since.get(job), "detail": detail})
+                       "since": started.get(job) if ok else down_since.get(job or labels.get("site", "")),
+                       "detail": detail})
     alerts = [{"name": a["labels"].get("alertname", ""), "service": a["labels"].get("service"),
                "job": a["labels"].get("job") or None, "state": a.get("state", ""), "since": a.get("activeAt")}
               for a in firing if a["labels"].get("env", env) == env]

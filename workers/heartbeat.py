@@ -62,10 +62,14 @@ class NodeHeartbeat:
                 self._reconciling = self._proxies.submit(self.reconcile)
 
     def reconcile(self) -> None:
-        self.reconcile_proxies()
-        self.reconcile_shipper()
-        self.reconcile_node_exporter()
-        self.reconcile_monitors()
+        """What runs beside the jobs, each on its own: one that fails is said and retried next
+        beat, and never keeps the others from their turn."""
+        for part in (self.reconcile_proxies, self.reconcile_shipper, self.reconcile_node_exporter,
+                     self.reconcile_monitors):
+            try:
+                part()
+            except Exception as exc:
+                log.warning("host %s: %s failed this beat: %s", self.node.host, part.__name__, exc)
 
     def reconcile_monitors(self) -> None:
         """Every running monitoring job of this host checks what its environment runs now."""

@@ -11,16 +11,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from orchestrator.logship import Target, config_hash, shipper_config
-
 from orchestrator import names
+from orchestrator.logship import CONTAINERS_DIR, WORK_DIR, Target, config_hash, shipper_config
 from workers.runtime.base import ContainerSpec, Runtime
 
 log = logging.getLogger(__name__)
 
 LABEL_CONFIG = "orchestrator.log-shipper.config"
-WORK_DIR = "/var/spool/orch-logship"  # its file positions and disk queues (a named volume)
-CONTAINERS_DIR = "/docker/containers"  # the engine's containers directory, read-only
 STOP_TIMEOUT = 20  # seconds rsyslog may take to save its queues
 
 

@@ -3,6 +3,7 @@ credentials, and the operations whose start or end is not yet in its log."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -10,9 +11,10 @@ from datetime import datetime, timedelta
 from sqlalchemy import update
 from sqlmodel import Session, col, select
 
+from orchestrator import names
 from orchestrator.catalogue.monitoring import monitor_dashboard, not_running
 from orchestrator.errors import BadInput
-from orchestrator.logship import Target
+from orchestrator.logship import Target, valid_target
 from orchestrator.models import (
     DashboardPublic,
     Environment,
@@ -22,6 +24,8 @@ from orchestrator.models import (
     ServiceType,
     utcnow,
 )
+
+log = logging.getLogger(__name__)
 
 # Operation.logged: what of it the environment's log has.
 LOGGED_NOTHING, LOGGED_START, LOGGED_ALL = 0, 1, 2
@@ -67,11 +71,18 @@ def monitoring_wanted(*, session: Session) -> bool:
 def log_targets(*, session: Session) -> list[Target]:
     """Every environment's logging service that has a place (a host and its kept ports), as
     the hosts' shippers reach it: kept while it restarts, so lines wait on their hosts."""
-    addresses = {h.name: h.address for h in session.exec(select(Host))}
+    addresses = {h.name: h.address for h in session.exec(select(Host)) if not names.is_simulated(h.docker_url)}
     targets: dict[str, Target] = {}
     for svc, env in _logging_services(session):
-        if svc.port is not None and svc.host in addresses and env.name not in targets:
-            targets[env.name] = Target(env.name, addresses[svc.host], svc.port + 1)
+        # Without credentials it is a placeholder made before logging was real: nothing listens.
+        if svc.port is not None and svc.host in addresses and env.name not in targets \
+                and "password" in svc.credentials:
+            target = Target(env.name, addresses[svc.host], svc.port + 1)
+            if valid_target(target):
+                targets[env.name] = target
+            else:
+                log.warning("environment %s: its logging service's address %r cannot be shipped to",
+                            env.name, target.address)
     return sorted(targets.values(), key=lambda t: t.env)
 
 
@@ -79,7 +90,8 @@ def dashboard(*, session: Session, env: Environment) -> LogEndpoint | None:
     """The environment's logging dashboard as placed (None: it has none, or it was never placed)."""
     for svc, _ in _logging_services(session, env):
         host = session.exec(select(Host).where(Host.name == svc.host)).first() if svc.host else None
-        if svc.port is not None and host is not None and "password" in svc.credentials:
+        if svc.port is not None and host is not None and "password" in svc.credentials \
+                and not names.is_simulated(host.docker_url):  # nothing may connect to a simulated host
             return LogEndpoint(env.name, svc.name, host.address, svc.port, svc.credentials["user"],
                                svc.credentials["password"])
     return None
@@ -116,12 +128,17 @@ def logging_endpoint(*, session: Session, env: Environment) -> LogEndpoint:
 def unlogged_operations(*, session: Session, limit: int = 500,
                         newer_than: timedelta = timedelta(days=1)) -> list[tuple[Operation, str, str]]:
     """Operations whose start or end is not yet in their environment's log (the oldest first),
-    each with its environment's and service's names. Older than ``newer_than``: never."""
+    each with its environment's and service's names, of environments whose logging service is
+    placed. Older than ``newer_than``: never."""
+    # Only environments whose logging service is placed: others' operations (no logging, or
+    # not yet) never fill the window that the rest's events go through.
+    placed = (select(Service.env_id).where(Service.type == ServiceType.logging, col(Service.removed_at).is_(None),
+                                           col(Service.port).is_not(None), col(Service.host).is_not(None)))
     query = (select(Operation, Environment.name, Service.name)
              .join(Environment, col(Environment.id) == Operation.env_id)
              .join(Service, col(Service.id) == Operation.service_id)
              .where(col(Operation.logged) < LOGGED_ALL, col(Operation.created_at) > utcnow() - newer_than,
-                    col(Environment.removed_at).is_(None),
+                    col(Environment.removed_at).is_(None), col(Operation.env_id).in_(placed),
                     col(Operation.started_at).is_not(None) | col(Operation.finished_at).is_not(None))
              .order_by(col(Operation.id)).limit(limit))
     return [(op, env, svc) for op, env, svc in session.exec(query)]

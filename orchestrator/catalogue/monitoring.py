@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from sqlmodel import Session, col, select
 
+from orchestrator import names
 from orchestrator.errors import BadInput
 from orchestrator.models import Environment, Host, Job, JobKind, JobState, Service, ServiceType, Site
 from orchestrator.monitoring import Check, Scrape
@@ -40,7 +41,8 @@ class MonitorEndpoint:
 def monitoring_checks(*, session: Session, env: Environment) -> tuple[list[Check], list[Scrape]]:
     """The checks of the environment's running jobs (and of failed ones not yet replaced) and
     sites, and the metrics endpoints of the hosts its jobs run on."""
-    hosts = {h.name: h for h in session.exec(select(Host))}
+    # A simulated host is never probed nor scraped: nothing may connect to it.
+    hosts = {h.name: h for h in session.exec(select(Host)) if not names.is_simulated(h.docker_url)}
     rows = list(session.exec(select(Job, Service).join(Service, col(Service.id) == Job.service_id)
                              .where(Service.env_id == env.id, col(Service.removed_at).is_(None),
                                     col(Job.state).in_((JobState.running, JobState.failed)))
@@ -76,11 +78,11 @@ def monitoring_checks(*, session: Session, env: Environment) -> tuple[list[Check
                             path=path, host=host.name))
     proxy = hosts.get(proxy_hosts[0]) if proxy_hosts else None
     if proxy is not None and env.http_port is not None:
-        names = {s.id: s.name for s in session.exec(select(Service).where(Service.env_id == env.id))}
+        service_names = {s.id: s.name for s in session.exec(select(Service).where(Service.env_id == env.id))}
         for site in session.exec(select(Site).where(Site.env_id == env.id).order_by(col(Site.name))):
-            checks.append(Check(service=names.get(site.service_id, ""), job="", kind="site", address=proxy.address,
-                                port=env.http_port, path="/", site=site.name, https=site.cert is not None,
-                                https_port=env.https_port, host=proxy.name))
+            checks.append(Check(service=service_names.get(site.service_id, ""), job="", kind="site",
+                                address=proxy.address, port=env.http_port, path="/", site=site.name,
+                                https=site.cert is not None, https_port=env.https_port, host=proxy.name))
     scrapes: list[Scrape] = []
     for name in sorted(used_hosts):
         host = hosts.get(name)
@@ -112,7 +114,7 @@ def monitor_dashboard(*, session: Session, env: Environment) -> MonitorEndpoint 
     if svc is None or svc.port is None or not svc.host or "password" not in svc.credentials:
         return None
     host = session.exec(select(Host).where(Host.name == svc.host)).first()
-    if host is None:
+    if host is None or names.is_simulated(host.docker_url):  # nothing may connect to a simulated host
         return None
     return MonitorEndpoint(env.name, svc.name, host.address, svc.port, svc.port + 1, svc.credentials["user"],
                            svc.credentials["password"])

@@ -39,7 +39,7 @@ from orchestrator.manifest import (
     UpdateService,
     WorkerState,
 )
-from orchestrator.models import Operation, OpKind, OpState, ServiceType
+from orchestrator.models import Operation, OpKind, OpState
 from orchestrator.platform import Platform
 
 MAX_MANIFEST = 1024 * 1024
@@ -112,9 +112,7 @@ def snapshot(p: Platform, env: str) -> EnvState | None:
 
 
 def make_plan(p: Platform, m: manifest.Manifest, *, prune: bool, support: bool) -> Plan:
-    images = {ServiceType.logging: p.settings.image_logging,
-              ServiceType.service_proxy: p.settings.image_service_proxy,
-              ServiceType.monitoring: p.settings.image_monitoring}
+    images = {kind: image(p.settings) for kind, image in requests.INCLUDED_IMAGES.items()}
     return manifest.diff(m, snapshot(p, m.environment), prune=prune, support=support, included_images=images)
 
 

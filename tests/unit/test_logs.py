@@ -13,6 +13,7 @@ from orchestrator.errors import BadInput, NotFound
 from orchestrator.logship import Target
 from orchestrator.models import JobState, Operation, OpKind, OpParams, OpState, OpTrigger, ServiceType
 from orchestrator.placement import free_port
+from orchestrator.rules import check_variables
 from orchestrator.settings import Settings
 from tests.harness import platform_key
 from tests.unit.world import ENV, LOG_IMAGE, PORT_MIN, World
@@ -171,3 +172,42 @@ def test_only_support_redeploys_the_logging_service_to_take_new_retention(world:
     [new] = world.jobs("logging")
     assert new.id != old.id and new.environment["LOG_RETENTION"] == "3d"
     assert (new.host, new.port) == (old.host, old.port)  # its volume's host, its kept ports
+
+
+def test_the_ports_the_platform_sets_are_not_user_variables() -> None:
+    for name in ("PORT", "SYSLOG_PORT", "BLACKBOX_PORT", "ORCH_JOB"):
+        with pytest.raises(BadInput, match=f"{name} is set by the platform"):
+            check_variables({name: "514"})
+
+
+def test_a_placeholder_logging_service_is_brought_up_to_date_by_a_support_redeploy(world: World) -> None:
+    """An environment made before logging was real: busybox, a command, no credentials."""
+    requests.add_service(world.platform, env=ENV, name="logging", type=ServiceType.logging, image=LOG_IMAGE,
+                         command="sleep 1000", scale=1, size="xs")
+    with world.platform.session() as s:
+        _, svc = catalogue.get_service(session=s, env=ENV, name="logging")
+        svc.credentials = {}
+        s.add(svc)
+        s.commit()
+    world.run_all()
+    with world.platform.reader() as s:
+        assert catalogue.log_targets(session=s) == []  # nothing listens there: no shipper sends to it
+        assert "logging" not in catalogue.dashboards(session=s, env=catalogue.get_env(session=s, name=ENV))
+    requests.request_redeploy(world.platform, env=ENV, service="logging", support=True)
+    world.run_all()
+    svc = world.service("logging")
+    [job] = world.jobs("logging")
+    assert svc.image == world.platform.settings.image_logging and svc.command is None
+    assert job.environment["LOG_PASSWORD"] == svc.credentials["password"]
+    with world.platform.reader() as s:
+        assert [t.env for t in catalogue.log_targets(session=s)] == [ENV]
+
+
+def test_only_environments_with_a_placed_logging_service_have_events_waiting(world: World) -> None:
+    world.code_service("web", scale=1)
+    with world.platform.reader() as s:
+        assert catalogue.unlogged_operations(session=s) == []  # no logging: nothing waits, nothing blocks
+    add_logging(world)
+    with world.platform.reader() as s:
+        waiting = {(op.kind, svc) for op, _, svc in catalogue.unlogged_operations(session=s)}
+    assert ("deploy", "web") in waiting and ("deploy", "logging") in waiting

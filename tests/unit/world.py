@@ -45,7 +45,7 @@ IMAGE = "app:1"
 IMAGE_2 = "app:2"
 CRASHING = "app:crash"  # present on every host; its containers exit at once
 LOG_IMAGE = "logs:1"
-IMAGES = frozenset({IMAGE, IMAGE_2, CRASHING, LOG_IMAGE, "postgres:16", "mysql:8.4", "memcached:1.6"})
+IMAGES = frozenset({IMAGE, IMAGE_2, CRASHING, LOG_IMAGE, "orch/logging:1", "postgres:16", "mysql:8.4", "memcached:1.6"})
 PORT_MIN = 20000
 
 

@@ -38,6 +38,7 @@ def wanted(p: Platform, env: Environment, blackbox_port: int) -> dict[str, str]:
 class MonitorFiles:
     def __init__(self, root: str) -> None:
         self.root = Path(root)
+        self._reload_due: dict[str, set[str]] = {}  # job -> what still waits for a reload that failed
 
     def directory(self, job_id: str) -> Path:
         return self.root / job_id
@@ -72,24 +73,34 @@ class MonitorFiles:
     def apply(self, job_id: str, files: Mapping[str, str], endpoint: MonitorEndpoint) -> set[str]:
         """Bring a running job's directory in line, reloading what must be: the blackbox
         exporter first (a new site's module), then the targets, then Prometheus' own files."""
-        if self.write(job_id, files, only={monitoring.BLACKBOX_FILE}):
-            _post(f"http://127.0.0.1:{endpoint.blackbox_port}/-/reload")
+        # What a reload that failed left waiting is reloaded again, though its file is unchanged.
+        due = self._reload_due.setdefault(job_id, set())
+        due |= self.write(job_id, files, only={monitoring.BLACKBOX_FILE})
+        blackbox = f"http://127.0.0.1:{endpoint.blackbox_port}/-/reload"
+        if monitoring.BLACKBOX_FILE in due and _post(blackbox):
+            due.discard(monitoring.BLACKBOX_FILE)
         changed = self.write(job_id, files, only=set(files) - {monitoring.BLACKBOX_FILE})
-        if changed & {monitoring.PROMETHEUS_FILE, monitoring.RULES_FILE}:
-            _post(f"http://{endpoint.address}:{endpoint.port}/-/reload", endpoint.user, endpoint.password)
+        own = {monitoring.PROMETHEUS_FILE, monitoring.RULES_FILE}
+        due |= changed & own
+        prometheus = f"http://{endpoint.address}:{endpoint.port}/-/reload"
+        if due & own and _post(prometheus, endpoint.user, endpoint.password):
+            due -= own
         return changed
 
     def remove(self, job_id: str) -> None:
+        self._reload_due.pop(job_id, None)
         shutil.rmtree(self.directory(job_id), ignore_errors=True)
 
 
-def _post(url: str, user: str | None = None, password: str | None = None) -> None:
+def _post(url: str, user: str | None = None, password: str | None = None) -> bool:
+    """POST an empty body; whether it was answered 2xx."""
     request = urllib.request.Request(url, method="POST", data=b"")
     if user is not None:
         token = base64.b64encode(f"{user}:{password}".encode()).decode()
         request.add_header("Authorization", f"Basic {token}")
     try:
         with urllib.request.urlopen(request, timeout=RELOAD_TIMEOUT):
-            pass
+            return True
     except (OSError, urllib.error.HTTPError) as exc:
-        log.warning("reload %s failed: %s", url, exc)
+        log.warning("reload %s failed (tried again next heartbeat): %s", url, exc)
+        return False

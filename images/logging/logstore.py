@@ -225,6 +225,8 @@ def parse_message(text: str) -> tuple[Any, ...]:
         value = attrs.get(name, "")
         return _text(value if isinstance(value, str) else str(value))
 
+    if attr("ORCH_KIND") == "event":  # the platform's events come through its API, never as a job's line
+        raise Malformed("a job's line cannot be a platform event")
     key = hashlib.sha256("\0".join((container, when, stream, log)).encode("utf-8", "surrogatepass")).digest()
     line = log[:-1] if log.endswith("\n") else log
     return (key, parse_time(when), attr("ORCH_ENV"), attr("ORCH_SERVICE"), attr("ORCH_JOB"), attr("ORCH_KIND"),

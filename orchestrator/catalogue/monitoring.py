@@ -6,17 +6,21 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from datetime import timedelta
 
 from sqlmodel import Session, col, select
 
 from orchestrator import names
 from orchestrator.errors import BadInput
-from orchestrator.models import Environment, Host, Job, JobKind, JobState, Service, ServiceType, Site
+from orchestrator.models import Environment, Host, Job, JobKind, JobState, Service, ServiceType, Site, utcnow
 from orchestrator.monitoring import Check, Scrape
 
 # A job's check by its service's type; code services: "http" with a health path, else "tcp".
 CHECK_OF_TYPE = {ServiceType.postgresql: "postgresql", ServiceType.mysql: "mysql", ServiceType.redis: "redis",
                  ServiceType.memcached: "memcached", ServiceType.logging: "tcp"}
+
+
+FAILED_KEPT = timedelta(days=1)  # a failed job not replaced is checked (failing) that long at most
 
 
 class MonitoringDown(Exception):
@@ -43,9 +47,10 @@ def monitoring_checks(*, session: Session, env: Environment) -> tuple[list[Check
     sites, and the metrics endpoints of the hosts its jobs run on."""
     # A simulated host is never probed nor scraped: nothing may connect to it.
     hosts = {h.name: h for h in session.exec(select(Host)) if not names.is_simulated(h.docker_url)}
+    recently_failed = (col(Job.state) == JobState.failed) & (col(Job.created_at) > utcnow() - FAILED_KEPT)
+    live = (col(Job.state) == JobState.running) | recently_failed
     rows = list(session.exec(select(Job, Service).join(Service, col(Service.id) == Job.service_id)
-                             .where(Service.env_id == env.id, col(Service.removed_at).is_(None),
-                                    col(Job.state).in_((JobState.running, JobState.failed)))
+                             .where(Service.env_id == env.id, col(Service.removed_at).is_(None), live)
                              .order_by(col(Job.created_at).desc(), col(Job.id))))
     # A failed job stays checked (failing) until a new job takes its place: while its service
     # runs fewer deploy jobs than its scale, its last failed ones stand for the missing.
@@ -136,7 +141,8 @@ def monitor_endpoint(*, session: Session, env: Environment) -> MonitorEndpoint:
 
 def not_running(session: Session, svc: Service) -> str | None:
     """Why no job of an included service (logging, monitoring) runs, in words; None when one does."""
-    jobs = list(session.exec(select(Job).where(Job.service_id == svc.id).order_by(col(Job.created_at).desc())))
-    if any(j.state == JobState.running for j in jobs):
+    running = select(Job.id).where(Job.service_id == svc.id, Job.state == JobState.running)
+    if session.exec(running.limit(1)).first() is not None:
         return None
-    return f"its last job {jobs[0].id} is {jobs[0].state}" if jobs else "it has no job yet"
+    last = session.exec(select(Job).where(Job.service_id == svc.id).order_by(col(Job.created_at).desc())).first()
+    return f"its last job {last.id} is {last.state}" if last is not None else "it has no job yet"

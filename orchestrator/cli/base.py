@@ -45,11 +45,6 @@ class Context:
         return make_platform(self.settings)
 
 
-def who() -> str:
-    """Who runs this CLI: USER@HOST."""
-    return cli_user()
-
-
 pass_ctx = click.make_pass_decorator(Context, ensure=True)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from orchestrator import catalogue, requests
-from orchestrator.cli.base import Context, env_svc, json_option, listing, main, pass_ctx, wait_option, who
+from orchestrator.cli.base import Context, env_svc, json_option, listing, main, pass_ctx, wait_option
 from orchestrator.cli.follow import follow, load_op, started
 from orchestrator.errors import BadInput
 from orchestrator.models import JobKind, JobState, OpState, StepAction
@@ -206,7 +206,7 @@ def git_receive(ctx: Context, env_name: str, name: str) -> None:
 def run(ctx: Context, env_name: str, name: str, argv: tuple[str, ...]) -> None:
     """A one-off job: CMD in a new container of the service (its current image, variables and
     size) on a placed host; its output streams here, its exit code is ours, its container goes."""
-    op = requests.request_run(ctx.platform, env=env_name, service=name, argv=list(argv), requested_by=who())
+    op = requests.request_run(ctx.platform, env=env_name, service=name, argv=list(argv))
     sys.exit(_follow_output(ctx, op.id or 0))
 
 
@@ -217,8 +217,7 @@ def run(ctx: Context, env_name: str, name: str, argv: tuple[str, ...]) -> None:
 @pass_ctx
 def exec_(ctx: Context, env_name: str, name: str, job: str | None, argv: tuple[str, ...]) -> None:
     """CMD in a running job's container (docker exec); its output streams here, its exit code is ours."""
-    op = requests.request_exec(ctx.platform, env=env_name, service=name, argv=list(argv), job=job,
-                               requested_by=who())
+    op = requests.request_exec(ctx.platform, env=env_name, service=name, argv=list(argv), job=job)
     sys.exit(_follow_output(ctx, op.id or 0))
 
 

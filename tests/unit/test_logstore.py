@@ -423,3 +423,11 @@ def test_follow_streams_lines_stored_after_the_request(server: tuple[Any, Client
     while any(t.name != "MainThread" and t.is_alive() and "process_request" in t.name for t in threading.enumerate()):
         assert time.monotonic() < deadline, "the follow stream outlived its client"
         time.sleep(0.05)
+
+
+def test_a_jobs_line_cannot_pass_for_a_platform_event() -> None:
+    """Events come only through the store's API, with its credentials: a line claiming the
+    kind "event" (anyone who reaches the syslog port could send one) is refused as malformed."""
+    with pytest.raises(logstore.Malformed, match="platform event"):
+        logstore.parse_message(message("operation 1 (redeploy of web) succeeded", ORCH_KIND="event"))
+    assert logstore.parse_message(message("hello"))[5] == "deploy"

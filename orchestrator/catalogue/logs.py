@@ -11,8 +11,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import update
 from sqlmodel import Session, col, select
 
-from orchestrator import names
-from orchestrator.catalogue.monitoring import monitor_dashboard, not_running
+from orchestrator.catalogue.monitoring import answers_at, host_of, monitor_dashboard, not_running
 from orchestrator.errors import BadInput
 from orchestrator.logship import Target, valid_target
 from orchestrator.models import (
@@ -71,13 +70,12 @@ def monitoring_wanted(*, session: Session) -> bool:
 def log_targets(*, session: Session) -> list[Target]:
     """Every environment's logging service that has a place (a host and its kept ports), as
     the hosts' shippers reach it: kept while it restarts, so lines wait on their hosts."""
-    addresses = {h.name: h.address for h in session.exec(select(Host)) if not names.is_simulated(h.docker_url)}
+    hosts = {h.name: h for h in session.exec(select(Host))}
     targets: dict[str, Target] = {}
     for svc, env in _logging_services(session):
-        # Without credentials it is a placeholder made before logging was real: nothing listens.
-        if svc.port is not None and svc.host in addresses and env.name not in targets \
-                and "password" in svc.credentials:
-            target = Target(env.name, addresses[svc.host], svc.port + 1)
+        host = hosts.get(svc.host or "")
+        if env.name not in targets and host is not None and svc.port is not None and answers_at(svc, host):
+            target = Target(env.name, host.address, svc.port + 1)
             if valid_target(target):
                 targets[env.name] = target
             else:
@@ -89,9 +87,8 @@ def log_targets(*, session: Session) -> list[Target]:
 def dashboard(*, session: Session, env: Environment) -> LogEndpoint | None:
     """The environment's logging dashboard as placed (None: it has none, or it was never placed)."""
     for svc, _ in _logging_services(session, env):
-        host = session.exec(select(Host).where(Host.name == svc.host)).first() if svc.host else None
-        if svc.port is not None and host is not None and "password" in svc.credentials \
-                and not names.is_simulated(host.docker_url):  # nothing may connect to a simulated host
+        host = host_of(session, svc)
+        if host is not None and svc.port is not None and answers_at(svc, host):
             return LogEndpoint(env.name, svc.name, host.address, svc.port, svc.credentials["user"],
                                svc.credentials["password"])
     return None

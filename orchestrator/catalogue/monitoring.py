@@ -108,6 +108,19 @@ def monitoring_jobs_on(*, session: Session, host: str) -> list[tuple[Job, Enviro
     return [(job, env) for job, env in session.exec(query)]
 
 
+def answers_at(svc: Service, host: Host | None) -> bool:
+    """Whether an included service (logging, monitoring) answers on ``host`` where a platform
+    process may reach it: placed there with its kept port, made with credentials (one made
+    before these services were real is a placeholder: nothing listens), never a simulated host."""
+    return (svc.port is not None and host is not None and host.name == svc.host
+            and "password" in svc.credentials and not names.is_simulated(host.docker_url))
+
+
+def host_of(session: Session, svc: Service) -> Host | None:
+    """The host a service keeps (databases, logging, monitoring), if it has one."""
+    return session.exec(select(Host).where(Host.name == svc.host)).first() if svc.host else None
+
+
 def _monitoring_service(session: Session, env: Environment) -> Service | None:
     return session.exec(select(Service).where(Service.env_id == env.id, Service.type == ServiceType.monitoring,
                                               col(Service.removed_at).is_(None))).first()
@@ -116,10 +129,8 @@ def _monitoring_service(session: Session, env: Environment) -> Service | None:
 def monitor_dashboard(*, session: Session, env: Environment) -> MonitorEndpoint | None:
     """The environment's monitoring as placed (None: it has none, or it was never placed)."""
     svc = _monitoring_service(session, env)
-    if svc is None or svc.port is None or not svc.host or "password" not in svc.credentials:
-        return None
-    host = session.exec(select(Host).where(Host.name == svc.host)).first()
-    if host is None or names.is_simulated(host.docker_url):  # nothing may connect to a simulated host
+    host = host_of(session, svc) if svc is not None else None
+    if svc is None or host is None or svc.port is None or not answers_at(svc, host):
         return None
     return MonitorEndpoint(env.name, svc.name, host.address, svc.port, svc.port + 1, svc.credentials["user"],
                            svc.credentials["password"])

@@ -55,7 +55,10 @@ from redeploy import log, process_cpu, summarise_profile, terminated_as_exit
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the test harness runs the platform here too
 
+from orchestrator.dispatch import batches  # noqa: E402
+from orchestrator.models import StepAction  # noqa: E402
 from tests.harness import PlatformEnv, orchestrator, says_ready, start_process, stop_process  # noqa: E402
+from workers.inline import SentStep  # noqa: E402
 
 REDIS_DB = 6
 PORTS = (34000, 34999)  # job ports 34000-34949 (the last 50: proxies, never used here)
@@ -87,6 +90,7 @@ class Result:
     rows: dict[str, int] = field(default_factory=dict)
     redis_memory: int = 0
     redis_keys: int = 0
+    tasks: int = 0  # Celery tasks the nodes ran for both phases: step tasks (a batch is one) and finishes
     note: str = ""
     # What the platform did by itself meanwhile: operations it started (kind/trigger -> count),
     # hosts it marked down (their jobs were lost). Under a slow catalogue these are false alarms.
@@ -101,23 +105,27 @@ class Fleet:
     """One fleet size's throwaway platform: its sim and control processes, its catalogue."""
 
     def __init__(self, workdir: Path, hosts: int, heartbeat_interval: float, down_after: float,
-                 concurrency: int, sims: int, postgres: str | None) -> None:
+                 concurrency: int, sims: int, postgres: str | None, broker: str | None = None) -> None:
         self.workdir = workdir
         self.db = workdir / "catalogue.db"
         self.url = postgres or f"sqlite:///{self.db}"
         self.reader = sqlalchemy.create_engine(self.url.replace("postgresql://", "postgresql+psycopg://", 1))
         self.env = PlatformEnv(self.url, REDIS_DB, PORTS, heartbeat_interval=heartbeat_interval,
-                               host_down_after=down_after, extra=(("ORCH_START_TIMEOUT", "60"),))
+                               host_down_after=down_after, extra=(("ORCH_START_TIMEOUT", "60"),),
+                               broker_url=broker,
+                               result_backend=f"redis://127.0.0.1:6379/{REDIS_DB}" if broker else None)
         self.environ = {**os.environ, "PYTHONPATH": str(ROOT), **self.env.variables()}
         self.hosts, self.concurrency, self.sims = hosts, concurrency, sims
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.redis: redis.Redis[bytes] = self.env.redis()
-        self.app = Celery(broker=self.env.variables()["ORCH_BROKER_URL"],
-                          backend=self.env.variables()["ORCH_BROKER_URL"], set_as_current=False)
+        variables = self.env.variables()
+        self.app = Celery(broker=variables["ORCH_BROKER_URL"], set_as_current=False,
+                          backend=variables.get("ORCH_RESULT_BACKEND") or variables["ORCH_BROKER_URL"])
         self.app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"])
 
     def start(self) -> float:
         self.env.flush()
+        self.vhost(fresh=True)
         t0 = time.perf_counter()
         share = [self.hosts // self.sims + (i < self.hosts % self.sims) for i in range(self.sims)]
         for i, count in enumerate(share):  # sim processes of their own prefixes: s, s2-, s3-, ...
@@ -140,7 +148,22 @@ class Fleet:
         self.reader.dispose()
         self.app.close()
         self.env.flush()
+        self.vhost(fresh=False)
         self.redis.close()
+
+    def vhost(self, *, fresh: bool) -> None:
+        """With RabbitMQ (``--broker amqp://…/VHOST``): its vhost deleted, and made again before a run."""
+        broker = self.env.broker_url or ""
+        if not broker.startswith("amqp://"):
+            return
+        name = broker.rsplit("/", 1)[-1] or "/"
+        if name == "/":
+            raise SystemExit("--broker: give RabbitMQ a vhost of its own (amqp://…/scale): its queues are deleted")
+        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", name], capture_output=True, check=False)
+        if fresh:
+            subprocess.run(["rabbitmqctl", "-q", "add_vhost", name], capture_output=True, check=True)
+            subprocess.run(["rabbitmqctl", "-q", "set_permissions", "-p", name, "guest", ".*", ".*", ".*"],
+                           capture_output=True, check=True)
 
     def cli(self, *args: str) -> str:
         done = subprocess.run(orchestrator(*args), env=self.environ, cwd=self.workdir, capture_output=True,
@@ -148,6 +171,15 @@ class Fleet:
         if done.returncode != 0:
             raise RuntimeError(f"orchestrator {' '.join(args)} -> exit {done.returncode}: {done.stderr[-2000:]}")
         return done.stdout
+
+    def tasks(self) -> int:
+        """The Celery tasks the operations' chains carried: each stage's batches, as dispatch makes
+        them (``orchestrator.dispatch.batches``), and one finish per operation."""
+        stages: dict[tuple[int, int], list[SentStep]] = {}
+        for op_id, stage, action, host in self.query("SELECT op_id, stage, action, host FROM step ORDER BY id"):
+            stages.setdefault((op_id, stage), []).append(SentStep(0, StepAction(action), host))
+        operations = int(self.query("SELECT count(*) FROM operation")[0][0])
+        return operations + sum(len(batches(steps)) for steps in stages.values())
 
     def query(self, sql: str, **params: Any) -> list[tuple[Any, ...]]:
         with self.reader.connect() as conn:
@@ -171,6 +203,9 @@ class Fleet:
         used = {name: process_cpu(proc.pid) for name, proc in self.procs.items()}
         used["sim"] = sum(cpu for name, cpu in used.items() if name.startswith("sim"))  # all sims together
         used["redis"] = float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+        if (self.env.broker_url or "").startswith("amqp://"):  # RabbitMQ's server (a shared one: others count too)
+            found = subprocess.run(["pgrep", "-f", "beam.smp"], capture_output=True, text=True).stdout.split()
+            used["redis"] += sum(process_cpu(int(pid)) for pid in found)
         return used
 
     def send_all(self, task: str, services: Sequence[str], **kwargs: Any) -> list[int]:
@@ -259,8 +294,9 @@ PARTS: list[tuple[str, tuple[str, ...]]] = [
     ("step: act, start_job", ("start_job (workers/tasks.py",)),
     ("step: act, stop_job", ("stop_job (workers/tasks.py",)),
     ("step: act, check_image", ("check_image (workers/tasks.py",)),
-    ("step: end, finish on failure (catalogue txn)", ("_carry_out (workers/tasks.py",)),
-    ("step: begin (catalogue txn)", ("run_step (workers/tasks.py",)),
+    ("step: begin (catalogue txn)", ("_begin_all (workers/tasks.py",)),
+    ("step: end (catalogue txn)", ("_end_all.<locals>.end (workers/tasks.py",)),
+    ("step: other (batch, finish on failure)", ("run_steps (workers/tasks.py",)),
     ("op finish (operations.finish)", ("register_finish.<locals>.finish",)),
     ("request: record plan (catalogue)", ("_request (orchestrator/requests.py", "_record_plan")),
     ("request: plan", ("_request (orchestrator/requests.py", "_plan (orchestrator/operations.py")),
@@ -327,7 +363,8 @@ def run_size(hosts: int, args: argparse.Namespace, deadline: float) -> Result:
     services = [f"svc{i}" for i in range(args.services)]
     with ExitStack() as stack:
         postgres = stack.enter_context(postgres_database(args.postgres)) if args.postgres else None
-        fleet = Fleet(workdir, hosts, interval, interval * 5, args.concurrency, min(args.sims, hosts), postgres)
+        fleet = Fleet(workdir, hosts, interval, interval * 5, args.concurrency, min(args.sims, hosts), postgres,
+                      args.broker)
         return measure_size(fleet, result, services, args, deadline)
 
 
@@ -367,6 +404,7 @@ def measure_size(fleet: Fleet, result: Result, services: list[str], args: argpar
             result.note = "redeploy did not end in time"
         result.catalogue_bytes, result.wal_bytes = fleet.size()
         result.rows = {t: int(fleet.query(f"SELECT count(*) FROM {t}")[0][0]) for t in ("job", "step", "operation")}
+        result.tasks = fleet.tasks()
         result.redis_memory = int(fleet.redis.info("memory")["used_memory"])
         result.redis_keys = int(fleet.redis.dbsize())
         return result
@@ -391,7 +429,8 @@ def fmt(x: float | None, digits: int = 1) -> str:
 def report(results: list[Result]) -> None:
     log(f"\nload average now: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs\n")
     headers = ["hosts", "jobs", "hb s", "deploy s", "deploy j/s", "redeploy s", "redeploy j/s",
-               "op s (min/med/max, redeploy)", "CPU s/job ctl", "sim", "redis", "sim idle CPU",
+               "op s (min/med/max, redeploy)", "CPU s/job ctl", "sim", "redis", "tasks/job", "sim CPU/task",
+               "sim idle CPU",
                "catalogue MB db/wal", "jobs/steps/ops rows", "redis MB", "keys"]
     rows = []
     for r in results:
@@ -403,6 +442,8 @@ def report(results: list[Result]) -> None:
             fmt(r.redeploy.seconds), fmt(r.rate(r.redeploy)),
             f"{ops[0]:.1f}/{ops[len(ops) // 2]:.1f}/{ops[-1]:.1f}" if ops else "-",
             f"{cpu['control'] * 1000:.1f}ms", f"{cpu['sim'] * 1000:.1f}ms", f"{cpu['redis'] * 1000:.1f}ms",
+            f"{r.tasks / (2 * r.jobs):.2f}" if r.tasks else "-",
+            f"{cpu['sim'] * 2 * r.jobs / r.tasks * 1000:.1f}ms" if r.tasks else "-",
             f"{100 * r.idle_cpu:.0f}%", f"{r.catalogue_bytes / 1e6:.1f}/{r.wal_bytes / 1e6:.1f}",
             "/".join(str(r.rows.get(t, 0)) for t in ("job", "step", "operation")),
             f"{r.redis_memory / 1e6:.1f}", str(r.redis_keys),
@@ -418,7 +459,10 @@ def report(results: list[Result]) -> None:
             log(f"  {r.hosts} hosts: the platform marked {r.hosts_down} host(s) down (no heartbeat within "
                 f"ORCH_HOST_DOWN_AFTER) and started operations of its own: {r.own_ops}")
     log("CPU s/job: CPU seconds per job started or replaced, deploy and redeploy together; ctl = the control "
-        "worker; sim = the sim process (steps, finishes, watcher, heartbeats); redis = the whole server.")
+        "worker; sim = the sim process (steps, finishes, watcher, heartbeats); redis = the whole server (with "
+        "--broker amqp://…: plus RabbitMQ's).\n"
+        "tasks/job: Celery tasks the nodes ran per job started or replaced (a host's starts or stops of one stage "
+        "are one task, plus image checks and finishes); sim CPU/task: the sim process's CPU per such task.")
 
 
 def plot(results: list[Result], path: Path, operations: int) -> None:
@@ -467,6 +511,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--postgres", nargs="?", const=POSTGRES_ADMIN, default=None, metavar="ADMIN_URL",
                         help="the catalogue in a throwaway PostgreSQL database (made through ADMIN_URL, "
                              f"default {POSTGRES_ADMIN}) instead of SQLite")
+    parser.add_argument("--broker", default=None, metavar="URL",
+                        help="another broker, e.g. amqp://guest:guest@127.0.0.1:5672//scale (a vhost of its own: "
+                             "its queues are deleted before and after); results stay in Redis database 6")
     parser.add_argument("--wall", action="store_true",
                         help="profile wall time (waits included) of the task threads instead of CPU")
     parser.add_argument("--plot", type=Path, default=OUT / "scale.png")

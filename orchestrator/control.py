@@ -34,7 +34,7 @@ class InvalidRequest(Exception):
 def register_finish(app: Celery, platform: Platform) -> None:
     """The operation's finish task, on ``app`` (a node's or the control worker's)."""
 
-    @app.task(name=TASK_FINISH, shared=False, bind=True, max_retries=None)
+    @app.task(name=TASK_FINISH, shared=False, bind=True, max_retries=None, ignore_result=True)
     def finish(self: Task, op_id: int, **_labels: Any) -> dict[str, Any]:
         try:
             ended = operations.finish(platform, op_id)

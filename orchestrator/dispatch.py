@@ -1,8 +1,11 @@
 """Recorded steps -> one Celery chain. The one place that sends work to the nodes.
 
-Stages run one after the other; the steps of a stage run in parallel (a group, which Celery
-joins with a chord before the next stage). Each step goes to the queue of the host it touches;
-the chain ends with the operation's finish task. ``Dispatch`` is the interface the control
+Stages run one after the other; the tasks of a stage run in parallel (a group, which Celery
+joins with a chord before the next stage). Each task goes to the queue of the host it touches;
+the chain ends with the operation's finish task. A task carries one step, or all of a stage's
+starts (or stops) on one host (``batches``): one message and two catalogue transactions for the
+lot, each step still its own row with its own state, and the task's arguments name every step
+and job it carries. ``Dispatch`` is the interface the control
 plane uses; ``workers.inline.InlineDispatch`` is its in-process twin for unit tests.
 
 Celery is imported by ``CeleryDispatch`` as it sends, not with this module: what only reads the
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from orchestrator import names, service_types
 from orchestrator.errors import one_line
@@ -39,6 +42,44 @@ TASK_OF = {
 }
 
 
+# Actions whose steps of one stage and host travel together: they are many (a job each) and
+# alike; every other step (an image check, a route, a build, a wait) is one of a kind.
+BATCHED = frozenset({StepAction.start, StepAction.stop})
+# Steps in one task at most: the node runs them all at once, and Flower shows a task's arguments
+# cut at 1024 characters (each step adds its id and its job's).
+MAX_BATCH = 16
+
+
+class Routed(Protocol):
+    """A step as far as where it goes: a ``Step``, or what ``InlineDispatch`` keeps of one."""
+
+    @property
+    def action(self) -> StepAction: ...
+
+    @property
+    def host(self) -> str | None: ...
+
+
+R = TypeVar("R", bound=Routed)
+
+
+def batches(stage: Sequence[R]) -> list[list[R]]:
+    """A stage's steps as the tasks that carry them, in the stage's order: a host's starts
+    together, its stops together (``MAX_BATCH`` at most in one task), every other step alone."""
+    tasks: list[list[R]] = []
+    together: dict[tuple[StepAction, str], list[R]] = {}
+    for step in stage:
+        if step.action in BATCHED and step.host:
+            key = (step.action, step.host)
+            if key not in together or len(together[key]) == MAX_BATCH:
+                together[key] = []
+                tasks.append(together[key])
+            together[key].append(step)
+        else:
+            tasks.append([step])
+    return tasks
+
+
 class SendFailed(Exception):
     """Nothing was sent: the broker could not be reached."""
 
@@ -59,7 +100,8 @@ class Dispatch(Protocol):
 
 
 def step_task_id(step_id: int) -> str:
-    """A step's Celery task id: the same for its retries and redeliveries, and known to cancel."""
+    """A step's Celery task id (a batch's is its first step's): the same for its retries and
+    redeliveries, and known to cancel."""
     return f"orch-step-{step_id}"
 
 
@@ -74,9 +116,9 @@ class CeleryDispatch:
         home = _home_queue(stages)
         parts: list[Signature] = []
         for stage in stages:
-            sigs = [self._step(s, env=env, service=service,
-                               queue=names.host_queue(s.host) if s.host else home)
-                    for s in stage]
+            sigs = [self._steps(batch, env=env, service=service,
+                                queue=names.host_queue(batch[0].host) if batch[0].host else home)
+                    for batch in batches(stage)]
             parts.append(sigs[0] if len(sigs) == 1 else group(sigs))
         parts.append(self._finish(op_id, env=env, service=service, queue=home))
         _send(chain(*parts), self.app)
@@ -85,14 +127,17 @@ class CeleryDispatch:
         queue = names.host_queue(host) if host else names.CONTROL_QUEUE
         _send(self._finish(op_id, env=env, service=service, queue=queue), self.app)
 
-    def _step(self, step: Step, *, env: str, service: str, queue: str) -> Signature:
-        """A step's task: its id, plus arguments that tell a Flower reader what it serves."""
-        kwargs: dict[str, Any] = {
-            "step_id": step.id, "op": step.op_id, "env": env, "service": service,
-            "host": step.host, "job": step.job_id,
-        }
-        return self.app.signature(TASK_OF[step.action], kwargs=kwargs, queue=queue, immutable=True,
-                                  task_id=step_task_id(step.id or 0))
+    def _steps(self, steps: Sequence[Step], *, env: str, service: str, queue: str) -> Signature:
+        """The task of one step (``step_id``, ``job``) or of a batch (``step_ids``, ``jobs``),
+        plus arguments that tell a Flower reader what it serves. Its id is its first step's."""
+        first = steps[0]
+        kwargs: dict[str, Any] = {"op": first.op_id, "env": env, "service": service, "host": first.host}
+        if len(steps) == 1:
+            kwargs.update(step_id=first.id, job=first.job_id)
+        else:
+            kwargs.update(step_ids=[s.id for s in steps], jobs=[s.job_id for s in steps])
+        return self.app.signature(TASK_OF[first.action], kwargs=kwargs, queue=queue, immutable=True,
+                                  task_id=step_task_id(first.id or 0))
 
     def revoke(self, step_ids: Sequence[int]) -> None:
         from kombu.exceptions import OperationalError

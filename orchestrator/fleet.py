@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import or_, update
+from sqlalchemy import case, cast, literal, or_, update
 from sqlmodel import Session, col, select
 
 from orchestrator import catalogue, operations, service_types
@@ -67,21 +67,27 @@ def heartbeat(p: Platform, *, host: str, cpus: float, memory_mb: int, node: str 
     ``listed_at``, reconcile the host with the catalogue (``reconcile``); only then is a host that
     was down up again (a draining one stays draining), so nothing is placed on it meanwhile."""
     now = utcnow()
-    with p.session() as s:
-        s.exec(update(Host).where(col(Host.name) == host)
-               .values(last_seen=now, cpus=cpus, memory_mb=memory_mb))
+
+    def beat(s: Session) -> Reconciled:
+        # One statement for the host: alive, what it holds, and (a host that was down) up again,
+        # a draining one draining: in this one transaction with the reconciliation below, so no
+        # reader sees it up before its jobs are in step.
+        kind = Host.__table__.c.state.type  # type: ignore[attr-defined]  # (PostgreSQL: an enum type)
+        back = case((col(Host.drained).is_(True), cast(literal(HostState.draining), kind)),
+                    else_=cast(literal(HostState.up), kind))
+        s.exec(update(Host).where(col(Host.name) == host).values(
+            last_seen=now, cpus=cpus, memory_mb=memory_mb,
+            state=case((col(Host.state) == HostState.down, back), else_=col(Host.state))))
         if node is not None:
             held = or_(col(Step.id).in_(list(working_on)), col(Step.action) == StepAction.wait)
             s.exec(update(Step).where(col(Step.node) == node, col(Step.state) == StepState.running, held)
                    .values(lease_until=now + timedelta(seconds=p.settings.step_lease)))
-        done = Reconciled()
-        if containers is not None:
-            done = reconcile(s, host=host, containers=containers, listed_at=listed_at or now)
-        for drained, state in ((False, HostState.up), (True, HostState.draining)):
-            s.exec(update(Host).where(col(Host.name) == host, col(Host.state) == HostState.down,
-                                      col(Host.drained).is_(drained)).values(state=state))
-        s.commit()
-    return done
+        if containers is None:
+            return Reconciled()
+        return reconcile(s, host=host, containers=containers, listed_at=listed_at or now)
+
+    # Shared with what the process writes meanwhile: a simulated fleet's beats go together.
+    return p.together.run(beat)
 
 
 def reconcile(s: Session, *, host: str, containers: Sequence[Container], listed_at: datetime) -> Reconciled:
@@ -99,8 +105,13 @@ def reconcile(s: Session, *, host: str, containers: Sequence[Container], listed_
     remove: list[Container] = []
     failed: list[str] = []
     adopted: list[str] = []
-    jobs = list(s.exec(select(Job).where(Job.host == host, col(Job.state).in_(
-        (JobState.running, JobState.lost, JobState.stopped, JobState.failed)))))
+    # What it reads grows with what runs and what Docker lists, not with the host's history: of
+    # the ended jobs, only those whose container is still there.
+    jobs = list(s.exec(select(Job).where(Job.host == host, col(Job.state).in_((JobState.running, JobState.lost)))))
+    others = sorted(set(present) - {j.id for j in jobs})
+    ended = set(s.exec(select(Job.id).where(Job.host == host, col(Job.id).in_(others), col(Job.state).in_(
+        (JobState.stopped, JobState.failed))))) if others else set()
+    remove += [present[job_id] for job_id in others if job_id in ended]
     for job in jobs:
         container = present.get(job.id)
         if job.state == JobState.running:
@@ -121,8 +132,6 @@ def reconcile(s: Session, *, host: str, containers: Sequence[Container], listed_
                    .values(state=JobState.stopped, stopped_at=utcnow()))
             if container is not None:
                 remove.append(container)
-        elif container is not None:
-            remove.append(container)
     return Reconciled(remove, failed, adopted)
 
 

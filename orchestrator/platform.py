@@ -15,6 +15,7 @@ from sqlmodel import Session
 from orchestrator.db import make_engines
 from orchestrator.db import session as new_session
 from orchestrator.dispatch import CeleryDispatch, Dispatch
+from orchestrator.groupcommit import GroupCommit
 from orchestrator.settings import Settings
 
 if TYPE_CHECKING:
@@ -46,6 +47,12 @@ class Platform:
 
     def session(self) -> Session:
         return new_session(self.engine)
+
+    @cached_property
+    def together(self) -> GroupCommit:
+        """Short write transactions of this process's threads, committed together (a node's
+        step begins and ends, its heartbeats): ``p.together.run(work)``."""
+        return GroupCommit(self.session)
 
     def reader(self) -> Session:
         """A session for reads only (listings, progress): it never waits for the writer."""

@@ -65,14 +65,15 @@ class NodeContext:
     _inflight_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @contextmanager
-    def working(self, step_id: int) -> Iterator[None]:
+    def working(self, *step_ids: int) -> Iterator[None]:
+        """While the block runs, these steps are this node's (a batch's: from its begin to its end)."""
         with self._inflight_lock:
-            self.inflight.add(step_id)
+            self.inflight.update(step_ids)
         try:
             yield
         finally:
             with self._inflight_lock:
-                self.inflight.discard(step_id)
+                self.inflight.difference_update(step_ids)
 
     def working_on(self) -> list[int]:
         with self._inflight_lock:

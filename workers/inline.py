@@ -11,22 +11,30 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from orchestrator import operations
+from orchestrator.dispatch import batches
 from orchestrator.models import Step, StepAction
 from orchestrator.platform import Platform
 from workers.context import NodeContext
 from workers.tasks import WORK_OF as TASK_WORK
-from workers.tasks import StepFailed, Work, run_step
+from workers.tasks import StepFailed, Work, run_steps
 
 WAIT_AT_ONCE = Work(lambda _node, step, _job: {"waited": step.seconds})
 WORK_OF = {**TASK_WORK, StepAction.wait: WAIT_AT_ONCE}
 
 
+class SentStep(NamedTuple):
+    id: int
+    action: StepAction
+    host: str | None
+
+
 @dataclass
 class SentChain:
     op_id: int
-    stages: list[list[tuple[int, StepAction, str | None]]]  # (step id, action, host)
+    stages: list[list[SentStep]]
     env: str
     service: str
 
@@ -49,7 +57,7 @@ class InlineDispatch:
 
     def send_operation(self, op_id: int, stages: Sequence[Sequence[Step]], *, env: str,
                        service: str) -> None:
-        self.sent.append(SentChain(op_id, [[(s.id or 0, s.action, s.host) for s in stage]
+        self.sent.append(SentChain(op_id, [[SentStep(s.id or 0, s.action, s.host) for s in stage]
                                            for stage in stages], env, service))
 
     def send_finish(self, op_id: int, *, env: str, service: str, host: str | None) -> None:
@@ -73,14 +81,15 @@ class InlineDispatch:
         """True when every stage ran and succeeded (the chain goes on to its finish)."""
         home = next((host for stage in chain.stages for _, _, host in stage if host), None)
         for stage in chain.stages:
-            complete = True  # the stage's steps run side by side; the next waits for all of them
-            for step_id, action, host in stage:
-                node = self.nodes.get(host or home or "")
+            complete = True  # the stage's tasks run side by side; the next waits for all of them
+            for batch in batches(stage):  # as CeleryDispatch sends them: a task per batch
+                node = self.nodes.get(batch[0].host or home or "")
                 if node is None:
                     complete = False  # queued on a host no node serves: it never runs
                     continue
                 try:
-                    run_step(node, step_id, WORK_OF[action], env=chain.env, service=chain.service)
+                    run_steps(node, [s.id for s in batch], WORK_OF[batch[0].action], env=chain.env,
+                              service=chain.service)
                 except StepFailed:
                     complete = False  # its finish was sent; the chain stops after this stage
             if not complete:

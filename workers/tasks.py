@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
@@ -17,10 +18,10 @@ from celery import Celery, Task
 from celery.exceptions import Retry
 from sqlalchemy import update
 from sqlalchemy.exc import SQLAlchemyError
-from sqlmodel import col
+from sqlmodel import Session, col
 
 from orchestrator import builds, catalogue, names, service_types, spec
-from orchestrator.dispatch import TASK_OF
+from orchestrator.dispatch import MAX_BATCH, TASK_OF
 from orchestrator.errors import one_line
 from orchestrator.models import Environment, Job, JobState, RouteState, Service, Step, StepAction, StepState, utcnow
 from orchestrator.placement import free_port
@@ -47,7 +48,7 @@ class StepFailed(Exception):
 @dataclass(frozen=True)
 class Work:
     """What a step does on the host, and what it makes of its job in the catalogue. The job's
-    state moves in the same transactions that start and end the step: two per step."""
+    state moves in the same transactions that begin and end the step (``run_steps``)."""
 
     act: Callable[[NodeContext, Step, Job | None], dict[str, Any]]
     job_on_begin: JobState | None = None
@@ -57,58 +58,111 @@ class Work:
 
 def run_step(node: NodeContext, step_id: int, work: Work, *, env: str = "",
              service: str = "") -> dict[str, Any]:
-    """Run ``work`` as step ``step_id`` on ``node``, recording its state (and its job's) in the
-    catalogue. A failure asks for the operation's finish (the chain stops there), then raises."""
+    """Run ``work`` as step ``step_id`` on ``node`` (``run_steps`` of one step)."""
+    return run_steps(node, [step_id], work, env=env, service=service)[0]
+
+
+def run_steps(node: NodeContext, step_ids: Sequence[int], work: Work, *, env: str = "",
+              service: str = "") -> list[dict[str, Any]]:
+    """Run ``work`` as each of ``step_ids`` (one task's batch) on ``node``: all begin in one
+    catalogue transaction, act side by side, and end in one more (each shared with what the
+    process's other tasks write meanwhile: ``Platform.together``), each step (and its job) with
+    its own state and error. A failure asks for the operation's finish once (the chain stops
+    there), after every step of the batch ended, then raises."""
     p = node.platform
-    with p.session() as s:
-        step = catalogue.begin_step(session=s, step_id=step_id, node=node.node_id,
-                                    lease=p.settings.step_lease)
+    begun, skipped, refused = p.together.run(lambda s: _begin_all(s, node, step_ids, work))
+    with node.working(*(step.id or 0 for step, _ in begun)):  # their leases renewed until they end
+        outcomes = _act_all(node, begun, work)
+        results, failed, lost = _end_all(node, begun, outcomes, work)
+    if failed:
+        p.dispatch.send_finish(begun[0][0].op_id, env=env, service=service, host=node.host)
+    if failed or lost or refused:  # (whoever failed a lost step asked for the finish)
+        raise StepFailed("; ".join(failed + lost + refused))
+    return [skipped.get(i) or results[i] for i in step_ids]
+
+
+Begun = list[tuple[Step, Job | None]]
+
+
+def _begin_all(s: Session, node: NodeContext, step_ids: Sequence[int],
+               work: Work) -> tuple[Begun, dict[int, dict[str, Any]], list[str]]:
+    """pending (or running: a redelivery) -> running on this node, and each step's job moved:
+    the steps begun, those that succeeded already, and why the others cannot run."""
+    lease = node.platform.settings.step_lease
+    begun: Begun = []
+    skipped: dict[int, dict[str, Any]] = {}
+    refused: list[str] = []
+    for step_id in step_ids:
+        step = catalogue.begin_step(session=s, step_id=step_id, node=node.node_id, lease=lease)
         if step is None:
             # Already running: a redelivery after a lost node, or a wait asking again. Run again
             # (the work is idempotent) and hold its lease from now on.
-            step = catalogue.take_over_step(session=s, step_id=step_id, node=node.node_id,
-                                            lease=p.settings.step_lease)
+            step = catalogue.take_over_step(session=s, step_id=step_id, node=node.node_id, lease=lease)
         if step is None:  # it ended already: a succeeded one lets the chain go on, no other does
             ended = s.get(Step, step_id)
-            s.rollback()
             if ended is not None and ended.state == StepState.succeeded:
-                return {"step": step_id, "skipped": True}
-            raise StepFailed(f"step {step_id} ended already ({ended.state if ended else 'unknown'})")
+                skipped[step_id] = {"step": step_id, "skipped": True}
+            else:
+                refused.append(f"step {step_id} ended already ({ended.state if ended else 'unknown'})")
+            continue
         job = s.get(Job, step.job_id) if step.job_id else None
         if job is not None and work.job_on_begin is not None:
             catalogue.set_job_state(session=s, job_id=job.id, state=work.job_on_begin)
-        s.commit()
-    with node.working(step_id):
-        return _carry_out(node, step, job, work, env=env, service=service)
+        begun.append((step, job))
+    return begun, skipped, refused
 
 
-def _carry_out(node: NodeContext, step: Step, job: Job | None, work: Work, *, env: str,
-               service: str) -> dict[str, Any]:
-    p, step_id = node.platform, step.id or 0
-    try:
-        result = work.act(node, step, job)
-    except Retry:
-        raise
-    except Exception as exc:
-        error = one_line(exc)
-        with p.session() as s:
-            won = catalogue.end_step(session=s, step_id=step_id, state=StepState.failed, error=error,
-                                     node=node.node_id)
-            if won and job is not None and work.job_on_failure is not None:
-                catalogue.set_job_state(session=s, job_id=job.id, state=work.job_on_failure,
-                                        error=error)
-            s.commit()
-        p.dispatch.send_finish(step.op_id, env=env, service=service, host=node.host)
-        raise StepFailed(error) from None
-    with p.session() as s:
-        won = catalogue.end_step(session=s, step_id=step_id, state=StepState.succeeded, node=node.node_id)
-        if won and job is not None and work.job_on_done is not None:
-            catalogue.set_job_state(session=s, job_id=job.id, state=work.job_on_done,
-                                    container_id=result.get("container"))
-        s.commit()
-    if not won:  # the watcher failed it meanwhile (its lease ran out): the chain stops here
-        raise StepFailed(f"step {step_id} was failed while it ran (its lease ran out)")
-    return {"step": step_id, **result}
+Outcome = tuple[dict[str, Any], None] | tuple[None, str]  # (result, None) or (None, error)
+
+
+def _act_all(node: NodeContext, begun: Begun, work: Work) -> list[Outcome]:
+    """Each begun step's work, side by side (a lone one in this thread)."""
+
+    def act(begun_step: tuple[Step, Job | None]) -> Outcome:
+        step, job = begun_step
+        try:
+            return work.act(node, step, job), None
+        except Retry:
+            raise
+        except Exception as exc:
+            return None, one_line(exc) or type(exc).__name__
+
+    if len(begun) <= 1:
+        return [act(b) for b in begun]
+    with ThreadPoolExecutor(max_workers=min(len(begun), MAX_BATCH), thread_name_prefix="step") as pool:
+        return list(pool.map(act, begun))
+
+
+def _end_all(node: NodeContext, begun: Begun, outcomes: Sequence[Outcome],
+             work: Work) -> tuple[dict[int, dict[str, Any]], list[str], list[str]]:
+    """End every begun step (and move its job) in one transaction: the results of those that
+    succeeded by step id, the errors of those that failed, and those failed meanwhile by another."""
+    several = len(begun) > 1
+
+    def end(s: Session) -> tuple[dict[int, dict[str, Any]], list[str], list[str]]:
+        results: dict[int, dict[str, Any]] = {}
+        errors: list[str] = []
+        lost: list[str] = []
+        for (step, job), (result, error) in zip(begun, outcomes, strict=True):
+            step_id = step.id or 0
+            if result is None:
+                won = catalogue.end_step(session=s, step_id=step_id, state=StepState.failed, error=error,
+                                         node=node.node_id)
+                if won and job is not None and work.job_on_failure is not None:
+                    catalogue.set_job_state(session=s, job_id=job.id, state=work.job_on_failure, error=error)
+                errors.append(f"step {step_id}: {error}" if several else str(error))
+                continue
+            won = catalogue.end_step(session=s, step_id=step_id, state=StepState.succeeded, node=node.node_id)
+            if won and job is not None and work.job_on_done is not None:
+                catalogue.set_job_state(session=s, job_id=job.id, state=work.job_on_done,
+                                        container_id=result.get("container"))
+            if won:
+                results[step_id] = {"step": step_id, **result}
+            else:  # the watcher failed it meanwhile (its lease ran out): the chain stops here
+                lost.append(f"step {step_id} was failed while it ran (its lease ran out)")
+        return results, errors, lost
+
+    return node.platform.together.run(end)
 
 
 # --- step bodies ----------------------------------------------------------------------------------
@@ -468,28 +522,41 @@ def register(app: Celery, node: NodeContext) -> None:
 
 def register_for(app: Celery, node_of: NodeOf) -> None:
     """Register the step tasks on ``app``, each running for the node ``node_of(task)`` names: a
-    process that serves many hosts' queues (``workers.sim``) finds it from the task's queue."""
+    process that serves many hosts' queues (``workers.sim``) finds it from the task's queue.
 
-    def step(task: Task, step_id: int, work: Work, env: str, service: str) -> dict[str, Any]:
+    Their results are not stored (``ignore_result``): nobody reads them there (the catalogue has
+    each step's; Flower has them from the task events), and a stage's chord counts its tasks
+    without them."""
+
+    def steps(task: Task, step_ids: Sequence[int], work: Work, env: str, service: str) -> list[dict[str, Any]]:
         node = node_of(task)
         try:
-            return run_step(node, step_id, work, env=env, service=service)
+            return run_steps(node, step_ids, work, env=env, service=service)
         except SQLAlchemyError as exc:
             # The catalogue failed (locked, read-only, restarting, no free connection) before the
-            # step could begin or be recorded: ask again soon. Steps are idempotent.
-            log.warning("step %s: the catalogue is unavailable (%s): trying again", step_id, one_line(exc))
+            # steps could begin or be recorded: ask again soon. Steps are idempotent.
+            log.warning("step%s %s: the catalogue is unavailable (%s): trying again",
+                        "s" if len(step_ids) > 1 else "", ", ".join(map(str, step_ids)), one_line(exc))
             raise task.retry(countdown=1.0, max_retries=CATALOGUE_RETRIES) from None
 
+    def step(task: Task, step_id: int, work: Work, env: str, service: str) -> dict[str, Any]:
+        return steps(task, [step_id], work, env, service)[0]
+
     def register_work(action: StepAction, work: Work) -> None:
-        @app.task(name=TASK_OF[action], shared=False, bind=True)
-        def work_task(self: Task, step_id: int, env: str = "", service: str = "",
-                      **_labels: Any) -> dict[str, Any]:
+        @app.task(name=TASK_OF[action], shared=False, bind=True, ignore_result=True)
+        def work_task(self: Task, step_id: int | None = None, env: str = "", service: str = "",
+                      step_ids: list[int] | None = None, **_labels: Any) -> dict[str, Any]:
+            """One step (``step_id``) or a batch of a host's steps of one stage (``step_ids``)."""
+            if step_ids is not None:
+                return {"steps": steps(self, step_ids, work, env, service)}
+            if step_id is None:
+                raise StepFailed("the task names no step")
             return step(self, step_id, work, env, service)
 
     for action, work in WORK_OF.items():
         register_work(action, work)
 
-    @app.task(name=TASK_OF[StepAction.wait], shared=False, bind=True, max_retries=None)
+    @app.task(name=TASK_OF[StepAction.wait], shared=False, bind=True, max_retries=None, ignore_result=True)
     def wait_task(self: Task, step_id: int, env: str = "", service: str = "",
                   **_labels: Any) -> dict[str, Any]:
         def body(_node: NodeContext, step_row: Step, _job: Job | None) -> dict[str, Any]:

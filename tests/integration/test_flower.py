@@ -1,7 +1,8 @@
 """Flower, started by ``orchestrator flower`` on the test platform's broker behind basic auth: an
 operator follows one redeploy there. Its steps are found through Flower's HTTP API, named
 ``orchestrator.step.*`` with arguments that say which operation, environment, service, job and
-host each one serves, and they match ``ops show --json``."""
+host each one serves (a batch of a host's starts or stops: every step and job it carries), and
+they match ``ops show --json``."""
 
 from __future__ import annotations
 
@@ -68,6 +69,11 @@ def tasks_of_op(base: str, op_id: int) -> list[dict[str, Any]]:
     return found
 
 
+def jobs_of(kwargs: dict[str, Any]) -> list[str | None]:
+    """The jobs a step task serves: one step's, or every one of a batch (a host's starts or stops)."""
+    return list(kwargs["jobs"]) if "jobs" in kwargs else [kwargs["job"]]
+
+
 def follow_in_flower(base: str, op: dict[str, Any], timeout: float = 20) -> list[dict[str, Any]]:
     """Poll Flower until it lists every step of ``op`` (from ``ops show --json``) as succeeded,
     and its finish task; Flower learns of them from the workers' events, a moment later."""
@@ -76,7 +82,7 @@ def follow_in_flower(base: str, op: dict[str, Any], timeout: float = 20) -> list
     while True:
         tasks = tasks_of_op(base, op["id"])
         steps = [t for t in tasks if t["name"].startswith("orchestrator.step.") and t["state"] == "SUCCESS"]
-        seen = sorted((t["name"], t["kwargs"]["host"], t["kwargs"]["job"]) for t in steps)
+        seen = sorted((t["name"], t["kwargs"]["host"], job) for t in steps for job in jobs_of(t["kwargs"]))
         finished = [t for t in tasks if t["name"] == "orchestrator.op.finish" and t["state"] == "SUCCESS"]
         if seen == wanted and finished:
             return tasks
@@ -110,7 +116,17 @@ def test_a_redeploy_is_followed_in_flower(flower: str, cli: Cli, env_name: str, 
         assert task["worker"].startswith(f"{node}@"), task  # run by the node of that host
         if task["name"].startswith("orchestrator.step."):
             assert kwargs["host"] == node and kwargs["op"] == op["id"], task
-    # Each start and stop names the job it serves, as ops show does.
+    # Each start and stop names the job it serves, as ops show does: the host's two starts are
+    # one task (a batch), and so are its two stops.
     jobs = {s["job"] for s in op["steps"] if s["action"] in ("start", "stop")}
-    assert {t["kwargs"]["job"] for t in tasks if t["name"] != "orchestrator.op.finish"} - {None} == jobs
+    steps = [t for t in tasks if t["name"] != "orchestrator.op.finish"]
+    assert {job for t in steps for job in jobs_of(t["kwargs"])} - {None} == jobs
+    batched = sorted(t["name"] for t in steps if "step_ids" in t["kwargs"])
+    assert batched == ["orchestrator.step.start_job", "orchestrator.step.stop_job"], steps
+    action_of = {s["job"]: s["action"] for s in op["steps"] if s["action"] in ("start", "stop")}
+    for task in steps:
+        if "step_ids" in task["kwargs"]:
+            assert len(task["kwargs"]["step_ids"]) == len(task["kwargs"]["jobs"]) == 2, task
+            assert {action_of[j] for j in task["kwargs"]["jobs"]} == \
+                {"start" if task["name"].endswith("start_job") else "stop"}, task
 

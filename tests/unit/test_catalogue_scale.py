@@ -6,6 +6,7 @@ here, a timing only on a slow day (benchmarks/catalogue.py has the timings)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -63,3 +64,36 @@ def test_ops_list_shows_the_newest_and_takes_a_limit(catalogues: dict[str, Catal
     newest = c.filled.operations
     assert [op["id"] for op in c.cli("ops", "list", ENV, "--limit", "2")] == [newest, newest - 1]
     assert len(c.cli("ops", "list")) == 50
+
+
+def test_a_heartbeat_reads_what_runs_and_what_docker_lists_not_the_hosts_history(tmp_path: Path) -> None:
+    """A host's heartbeat reconciles its running jobs with Docker's list; of its ended jobs (its
+    history, which only grows) it reads those whose container Docker still lists, to remove them."""
+    from sqlalchemy import event
+    from sqlmodel import select
+
+    from orchestrator import fleet
+    from orchestrator.models import Job, JobState
+
+    c = make_catalogue(f"sqlite:///{tmp_path / 'c.db'}", jobs=1500, operations=0, services=3, hosts=3)
+    host = "h1"
+    with c.platform.reader() as s:
+        jobs = list(s.exec(select(Job).where(Job.host == host)))
+    running = [j for j in jobs if j.state == JobState.running]
+    ended = [j for j in jobs if j.state == JobState.stopped]
+    assert len(ended) >= 100 and running, f"the bulk catalogue has history on {host}"
+    listed = [fleet.Container(j.id, j.container_name, "running") for j in running + ended[:3]]
+    loaded: list[str] = []
+
+    def on_load(job: Job, _context: object) -> None:
+        loaded.append(job.id)
+
+    event.listen(Job, "load", on_load)
+    try:
+        done = fleet.heartbeat(c.platform, host=host, cpus=64.0, memory_mb=262144, containers=listed)
+    finally:
+        event.remove(Job, "load", on_load)
+        c.close()
+    assert sorted(x.job_id for x in done.remove) == sorted(j.id for j in ended[:3])
+    assert done.failed == [] and done.adopted == []
+    assert sorted(loaded) == sorted(j.id for j in running)  # not one of its ended jobs

@@ -17,7 +17,7 @@ LAYERS: dict[str, int] = {
     "orchestrator.errors": 1, "orchestrator.names": 1, "orchestrator.sizes": 1,
     "orchestrator.settings": 1, "orchestrator.who": 1, "orchestrator.periodic": 1, "orchestrator.client": 1,
     "orchestrator.models": 2,
-    "orchestrator.service_types": 3, "orchestrator.placement": 3, "orchestrator.db": 3,
+    "orchestrator.service_types": 3, "orchestrator.placement": 3, "orchestrator.db": 3, "orchestrator.groupcommit": 3,
     "orchestrator.proxy": 3, "orchestrator.builds": 3, "orchestrator.monitoring": 3, "orchestrator.logship": 3,
     "workers.runtime.base": 3, "workers.broker": 3,
     "orchestrator.rules": 4, "orchestrator.planner": 4, "orchestrator.dispatch": 4,

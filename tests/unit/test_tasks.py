@@ -3,15 +3,18 @@ stops that find nothing, and jobs whose port is held by a program outside the pl
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import pytest
+from celery import Celery
 from sqlmodel import select
 
 from orchestrator import catalogue, operations, requests
+from orchestrator.dispatch import MAX_BATCH, CeleryDispatch, batches, step_task_id
 from orchestrator.models import JobState, OpState, ServiceType, Step, StepAction, StepState
 from tests.unit.world import ENV, PORT_MIN, World
-from workers.tasks import START, STOP, StepFailed, container_spec, run_step
+from workers.tasks import START, STOP, StepFailed, container_spec, run_step, run_steps
 
 
 def start_step(world: World, op_id: int) -> Step:
@@ -226,3 +229,101 @@ def test_every_step_action_has_a_task_and_its_work() -> None:
     assert set(TASK_OF) == set(StepAction)
     assert set(WORK_OF) == set(StepAction) - {StepAction.wait}
     assert len(set(TASK_OF.values())) == len(TASK_OF)
+
+
+# --- batches: a host's starts (or stops) of one stage in one task ---------------------------------
+
+
+def test_a_stage_travels_as_one_task_per_host_for_starts_and_stops_and_one_per_other_step() -> None:
+    steps = [Step(id=1, op_id=1, stage=0, action=StepAction.start, host="h1", name="a"),
+             Step(id=2, op_id=1, stage=0, action=StepAction.start, host="h2", name="b"),
+             Step(id=3, op_id=1, stage=0, action=StepAction.start, host="h1", name="c"),
+             Step(id=4, op_id=1, stage=0, action=StepAction.route, host="h1", name="d"),
+             Step(id=5, op_id=1, stage=0, action=StepAction.route, host="h1", name="e"),
+             Step(id=6, op_id=1, stage=0, action=StepAction.stop, host="h1", name="f"),
+             Step(id=7, op_id=1, stage=0, action=StepAction.wait, host=None, name="g")]
+    assert [[s.id for s in batch] for batch in batches(steps)] == [[1, 3], [2], [4], [5], [6], [7]]
+
+
+def test_a_batch_signature_names_every_step_and_job_and_takes_its_first_steps_task_id() -> None:
+    app = Celery(set_as_current=False)
+    dispatch = CeleryDispatch(app)
+    steps = [Step(id=i, op_id=4, stage=1, action=StepAction.stop, host="h1", job_id=f"j{i}", name="x")
+             for i in (8, 9)]
+    batch = dispatch._steps(steps, env="e", service="s", queue="host.h1")
+    assert batch.task == "orchestrator.step.stop_job" and batch.id == step_task_id(8)
+    assert batch.kwargs == {"op": 4, "env": "e", "service": "s", "host": "h1", "step_ids": [8, 9], "jobs": ["j8", "j9"]}
+    (one,) = [dispatch._steps(steps[:1], env="e", service="s", queue="host.h1")]
+    assert one.kwargs == {"op": 4, "env": "e", "service": "s", "host": "h1", "step_id": 8, "job": "j8"}
+
+
+def test_a_batch_with_one_failed_start_ends_each_step_on_its_own_and_asks_for_one_finish(world: World) -> None:
+    world.code_service("web", scale=1)
+    op = requests.request_scale(world.platform, env=ENV, service="web", scale=7)
+    world.run_stages(world.take_chain(op.id or 0), 1)  # the image checks
+    starts = world.steps(op.id or 0, StepAction.start)
+    host = starts[0].host or ""
+    batch = [s for s in starts if s.host == host]
+    assert len(batch) >= 3, starts
+    doomed = batch[1]
+
+    def act(node: object, step: Step, job: object) -> dict[str, object]:
+        if step.id == doomed.id:
+            raise StepFailed("no room")
+        return START.act(node, step, job)  # type: ignore[arg-type]
+
+    sent = len(world.dispatch.sent)
+    with pytest.raises(StepFailed, match=f"^step {doomed.id}: no room$"):
+        run_steps(world.node(host), [s.id or 0 for s in batch], replace(START, act=act))
+    after = {s.id: s for s in world.steps(op.id or 0, StepAction.start)}
+    assert (after[doomed.id].state, after[doomed.id].error) == (StepState.failed, "no room")
+    assert world.job(doomed.job_id or "").state == JobState.failed
+    for step in batch:
+        if step.id != doomed.id:
+            assert after[step.id].state == StepState.succeeded
+            job = world.job(step.job_id or "")
+            assert job.state == JobState.running and job.container_id in {c.id for c in world.runtimes[host].jobs()}
+    assert [type(m).__name__ for m in world.dispatch.sent[sent:]] == ["SentFinish"]
+
+
+def test_a_redelivered_batch_skips_its_succeeded_steps_and_runs_the_rest(world: World) -> None:
+    world.code_service("web", scale=1)
+    op = requests.request_scale(world.platform, env=ENV, service="web", scale=7)
+    world.run_stages(world.take_chain(op.id or 0), 1)
+    starts = world.steps(op.id or 0, StepAction.start)
+    host = starts[0].host or ""
+    batch = [s.id or 0 for s in starts if s.host == host]
+    run_step(world.node(host), batch[0], START)  # the first delivery got this far
+    results = run_steps(world.node(host), batch, START)
+    assert results[0] == {"step": batch[0], "skipped": True}
+    assert [r["step"] for r in results] == batch and all("container" in r for r in results[1:])
+    assert {s.state for s in world.steps(op.id or 0, StepAction.start) if s.host == host} == {StepState.succeeded}
+    assert len(world.runtimes[host].jobs()) == len([j for j in world.jobs("web") if j.host == host])
+
+
+def test_a_batch_is_at_most_max_batch_steps() -> None:
+    steps = [Step(id=i, op_id=1, stage=0, action=StepAction.start, host="h1", name="s") for i in range(1, 21)]
+    assert [len(b) for b in batches(steps)] == [MAX_BATCH, 20 - MAX_BATCH]
+
+
+def test_every_step_of_a_batch_is_held_by_its_node_from_begin_to_end(world: World) -> None:
+    """The heartbeat renews the leases of the steps its node works on: a step whose act is done
+    (or not yet begun) while a sibling is slow must stay held, or the watcher would fail it."""
+    world.code_service("web", scale=1)
+    op = requests.request_scale(world.platform, env=ENV, service="web", scale=7)
+    world.run_stages(world.take_chain(op.id or 0), 1)
+    starts = world.steps(op.id or 0, StepAction.start)
+    host = starts[0].host or ""
+    batch = [s.id or 0 for s in starts if s.host == host]
+    node = world.node(host)
+    seen: list[set[int]] = []
+
+    def act(n: object, step: Step, job: object) -> dict[str, object]:
+        if step.id != batch[0]:
+            time.sleep(0.2)  # slow beside the first, whose act is long done by now
+        seen.append(set(node.working_on()))
+        return START.act(n, step, job)  # type: ignore[arg-type]
+
+    run_steps(node, batch, replace(START, act=act))
+    assert len(seen) == len(batch) and all(held >= set(batch) for held in seen), (batch, seen)
+    assert node.working_on() == []

@@ -18,6 +18,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import SQLModel, col, select
 
 from orchestrator import catalogue, requests
+from orchestrator.dispatch import batches
 from orchestrator.models import (
     ACTIVE_JOB_STATES,
     Host,
@@ -38,7 +39,7 @@ from workers.context import NodeContext
 from workers.heartbeat import NodeHeartbeat
 from workers.inline import WORK_OF, InlineDispatch, SentChain, SentFinish
 from workers.runtime.fake import FakeRuntime
-from workers.tasks import StepFailed, run_step
+from workers.tasks import StepFailed, run_steps
 
 ENV = "e"
 IMAGE = "app:1"
@@ -144,10 +145,10 @@ class World:
         home = next(host for stage in chain.stages for _, _, host in stage if host)
         for stage in chain.stages[:count]:
             failed = False
-            for step_id, action, host in stage:
+            for batch in batches(stage):
                 try:
-                    run_step(self.node(host or home), step_id, WORK_OF[action], env=chain.env,
-                             service=chain.service)
+                    run_steps(self.node(batch[0].host or home), [s.id for s in batch], WORK_OF[batch[0].action],
+                              env=chain.env, service=chain.service)
                 except StepFailed:
                     failed = True
             if failed:

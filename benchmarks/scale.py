@@ -3,6 +3,7 @@ and 1000 hosts.
 
     .venv/bin/python benchmarks/scale.py                      # 10, 100, 1000 hosts; 20 services x 50 jobs
     .venv/bin/python benchmarks/scale.py --hosts 100 --py-spy .venv/bin/py-spy
+    .venv/bin/python benchmarks/scale.py --hosts 100,1000 --broker amqp://guest:guest@127.0.0.1:5672/scale
 
 For each fleet size, a throwaway platform of its own (temp SQLite catalogue, Redis database 6
 flushed before and after, job ports 34000-34949, which nothing ever listens on) runs two

@@ -10,7 +10,6 @@ happened at 14:02" has one answer (``EventLog``).
 
 from __future__ import annotations
 
-import base64
 import http.client
 import json
 import logging
@@ -28,6 +27,7 @@ from sqlmodel import Session
 from orchestrator import catalogue
 from orchestrator.catalogue.logs import LOGGED_ALL, LOGGED_START, LogEndpoint, LoggingDown, event_time
 from orchestrator.errors import BadInput, NotFound
+from orchestrator.httpauth import basic_auth
 from orchestrator.models import Job, Operation
 from orchestrator.periodic import Periodic
 from orchestrator.platform import Platform
@@ -139,8 +139,7 @@ def _connect(endpoint: LogEndpoint, timeout: float | None = TIMEOUT) -> http.cli
 
 def _send(connection: http.client.HTTPConnection, endpoint: LogEndpoint, method: str, path: str,
           body: bytes | None = None) -> http.client.HTTPResponse:
-    token = base64.b64encode(f"{endpoint.user}:{endpoint.password}".encode()).decode()
-    headers = {"Authorization": f"Basic {token}", "Content-Type": "application/json"}
+    headers = {"Authorization": basic_auth(endpoint.user, endpoint.password), "Content-Type": "application/json"}
     try:
         connection.request(method, path, body=body, headers=headers)
         response = connection.getresponse()

@@ -68,10 +68,10 @@ PROFILES: dict[ServiceType, TypeProfile] = {
 DATABASE_TYPES = frozenset({ServiceType.postgresql, ServiceType.mysql})
 
 
-def ports_held(environment: Mapping[str, str]) -> int:
-    """How many ports from its PORT a job holds, from its variables."""
-    extra = {name for p in PROFILES.values() for name in p.extra_ports}
-    return 1 + len(extra.intersection(environment))
+def ports_held(kind: ServiceType) -> int:
+    """How many consecutive ports from its PORT a job of the type holds: its PORT and one per
+    extra port. The type says so, not the variables a job has (they name the ports, no more)."""
+    return 1 + len(PROFILES[kind].extra_ports)
 
 
 def profile(kind: ServiceType) -> TypeProfile:

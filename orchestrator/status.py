@@ -4,7 +4,6 @@ wanted jobs from the catalogue, and each check and firing alert from its monitor
 
 from __future__ import annotations
 
-import base64
 import json
 import urllib.error
 import urllib.parse
@@ -19,6 +18,7 @@ from orchestrator import catalogue
 from orchestrator.catalogue.logs import event_time
 from orchestrator.catalogue.monitoring import MonitorEndpoint, MonitoringDown
 from orchestrator.errors import BadInput
+from orchestrator.httpauth import basic_auth
 from orchestrator.models import Job, JobKind, JobState, ServiceType
 from orchestrator.platform import Platform
 
@@ -88,8 +88,7 @@ def _from_prometheus(endpoint: MonitorEndpoint, env: str,
 
 def _get(endpoint: MonitorEndpoint, path: str) -> Any:
     request = urllib.request.Request(endpoint.url.rstrip("/") + path)
-    token = base64.b64encode(f"{endpoint.user}:{endpoint.password}".encode()).decode()
-    request.add_header("Authorization", f"Basic {token}")
+    request.add_header("Authorization", basic_auth(endpoint.user, endpoint.password))
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
             body = json.loads(response.read())

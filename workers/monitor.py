@@ -8,7 +8,6 @@ configuration is reloaded through its lifecycle API."""
 
 from __future__ import annotations
 
-import base64
 import logging
 import os
 import shutil
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from orchestrator import catalogue, monitoring
 from orchestrator.catalogue.monitoring import MonitorEndpoint
+from orchestrator.httpauth import basic_auth
 from orchestrator.models import Environment
 from orchestrator.platform import Platform
 
@@ -95,9 +95,8 @@ class MonitorFiles:
 def _post(url: str, user: str | None = None, password: str | None = None) -> bool:
     """POST an empty body; whether it was answered 2xx."""
     request = urllib.request.Request(url, method="POST", data=b"")
-    if user is not None:
-        token = base64.b64encode(f"{user}:{password}".encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
+    if user is not None and password is not None:
+        request.add_header("Authorization", basic_auth(user, password))
     try:
         with urllib.request.urlopen(request, timeout=RELOAD_TIMEOUT):
             return True

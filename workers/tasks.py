@@ -23,7 +23,18 @@ from sqlmodel import Session, col
 from orchestrator import builds, catalogue, names, service_types, spec
 from orchestrator.dispatch import MAX_BATCH, TASK_OF
 from orchestrator.errors import one_line
-from orchestrator.models import Environment, Job, JobState, RouteState, Service, Step, StepAction, StepState, utcnow
+from orchestrator.models import (
+    Environment,
+    Job,
+    JobState,
+    RouteState,
+    Service,
+    ServiceType,
+    Step,
+    StepAction,
+    StepState,
+    utcnow,
+)
 from orchestrator.placement import free_port
 from orchestrator.proxy import ProxyConfig
 from orchestrator.sizes import parse_size
@@ -235,15 +246,19 @@ class BuildOutput:
 
 
 def start_job(node: NodeContext, step: Step, job: Job | None) -> dict[str, Any]:
-    """Start the job's container (adopting one of the same name) and wait until it is ready."""
+    """Start the job's container (adopting one of the same name) and wait until it is ready.
+    Its service's type says how many ports it holds and what comes first: a monitoring job's
+    files (never a variable the job happens to have)."""
     job = _need(job, step)
     try:
-        port, span = job.port, service_types.ports_held(job.environment)
+        with node.platform.reader() as s:
+            kind = catalogue.service_type_of(session=s, job=job)
+        port, span = job.port, service_types.ports_held(kind)
         if port is not None and any(node.accepts(node.address, port + i) for i in range(span)) \
                 and node.runtime.inspect(job.container_name) is None:
-            job = move_port(node, job)  # a program outside the platform holds it
+            job = move_port(node, job, span)  # a program outside the platform holds it
         spec = container_spec(job)
-        if node.monitors is not None and "BLACKBOX_PORT" in job.environment:  # a monitoring job: its files first
+        if kind == ServiceType.monitoring and node.monitors is not None:  # its files first
             files = node.monitors.prepare(job.id, wanted_monitoring(node, job))
             spec = replace(spec, volumes={**spec.volumes, **files})
         state = node.runtime.run(spec)
@@ -263,14 +278,15 @@ def _remove_failed(node: NodeContext, job: Job, exc: Exception) -> None:
         exc.add_note(f"removing the container failed too: {cleanup}")
 
 
-def move_port(node: NodeContext, job: Job) -> Job:
-    """Give the job another free port of the range: one no job holds and nothing answers on."""
+def move_port(node: NodeContext, job: Job, span: int) -> Job:
+    """Give the job another free port of the range, with the ``span - 1`` after it: ports no job
+    holds and nothing answers on."""
     p = node.platform
     with node.port_lock, p.session() as s:
         load = next(h for h in catalogue.host_loads(session=s) if h.name == node.host)
         port = free_port(load.used_ports, p.settings.port_min, p.settings.port_max,
                          usable=lambda candidate: not node.accepts(node.address, candidate),
-                         span=service_types.ports_held(job.environment))
+                         span=span)
         if port is not None:
             moved = catalogue.move_job_port(session=s, job_id=job.id, port=port)
             s.commit()

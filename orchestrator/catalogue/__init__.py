@@ -26,6 +26,7 @@ from orchestrator.catalogue.jobs import (
     list_jobs,
     move_job_port,
     running_jobs_of,
+    service_type_of,
     set_job_state,
 )
 from orchestrator.catalogue.logs import (
@@ -170,6 +171,7 @@ __all__ = [
     "role_of_token",
     "running_jobs_of",
     "service_public",
+    "service_type_of",
     "set_job_state",
     "set_metrics_ports",
     "set_release_state",

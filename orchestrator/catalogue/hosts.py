@@ -83,7 +83,7 @@ def host_loads(*, session: Session) -> list[HostLoad]:
     # even with no job running (a failed start): its connection URLs name it.
     kept_rows = session.exec(select(Service.port, Service.type).where(col(Service.port).is_not(None)))
     kept = {held for port, kind in kept_rows if port is not None
-            for held in range(port, port + 1 + len(service_types.profile(ServiceType(kind)).extra_ports))}
+            for held in range(port, port + service_types.ports_held(ServiceType(kind)))}
     return [
         HostLoad(
             name=h.name, schedulable=h.state == HostState.up, address=h.address, cpus=h.cpus,

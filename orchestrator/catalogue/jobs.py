@@ -18,6 +18,7 @@ from orchestrator.models import (
     JobPublic,
     JobState,
     Service,
+    ServiceType,
     Step,
     StepAction,
     utcnow,
@@ -58,6 +59,15 @@ def list_jobs(*, session: Session, env: Environment, service: Service | None = N
                       **dict(zip(_PUBLIC_COLUMNS, row[1:], strict=True))) for row in rows]
 
 
+def service_type_of(*, session: Session, job: Job) -> ServiceType:
+    """The type of the service a job runs for: what its start prepares and how many ports it
+    holds follow from it. A job's row names its service, not the type: one column of one row."""
+    kind = session.exec(select(Service.type).where(Service.id == job.service_id)).first()
+    if kind is None:
+        raise NotFound(f"job {job.id}: no service {job.service_id}")
+    return ServiceType(kind)
+
+
 def job_public(job: Job, env: str, service: str) -> JobPublic:
     return JobPublic(env=env, service=service, **job.model_dump())
 
@@ -70,9 +80,8 @@ def move_job_port(*, session: Session, job_id: str, port: int) -> Job:
         raise NotFound(f"no job {job_id}")
     old = str(job.port)
     job.port = port
-    extra = service_types.ports_held(job.environment) - 1
     service = session.get(Service, job.service_id)
-    names = service_types.profile(service.type).extra_ports[:extra] if service is not None else ()
+    names = service_types.profile(service.type).extra_ports if service is not None else ()
     job.environment = {**job.environment, "PORT": str(port), **{n: str(port + i) for i, n in enumerate(names, 1)}}
     job.args = [str(port) if a == old else a.replace(f"={old}", f"={port}") for a in job.args]
     for step in session.exec(select(Step).where(Step.job_id == job_id, Step.action == StepAction.start)):

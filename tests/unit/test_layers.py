@@ -16,6 +16,7 @@ LAYERS: dict[str, int] = {
     "orchestrator": 0, "workers": 0, "workers.runtime": 0,
     "orchestrator.errors": 1, "orchestrator.names": 1, "orchestrator.sizes": 1,
     "orchestrator.settings": 1, "orchestrator.who": 1, "orchestrator.periodic": 1, "orchestrator.client": 1,
+    "orchestrator.httpauth": 1,
     "orchestrator.models": 2,
     "orchestrator.service_types": 3, "orchestrator.placement": 3, "orchestrator.db": 3, "orchestrator.groupcommit": 3,
     "orchestrator.proxy": 3, "orchestrator.builds": 3, "orchestrator.monitoring": 3, "orchestrator.logship": 3,
@@ -49,7 +50,7 @@ LAYERS: dict[str, int] = {
 }
 PURE = {"orchestrator.proxy", "orchestrator.builds", "orchestrator.planner", "orchestrator.placement",
         "orchestrator.sizes", "orchestrator.rules", "orchestrator.service_types", "orchestrator.manifest",
-        "orchestrator.monitoring", "orchestrator.logship"}
+        "orchestrator.monitoring", "orchestrator.logship", "orchestrator.httpauth"}
 IO_LIBRARIES = {"docker", "redis", "celery", "kombu", "sqlalchemy", "sqlmodel", "requests", "socket",
                 "subprocess", "urllib", "httpx", "psycopg"}
 

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from celery import Celery
 from sqlmodel import select
 
-from orchestrator import catalogue, operations, requests
+from orchestrator import catalogue, monitoring, operations, requests
 from orchestrator.dispatch import MAX_BATCH, CeleryDispatch, batches, step_task_id
 from orchestrator.models import JobState, OpState, ServiceType, Step, StepAction, StepState
-from tests.unit.world import ENV, PORT_MIN, World
+from tests.unit.world import ENV, LOG_IMAGE, PORT_MIN, World
+from workers.monitor import MonitorFiles
 from workers.tasks import START, STOP, StepFailed, container_spec, run_step, run_steps
 
 
@@ -221,6 +223,62 @@ def test_a_port_held_by_the_jobs_own_adopted_container_is_not_moved(world: World
         assert s.exec(select(Step).where(Step.id == step.id)).one().state == StepState.succeeded
 
 
+# --- what a start does first and the ports its job holds: by its service's type -------------------
+
+
+def keep_monitor_files(world: World, root: Path) -> None:
+    """Every node keeps its monitoring jobs' files under ``root/HOST`` (as a real node does)."""
+    for host in world.runtimes:
+        world.node(host).monitors = MonitorFiles(str(root / host))
+
+
+def set_variables_as_before_the_rule(world: World, service: str, values: dict[str, str]) -> None:
+    """Variables written straight to the catalogue: ``check_variables`` refuses these names now."""
+    with world.platform.session() as s:
+        _, svc = catalogue.get_service(session=s, env=ENV, name=service)
+        svc.variables = {**svc.variables, **values}
+        s.add(svc)
+        s.commit()
+
+
+def test_a_monitoring_job_has_its_files_written_before_it_starts(world: World, tmp_path: Path) -> None:
+    keep_monitor_files(world, tmp_path)
+    requests.add_service(world.platform, env=ENV, name="monitoring", type=ServiceType.monitoring,
+                         image=LOG_IMAGE, command=None, scale=1, size="xs")
+    world.run_all()
+    (job,) = world.jobs("monitoring")
+    assert job.state == JobState.running
+    assert (tmp_path / job.host / job.id / monitoring.PROMETHEUS_FILE).is_file()
+
+
+def test_a_job_of_another_type_with_a_blackbox_port_variable_is_not_a_monitoring_job(
+        world: World, tmp_path: Path) -> None:
+    """Neither its files nor the port after its own are its: a variable does not make the type."""
+    keep_monitor_files(world, tmp_path)
+    requests.add_service(world.platform, env=ENV, name="web", type=ServiceType.code, image=None,
+                         command="serve", scale=1, size="s")
+    set_variables_as_before_the_rule(world, "web", {"BLACKBOX_PORT": str(PORT_MIN + 1)})
+    for host in world.runtimes:
+        world.held[host].add(PORT_MIN + 1)  # taken outside the platform: not this job's to need
+    requests.request_push(world.platform, env=ENV, service="web", image="app:1")
+    world.run_all()
+    (job,) = world.jobs("web")
+    assert job.state == JobState.running and job.environment["BLACKBOX_PORT"] == str(PORT_MIN + 1)
+    assert job.port == PORT_MIN  # not moved: it holds one port
+    assert not (tmp_path / job.host / job.id).exists()
+
+
+def test_a_logging_job_whose_second_port_is_held_outside_moves_with_both(world: World) -> None:
+    for host in world.runtimes:
+        world.held[host].add(PORT_MIN + 1)
+    requests.add_service(world.platform, env=ENV, name="logging", type=ServiceType.logging, image=LOG_IMAGE,
+                         command=None, scale=1, size="xs")
+    world.run_all()
+    (job,) = world.jobs("logging")
+    assert job.state == JobState.running and job.port == PORT_MIN + 2
+    assert (job.environment["PORT"], job.environment["SYSLOG_PORT"]) == (str(PORT_MIN + 2), str(PORT_MIN + 3))
+
+
 def test_every_step_action_has_a_task_and_its_work() -> None:
     from orchestrator.dispatch import TASK_OF
     from orchestrator.models import StepAction
@@ -257,14 +315,21 @@ def test_a_batch_signature_names_every_step_and_job_and_takes_its_first_steps_ta
     assert one.kwargs == {"op": 4, "env": "e", "service": "s", "host": "h1", "step_id": 8, "job": "j8"}
 
 
-def test_a_batch_with_one_failed_start_ends_each_step_on_its_own_and_asks_for_one_finish(world: World) -> None:
+def a_hosts_starts(world: World) -> tuple[int, str, list[Step]]:
+    """A scale 1 -> 7 whose image checks ran: (its operation, a host, that host's start steps,
+    pending: the batch one task carries)."""
     world.code_service("web", scale=1)
     op = requests.request_scale(world.platform, env=ENV, service="web", scale=7)
-    world.run_stages(world.take_chain(op.id or 0), 1)  # the image checks
+    world.run_stages(world.take_chain(op.id or 0), 1)
     starts = world.steps(op.id or 0, StepAction.start)
     host = starts[0].host or ""
     batch = [s for s in starts if s.host == host]
     assert len(batch) >= 3, starts
+    return op.id or 0, host, batch
+
+
+def test_a_batch_with_one_failed_start_ends_each_step_on_its_own_and_asks_for_one_finish(world: World) -> None:
+    op_id, host, batch = a_hosts_starts(world)
     doomed = batch[1]
 
     def act(node: object, step: Step, job: object) -> dict[str, object]:
@@ -275,7 +340,7 @@ def test_a_batch_with_one_failed_start_ends_each_step_on_its_own_and_asks_for_on
     sent = len(world.dispatch.sent)
     with pytest.raises(StepFailed, match=f"^step {doomed.id}: no room$"):
         run_steps(world.node(host), [s.id or 0 for s in batch], replace(START, act=act))
-    after = {s.id: s for s in world.steps(op.id or 0, StepAction.start)}
+    after = {s.id: s for s in world.steps(op_id, StepAction.start)}
     assert (after[doomed.id].state, after[doomed.id].error) == (StepState.failed, "no room")
     assert world.job(doomed.job_id or "").state == JobState.failed
     for step in batch:
@@ -287,17 +352,13 @@ def test_a_batch_with_one_failed_start_ends_each_step_on_its_own_and_asks_for_on
 
 
 def test_a_redelivered_batch_skips_its_succeeded_steps_and_runs_the_rest(world: World) -> None:
-    world.code_service("web", scale=1)
-    op = requests.request_scale(world.platform, env=ENV, service="web", scale=7)
-    world.run_stages(world.take_chain(op.id or 0), 1)
-    starts = world.steps(op.id or 0, StepAction.start)
-    host = starts[0].host or ""
-    batch = [s.id or 0 for s in starts if s.host == host]
+    op_id, host, steps = a_hosts_starts(world)
+    batch = [s.id or 0 for s in steps]
     run_step(world.node(host), batch[0], START)  # the first delivery got this far
     results = run_steps(world.node(host), batch, START)
     assert results[0] == {"step": batch[0], "skipped": True}
     assert [r["step"] for r in results] == batch and all("container" in r for r in results[1:])
-    assert {s.state for s in world.steps(op.id or 0, StepAction.start) if s.host == host} == {StepState.succeeded}
+    assert {s.state for s in world.steps(op_id, StepAction.start) if s.host == host} == {StepState.succeeded}
     assert len(world.runtimes[host].jobs()) == len([j for j in world.jobs("web") if j.host == host])
 
 
@@ -309,12 +370,8 @@ def test_a_batch_is_at_most_max_batch_steps() -> None:
 def test_every_step_of_a_batch_is_held_by_its_node_from_begin_to_end(world: World) -> None:
     """The heartbeat renews the leases of the steps its node works on: a step whose act is done
     (or not yet begun) while a sibling is slow must stay held, or the watcher would fail it."""
-    world.code_service("web", scale=1)
-    op = requests.request_scale(world.platform, env=ENV, service="web", scale=7)
-    world.run_stages(world.take_chain(op.id or 0), 1)
-    starts = world.steps(op.id or 0, StepAction.start)
-    host = starts[0].host or ""
-    batch = [s.id or 0 for s in starts if s.host == host]
+    _, host, steps = a_hosts_starts(world)
+    batch = [s.id or 0 for s in steps]
     node = world.node(host)
     seen: list[set[int]] = []
 

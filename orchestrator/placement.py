@@ -21,6 +21,9 @@ class HostLoad:
     used_cpus: float = 0.0
     used_memory_mb: int = 0
     used_ports: frozenset[int] = field(default_factory=frozenset)
+    # Images its running jobs run: there already (Docker keeps an image a container uses), so a
+    # start there needs no check of it first.
+    images: frozenset[str] = field(default_factory=frozenset)
 
     def fits(self, size: Size) -> bool:
         cpu_ok = self.cpus <= 0 or self.used_cpus + size.cpus <= self.cpus + 1e-9

@@ -294,8 +294,12 @@ def _builds(spec: ServiceSpec, jobs: Sequence[NewJob], placer_hosts: Sequence[Ho
     return tuple(Build(h, b.source_id, spec.image, b.push) for h in (hosts[:1] if b.push else hosts))
 
 
-def _check_images(image: str, jobs: Iterable[NewJob]) -> tuple[Step, ...]:
-    return tuple(CheckImage(host, image) for host in sorted({j.host for j in jobs}))
+def _check_images(image: str, jobs: Iterable[NewJob], hosts: Sequence[HostLoad]) -> tuple[Step, ...]:
+    """The image checked (pulled if missing) on each host the new jobs go to, before anything
+    stops; not on a host where a running job already runs it (Docker keeps an image a container
+    uses): a redeploy of the same image, or one more service of it, checks nothing twice."""
+    there = {h.name for h in hosts if image in h.images}
+    return tuple(CheckImage(host, image) for host in sorted({j.host for j in jobs} - there))
 
 
 def plan_redeploy(spec: ServiceSpec, jobs: Sequence[ObservedJob], hosts: Sequence[HostLoad],
@@ -315,7 +319,7 @@ def plan_redeploy(spec: ServiceSpec, jobs: Sequence[ObservedJob], hosts: Sequenc
     new = _new_jobs(spec, _wanted_jobs(spec), placer, new_id)
     if not new and not jobs and spec.build is None:
         return Plan()
-    check = _check_images(spec.image, new)
+    check = _check_images(spec.image, new, hosts)
     starts = tuple(StartJob(j) for j in new)
     stops = tuple(StopJob(j.id, j.host) for j in jobs)
     serve, old = _routes(spec, new, RouteState.serving), _deploy_ids(jobs)
@@ -347,7 +351,7 @@ def plan_scale(spec: ServiceSpec, jobs: Sequence[ObservedJob], hosts: Sequence[H
         placer = _Placer(_hosts_with(hosts, jobs, spec.size, jobs), [j.host for j in jobs], ports)
         wanted = [WantedJob(kind, target, command)] * (scale - len(mine))
         new = _new_jobs(spec, wanted, placer, new_id)
-        return _plan(_check_images(spec.image, new), tuple(StartJob(j) for j in new),
+        return _plan(_check_images(spec.image, new, hosts), tuple(StartJob(j) for j in new),
                      _routes(spec, new, RouteState.serving))
     draining = {h.name for h in hosts if not h.schedulable}
     surplus = _pick_surplus(mine, len(mine) - scale, draining)
@@ -369,7 +373,7 @@ def plan_recover(spec: ServiceSpec, jobs: Sequence[ObservedJob], hosts: Sequence
         return Plan()
     placer = _Placer(_hosts_with(hosts, jobs, spec.size, jobs), [j.host for j in jobs], ports)
     new = _new_jobs(spec, wanted, placer, new_id)
-    return _plan(_check_images(spec.image, new), tuple(StartJob(j) for j in new),
+    return _plan(_check_images(spec.image, new, hosts), tuple(StartJob(j) for j in new),
                  _routes(spec, new, RouteState.serving))
 
 
@@ -435,7 +439,7 @@ def plan_move(spec: ServiceSpec, jobs: Sequence[ObservedJob], hosts: Sequence[Ho
     candidates = [h for h in hosts if h.name != away_from]
     placer = _Placer(_hosts_with(candidates, jobs, spec.size, jobs), [j.host for j in staying], ports)
     new = _new_jobs(replace(spec, pinned_host=None, port=None), wanted, placer, new_id)
-    return _plan(_check_images(spec.image, new), tuple(StartJob(j) for j in new),
+    return _plan(_check_images(spec.image, new, hosts), tuple(StartJob(j) for j in new),
                  _routes(spec, new, RouteState.serving),
                  _routes(spec, _deploy_ids(leaving), RouteState.out),
                  tuple(StopJob(j.id, j.host) for j in leaving))

@@ -7,6 +7,7 @@ from collections import defaultdict
 from typing import Any
 
 from sqlalchemy import func
+from sqlalchemy import select as sa_select  # five columns: beyond sqlmodel's typed select
 from sqlmodel import Session, col, select
 
 from orchestrator import service_types
@@ -59,17 +60,22 @@ def host_views(*, session: Session) -> list[HostPublic]:
 
 
 def host_loads(*, session: Session) -> list[HostLoad]:
-    """Every host with the CPU, memory and ports its active jobs hold."""
+    """Every host with the CPU, memory and ports its active jobs hold, and the images its
+    running jobs run."""
     used_cpus: dict[str, float] = defaultdict(float)
     used_mem: dict[str, int] = defaultdict(int)
     ports: dict[str, set[int]] = defaultdict(set)
+    images: dict[str, set[str]] = defaultdict(set)
     # A lost job's container may still hold its port on its (unreachable) host: keep it taken.
     holding = (*ACTIVE_JOB_STATES, JobState.stopping, JobState.lost)
     # Only the columns it needs: a job's row also holds its environment, args and mounts.
-    for host, port, state, size_name in session.exec(
-            select(Job.host, Job.port, Job.state, Job.size).where(col(Job.state).in_(holding))):
+    for host, port, state, size_name, image in session.execute(
+            sa_select(col(Job.host), col(Job.port), col(Job.state), col(Job.size), col(Job.image))
+            .where(col(Job.state).in_(holding))):
         if port is not None:
             ports[host].add(port)
+        if state == JobState.running and image:
+            images[host].add(image)
         if state in ACTIVE_JOB_STATES:
             size = parse_size(size_name)
             used_cpus[host] += size.cpus
@@ -88,7 +94,7 @@ def host_loads(*, session: Session) -> list[HostLoad]:
         HostLoad(
             name=h.name, schedulable=h.state == HostState.up, address=h.address, cpus=h.cpus,
             memory_mb=h.memory_mb, used_cpus=used_cpus[h.name], used_memory_mb=used_mem[h.name],
-            used_ports=frozenset(by_address[h.address] | kept),
+            used_ports=frozenset(by_address[h.address] | kept), images=frozenset(images[h.name]),
         )
         for h in hosts
     ]

@@ -106,9 +106,8 @@ def test_overlap_redeploy_starts_the_new_jobs_waits_then_stops_the_old(world: Wo
     op = requests.request_redeploy(world.platform, env=ENV, service="web")
     world.run_all()
     assert world.operation(op.id or 0).state == OpState.succeeded
-    assert stage_actions(world, op.id or 0) == [
-        {StepAction.check_image}, {StepAction.start}, {StepAction.wait}, {StepAction.stop},
-    ]
+    # No image check: the hosts run that image already (their running jobs do).
+    assert stage_actions(world, op.id or 0) == [{StepAction.start}, {StepAction.wait}, {StepAction.stop}]
     (wait,) = world.steps(op.id or 0, StepAction.wait)
     assert wait.seconds == 5
     assert {st.job_id for st in world.steps(op.id or 0, StepAction.stop)} == old
@@ -289,15 +288,19 @@ def test_an_image_missing_on_a_host_fails_before_anything_stops(world: World) ->
 
 
 def test_a_failed_scale_keeps_the_old_scale(world: World) -> None:
-    world.code_service("web", scale=2)
-    world.runtimes["h2"].images.discard(IMAGE)
+    world.code_service("web", scale=1)
+    (job,) = world.jobs("web")
+    other = next(h for h in world.runtimes if h != job.host)
+    world.runtimes[other].images.discard(IMAGE)  # a host that runs nothing of it lacks the image
     op = requests.request_scale(world.platform, env=ENV, service="web", scale=4)
     world.run_all()
     failed = world.operation(op.id or 0)
     assert failed.state == OpState.failed
     assert failed.error is not None and failed.error.endswith(
-        "Service web now runs 2 of 4 deploy jobs. Its scale stays 2.")
-    assert world.service("web").scale == 2 and len(world.jobs("web")) == 2
+        "Service web now runs 1 of 4 deploy jobs. Its scale stays 1.")
+    assert world.service("web").scale == 1 and len(world.jobs("web")) == 1
+    assert world.steps(op.id or 0, StepAction.start) and {st.state for st in world.steps(
+        op.id or 0, StepAction.start)} == {StepState.skipped}  # the check failed first: nothing started
 
 
 def test_a_plan_error_fails_the_operation_at_once_and_changes_nothing(world: World) -> None:

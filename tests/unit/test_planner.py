@@ -99,6 +99,18 @@ def test_image_is_checked_once_on_every_host_that_gets_a_job() -> None:
     assert plan.stages[0] == (CheckImage("h1", IMAGE), CheckImage("h2", IMAGE), CheckImage("h3", IMAGE))
 
 
+def test_the_image_is_not_checked_where_a_running_job_runs_it_already() -> None:
+    """Docker keeps an image a container uses: a host whose running jobs run it needs no check
+    (a redeploy of the same image, one more service of it); the others are checked first."""
+    loads = [replace(h, images=frozenset({IMAGE} if h.name == "h1" else {"other:1"})) for h in hosts("h1", "h2")]
+    plan = plan_redeploy(make_spec(scale=4), old_jobs("h1", "h2"), loads, ids(), PORTS)
+    assert plan.stages[0] == (CheckImage("h2", IMAGE),)
+    assert stage_kinds(plan) == [{CheckImage}, {StopJob}, {StartJob}]
+    everywhere = [replace(h, images=frozenset({IMAGE})) for h in loads]
+    assert stage_kinds(plan_redeploy(make_spec(scale=4), old_jobs("h1", "h2"), everywhere, ids(), PORTS)) == [
+        {StopJob}, {StartJob}]
+
+
 def test_redeploy_without_overlap_checks_then_stops_all_then_starts_all() -> None:
     old = old_jobs("h1", "h1")
     plan = plan_redeploy(make_spec(), old, hosts("h1"), ids(), PORTS)

@@ -64,14 +64,13 @@ def heartbeat(p: Platform, *, host: str, cpus: float, memory_mb: int, node: str 
     """The node of ``host`` is alive (and its Docker answers), in one short transaction: record
     when and what the host can hold; renew the leases of the steps this node process (``node``)
     works on now and of its overlap waits; with the ``containers`` its Docker listed at
-    ``listed_at``, reconcile the host with the catalogue (``reconcile``); only then is a host that
-    was down up again (a draining one stays draining), so nothing is placed on it meanwhile."""
+    ``listed_at``, reconcile the host with the catalogue (``reconcile``); a host that was down is
+    up again (a draining one stays draining) in that same transaction, so no reader sees it up,
+    and nothing is placed on it, before its jobs are in step."""
     now = utcnow()
 
     def beat(s: Session) -> Reconciled:
-        # One statement for the host: alive, what it holds, and (a host that was down) up again,
-        # a draining one draining: in this one transaction with the reconciliation below, so no
-        # reader sees it up before its jobs are in step.
+        # One statement for the host: alive, what it holds, and (one that was down) up again.
         kind = Host.__table__.c.state.type  # type: ignore[attr-defined]  # (PostgreSQL: an enum type)
         back = case((col(Host.drained).is_(True), cast(literal(HostState.draining), kind)),
                     else_=cast(literal(HostState.up), kind))

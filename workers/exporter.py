@@ -29,9 +29,11 @@ class NodeExporter:
         self.platform_key = platform_key
         self.name = names.node_exporter_name(host, platform_key)
         self._said = ""
+        self._gone = False  # stopped (or found absent) since it last ran: Docker is not asked again
 
     def ensure(self) -> int | None:
         """Run it (if it does not); its port, or None when it cannot run (said once)."""
+        self._gone = False
         state = self.runtime.inspect(self.name)
         if state is not None and state.status == "running" and state.labels.get(LABEL_PORT, "").isdigit():
             return int(state.labels[LABEL_PORT])
@@ -51,3 +53,11 @@ class NodeExporter:
             return None
         self._said = ""
         return port
+
+    def stop(self) -> None:
+        """Stop and remove it (no environment has monitoring any more); one that is not there
+        counts as stopped. Docker is asked once, then not again until it runs again."""
+        if self._gone:
+            return
+        self.runtime.stop(self.name, timeout=5)
+        self._gone = True

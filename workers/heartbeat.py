@@ -90,15 +90,18 @@ class NodeHeartbeat:
 
     def reconcile_node_exporter(self) -> None:
         """The host's node exporter runs while some environment has a monitoring service, and
-        the catalogue knows its port."""
+        the catalogue knows its port; when the last one goes, it stops and its port is forgotten."""
         exporter, node = self.node.node_exporter, self.node
         if exporter is None:
             return
         with node.platform.reader() as s:
-            if not catalogue.monitoring_wanted(session=s):
-                return
+            monitored = catalogue.monitoring_wanted(session=s)
             known = catalogue.get_host(session=s, name=node.host).node_exporter_port
-        port = exporter.ensure()
+        if not monitored:
+            exporter.stop()
+            port = None
+        else:
+            port = exporter.ensure()
         if port != known:
             with node.platform.session() as s:
                 catalogue.set_metrics_ports(session=s, name=node.host, node_exporter_port=port)

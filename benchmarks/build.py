@@ -56,6 +56,8 @@ import docker
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the test harness runs the platform here too
 
+from redeploy import undo_all  # noqa: E402
+
 from tests.harness import (  # noqa: E402
     BUSYBOX_IMAGE,
     DEFAULT_DOCKER_URL,
@@ -687,18 +689,7 @@ def cleanup(client: docker.DockerClient, sides: Sequence[Side], hand: Hand, regi
         ("dirs", dirs),
         ("leftovers", leftovers),
     ]
-    with suppress(KeyboardInterrupt):
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        for what, undo in steps:
-            try:
-                undo()
-            except Exception as exc:
-                log(f"cleanup of {what} failed: {exc}")
-        if keep:
-            log(f"kept {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-        client.close()
+    undo_all(steps, workdir, keep=keep, clients=[client])
 
 
 if __name__ == "__main__":

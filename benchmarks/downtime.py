@@ -57,6 +57,8 @@ import docker
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the test harness runs the platform here too
 
+from redeploy import undo_all  # noqa: E402
+
 from tests.harness import (  # noqa: E402
     DEFAULT_DOCKER_URL,
     LABEL_ENV,
@@ -777,18 +779,7 @@ def cleanup(b: Bench, workdir: Path, proxy_dir_existed: bool, keep: bool) -> Non
         ("redis", b.platform.env.flush),
         ("proxy dir", proxy_dir),
     ]
-    with suppress(KeyboardInterrupt):
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        for what, undo in steps:
-            try:
-                undo()
-            except Exception as exc:
-                log(f"cleanup of {what} failed: {exc}")
-        if keep:
-            log(f"kept {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-        client.close()
+    undo_all(steps, workdir, keep=keep, clients=[client])
 
 
 if __name__ == "__main__":

@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import signal
 import socket
 import sqlite3
 import subprocess
@@ -41,14 +39,13 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import docker
 from docker.models.containers import Container
-from redeploy import log, median, platform_container_options, process_cpu, terminated_as_exit, wait_port
+from redeploy import log, median, platform_container_options, process_cpu, terminated_as_exit, undo_all, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the test harness runs the platforms here too
@@ -643,20 +640,7 @@ def cleanup(platforms: dict[str, Platform], daemon: Daemon, default: docker.Dock
         (f"dockerd {daemon.name}", second_daemon),
         ("redis", platforms["one"].env.flush),
     ]
-    with suppress(KeyboardInterrupt):
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        for what, undo in steps:
-            try:
-                undo()
-            except Exception as exc:
-                log(f"cleanup of {what} failed: {exc}")
-        for client in [*clients.values(), default]:
-            with suppress(Exception):
-                client.close()
-        if keep:
-            log(f"kept {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+    undo_all(steps, workdir, keep=keep, clients=[*clients.values(), default])
 
 
 if __name__ == "__main__":

@@ -72,6 +72,26 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
+def undo_all(steps: Sequence[tuple[str, Callable[[], object]]], workdir: Path, *, keep: bool,
+             clients: Sequence[docker.DockerClient] = ()) -> None:
+    """A benchmark's cleanup: each step tried (a failure said, the others still done), Ctrl-C
+    ignored meanwhile, the temp dir removed (kept with --keep), the Docker clients closed."""
+    with suppress(KeyboardInterrupt):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for what, undo in steps:
+            try:
+                undo()
+            except Exception as exc:
+                log(f"cleanup of {what} failed: {exc}")
+        for client in clients:
+            with suppress(Exception):
+                client.close()
+        if keep:
+            log(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
 def accepts(port: int, host: str = "127.0.0.1") -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.2):
@@ -649,18 +669,7 @@ def cleanup(platform: Platform, client: docker.DockerClient, env: str, compose: 
         ("redis", platform.env.flush),
         ("pool", lambda: pool.shutdown(wait=False, cancel_futures=True)),
     ]
-    with suppress(KeyboardInterrupt):
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        for what, undo in steps:
-            try:
-                undo()
-            except Exception as exc:
-                log(f"cleanup of {what} failed: {exc}")
-        if keep:
-            log(f"kept {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-        client.close()
+    undo_all(steps, workdir, keep=keep, clients=[client])
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ import http.client
 import os
 import re
 import shutil
-import signal
 import socket
 import sqlite3
 import statistics
@@ -45,8 +44,8 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,7 +55,7 @@ import docker
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the test harness runs the platform here too
 
-from redeploy import undo_all  # noqa: E402
+from redeploy import terminated_as_exit, undo_all  # noqa: E402
 
 from tests.harness import (  # noqa: E402
     BUSYBOX_IMAGE,
@@ -457,22 +456,6 @@ def remove_images(client: docker.DockerClient, prefixes: Sequence[str]) -> int:
                 with suppress(docker.errors.NotFound):
                     client.api.remove_image(ref)
     return touched
-
-
-@contextmanager
-def terminated_as_exit() -> Iterator[None]:
-    """SIGTERM/SIGHUP end the run through the same cleanup as Ctrl-C."""
-    def handler(signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    # Ctrl-C too, even when started with SIGINT ignored (a background job of a script)
-    old[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        for sig, h in old.items():
-            signal.signal(sig, h)
 
 
 # --- report ---------------------------------------------------------------------------------------------

@@ -51,7 +51,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -61,8 +60,8 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -74,7 +73,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the test harness runs the platform here too
 
-from redeploy import undo_all  # noqa: E402
+from redeploy import terminated_as_exit, undo_all  # noqa: E402
 
 from tests.harness import (  # noqa: E402
     DEFAULT_DOCKER_URL,
@@ -816,21 +815,6 @@ def verdict(bursts: Sequence[Burst], whatif: Sequence[Burst], store_ms: Sequence
 
 
 # --- the run --------------------------------------------------------------------------------------------
-
-
-@contextmanager
-def terminated_as_exit() -> Iterator[None]:
-    """SIGTERM/SIGHUP end the run through the same cleanup as Ctrl-C."""
-    def handler(signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    old[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        for sig, h in old.items():
-            signal.signal(sig, h)
 
 
 def preflight(client: docker.DockerClient) -> None:

@@ -473,6 +473,8 @@ def terminated_as_exit() -> Iterator[None]:
         raise KeyboardInterrupt(f"signal {signum}")
 
     old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    # Ctrl-C too, even when started with SIGINT ignored (a background job of a script)
+    old[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:

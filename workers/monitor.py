@@ -9,7 +9,6 @@ configuration is reloaded through its lifecycle API."""
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import urllib.error
 import urllib.request
@@ -21,6 +20,7 @@ from orchestrator.catalogue.monitoring import MonitorEndpoint
 from orchestrator.httpauth import basic_auth
 from orchestrator.models import Environment
 from orchestrator.platform import Platform
+from workers.files import write_whole
 
 log = logging.getLogger(__name__)
 
@@ -57,17 +57,8 @@ class MonitorFiles:
         for name, text in files.items():
             if only is not None and name not in only:
                 continue
-            path = root / name
-            try:
-                if path.read_text() == text:
-                    continue
-            except OSError:
-                pass
-            temporary = path.with_name(f".{path.name}.tmp")
-            temporary.write_text(text)
-            os.chmod(temporary, 0o644)
-            temporary.replace(path)
-            written.add(name)
+            if write_whole(root / name, text, mode=0o644):  # Prometheus in the job reads them
+                written.add(name)
         return written
 
     def apply(self, job_id: str, files: Mapping[str, str], endpoint: MonitorEndpoint) -> set[str]:

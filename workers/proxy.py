@@ -14,7 +14,6 @@ worker finishes its connections).
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import socket
 import threading
@@ -27,6 +26,7 @@ from typing import Protocol
 from orchestrator import catalogue, proxy
 from orchestrator.platform import Platform
 from orchestrator.proxy import ProxyConfig
+from workers.files import write_whole
 
 log = logging.getLogger(__name__)
 
@@ -327,18 +327,8 @@ class HAProxyDriver:
 
 
 def _atomic(path: Path, text: str) -> None:
-    """Write a file whole (a reader sees the old or the new one), readable by its owner only;
-    one that already says ``text`` is left alone (the heartbeat applies every beat)."""
-    try:
-        if path.read_text() == text:
-            return
-    except OSError:
-        pass
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    """Write a file whole, readable by its owner only (it may hold private keys)."""
+    write_whole(path, text, mode=0o600)
 
 
 def default_certificate() -> str:

@@ -37,7 +37,7 @@ LAYERS: dict[str, int] = {
     "orchestrator.metrics": 10, "orchestrator.status": 10,
     "workers.logship": 10, "workers.exporter": 10, "workers.monitor": 10,
     "orchestrator.control": 11, "orchestrator.watcher": 11, "workers.context": 11,
-    "workers.proxy": 10,
+    "workers.proxy": 10, "workers.files": 9,
     "workers.tasks": 12, "workers.heartbeat": 12, "workers.metrics": 12,
     "workers.node": 13, "workers.inline": 13, "workers.sim": 14,
     "orchestrator.api.git": 14, "orchestrator.api.app": 15, "orchestrator.api.serve": 16, "orchestrator.api": 17,

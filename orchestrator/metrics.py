@@ -11,14 +11,14 @@ Nothing secret is in either: names, counts and durations only.
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator, Sequence
-from datetime import datetime
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import func
-from sqlmodel import col, select
+from sqlalchemy import BigInteger, ColumnElement, Integer, case, cast, extract, func
+from sqlmodel import Session, col, select
 
 from orchestrator import catalogue
 from orchestrator.models import (
@@ -40,22 +40,41 @@ OPERATION_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 
-def histogram(name: str, documentation: str, label: str, samples: Iterable[tuple[str, float]],
-              buckets: Sequence[float]) -> HistogramMetricFamily:
-    """A histogram of (label value, seconds) samples."""
-    family = HistogramMetricFamily(name, documentation, labels=[label])
-    by_label: dict[str, list[float]] = defaultdict(list)
-    for value, seconds in samples:
-        by_label[value].append(max(seconds, 0.0))
-    for value, durations in sorted(by_label.items()):
-        counts = [(str(le), float(sum(1 for d in durations if d <= le))) for le in buckets]
-        counts.append(("+Inf", float(len(durations))))
-        family.add_metric([value], counts, sum_value=sum(durations))
+def duration_us(s: Session, start: Any, end: Any) -> ColumnElement[int]:
+    """From ``start`` to ``end`` in whole microseconds, in SQL: what Python's ``end - start`` of
+    the two stored times gives. PostgreSQL subtracts the timestamps. SQLite has them as text,
+    ``YYYY-MM-DD HH:MM:SS.ffffff`` (SQLAlchemy's format, microseconds always written): the whole
+    seconds of the first 19 characters by strftime('%s'), the microseconds from the rest. Its date
+    functions round to milliseconds (strftime('%s') of ``...:59.9996`` is the next second), and
+    julianday's day numbers (doubles near 2.46e6) miss the difference by up to tens of
+    microseconds, enough to move a step of 0.5 s out of its bucket."""
+    if s.get_bind().dialect.name == "sqlite":
+        def us(t: Any) -> ColumnElement[int]:
+            return (cast(func.strftime("%s", func.substr(t, 1, 19)), Integer) * 1_000_000
+                    + cast(func.substr(t, 21), Integer))
+        return us(end) - us(start)
+    return cast(extract("epoch", end - start) * 1_000_000, BigInteger)
+
+
+def histogram(s: Session, name: str, documentation: str, label: Any, start: Any, end: Any,
+              buckets: Sequence[float], *where: ColumnElement[bool]) -> HistogramMetricFamily:
+    """A histogram, by ``label``, of the times from ``start`` to ``end`` of the rows that have both
+    (and match ``where``), counted in the database: one query, one row per label value (negative
+    times count as 0). Each row's time is worked out once, in a materialized CTE: in the buckets'
+    sums directly, SQLite and PostgreSQL would work it out again for each bucket."""
+    durations = (select(label.label("value"), duration_us(s, start, end).label("us"))
+                 .where(col(start).is_not(None), col(end).is_not(None), *where)
+                 .cte("durations").prefix_with("MATERIALIZED"))
+    us = durations.c.us
+    columns: list[Any] = [durations.c.value,
+                          *(func.sum(case((us <= round(le * 1_000_000), 1), else_=0)) for le in buckets),
+                          func.count(), func.sum(case((us > 0, us), else_=0))]
+    rows = s.exec(select(*columns).group_by(durations.c.value))
+    family = HistogramMetricFamily(name, documentation, labels=[label.key])
+    for value, *counts, total, total_us in sorted(rows, key=lambda row: row[0]):
+        family.add_metric([value], [*((str(le), float(n)) for le, n in zip(buckets, counts, strict=True)),
+                                    ("+Inf", float(total))], sum_value=int(total_us) / 1_000_000)
     return family
-
-
-def _seconds(start: datetime | None, end: datetime | None) -> float | None:
-    return (end - start).total_seconds() if start is not None and end is not None else None
 
 
 class PlatformCollector(Collector):
@@ -66,11 +85,13 @@ class PlatformCollector(Collector):
         with self.p.reader() as s:
             ops = list(s.exec(select(Operation.kind, Operation.state, func.count())
                               .group_by(col(Operation.kind), col(Operation.state))))
-            op_times = list(s.exec(select(Operation.kind, Operation.started_at, Operation.finished_at)
-                                   .where(col(Operation.state).in_(ENDED_OP_STATES),
-                                          col(Operation.started_at).is_not(None))))
-            step_times = list(s.exec(select(Step.action, Step.started_at, Step.finished_at)
-                                     .where(col(Step.started_at).is_not(None), col(Step.finished_at).is_not(None))))
+            op_durations = histogram(s, "orchestrator_operation_duration_seconds",
+                                     "From start to end of operations that ended.", col(Operation.kind),
+                                     Operation.started_at, Operation.finished_at, OPERATION_BUCKETS,
+                                     col(Operation.state).in_(ENDED_OP_STATES))
+            step_durations = histogram(s, "orchestrator_step_duration_seconds",
+                                       "From start to end of steps that ended, by action.", col(Step.action),
+                                       Step.started_at, Step.finished_at, STEP_BUCKETS)
             jobs = list(s.exec(select(Job.state, func.count()).group_by(col(Job.state))))
             hosts = list(s.exec(select(Host.state, func.count()).group_by(col(Host.state))))
         ended = CounterMetricFamily("orchestrator_operations", "Operations that ended, by kind and outcome.",
@@ -85,12 +106,7 @@ class PlatformCollector(Collector):
         queued = GaugeMetricFamily("orchestrator_operations_queued", "Operations waiting for their service.",
                                    value=sum(c for _, st, c in ops if st == OpState.queued))
         yield from (ended, now, queued)
-        yield histogram("orchestrator_operation_duration_seconds", "From start to end of operations that ended.",
-                        "kind", ((k, d) for k, a, b in op_times if (d := _seconds(a, b)) is not None),
-                        OPERATION_BUCKETS)
-        yield histogram("orchestrator_step_duration_seconds", "From start to end of steps that ended, by action.",
-                        "action", ((k, d) for k, a, b in step_times if (d := _seconds(a, b)) is not None),
-                        STEP_BUCKETS)
+        yield from (op_durations, step_durations)
         by_job_state = GaugeMetricFamily("orchestrator_jobs", "Jobs by state.", labels=["state"])
         counted = Counter({state: count for state, count in jobs})
         for state in JobState:

@@ -155,7 +155,8 @@ def counting() -> Iterator[Statements]:
 
 
 def api_get(app: Any, path: str, token: str) -> tuple[int, Any]:
-    """GET ``path`` (query string included) from an ASGI app in this process: (status, JSON body)."""
+    """GET ``path`` (query string included) from an ASGI app in this process: (status, JSON body;
+    a text body, as /metrics' is, as text)."""
     route, _, query = path.partition("?")
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
              "path": route, "raw_path": route.encode(), "query_string": query.encode(), "root_path": "",
@@ -170,9 +171,11 @@ def api_get(app: Any, path: str, token: str) -> tuple[int, Any]:
         sent.append(message)
 
     asyncio.run(app(scope, receive, send))
-    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    start = next(m for m in sent if m["type"] == "http.response.start")
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
-    return status, json.loads(body) if body else None
+    if dict(start.get("headers", [])).get(b"content-type", b"").startswith(b"text/"):
+        return start["status"], body.decode()
+    return start["status"], json.loads(body) if body else None
 
 
 @dataclass
@@ -227,4 +230,5 @@ LISTINGS: dict[str, Callable[[Catalogue], Any]] = {
     "api GET /envs/ENV/services": lambda c: c.get(f"/api/v1/envs/{ENV}/services"),
     "api GET /envs/ENV": lambda c: c.get(f"/api/v1/envs/{ENV}"),
     "api GET /envs/ENV/status": lambda c: c.get(f"/api/v1/envs/{ENV}/status"),
+    "api GET /metrics": lambda c: c.get("/metrics"),
 }

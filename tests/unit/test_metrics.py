@@ -3,12 +3,17 @@ operations really went through."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
+import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
+from sqlmodel import update
 
 from orchestrator import requests
 from orchestrator.metrics import EnvironmentCollector, PlatformCollector
+from orchestrator.models import Operation, OpKind, OpState, Step, StepAction, StepState
 from tests.unit.world import ENV, World
 
 
@@ -49,3 +54,61 @@ def test_an_environment_sees_its_services_scale_and_the_hosts(world: World) -> N
     assert seen[("orchestrator_service_running_jobs", (("env", ENV), ("service", "web")))] == 1
     assert not any(name == "orchestrator_service_wanted_jobs" and dict(labels)["env"] != ENV
                    for name, labels in scrape(EnvironmentCollector(world.platform, "other")))
+
+
+def test_the_durations_are_counted_into_buckets_with_their_sum(world: World) -> None:
+    """Durations set by hand, on SQLite: a negative one counts as 0, one on a bucket's bound is
+    in that bucket and one a microsecond over it is not; only operations that ended count, and
+    only steps with both times. The start is 0.9997 s past a second (times rounded to the
+    millisecond would put it in the next second)."""
+    world.code_service("web", scale=1)
+    service = world.service("web")
+    start = datetime(2026, 1, 1, 12, 0, 59, 999_700, tzinfo=UTC)
+    with world.platform.session() as s:
+        s.exec(update(Operation).values(started_at=None))  # the push's: not counted
+        s.exec(update(Step).values(started_at=None))
+        for kind, state, seconds in ((OpKind.redeploy, OpState.succeeded, -3.0),
+                                     (OpKind.redeploy, OpState.failed, 0.5),
+                                     (OpKind.redeploy, OpState.succeeded, 0.500001),
+                                     (OpKind.redeploy, OpState.cancelled, 7.25),
+                                     (OpKind.redeploy, OpState.succeeded, 700.0),
+                                     (OpKind.redeploy, OpState.running, 1.0),  # not ended
+                                     (OpKind.scale, OpState.succeeded, 1.0),
+                                     (OpKind.scale, OpState.succeeded, None)):  # no end
+            op = Operation(kind=kind, env_id=service.env_id, service_id=service.id or 0, state=state,
+                           started_at=start,
+                           finished_at=None if seconds is None else start + timedelta(seconds=seconds))
+            s.add(op)
+            s.flush()
+        for n, (action, seconds) in enumerate(((StepAction.start, -0.2), (StepAction.start, 0.05),
+                                               (StepAction.start, 0.100001), (StepAction.start, 2.0),
+                                               (StepAction.start, 301.0), (StepAction.start, None),
+                                               (StepAction.stop, 1.0))):
+            s.add(Step(op_id=op.id or 0, stage=n, name=f"step {n}", action=action, state=StepState.succeeded,
+                       started_at=start,
+                       finished_at=None if seconds is None else start + timedelta(seconds=seconds)))
+        s.commit()
+    seen = scrape(PlatformCollector(world.platform))
+
+    def buckets(name: str, label: tuple[str, str]) -> dict[str, float]:
+        return {dict(labels)["le"]: value for (n, labels), value in seen.items()
+                if n == f"{name}_bucket" and (label,) == tuple(kv for kv in labels if kv[0] != "le")}
+
+    op, step = "orchestrator_operation_duration_seconds", "orchestrator_step_duration_seconds"
+    assert buckets(op, ("kind", "redeploy")) == {
+        "0.5": 2, "1.0": 3, "2.0": 3, "5.0": 3, "10.0": 4, "30.0": 4, "60.0": 4, "120.0": 4, "300.0": 4, "600.0": 4,
+        "+Inf": 5}
+    assert seen[(f"{op}_count", (("kind", "redeploy"),))] == 5
+    assert seen[(f"{op}_sum", (("kind", "redeploy"),))] == pytest.approx(708.250001, abs=1e-9)
+    assert buckets(op, ("kind", "scale"))["0.5"] == 0 and buckets(op, ("kind", "scale"))["1.0"] == 1
+    assert seen[(f"{op}_count", (("kind", "scale"),))] == 1
+    assert seen[(f"{op}_sum", (("kind", "scale"),))] == 1.0
+    assert not any(n.startswith(op) and dict(labels).get("kind") == "deploy" for n, labels in seen)
+    assert buckets(step, ("action", "start")) == {
+        "0.05": 2, "0.1": 2, "0.25": 3, "0.5": 3, "1.0": 3, "2.0": 4, "5.0": 4, "10.0": 4, "30.0": 4, "60.0": 4,
+        "300.0": 4, "+Inf": 5}
+    assert seen[(f"{step}_count", (("action", "start"),))] == 5
+    assert seen[(f"{step}_sum", (("action", "start"),))] == pytest.approx(303.150001, abs=1e-9)
+    assert buckets(step, ("action", "stop"))["0.5"] == 0 and buckets(step, ("action", "stop"))["1.0"] == 1
+    assert seen[(f"{step}_sum", (("action", "stop"),))] == 1.0
+    assert {dict(labels)["action"] for n, labels in seen if n == f"{step}_count"} == {"start", "stop"}

@@ -116,9 +116,11 @@ def _begin_all(s: Session, node: NodeContext, step_ids: Sequence[int],
             else:
                 refused.append(f"step {step_id} ended already ({ended.state if ended else 'unknown'})")
             continue
-        job = s.get(Job, step.job_id) if step.job_id else None
-        if job is not None and work.job_on_begin is not None:
-            catalogue.set_job_state(session=s, job_id=job.id, state=work.job_on_begin)
+        job = None
+        if step.job_id and work.job_on_begin is not None:
+            job = catalogue.move_job(session=s, job_id=step.job_id, state=work.job_on_begin)
+        elif step.job_id:
+            job = s.get(Job, step.job_id)
         begun.append((step, job))
     return begun, skipped, refused
 

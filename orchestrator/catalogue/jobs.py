@@ -97,6 +97,18 @@ def move_job_port(*, session: Session, job_id: str, port: int) -> Job:
 
 def set_job_state(*, session: Session, job_id: str, state: JobState, container_id: str | None = None,
                   error: str | None = None) -> None:
+    session.exec(update(Job).where(col(Job.id) == job_id).values(**_job_values(state, container_id, error)))
+
+
+def move_job(*, session: Session, job_id: str, state: JobState) -> Job | None:
+    """``set_job_state`` that returns the job as it is now (one statement: UPDATE ... RETURNING,
+    the session's copy refreshed); None when there is no such job."""
+    moved = session.exec(update(Job).where(col(Job.id) == job_id).values(**_job_values(state, None, None))
+                         .returning(Job).execution_options(synchronize_session=False, populate_existing=True))
+    return moved.scalars().one_or_none()
+
+
+def _job_values(state: JobState, container_id: str | None, error: str | None) -> dict[str, object]:
     values: dict[str, object] = {"state": state}
     if container_id is not None:
         values["container_id"] = container_id
@@ -106,4 +118,4 @@ def set_job_state(*, session: Session, job_id: str, state: JobState, container_i
         values["started_at"] = utcnow()
     if state in (JobState.stopped, JobState.failed):
         values["stopped_at"] = utcnow()
-    session.exec(update(Job).where(col(Job.id) == job_id).values(**values))
+    return values

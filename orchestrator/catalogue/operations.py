@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import timedelta
 
-from sqlalchemy import case, update
+from sqlalchemy import Update, case, update
 from sqlmodel import Session, col, select
 
 from orchestrator.errors import NotFound
@@ -143,24 +143,24 @@ def begin_step(*, session: Session, step_id: int, node: str, lease: float) -> St
     """pending -> running on ``node``, leased for ``lease`` seconds (the node's heartbeat renews
     it while the node works on it); None when the step already began (a redelivery)."""
     now = utcnow()
-    moved = session.exec(
-        update(Step)
-        .where(col(Step.id) == step_id, col(Step.state) == StepState.pending)
-        .values(state=StepState.running, started_at=now, node=node,
-                lease_until=now + timedelta(seconds=lease))
-    ).rowcount
-    return session.get(Step, step_id) if moved == 1 else None
+    return _moved_step(session, update(Step).where(col(Step.id) == step_id, col(Step.state) == StepState.pending)
+                       .values(state=StepState.running, started_at=now, node=node,
+                               lease_until=now + timedelta(seconds=lease)))
 
 
 def take_over_step(*, session: Session, step_id: int, node: str, lease: float) -> Step | None:
     """A running step carried on by ``node`` (a redelivered message): its lease is now ``node``'s.
     None when the step is not running (it ended, or never began)."""
-    moved = session.exec(
-        update(Step)
-        .where(col(Step.id) == step_id, col(Step.state) == StepState.running)
-        .values(node=node, lease_until=utcnow() + timedelta(seconds=lease))
-    ).rowcount
-    return session.get(Step, step_id) if moved == 1 else None
+    return _moved_step(session, update(Step).where(col(Step.id) == step_id, col(Step.state) == StepState.running)
+                       .values(node=node, lease_until=utcnow() + timedelta(seconds=lease)))
+
+
+def _moved_step(session: Session, query: Update) -> Step | None:
+    """The step a conditional UPDATE moved, as it is now (one statement: UPDATE ... RETURNING,
+    the session's copy refreshed), or None when its condition did not hold."""
+    moved = session.exec(query.returning(Step).execution_options(synchronize_session=False,
+                                                                  populate_existing=True))
+    return moved.scalars().one_or_none()
 
 
 def end_step(*, session: Session, step_id: int, state: StepState, error: str | None = None,

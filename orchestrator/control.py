@@ -3,8 +3,10 @@
 - The task API other services call with ``send_task`` on the ``orchestrator`` queue: each task
   validates, records and starts an operation exactly as the CLI does, and returns its id. Bad
   arguments fail the task with ``InvalidRequest`` and change nothing.
-- The finish task that ends every operation's chain. It runs where the chain sends it: the node
-  of the operation's first host, or the control worker for an operation that touches no host.
+- The tasks that carry every operation's chain on: advance, called back when a stage succeeded,
+  sends the next one; finish ends the operation after the last stage. They run where the chain
+  sends them: the node of the operation's first host, or the control worker for an operation
+  that touches no host.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from celery import Celery, Task
 from sqlalchemy.exc import SQLAlchemyError
 
 from orchestrator import operations, requests, who
+from orchestrator.dispatch import SendFailed
 from orchestrator.errors import BadInput
 from orchestrator.names import (
+    TASK_ADVANCE,
     TASK_API_PUSH,
     TASK_API_REDEPLOY,
     TASK_API_SCALE,
@@ -31,8 +35,18 @@ class InvalidRequest(Exception):
     """The request was refused; nothing was changed."""
 
 
-def register_finish(app: Celery, platform: Platform) -> None:
-    """The operation's finish task, on ``app`` (a node's or the control worker's)."""
+def register_operation_tasks(app: Celery, platform: Platform) -> None:
+    """An operation's advance (sends its next stage) and finish tasks, on ``app`` (a node's or
+    the control worker's)."""
+
+    @app.task(name=TASK_ADVANCE, shared=False, bind=True, max_retries=None, ignore_result=True)
+    def advance(self: Task, op_id: int, stage: int, env: str = "", service: str = "",
+                **_labels: Any) -> dict[str, Any]:
+        try:
+            sent = operations.advance(platform, op_id, stage, env=env, service=service)
+        except (SQLAlchemyError, SendFailed):  # the catalogue or the broker failed for a while
+            raise self.retry(countdown=1.0) from None
+        return {"op": op_id, "stage": stage, "sent": sent}
 
     @app.task(name=TASK_FINISH, shared=False, bind=True, max_retries=None, ignore_result=True)
     def finish(self: Task, op_id: int, **_labels: Any) -> dict[str, Any]:

@@ -1,12 +1,16 @@
-"""Recorded steps -> one Celery chain. The one place that sends work to the nodes.
+"""Recorded steps -> Celery tasks, a stage at a time. The one place that sends work to the nodes.
 
 Stages run one after the other; the tasks of a stage run in parallel (a group, which Celery
-joins with a chord before the next stage). Each task goes to the queue of the host it touches;
-the chain ends with the operation's finish task. A task carries one step, or all of a stage's
-starts (or stops) on one host (``batches``): one message and two catalogue transactions for the
-lot, each step still its own row with its own state, and the task's arguments name every step
-and job it carries. ``Dispatch`` is the interface the control
-plane uses; ``workers.inline.InlineDispatch`` is its in-process twin for unit tests.
+joins with a chord). Each task goes to the queue of the host it touches. A stage's chord calls
+back ``advance`` (``orchestrator.control``), which sends the next stage from the catalogue, and
+the last stage's calls back the operation's finish: each message carries its own step(s) and that
+one small callback, never the rest of the chain (a chain sent whole puts every later stage into
+each message of the first: a 1000-job operation's first 1000 messages would hold 1000 steps
+each). A task carries one step, or all of a stage's starts (or stops) on one host
+(``batches``): one message and two catalogue transactions for the lot, each step still its own
+row with its own state, and the task's arguments name every step and job it carries.
+``Dispatch`` is the interface the control plane uses; ``workers.inline.InlineDispatch`` is its
+in-process twin for unit tests.
 
 Celery is imported by ``CeleryDispatch`` as it sends, not with this module: what only reads the
 catalogue (``orchestrator hosts list``, ``jobs list``) never loads it.
@@ -85,12 +89,13 @@ class SendFailed(Exception):
 
 
 class Dispatch(Protocol):
-    def send_operation(self, op_id: int, stages: Sequence[Sequence[Step]], *, env: str,
-                       service: str) -> None:
-        """Send the operation's steps, stage after stage, then its finish."""
+    def send_stage(self, op_id: int, stages: Sequence[Sequence[Step]], index: int, *, env: str,
+                   service: str) -> None:
+        """Send the operation's stage ``index`` (of ``stages``, all of them) and, to run once
+        it succeeded, the advance to the next stage, or after the last the operation's finish."""
 
     def send_finish(self, op_id: int, *, env: str, service: str, host: str | None) -> None:
-        """Ask for the operation to be finished (the chain stops at a failed step), on the
+        """Ask for the operation to be finished (no stage follows a failed one), on the
         queue of ``host`` (the control queue when None). Both raise SendFailed when nothing
         could be sent."""
 
@@ -109,19 +114,19 @@ class CeleryDispatch:
     def __init__(self, app: Celery) -> None:
         self.app = app
 
-    def send_operation(self, op_id: int, stages: Sequence[Sequence[Step]], *, env: str,
-                       service: str) -> None:
+    def send_stage(self, op_id: int, stages: Sequence[Sequence[Step]], index: int, *, env: str,
+                   service: str) -> None:
         from celery import chain, group
 
         home = _home_queue(stages)
-        parts: list[Signature] = []
-        for stage in stages:
-            sigs = [self._steps(batch, env=env, service=service,
-                                queue=names.host_queue(batch[0].host) if batch[0].host else home)
-                    for batch in batches(stage)]
-            parts.append(sigs[0] if len(sigs) == 1 else group(sigs))
-        parts.append(self._finish(op_id, env=env, service=service, queue=home))
-        _send(chain(*parts), self.app)
+        sigs = [self._steps(batch, env=env, service=service,
+                            queue=names.host_queue(batch[0].host) if batch[0].host else home)
+                for batch in batches(stages[index])]
+        labels = {"env": env, "service": service}
+        then = (self.app.signature(names.TASK_ADVANCE, kwargs={"op_id": op_id, "stage": index + 1, **labels},
+                                   queue=home, immutable=True)
+                if index + 1 < len(stages) else self._finish(op_id, env=env, service=service, queue=home))
+        _send(chain(sigs[0] if len(sigs) == 1 else group(sigs), then), self.app)
 
     def send_finish(self, op_id: int, *, env: str, service: str, host: str | None) -> None:
         queue = names.host_queue(host) if host else names.CONTROL_QUEUE

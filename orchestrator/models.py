@@ -343,7 +343,9 @@ class Operation(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
     claimed_at: datetime | None = None  # it became its service's active operation
     started_at: datetime | None = None
-    sent_at: datetime | None = None  # its steps reached the broker
+    sent_at: datetime | None = None  # its first stage reached the broker
+    # The last stage sent (each next one is sent when the one before succeeded: ``advance``).
+    sent_stage: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     finished_at: datetime | None = None
     # What its environment's log has: 0 nothing, 1 its start, 2 its end too. A default in the
     # table as well: a writer that does not know the column (an older process) still inserts.

@@ -30,6 +30,7 @@ TASK_BUILD = "orchestrator.step.build"
 TASK_DELETE_VOLUME = "orchestrator.step.delete_volume"
 TASK_RUN_ONCE = "orchestrator.step.run_once"
 TASK_EXEC = "orchestrator.step.exec"
+TASK_ADVANCE = "orchestrator.op.advance"  # sends an operation's next stage
 TASK_FINISH = "orchestrator.op.finish"
 
 # The public task API on the control queue (send_task by other services): keep these stable.

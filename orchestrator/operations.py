@@ -1,5 +1,6 @@
-"""Operations from claim to end: claim the service, apply the spec changes, plan, record, send;
-and, when the steps are done, finish: end the operation, free the service, start the next.
+"""Operations from claim to end: claim the service, apply the spec changes, plan, record, send
+the first stage; advance, stage after stage; and, when the steps are done, finish: end the
+operation, free the service, start the next.
 
 Requests (``orchestrator.requests``) record operations and call ``start_next``; the finish task
 (``orchestrator.control``) and the fleet watcher call ``finish``.
@@ -93,13 +94,37 @@ def _start(p: Platform, op: Operation) -> bool:
     if not stages:
         return False
     try:
-        p.dispatch.send_operation(op_id, stages, env=env_name, service=svc_name)
+        p.dispatch.send_stage(op_id, stages, 0, env=env_name, service=svc_name)
     except SendFailed as exc:  # nothing ran: say so and free the service
         abandon(p, op_id, f"could not send the operation to the broker: {exc}", start=False)
         return False
     with p.session() as s:
         catalogue.mark_sent(session=s, op_id=op_id)
         s.commit()
+    return True
+
+
+def advance(p: Platform, op_id: int, stage: int, *, env: str, service: str) -> bool:
+    """Send stage ``stage`` of a running operation, its stages before it all succeeded (their
+    chord calls this back through the advance task). False when there is nothing to send: the
+    operation ended or was cancelled meanwhile, another call sent that stage (a redelivered
+    advance), or a step before it did not succeed. Raises SendFailed (the stage can be asked
+    for again) when the broker could not be reached."""
+    with p.session() as s:
+        steps = catalogue.steps_of(session=s, op_id=op_id)
+        if any(st.stage < stage and st.state != StepState.succeeded for st in steps):
+            return False
+        if not catalogue.claim_stage(session=s, op_id=op_id, stage=stage):
+            return False
+        s.commit()
+    stages = [[st for st in steps if st.stage == n] for n in sorted({st.stage for st in steps})]
+    try:
+        p.dispatch.send_stage(op_id, stages, stage, env=env, service=service)
+    except SendFailed:
+        with p.session() as s:
+            catalogue.unclaim_stage(session=s, op_id=op_id, stage=stage)
+            s.commit()
+        raise
     return True
 
 

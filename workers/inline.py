@@ -1,7 +1,8 @@
 """``Dispatch``'s in-process twin, for unit tests of operations, the fleet and the tasks (as
 dramatiq's StubBroker is for its actors): what the control plane sends waits in ``sent`` until
-``run_all`` runs it in this thread, stage after stage, through the same step bodies a node runs
-(``workers.tasks.run_step``), on the nodes it was given.
+``run_all`` runs it in this thread, a stage per message, through the same step bodies a node runs
+(``workers.tasks.run_step``), on the nodes it was given; a stage that succeeded calls the same
+advance a node does (``operations.advance``), which sends the next.
 
 A step whose host has no node here is never run, like a message on a dead node's queue: its
 chain stops there. Overlap waits end at once.
@@ -33,10 +34,14 @@ class SentStep(NamedTuple):
 
 @dataclass
 class SentChain:
+    """A stage sent (the first of ``stages``: catalogue stage ``first``), with the stages after
+    it, which the advance sends one by one once it succeeded (a test may run them by hand)."""
+
     op_id: int
     stages: list[list[SentStep]]
     env: str
     service: str
+    first: int = 0
 
 
 @dataclass
@@ -55,10 +60,10 @@ class InlineDispatch:
         self.nodes[node.host] = node
         self.platform = node.platform
 
-    def send_operation(self, op_id: int, stages: Sequence[Sequence[Step]], *, env: str,
-                       service: str) -> None:
+    def send_stage(self, op_id: int, stages: Sequence[Sequence[Step]], index: int, *, env: str,
+                   service: str) -> None:
         self.sent.append(SentChain(op_id, [[SentStep(s.id or 0, s.action, s.host) for s in stage]
-                                           for stage in stages], env, service))
+                                           for stage in stages[index:]], env, service, index))
 
     def send_finish(self, op_id: int, *, env: str, service: str, host: str | None) -> None:
         self.sent.append(SentFinish(op_id))
@@ -73,28 +78,32 @@ class InlineDispatch:
         while self.sent and count < limit:
             message = self.sent.pop(0)
             count += 1
-            if isinstance(message, SentFinish) or self._run_chain(message):
+            if isinstance(message, SentFinish):
                 self._finish(message.op_id)
+            elif self._run_stage(message):  # what its chord calls back: the advance, or the finish
+                if len(message.stages) > 1:
+                    assert self.platform is not None, "add a node first"
+                    operations.advance(self.platform, message.op_id, message.first + 1, env=message.env,
+                                       service=message.service)
+                else:
+                    self._finish(message.op_id)
         return count
 
-    def _run_chain(self, chain: SentChain) -> bool:
-        """True when every stage ran and succeeded (the chain goes on to its finish)."""
+    def _run_stage(self, chain: SentChain) -> bool:
+        """Run the chain's first stage; True when every step of it ran and succeeded."""
         home = next((host for stage in chain.stages for _, _, host in stage if host), None)
-        for stage in chain.stages:
-            complete = True  # the stage's tasks run side by side; the next waits for all of them
-            for batch in batches(stage):  # as CeleryDispatch sends them: a task per batch
-                node = self.nodes.get(batch[0].host or home or "")
-                if node is None:
-                    complete = False  # queued on a host no node serves: it never runs
-                    continue
-                try:
-                    run_steps(node, [s.id for s in batch], WORK_OF[batch[0].action], env=chain.env,
-                              service=chain.service)
-                except StepFailed:
-                    complete = False  # its finish was sent; the chain stops after this stage
-            if not complete:
-                return False
-        return True
+        complete = True  # the stage's tasks run side by side; what follows waits for all of them
+        for batch in batches(chain.stages[0]):  # as CeleryDispatch sends them: a task per batch
+            node = self.nodes.get(batch[0].host or home or "")
+            if node is None:
+                complete = False  # queued on a host no node serves: it never runs
+                continue
+            try:
+                run_steps(node, [s.id for s in batch], WORK_OF[batch[0].action], env=chain.env,
+                          service=chain.service)
+            except StepFailed:
+                complete = False  # its finish was sent; no stage follows
+        return complete
 
     def _finish(self, op_id: int) -> None:
         assert self.platform is not None, "add a node first"

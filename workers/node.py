@@ -5,8 +5,9 @@ What runs where, explicitly:
 - a node runs its host's steps (``workers.tasks``) and its heartbeat (``workers.heartbeat``);
 - the control worker runs the task API (``orchestrator.control``);
 - both also host control-plane work, so an operation ends and a dead host is noticed while any
-  platform process lives: the operations' finish task (``orchestrator.control.register_finish``;
-  a chain's finish goes to the node of its first host) and the fleet watcher (``watcher``).
+  platform process lives: the operations' advance and finish tasks
+  (``orchestrator.control.register_operation_tasks``; they go to the node of the operation's
+  first host) and the fleet watcher (``watcher``).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def serve_host(app: Celery, node: NodeContext) -> list[Periodic]:
     """Register a node's tasks on ``app`` and send its first heartbeat; returns its loops
     (heartbeat, fleet watcher, the platform's events to the environments' logs), not started."""
     tasks.register(app, node)
-    control.register_finish(app, node.platform)
+    control.register_operation_tasks(app, node.platform)
     serve_metrics(node)
     heartbeat = NodeHeartbeat(node)
     heartbeat.beat()  # the host is up (if its Docker answers) before the node takes steps
@@ -82,7 +83,7 @@ def run_node(platform: Platform, host_name: str, *, concurrency: int, loglevel: 
 def run_control(platform: Platform, *, concurrency: int, loglevel: str) -> None:
     """Run the control worker (queue ``orchestrator``) until stopped (blocks)."""
     control.register_api(platform.app, platform)
-    control.register_finish(platform.app, platform)
+    control.register_operation_tasks(platform.app, platform)
     work(platform.app, [names.CONTROL_QUEUE], f"control@{socket.gethostname()}", concurrency,
           loglevel, [Watcher(platform).periodic(), EventLog(platform).periodic()])
 

@@ -216,7 +216,7 @@ def run_sim(platform: Platform, options: SimOptions, *, concurrency: int, loglev
     fleet = SimFleet(platform, options)
     register_hosts(platform, fleet.nodes)
     tasks.register_for(platform.app, fleet.node_of)
-    control.register_finish(platform.app, platform)
+    control.register_operation_tasks(platform.app, platform)
     fleet.beat_all()
 
     def ready(**_: Any) -> None:

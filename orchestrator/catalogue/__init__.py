@@ -53,6 +53,7 @@ from orchestrator.catalogue.operations import (
     begin_operation,
     begin_step,
     claim_next_operation,
+    claim_stage,
     end_operation,
     end_step,
     get_operation,
@@ -65,6 +66,7 @@ from orchestrator.catalogue.operations import (
     skip_pending_steps,
     steps_of,
     take_over_step,
+    unclaim_stage,
 )
 from orchestrator.catalogue.routing import (
     add_site,
@@ -119,6 +121,7 @@ __all__ = [
     "begin_operation",
     "begin_step",
     "claim_next_operation",
+    "claim_stage",
     "create_env",
     "create_token",
     "dashboard",
@@ -183,6 +186,7 @@ __all__ = [
     "steps_of",
     "store_source",
     "take_over_step",
+    "unclaim_stage",
     "unfinished_operations",
     "unlogged_operations",
     "unset_variables",

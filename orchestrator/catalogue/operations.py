@@ -91,6 +91,22 @@ def mark_sent(*, session: Session, op_id: int) -> None:
     session.exec(update(Operation).where(col(Operation.id) == op_id).values(sent_at=utcnow()))
 
 
+def claim_stage(*, session: Session, op_id: int, stage: int) -> bool:
+    """Stage ``stage`` of a running operation is to be sent by this caller: False when the
+    operation ended (or was cancelled) or another caller sent that stage (a redelivered advance)."""
+    return session.exec(
+        update(Operation).where(col(Operation.id) == op_id, col(Operation.state) == OpState.running,
+                                col(Operation.sent_stage) < stage)
+        .values(sent_stage=stage).execution_options(synchronize_session=False)
+    ).rowcount == 1
+
+
+def unclaim_stage(*, session: Session, op_id: int, stage: int) -> None:
+    """Stage ``stage`` could not be sent after all: whoever asks again may."""
+    session.exec(update(Operation).where(col(Operation.id) == op_id, col(Operation.sent_stage) == stage)
+                 .values(sent_stage=stage - 1).execution_options(synchronize_session=False))
+
+
 def get_operation(*, session: Session, op_id: int, for_update: bool = False) -> Operation:
     """The operation; with ``for_update``, its row is locked until the transaction ends
     (PostgreSQL; SQLite's writer holds the whole file already), so one process ends it."""

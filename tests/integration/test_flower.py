@@ -120,7 +120,7 @@ def test_a_redeploy_is_followed_in_flower(flower: str, cli: Cli, env_name: str, 
     # Each start and stop names the job it serves, as ops show does: the host's two starts are
     # one task (a batch), and so are its two stops.
     jobs = {s["job"] for s in op["steps"] if s["action"] in ("start", "stop")}
-    steps = [t for t in tasks if t["name"] != "orchestrator.op.finish"]
+    steps = [t for t in tasks if t["name"].startswith("orchestrator.step.")]
     assert {job for t in steps for job in jobs_of(t["kwargs"])} - {None} == jobs
     batched = sorted(t["name"] for t in steps if "step_ids" in t["kwargs"])
     assert batched == ["orchestrator.step.start_job", "orchestrator.step.stop_job"], steps
@@ -130,4 +130,8 @@ def test_a_redeploy_is_followed_in_flower(flower: str, cli: Cli, env_name: str, 
             assert len(task["kwargs"]["step_ids"]) == len(task["kwargs"]["jobs"]) == 2, task
             assert {action_of[j] for j in task["kwargs"]["jobs"]} == \
                 {"start" if task["name"].endswith("start_job") else "stop"}, task
-
+    # Between two stages, the advance that sent the next one (a message carries its own steps,
+    # never the stages after them); each stage once.
+    advances = sorted(t["kwargs"]["stage"] for t in tasks
+                      if t["name"] == "orchestrator.op.advance" and t["state"] == "SUCCESS")
+    assert advances == list(range(1, 1 + max(s["stage"] for s in op["steps"]))), tasks

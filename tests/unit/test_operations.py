@@ -7,7 +7,11 @@ import itertools
 from collections import Counter
 from collections.abc import Sequence
 
-from orchestrator import catalogue, requests
+import pytest
+from sqlalchemy import update
+from sqlmodel import col
+
+from orchestrator import catalogue, operations, requests
 from orchestrator.dispatch import SendFailed
 from orchestrator.models import (
     Job,
@@ -25,6 +29,7 @@ from orchestrator.models import (
 )
 from orchestrator.models import Step as StepRow
 from tests.unit.world import CRASHING, ENV, IMAGE, IMAGE_2, World
+from workers.inline import SentChain
 
 
 def ids(jobs: Sequence[Job]) -> set[str]:
@@ -336,8 +341,8 @@ def test_a_failed_worker_operation_puts_the_worker_target_back(world: World) -> 
 class BrokerDown:
     """A Dispatch whose broker cannot be reached."""
 
-    def send_operation(self, op_id: int, stages: Sequence[Sequence[StepRow]], *, env: str,
-                       service: str) -> None:
+    def send_stage(self, op_id: int, stages: Sequence[Sequence[StepRow]], index: int, *, env: str,
+                   service: str) -> None:
         raise SendFailed("connection refused")
 
     def send_finish(self, op_id: int, *, env: str, service: str, host: str | None) -> None:
@@ -394,3 +399,67 @@ def test_typed_parameters_round_trip_through_the_catalogue(world: World) -> None
         op = world.operation(op_id or 0)
         assert op.parameters == params
         assert op.params == params.model_dump(mode="json", exclude_none=True)  # plain JSON in the row
+
+
+# --- a stage at a time: the advance ---------------------------------------------------------------
+
+
+def a_redeploy_after_its_first_stage(world: World) -> tuple[int, int]:
+    """A redeploy of 2 jobs whose first stage ran (by hand, its chord's callback not run):
+    (its operation, how many stages it has)."""
+    world.code_service("web", scale=2)
+    op = requests.request_redeploy(world.platform, env=ENV, service="web")
+    chain = world.take_chain(op.id or 0)
+    assert chain.first == 0 and len(chain.stages) >= 2
+    world.run_stages(chain, 1)
+    return op.id or 0, len(chain.stages)
+
+
+def sent_stages(world: World, op_id: int) -> list[int]:
+    return [m.first for m in world.dispatch.sent if isinstance(m, SentChain) and m.op_id == op_id]
+
+
+def test_the_advance_sends_the_next_stage_once(world: World) -> None:
+    op_id, stages = a_redeploy_after_its_first_stage(world)
+    p = world.platform
+    assert operations.advance(p, op_id, 1, env=ENV, service="web")
+    assert sent_stages(world, op_id) == [1]
+    # A redelivered advance (its node died before acknowledging it) sends nothing again.
+    assert not operations.advance(p, op_id, 1, env=ENV, service="web")
+    assert sent_stages(world, op_id) == [1]
+    world.run_all()  # each stage's advance, then the finish
+    assert world.operation(op_id).state == OpState.succeeded
+    assert world.operation(op_id).sent_stage == stages - 1
+    assert_runtimes_match_catalogue(world, "web")
+
+
+def test_the_advance_sends_nothing_after_a_step_that_did_not_succeed(world: World) -> None:
+    op_id, _ = a_redeploy_after_its_first_stage(world)
+    (first, *_rest) = [st for st in world.steps(op_id) if st.stage == 0]
+    with world.platform.session() as s:  # e.g. the watcher failed it as its lease ran out
+        s.exec(update(StepRow).where(col(StepRow.id) == first.id).values(state=StepState.failed))
+        s.commit()
+    assert not operations.advance(world.platform, op_id, 1, env=ENV, service="web")
+    assert sent_stages(world, op_id) == []
+    assert {st.state for st in world.steps(op_id) if st.stage >= 1} == {StepState.pending}
+
+
+def test_the_advance_sends_nothing_for_a_cancelled_operation(world: World) -> None:
+    op_id, _ = a_redeploy_after_its_first_stage(world)
+    operations.cancel(world.platform, op_id)
+    assert not operations.advance(world.platform, op_id, 1, env=ENV, service="web")
+    assert sent_stages(world, op_id) == []
+    assert world.operation(op_id).state == OpState.cancelled
+
+
+def test_an_advance_that_could_not_reach_the_broker_can_be_asked_again(world: World) -> None:
+    op_id, _ = a_redeploy_after_its_first_stage(world)
+    inline = world.platform.dispatch
+    world.platform.dispatch = BrokerDown()
+    with pytest.raises(SendFailed):
+        operations.advance(world.platform, op_id, 1, env=ENV, service="web")
+    world.platform.dispatch = inline
+    assert world.operation(op_id).sent_stage == 0  # not sent: the retry may send it
+    assert operations.advance(world.platform, op_id, 1, env=ENV, service="web")
+    world.run_all()
+    assert world.operation(op_id).state == OpState.succeeded

@@ -331,7 +331,8 @@ def route_stages(world: World, op_id: int) -> list[tuple[int, RouteState | None,
 def rest(world: World, chain: SentChain, done: int) -> None:
     """Send the stages of ``chain`` after the first ``done`` (run by hand), and run them to the
     operation's end."""
-    world.dispatch.sent.append(SentChain(chain.op_id, chain.stages[done:], chain.env, chain.service))
+    world.dispatch.sent.append(SentChain(chain.op_id, chain.stages[done:], chain.env, chain.service,
+                                          chain.first + done))
     world.run_all()
 
 

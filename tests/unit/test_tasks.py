@@ -3,15 +3,18 @@ stops that find nothing, and jobs whose port is held by a program outside the pl
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from celery import Celery
 from sqlmodel import select
 
 from orchestrator import catalogue, monitoring, operations, requests
+from orchestrator import dispatch as dispatch_module
 from orchestrator.dispatch import MAX_BATCH, CeleryDispatch, batches, step_task_id
 from orchestrator.models import JobState, OpState, ServiceType, Step, StepAction, StepState
 from tests.unit.world import ENV, LOG_IMAGE, PORT_MIN, World
@@ -313,6 +316,37 @@ def test_a_batch_signature_names_every_step_and_job_and_takes_its_first_steps_ta
     assert batch.kwargs == {"op": 4, "env": "e", "service": "s", "host": "h1", "step_ids": [8, 9], "jobs": ["j8", "j9"]}
     (one,) = [dispatch._steps(steps[:1], env="e", service="s", queue="host.h1")]
     assert one.kwargs == {"op": 4, "env": "e", "service": "s", "host": "h1", "step_id": 8, "job": "j8"}
+
+
+def test_a_stage_is_sent_with_a_small_callback_never_with_the_stages_after_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chain sent whole puts every later stage into each message of the first (a 200-host
+    operation's first 200 messages held 200 steps each, 94 KB; now 1.6 KB): a message holds its
+    own steps and the callback, the advance to the next stage (or, after the last, the finish)."""
+    sent: list[Any] = []
+    monkeypatch.setattr(dispatch_module, "_send", lambda canvas, _app: sent.append(canvas))
+    hosts = 200
+    starts = [Step(id=i + 1, op_id=4, stage=0, action=StepAction.start, host=f"h{i}", job_id=f"n{i}", name="x")
+              for i in range(hosts)]
+    wait = [Step(id=1000, op_id=4, stage=1, action=StepAction.wait, host="h0", name="wait")]
+    stops = [Step(id=2000 + i, op_id=4, stage=2, action=StepAction.stop, host=f"h{i}", job_id=f"o{i}", name="x")
+             for i in range(hosts)]
+    stages = [starts, wait, stops]
+    celery = CeleryDispatch(Celery(set_as_current=False))
+    for index in range(3):
+        celery.send_stage(4, stages, index, env="e", service="s")
+    first, middle, last = sent  # a chord (a group, then its callback); a chain of one task and its callback
+    callback = first.body
+    assert [sig.kwargs["step_id"] for sig in first.tasks] == [s.id for s in starts]
+    assert (callback.task, callback.kwargs) == ("orchestrator.op.advance",
+                                                {"op_id": 4, "stage": 1, "env": "e", "service": "s"})
+    assert callback.options["queue"] == "host.h0"  # the node of the first host, as the finish
+    encoded = json.dumps(first)  # what goes to the broker, each header message with the callback
+    assert not any(f'"o{i}"' in encoded for i in range(hosts))  # no stop of the last stage in it
+    assert len(encoded) < hosts * 500
+    assert [sig.kwargs.get("step_id") for sig in middle.tasks] == [1000, None]
+    assert middle.tasks[1].kwargs["stage"] == 2
+    assert last.body.task == "orchestrator.op.finish"
 
 
 def a_hosts_starts(world: World) -> tuple[int, str, list[Step]]:

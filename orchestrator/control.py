@@ -18,7 +18,6 @@ from celery import Celery, Task
 from sqlalchemy.exc import SQLAlchemyError
 
 from orchestrator import operations, requests, who
-from orchestrator.dispatch import SendFailed
 from orchestrator.errors import BadInput
 from orchestrator.names import (
     TASK_ADVANCE,
@@ -29,6 +28,8 @@ from orchestrator.names import (
     TASK_FINISH,
 )
 from orchestrator.platform import Platform
+
+ADVANCE_RETRIES = 20  # asks of an advance whose stage before has not ended; then the watcher's
 
 
 class InvalidRequest(Exception):
@@ -44,8 +45,10 @@ def register_operation_tasks(app: Celery, platform: Platform) -> None:
                 **_labels: Any) -> dict[str, Any]:
         try:
             sent = operations.advance(platform, op_id, stage, env=env, service=service)
-        except (SQLAlchemyError, SendFailed):  # the catalogue or the broker failed for a while
+        except SQLAlchemyError:  # the catalogue failed for a while: ask again (the watcher would too)
             raise self.retry(countdown=1.0) from None
+        if sent is None:  # a step before it has not ended yet (its end is being written): soon
+            raise self.retry(countdown=0.5, max_retries=ADVANCE_RETRIES)
         return {"op": op_id, "stage": stage, "sent": sent}
 
     @app.task(name=TASK_FINISH, shared=False, bind=True, max_retries=None, ignore_result=True)

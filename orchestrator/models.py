@@ -344,8 +344,9 @@ class Operation(SQLModel, table=True):
     claimed_at: datetime | None = None  # it became its service's active operation
     started_at: datetime | None = None
     sent_at: datetime | None = None  # its first stage reached the broker
-    # The last stage sent (each next one is sent when the one before succeeded: ``advance``).
-    sent_stage: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+    # The last stage sent: each next one is sent once the one before succeeded (``advance``).
+    # -1: not planned yet, or (in a catalogue from before) sent whole, as one chain.
+    sent_stage: int = Field(default=-1, sa_column_kwargs={"server_default": "-1"})
     finished_at: datetime | None = None
     # What its environment's log has: 0 nothing, 1 its start, 2 its end too. A default in the
     # table as well: a writer that does not know the column (an older process) still inserts.

@@ -8,6 +8,7 @@ Requests (``orchestrator.requests``) record operations and call ``start_next``; 
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -45,6 +46,8 @@ from orchestrator.placement import HostLoad
 from orchestrator.platform import Platform
 from orchestrator.service_types import profile
 
+log = logging.getLogger(__name__)
+
 # --- start: claim, change the spec, plan, record, send ---------------------------------------------
 
 
@@ -77,6 +80,7 @@ def _start(p: Platform, op: Operation) -> bool:
             running.parameters = _apply_changes(s, running.parameters, op.kind, svc)
             plan = _plan(p, s, op, svc, env)
             stages = _record_plan(s, op, svc, plan)
+            running.sent_stage = 0  # sent a stage at a time, the first now (before its advance can come)
             if not stages:
                 running.state = OpState.succeeded
                 running.finished_at = utcnow()
@@ -104,27 +108,33 @@ def _start(p: Platform, op: Operation) -> bool:
     return True
 
 
-def advance(p: Platform, op_id: int, stage: int, *, env: str, service: str) -> bool:
-    """Send stage ``stage`` of a running operation, its stages before it all succeeded (their
-    chord calls this back through the advance task). False when there is nothing to send: the
-    operation ended or was cancelled meanwhile, another call sent that stage (a redelivered
-    advance), or a step before it did not succeed. Raises SendFailed (the stage can be asked
-    for again) when the broker could not be reached."""
+def advance(p: Platform, op_id: int, stage: int, *, env: str, service: str) -> bool | None:
+    """Send stage ``stage`` of a running operation once every step before it succeeded: its
+    chord calls this back (the advance task), and the fleet watcher does when that callback was
+    lost. Each stage is sent once (``catalogue.claim_stage``). False when nothing is to be sent:
+    the operation ended or was cancelled, the stage was sent already (a redelivered advance), or
+    a step of the operation failed (it is ending: no later stage runs, e.g. no stop of old jobs
+    after a failed start). None when a step before it has not ended yet: ask again.
+
+    A broker that cannot be reached leaves the stage claimed and unsent (False): part of it may
+    have gone out, and sending it again could run a step twice; the watcher fails its steps as
+    never picked up, which ends the operation."""
     with p.session() as s:
         steps = catalogue.steps_of(session=s, op_id=op_id)
-        if any(st.stage < stage and st.state != StepState.succeeded for st in steps):
+        if any(st.state in (StepState.failed, StepState.skipped) for st in steps):
             return False
+        if any(st.stage < stage and st.state != StepState.succeeded for st in steps):
+            return None
         if not catalogue.claim_stage(session=s, op_id=op_id, stage=stage):
             return False
         s.commit()
-    stages = [[st for st in steps if st.stage == n] for n in sorted({st.stage for st in steps})]
+    stages = [[st for st in steps if st.stage == n] for n in range(max(st.stage for st in steps) + 1)]
     try:
         p.dispatch.send_stage(op_id, stages, stage, env=env, service=service)
-    except SendFailed:
-        with p.session() as s:
-            catalogue.unclaim_stage(session=s, op_id=op_id, stage=stage)
-            s.commit()
-        raise
+    except SendFailed as exc:
+        log.warning("operation %s: stage %s could not be sent (%s); its steps will be failed as never "
+                    "picked up", op_id, stage, exc)
+        return False
     return True
 
 
@@ -407,10 +417,12 @@ def _route_name(service: str, r: planner.Route) -> str:
 # --- finish -------------------------------------------------------------------------------------
 
 
-def unfinished_steps(steps: Sequence[Step], failed_stage: int) -> list[Step]:
-    """Steps that were sent (stage up to the failed one) and have not ended yet."""
-    return [st for st in steps if st.stage <= failed_stage
-            and st.state in (StepState.pending, StepState.running)]
+def unfinished_steps(steps: Sequence[Step], failed_stage: int, sent_stage: int = -1) -> list[Step]:
+    """Steps that were sent and have not ended yet: of the stages up to the failed one (no stage
+    after it is sent), and up to the last stage sent (``sent_stage``; -1: an operation an older
+    version sent whole, as one chain)."""
+    last = failed_stage if sent_stage < 0 else min(failed_stage, sent_stage)
+    return [st for st in steps if st.stage <= last and st.state in (StepState.pending, StepState.running)]
 
 
 def finish(p: Platform, op_id: int) -> bool | None:
@@ -425,7 +437,7 @@ def finish(p: Platform, op_id: int) -> bool | None:
         steps = catalogue.steps_of(session=s, op_id=op_id)
         failed = [st for st in steps if st.state == StepState.failed]
         # The chain stops at the first failed stage: later stages were never sent.
-        if failed and unfinished_steps(steps, min(st.stage for st in failed)):
+        if failed and unfinished_steps(steps, min(st.stage for st in failed), op.sent_stage):
             return None
         error = None
         if failed:

@@ -3,7 +3,8 @@
 - marks hosts whose heartbeats stopped down (their jobs are lost and recovered elsewhere),
 - fails steps whose lease ran out (their node died or hangs) and steps on down hosts,
 - ends what no process will: an operation claimed or planned but never sent, a step whose
-  message never reached its node, a finish that was lost; and starts operations left queued,
+  message never reached its node, a finish that was lost; sends a stage whose advance was lost
+  (its message, or the node of the operation's first host); and starts operations left queued,
 - heals services whose jobs died outside an operation, with a back-off.
 
 It runs in the control worker and in every node (``workers.node``), so the fleet is watched while
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 
 SLOW_WRITE = 1.0  # seconds to get the catalogue's write lock that mean "the catalogue stalls"
 MAX_HEAL_ATTEMPTS = 5  # heals in a row before the platform gives up on a service
+LOST_ADVANCE_AFTER = 5.0  # seconds a stage ended with the next one unsent: its advance was lost
 
 
 class Stalled(Exception):
@@ -168,13 +170,17 @@ def end_orphans(p: Platform, pass_started: float) -> None:
             col(Operation.started_at) < cutoff)))
         claimed = list(s.exec(select(Operation).join(Service, col(Service.active_op_id) == col(Operation.id))
                               .where(Operation.state == OpState.queued, col(Operation.claimed_at) < cutoff)))
-        lost_steps = _never_picked_up(s, now - timedelta(seconds=settings.pickup_timeout))
+        lost_steps, late_stages = _never_picked_up(s, now - timedelta(seconds=settings.pickup_timeout),
+                                                   now - timedelta(seconds=LOST_ADVANCE_AFTER))
         for step in lost_steps:
             if catalogue.end_step(session=s, step_id=step.id or 0, state=StepState.failed,
                                   before=(StepState.pending,),
                                   error=f"never picked up by the node of host {step.host} within "
                                         f"{settings.pickup_timeout:g}s: its message was lost"):
                 _heal_later(s, step.op_id)
+                if step.action in (StepAction.start, StepAction.start_proxy) and step.job_id:
+                    catalogue.set_job_state(session=s, job_id=step.job_id, state=JobState.failed,
+                                            error="never started: its step's message was lost")
         s.commit()
     for op in unsent:
         operations.abandon(p, op.id or 0, "interrupted before its steps reached the broker (the process "
@@ -183,6 +189,10 @@ def end_orphans(p: Platform, pass_started: float) -> None:
         operations.resume(p, op)
     for op_id in sorted({st.op_id for st in lost_steps}):
         operations.finish(p, op_id)
+    for op_id, stage, env, service in late_stages:
+        log.warning("operation %s: no advance sent stage %s (lost with its message or its node): "
+                    "sending it now", op_id, stage)
+        operations.advance(p, op_id, stage, env=env, service=service)
     finish_forgotten(p)
 
 
@@ -193,25 +203,37 @@ def _heal_later(s: Session, op_id: int) -> None:
         catalogue.want_heal(session=s, service_id=op.service_id)
 
 
-def _never_picked_up(s: Session, cutoff: datetime) -> list[Step]:
+def _never_picked_up(s: Session, cutoff: datetime,
+                     advance_cutoff: datetime) -> tuple[list[Step], list[tuple[int, int, str, str]]]:
     """Pending steps of running operations whose turn came before ``cutoff``: their stage was
-    sent (the first) or the stage before it ended, and no node began them since."""
-    found = []
+    sent (the first, or the next by its advance once the stage before it ended) and no node began
+    them since; and the stages whose turn came before ``advance_cutoff`` that no advance sent
+    (its message or its node was lost): (operation, stage, environment, service) to send now."""
+    found: list[Step] = []
+    unsent: list[tuple[int, int, str, str]] = []
     for op in s.exec(select(Operation).where(Operation.state == OpState.running,
                                              col(Operation.sent_at).is_not(None))):
         steps = catalogue.steps_of(session=s, op_id=op.id or 0)
+        if any(st.state == StepState.failed for st in steps):
+            continue  # it is ending: no stage is sent after a failed step (finish_forgotten ends it)
         turn_came = op.sent_at
         for stage in sorted({st.stage for st in steps}):
             mine = [st for st in steps if st.stage == stage]
             if any(st.state == StepState.pending for st in mine):
-                if turn_came is not None and turn_came < cutoff:
+                if turn_came is None:
+                    break
+                if 0 <= op.sent_stage < stage:  # not sent yet: its advance is late, or lost
+                    if turn_came < advance_cutoff:
+                        env, svc = s.get(Environment, op.env_id), s.get(Service, op.service_id)
+                        unsent.append((op.id or 0, stage, env.name if env else "", svc.name if svc else ""))
+                elif turn_came < cutoff:
                     found += [st for st in mine if st.state == StepState.pending]
                 break
             if any(st.state != StepState.succeeded for st in mine):
                 break
             ends = [st.finished_at for st in mine if st.finished_at is not None]
             turn_came = max(ends) if ends else None
-    return found
+    return found, unsent
 
 
 def finish_forgotten(p: Platform, *, grace: float = 10.0) -> None:

@@ -66,7 +66,6 @@ from orchestrator.catalogue.operations import (
     skip_pending_steps,
     steps_of,
     take_over_step,
-    unclaim_stage,
 )
 from orchestrator.catalogue.routing import (
     add_site,
@@ -186,7 +185,6 @@ __all__ = [
     "steps_of",
     "store_source",
     "take_over_step",
-    "unclaim_stage",
     "unfinished_operations",
     "unlogged_operations",
     "unset_variables",

@@ -92,19 +92,14 @@ def mark_sent(*, session: Session, op_id: int) -> None:
 
 
 def claim_stage(*, session: Session, op_id: int, stage: int) -> bool:
-    """Stage ``stage`` of a running operation is to be sent by this caller: False when the
-    operation ended (or was cancelled) or another caller sent that stage (a redelivered advance)."""
+    """Stage ``stage`` of a running operation sent a stage at a time is to be sent by this caller:
+    False when the operation ended (or was cancelled), was sent whole, or another caller sent that
+    stage (a redelivered advance, or the watcher's)."""
     return session.exec(
         update(Operation).where(col(Operation.id) == op_id, col(Operation.state) == OpState.running,
-                                col(Operation.sent_stage) < stage)
+                                col(Operation.sent_stage) >= 0, col(Operation.sent_stage) < stage)
         .values(sent_stage=stage).execution_options(synchronize_session=False)
     ).rowcount == 1
-
-
-def unclaim_stage(*, session: Session, op_id: int, stage: int) -> None:
-    """Stage ``stage`` could not be sent after all: whoever asks again may."""
-    session.exec(update(Operation).where(col(Operation.id) == op_id, col(Operation.sent_stage) == stage)
-                 .values(sent_stage=stage - 1).execution_options(synchronize_session=False))
 
 
 def get_operation(*, session: Session, op_id: int, for_update: bool = False) -> Operation:

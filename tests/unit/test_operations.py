@@ -6,8 +6,8 @@ from __future__ import annotations
 import itertools
 from collections import Counter
 from collections.abc import Sequence
+from datetime import timedelta
 
-import pytest
 from sqlalchemy import update
 from sqlmodel import col
 
@@ -26,8 +26,10 @@ from orchestrator.models import (
     StepAction,
     StepState,
     WorkerBefore,
+    utcnow,
 )
 from orchestrator.models import Step as StepRow
+from orchestrator.watcher import LOST_ADVANCE_AFTER
 from tests.unit.world import CRASHING, ENV, IMAGE, IMAGE_2, World
 from workers.inline import SentChain
 
@@ -452,14 +454,68 @@ def test_the_advance_sends_nothing_for_a_cancelled_operation(world: World) -> No
     assert world.operation(op_id).state == OpState.cancelled
 
 
-def test_an_advance_that_could_not_reach_the_broker_can_be_asked_again(world: World) -> None:
+def fail_step(world: World, step_id: int | None) -> None:
+    with world.platform.session() as s:  # as the watcher does (a ran-out lease, a host down)
+        s.exec(update(StepRow).where(col(StepRow.id) == step_id).values(state=StepState.failed, error="lost"))
+        s.commit()
+
+
+def test_no_stage_is_sent_after_a_step_of_a_later_one_failed(world: World) -> None:
+    """A host that went down fails its steps of stages not sent yet: the operation is ending, so
+    nothing more is sent (no stop of old jobs), and its finish does not wait for unsent stages."""
+    op_id, stages = a_redeploy_after_its_first_stage(world)
+    last = [st for st in world.steps(op_id) if st.stage == stages - 1]
+    fail_step(world, last[0].id)
+    assert not operations.advance(world.platform, op_id, 1, env=ENV, service="web")
+    assert sent_stages(world, op_id) == []
+    assert operations.finish(world.platform, op_id) is True  # not None: nothing it waits for runs
+    ended = world.operation(op_id)
+    assert ended.state == OpState.failed and ended.error is not None and ended.error.startswith(last[0].name)
+
+
+def test_an_advance_that_could_not_reach_the_broker_leaves_its_stage_to_the_watcher(world: World) -> None:
+    """Part of the stage may have gone out: it is never sent twice (a step would run twice);
+    the watcher fails its steps as never picked up, which ends the operation."""
     op_id, _ = a_redeploy_after_its_first_stage(world)
     inline = world.platform.dispatch
     world.platform.dispatch = BrokerDown()
-    with pytest.raises(SendFailed):
-        operations.advance(world.platform, op_id, 1, env=ENV, service="web")
+    assert not operations.advance(world.platform, op_id, 1, env=ENV, service="web")
     world.platform.dispatch = inline
-    assert world.operation(op_id).sent_stage == 0  # not sent: the retry may send it
-    assert operations.advance(world.platform, op_id, 1, env=ENV, service="web")
+    assert world.operation(op_id).sent_stage == 1
+    assert not operations.advance(world.platform, op_id, 1, env=ENV, service="web")
+    assert sent_stages(world, op_id) == []
+    backdate_stage(world, op_id, 0, world.platform.settings.pickup_timeout + 5)
+    world.watch()
+    world.run_all()
+    ended = world.operation(op_id)
+    assert ended.state == OpState.failed and ended.error is not None and "never picked up" in ended.error
+    # Its jobs never started: they hold nothing. It had stopped the old ones first (no overlap):
+    # the service is healed back to its scale.
+    assert not [j for j in world.jobs("web") if j.op_id == op_id]  # active ones: none of its
+    world.watch()
+    world.run_all()
+    assert len([j for j in world.jobs("web") if j.state == JobState.running]) == 2
+    assert_runtimes_match_catalogue(world, "web")
+
+
+def backdate_stage(world: World, op_id: int, stage: int, seconds: float) -> None:
+    """The steps of ``stage`` ended ``seconds`` ago."""
+    with world.platform.session() as s:
+        s.exec(update(StepRow).where(col(StepRow.op_id) == op_id, col(StepRow.stage) == stage)
+               .values(finished_at=utcnow() - timedelta(seconds=seconds)))
+        s.commit()
+
+
+def test_the_watcher_sends_a_stage_whose_advance_was_lost(world: World) -> None:
+    """The advance runs on the node of the operation's first host: should that node die (or its
+    message be lost) after the stage before ended, the watcher sends the stage, once."""
+    op_id, _ = a_redeploy_after_its_first_stage(world)
+    world.watch()
+    assert sent_stages(world, op_id) == []  # the stage just ended: its advance may be on its way
+    backdate_stage(world, op_id, 0, LOST_ADVANCE_AFTER + 1)
+    world.watch()
+    world.watch()
+    assert sent_stages(world, op_id) == [1]
     world.run_all()
     assert world.operation(op_id).state == OpState.succeeded
+    assert_runtimes_match_catalogue(world, "web")

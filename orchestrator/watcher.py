@@ -214,8 +214,7 @@ def _never_picked_up(s: Session, cutoff: datetime,
     for op in s.exec(select(Operation).where(Operation.state == OpState.running,
                                              col(Operation.sent_at).is_not(None))):
         steps = catalogue.steps_of(session=s, op_id=op.id or 0)
-        if any(st.state == StepState.failed for st in steps):
-            continue  # it is ending: no stage is sent after a failed step (finish_forgotten ends it)
+        ending = any(st.state == StepState.failed for st in steps)  # no stage is sent after a failed step
         turn_came = op.sent_at
         for stage in sorted({st.stage for st in steps}):
             mine = [st for st in steps if st.stage == stage]
@@ -223,7 +222,7 @@ def _never_picked_up(s: Session, cutoff: datetime,
                 if turn_came is None:
                     break
                 if 0 <= op.sent_stage < stage:  # not sent yet: its advance is late, or lost
-                    if turn_came < advance_cutoff:
+                    if turn_came < advance_cutoff and not ending:
                         env, svc = s.get(Environment, op.env_id), s.get(Service, op.service_id)
                         unsent.append((op.id or 0, stage, env.name if env else "", svc.name if svc else ""))
                 elif turn_came < cutoff:

@@ -93,11 +93,14 @@ def mark_sent(*, session: Session, op_id: int) -> None:
 
 def claim_stage(*, session: Session, op_id: int, stage: int) -> bool:
     """Stage ``stage`` of a running operation sent a stage at a time is to be sent by this caller:
-    False when the operation ended (or was cancelled), was sent whole, or another caller sent that
-    stage (a redelivered advance, or the watcher's)."""
+    False when the operation ended (or was cancelled), was sent whole, has a failed (or skipped)
+    step, as seen by this very statement (on PostgreSQL a failure committed since the caller's
+    read counts too), or another caller sent that stage (a redelivered advance, the watcher's)."""
+    failed = select(Step.id).where(col(Step.op_id) == op_id,
+                                   col(Step.state).in_((StepState.failed, StepState.skipped))).exists()
     return session.exec(
         update(Operation).where(col(Operation.id) == op_id, col(Operation.state) == OpState.running,
-                                col(Operation.sent_stage) >= 0, col(Operation.sent_stage) < stage)
+                                col(Operation.sent_stage) >= 0, col(Operation.sent_stage) < stage, ~failed)
         .values(sent_stage=stage).execution_options(synchronize_session=False)
     ).rowcount == 1
 

@@ -441,7 +441,7 @@ def test_the_advance_sends_nothing_after_a_step_that_did_not_succeed(world: Worl
     with world.platform.session() as s:  # e.g. the watcher failed it as its lease ran out
         s.exec(update(StepRow).where(col(StepRow.id) == first.id).values(state=StepState.failed))
         s.commit()
-    assert not operations.advance(world.platform, op_id, 1, env=ENV, service="web")
+    assert operations.advance(world.platform, op_id, 1, env=ENV, service="web") is False  # not None: never
     assert sent_stages(world, op_id) == []
     assert {st.state for st in world.steps(op_id) if st.stage >= 1} == {StepState.pending}
 
@@ -466,7 +466,7 @@ def test_no_stage_is_sent_after_a_step_of_a_later_one_failed(world: World) -> No
     op_id, stages = a_redeploy_after_its_first_stage(world)
     last = [st for st in world.steps(op_id) if st.stage == stages - 1]
     fail_step(world, last[0].id)
-    assert not operations.advance(world.platform, op_id, 1, env=ENV, service="web")
+    assert operations.advance(world.platform, op_id, 1, env=ENV, service="web") is False
     assert sent_stages(world, op_id) == []
     assert operations.finish(world.platform, op_id) is True  # not None: nothing it waits for runs
     ended = world.operation(op_id)
@@ -519,3 +519,31 @@ def test_the_watcher_sends_a_stage_whose_advance_was_lost(world: World) -> None:
     world.run_all()
     assert world.operation(op_id).state == OpState.succeeded
     assert_runtimes_match_catalogue(world, "web")
+
+
+def test_a_stage_sent_in_part_before_a_step_failed_still_ends(world: World) -> None:
+    """Its send failed part-way (the stage stays claimed), then a step of a later stage failed
+    (its host went down): the stage's steps that never came are failed as never picked up, and
+    the operation ends instead of waiting for them for ever."""
+    op_id, stages = a_redeploy_after_its_first_stage(world)
+    inline = world.platform.dispatch
+    world.platform.dispatch = BrokerDown()
+    assert operations.advance(world.platform, op_id, 1, env=ENV, service="web") is False
+    world.platform.dispatch = inline
+    fail_step(world, next(st for st in world.steps(op_id) if st.stage == stages - 1).id)
+    assert operations.finish(world.platform, op_id) is None  # stage 1 was sent (claimed): wait for it
+    backdate_stage(world, op_id, 0, world.platform.settings.pickup_timeout + 5)
+    world.watch()
+    world.run_all()
+    assert world.operation(op_id).state == OpState.failed
+    assert {st.state for st in world.steps(op_id) if st.stage == 1} == {StepState.failed}
+
+
+def test_the_claim_itself_refuses_a_stage_after_a_failed_step(world: World) -> None:
+    """On PostgreSQL a failure committed after the advance read the steps still stops the stage."""
+    op_id, stages = a_redeploy_after_its_first_stage(world)
+    fail_step(world, next(st for st in world.steps(op_id) if st.stage == stages - 1).id)
+    with world.platform.session() as s:
+        assert not catalogue.claim_stage(session=s, op_id=op_id, stage=1)
+    assert world.operation(op_id).sent_stage == 0
+

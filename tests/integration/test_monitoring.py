@@ -47,6 +47,7 @@ class Monitored:
     env: str
     api: str
     database_url: str
+    host: str
 
     def no_healing(self, service: str) -> None:
         """The platform heals a job that died at once: told not to, its job stays down to alert on."""
@@ -100,7 +101,7 @@ def monitored(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Monitored]:
         base = f"http://127.0.0.1:{port}"
         with platform_process(["api", "--port", str(port)], env.variables(), workdir / "api.log",
                               ready=lambda _: serving(base)):
-            yield Monitored(cli, client, name, base, env.database_url)
+            yield Monitored(cli, client, name, base, env.database_url, host)
     finally:
         platform.stop_nodes()
         retire(env.database_url, name)
@@ -194,3 +195,17 @@ def test_the_dashboard_needs_the_credentials(monitored: Monitored) -> None:
     page = requests.get(board["url"], auth=(board["user"], board["password"]), timeout=10)
     assert page.status_code == 200 and mo.env in page.text
     assert "cannot be redeployed" in mo.cli("redeploy", mo.env, "monitoring").stderr
+
+
+def test_the_node_exporter_goes_with_the_last_monitoring_service(monitored: Monitored) -> None:
+    """Last of this module: its environment, the only one of this platform with monitoring, is
+    removed; the host's node exporter is stopped and removed at a heartbeat after."""
+    mo = monitored
+
+    def exporters() -> list[str]:
+        return [c.name for c in mo.docker.containers.list(all=True, filters={"name": f"orch-nodeexp-{mo.host}-"})]
+
+    assert exporters()  # it runs while some environment has monitoring
+    mo.cli.ok("env", "rm", mo.env, "--wait")
+    wait_for("the node exporter gone", exporters, 30, every=0.5, until=lambda names: not names)
+

@@ -10,6 +10,7 @@ from sqlmodel import Session, col, select
 
 from orchestrator import service_types
 from orchestrator.catalogue.services import list_services
+from orchestrator.db import update_rows
 from orchestrator.errors import NotFound
 from orchestrator.models import (
     ACTIVE_JOB_STATES,
@@ -97,7 +98,8 @@ def move_job_port(*, session: Session, job_id: str, port: int) -> Job:
 
 def set_job_state(*, session: Session, job_id: str, state: JobState, container_id: str | None = None,
                   error: str | None = None) -> None:
-    session.exec(update(Job).where(col(Job.id) == job_id).values(**_job_values(state, container_id, error)))
+    update_rows(session, update(Job).where(col(Job.id) == job_id).values(**_job_values(state, container_id, error)),
+                Job, job_id)
 
 
 def move_job(*, session: Session, job_id: str, state: JobState) -> Job | None:

@@ -9,6 +9,7 @@ from datetime import timedelta
 from sqlalchemy import Update, case, update
 from sqlmodel import Session, col, select
 
+from orchestrator.db import update_rows
 from orchestrator.errors import NotFound
 from orchestrator.models import (
     Environment,
@@ -185,7 +186,7 @@ def end_step(*, session: Session, step_id: int, state: StepState, error: str | N
     query = update(Step).where(col(Step.id) == step_id, col(Step.state).in_(before))
     if node is not None:
         query = query.where(col(Step.node) == node)
-    return session.exec(query.values(state=state, error=error, finished_at=utcnow())).rowcount == 1
+    return update_rows(session, query.values(state=state, error=error, finished_at=utcnow()), Step, step_id) == 1
 
 
 def skip_pending_steps(*, session: Session, op_id: int) -> None:

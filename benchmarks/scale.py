@@ -6,20 +6,21 @@ and 1000 hosts.
     .venv/bin/python benchmarks/scale.py --hosts 100,1000 --broker amqp://guest:guest@127.0.0.1:5672/scale
 
 For each fleet size, a throwaway platform of its own (temp SQLite catalogue, Redis database 6
-flushed before and after, job ports 34000-34949, which nothing ever listens on) runs two
-processes: `orchestrator sim run --hosts N` (one node process serving N simulated hosts, see
-workers/sim.py) and `orchestrator control run` (the control worker: the task API). Then:
+flushed before and after, job ports 34000-34949, which nothing ever listens on) runs
+`orchestrator sim run --hosts N/K` in K processes (--sims, default 2: one per core of this
+machine; each node process serves its share of the simulated hosts, see workers/sim.py) and
+`orchestrator control run` (the control worker: the task API). Then:
 
   setup     `env create --sandbox --no-defaults` (no logging, no proxy: nothing to reach), then
             `orchestrator apply` of a manifest: S code services of J jobs each (size xs), never pushed;
   deploy    S pushes sent at once through the task API (orchestrator.push on the control queue),
             timed from the first send to the end of the last operation (the catalogue's
             finished_at); every job must then run;
-  idle      the sim process's CPU over a few idle seconds: the N heartbeats' cost;
+  idle      the sim processes' CPU over a few idle seconds: the N heartbeats' cost;
   redeploy  S redeploys sent at once (orchestrator.redeploy), timed the same way.
 
 It prints a table: jobs/second of the deploy and the redeploy, the CPU seconds per job of the
-control worker (requests, planning, dispatch), of the sim process (the steps, the operations'
+control worker (requests, planning, dispatch), of the sim processes together (the steps, the operations'
 finish, the fleet watcher and N heartbeats) and of Redis (the broker and result store; a shared
 server: other users count too), the catalogue's size (bytes, rows), Redis memory (INFO memory),
 and writes a plot of the rates against the fleet size to benchmarks/out/scale.png.
@@ -276,7 +277,7 @@ def timed_phase(fleet: Fleet, task: str, services: Sequence[str], timeout: float
 
 def profile_start(py_spy: str, fleet: Fleet, kind: str, wall: bool) -> list[tuple[subprocess.Popen[bytes], Path]]:
     spies = []
-    for name in ("sim", "control"):
+    for name in ("sim", "control"):  # (the first sim process: the others run the same code)
         raw = fleet.workdir / f"profile-{kind}-{name}.txt"
         err = (fleet.workdir / f"py-spy-{kind}-{name}.err").open("wb")
         spy = subprocess.Popen([py_spy, "record", "--idle" if wall else "--gil", "--threads", "--function", "--rate",
@@ -461,10 +462,10 @@ def report(results: list[Result]) -> None:
             log(f"  {r.hosts} hosts: the platform marked {r.hosts_down} host(s) down (no heartbeat within "
                 f"ORCH_HOST_DOWN_AFTER) and started operations of its own: {r.own_ops}")
     log("CPU s/job: CPU seconds per job started or replaced, deploy and redeploy together; ctl = the control "
-        "worker; sim = the sim process (steps, finishes, watcher, heartbeats); redis = the whole server (with "
-        "--broker amqp://…: plus RabbitMQ's).\n"
+        "worker; sim = the sim processes together (steps, finishes, watcher, heartbeats); redis = the whole "
+        "server (with --broker amqp://…: plus RabbitMQ's).\n"
         "tasks/job: Celery tasks the nodes ran per job started or replaced (a host's starts or stops of one stage "
-        "are one task, plus image checks and finishes); sim CPU/task: the sim process's CPU per such task.")
+        "are one task, plus image checks and finishes); sim CPU/task: the sim processes' CPU per such task.")
 
 
 def plot(results: list[Result], path: Path, operations: int) -> None:
@@ -499,7 +500,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--services", type=int, default=20)
     parser.add_argument("--jobs", type=int, default=50, help="jobs per service")
     parser.add_argument("--concurrency", type=int, default=32, help="each sim process's worker threads")
-    parser.add_argument("--sims", type=int, default=1, help="sim processes sharing the hosts (default 1)")
+    parser.add_argument("--sims", type=int, default=2,
+                        help="sim processes sharing the hosts (default 2: one per core here; one process runs "
+                             "its Python under one lock, the GIL, so on one core at most)")
     parser.add_argument("--heartbeat-interval", type=float, default=2.0)
     parser.add_argument("--slow-heartbeats-from", type=int, default=1000,
                         help="from this fleet size on, heartbeats every --slow-heartbeat-interval")

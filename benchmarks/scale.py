@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -57,10 +58,7 @@ from redeploy import log, process_cpu, summarise_profile, terminated_as_exit
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the test harness runs the platform here too
 
-from orchestrator.dispatch import batches  # noqa: E402
-from orchestrator.models import StepAction  # noqa: E402
 from tests.harness import PlatformEnv, orchestrator, says_ready, start_process, stop_process  # noqa: E402
-from workers.inline import SentStep  # noqa: E402
 
 REDIS_DB = 6
 PORTS = (34000, 34999)  # job ports 34000-34949 (the last 50: proxies, never used here)
@@ -175,13 +173,12 @@ class Fleet:
         return done.stdout
 
     def tasks(self) -> int:
-        """The Celery tasks the operations' chains carried: each stage's batches, as dispatch makes
-        them (``orchestrator.dispatch.batches``), and one finish per operation."""
-        stages: dict[tuple[int, int], list[SentStep]] = {}
-        for op_id, stage, action, host in self.query("SELECT op_id, stage, action, host FROM step ORDER BY id"):
-            stages.setdefault((op_id, stage), []).append(SentStep(0, StepAction(action), host))
-        operations = int(self.query("SELECT count(*) FROM operation")[0][0])
-        return operations + sum(len(batches(steps)) for steps in stages.values())
+        """The Celery tasks the simulated nodes received (their logs' "Task ... received" lines):
+        steps (a host's waiting steps taken together, or a step of its own), advances, finishes,
+        and their retries."""
+        received = re.compile(r"Task orchestrator\.(step|op)\.\w+\[[^\]]+\] received")
+        return sum(len(received.findall(log.read_text(errors="replace")))
+                   for log in self.workdir.glob("sim*.log"))
 
     def query(self, sql: str, **params: Any) -> list[tuple[Any, ...]]:
         with self.reader.connect() as conn:
@@ -464,8 +461,9 @@ def report(results: list[Result]) -> None:
     log("CPU s/job: CPU seconds per job started or replaced, deploy and redeploy together; ctl = the control "
         "worker; sim = the sim processes together (steps, finishes, watcher, heartbeats); redis = the whole "
         "server (with --broker amqp://…: plus RabbitMQ's).\n"
-        "tasks/job: Celery tasks the nodes ran per job started or replaced (a host's starts or stops of one stage "
-        "are one task, plus image checks and finishes); sim CPU/task: the sim processes' CPU per such task.")
+        "tasks/job: Celery tasks the simulated nodes received per job started or replaced (a host's waiting "
+        "starts, stops and image checks of every operation are one task; plus advances, finishes, retries); "
+        "sim CPU/task: the sim processes' CPU per such task.")
 
 
 def plot(results: list[Result], path: Path, operations: int) -> None:

@@ -1,16 +1,25 @@
 """Recorded steps -> Celery tasks, a stage at a time. The one place that sends work to the nodes.
 
-Stages run one after the other; the tasks of a stage run in parallel (a group, which Celery
-joins with a chord). Each task goes to the queue of the host it touches. A stage's chord calls
-back ``advance`` (``orchestrator.control``), which sends the next stage from the catalogue, and
-the last stage's calls back the operation's finish: each message carries its own step(s) and that
-one small callback, never the rest of the chain (a chain sent whole puts every later stage into
-each message of the first: a 1000-job operation's first 1000 messages would hold 1000 steps
-each). A task carries one step, or all of a stage's starts (or stops) on one host
-(``batches``): one message and two catalogue transactions for the lot, each step still its own
-row with its own state, and the task's arguments name every step and job it carries.
-``Dispatch`` is the interface the control plane uses; ``workers.inline.InlineDispatch`` is its
-in-process twin for unit tests.
+Stages run one after the other; the steps of a stage run in parallel, each on the node of the
+host it touches. A stage ends when its last step ends: whoever ends that step (its node, in the
+transaction that ends it: ``catalogue.stage_left``) asks for what comes next
+(``operations.stage_ended`` -> ``send_next``): the advance (``orchestrator.control``), which sends
+the next stage from the catalogue, or after the last stage the operation's finish.
+
+How a stage's steps travel:
+
+- The steps that are many and alike (``BOXED``: a job's start or stop, a host's image check)
+  wait in the catalogue for their host's node, which takes every one waiting for it, of every
+  operation, in one task (``orchestrator.step.host_steps``; ``catalogue.claim_host_steps``). Its
+  host is "rung" (``catalogue.ring_hosts``, in the transaction that makes the stage sent): a
+  task is sent to a host only when none is on its way. Twenty operations redeploying at once on
+  a hundred hosts are then a few tasks per host and stage, not one per job. Each step keeps its
+  own row, state and error; the task's result names every step it ran, with its operation and
+  job (Flower shows it).
+- Every other step (a wait, a route, a build, ...) is a task of its own on its host's queue,
+  named by its step id (``step_task_id``; a cancel revokes it), with arguments that tell a
+  Flower reader what it serves. ``batches`` groups the boxed ones the same way for the in-process
+  twin (``workers.inline.InlineDispatch``, for unit tests).
 
 Celery is imported by ``CeleryDispatch`` as it sends, not with this module: what only reads the
 catalogue (``orchestrator hosts list``, ``jobs list``) never loads it.
@@ -47,11 +56,24 @@ TASK_OF = {
 
 
 # Actions whose steps of one stage and host travel together: they are many (a job each) and
-# alike; every other step (an image check, a route, a build, a wait) is one of a kind.
+# alike; every other step (a route, a build, a wait) is one of a kind.
 BATCHED = frozenset({StepAction.start, StepAction.stop})
 # Steps in one task at most: the node runs them all at once, and Flower shows a task's arguments
 # cut at 1024 characters (each step adds its id and its job's).
 MAX_BATCH = 16
+# Actions whose steps wait in the catalogue for their host's node (the steps of a host, of
+# every operation, taken together): those of ``BATCHED``, and a host's image check.
+BOXED = frozenset({StepAction.start, StepAction.stop, StepAction.check_image})
+# Steps a node takes from its box in one task at most (it sends itself another for the rest).
+# A host rung (a task sent to it) whose node has taken nothing ``orphan_after`` seconds later
+# is rung again: the task's message may have been lost, with a node that died holding it or a
+# process that died between ringing and sending.
+MAX_BOX = 64
+
+
+def boxed_hosts(stage: Sequence[Step]) -> list[str]:
+    """The hosts whose node takes steps of ``stage`` from its box (to be rung)."""
+    return sorted({step.host for step in stage if step.action in BOXED and step.host})
 
 
 class Routed(Protocol):
@@ -90,13 +112,22 @@ class SendFailed(Exception):
 
 class Dispatch(Protocol):
     def send_stage(self, op_id: int, stages: Sequence[Sequence[Step]], index: int, *, env: str,
-                   service: str) -> None:
-        """Send the operation's stage ``index`` (of ``stages``, all of them) and, to run once
-        it succeeded, the advance to the next stage, or after the last the operation's finish."""
+                   service: str, rung: Sequence[str] = ()) -> None:
+        """Send the operation's stage ``index`` (of ``stages``, all of them): a task for each
+        step that is not ``BOXED``, and one to the node of each host in ``rung`` (the boxed
+        steps' hosts that ``catalogue.ring_hosts`` rang) to take its waiting steps."""
+
+    def send_host_steps(self, hosts: Sequence[str]) -> None:
+        """A task to each host's node to take the steps waiting for it."""
+
+    def send_next(self, op_id: int, stages: Sequence[Sequence[Step]], ended: int, *, env: str,
+                  service: str) -> None:
+        """Stage ``ended`` succeeded: ask for the next (the advance) or, after the last, for
+        the operation's finish, on the queue of the node of the operation's first host."""
 
     def send_finish(self, op_id: int, *, env: str, service: str, host: str | None) -> None:
         """Ask for the operation to be finished (no stage follows a failed one), on the
-        queue of ``host`` (the control queue when None). Both raise SendFailed when nothing
+        queue of ``host`` (the control queue when None). Each raises SendFailed when nothing
         could be sent."""
 
     def revoke(self, step_ids: Sequence[int]) -> None:
@@ -115,18 +146,38 @@ class CeleryDispatch:
         self.app = app
 
     def send_stage(self, op_id: int, stages: Sequence[Sequence[Step]], index: int, *, env: str,
-                   service: str) -> None:
-        from celery import chain, group
+                   service: str, rung: Sequence[str] = ()) -> None:
+        from celery import group
 
         home = _home_queue(stages)
+        alone = [step for step in stages[index] if not (step.action in BOXED and step.host)]
         sigs = [self._steps(batch, env=env, service=service,
                             queue=names.host_queue(batch[0].host) if batch[0].host else home)
-                for batch in batches(stages[index])]
-        labels = {"env": env, "service": service}
-        then = (self.app.signature(names.TASK_ADVANCE, kwargs={"op_id": op_id, "stage": index + 1, **labels},
-                                   queue=home, immutable=True)
-                if index + 1 < len(stages) else self._finish(op_id, env=env, service=service, queue=home))
-        _send(chain(sigs[0] if len(sigs) == 1 else group(sigs), then), self.app)
+                for batch in batches(alone)]
+        sigs += [self._host_steps(host) for host in rung]
+        if sigs:
+            _send(sigs[0] if len(sigs) == 1 else group(sigs), self.app)
+
+    def send_host_steps(self, hosts: Sequence[str]) -> None:
+        from celery import group
+
+        if hosts:
+            sigs = [self._host_steps(host) for host in hosts]
+            _send(sigs[0] if len(sigs) == 1 else group(sigs), self.app)
+
+    def send_next(self, op_id: int, stages: Sequence[Sequence[Step]], ended: int, *, env: str,
+                  service: str) -> None:
+        home = _home_queue(stages)
+        if ended + 1 < len(stages):
+            _send(self.app.signature(names.TASK_ADVANCE, queue=home, immutable=True,
+                                     kwargs={"op_id": op_id, "stage": ended + 1, "env": env, "service": service}),
+                  self.app)
+        else:
+            _send(self._finish(op_id, env=env, service=service, queue=home), self.app)
+
+    def _host_steps(self, host: str) -> Signature:
+        return self.app.signature(names.TASK_HOST_STEPS, kwargs={"host": host}, queue=names.host_queue(host),
+                                  immutable=True)
 
     def send_finish(self, op_id: int, *, env: str, service: str, host: str | None) -> None:
         queue = names.host_queue(host) if host else names.CONTROL_QUEUE

@@ -203,6 +203,9 @@ class Host(SQLModel, table=True):
     # on its address: set by its node when it starts (None: not yet, or a node without them).
     metrics_port: int | None = None
     node_exporter_port: int | None = None
+    # Its node was sent a task to run the steps waiting for it (``dispatch.BOXED``) at this time,
+    # and has not taken them yet: a step sent meanwhile waits for that task (None: none sent).
+    rung_at: datetime | None = None
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -362,6 +365,9 @@ class Operation(SQLModel, table=True):
 
 
 class Step(SQLModel, table=True):
+    # A node's steps waiting for it (its host's pending ones): ``catalogue.claim_host_steps``.
+    __table_args__ = (Index("ix_step_host_state", "host", "state"),)
+
     id: int | None = Field(default=None, primary_key=True)
     op_id: int = Field(foreign_key="operation.id", index=True)
     stage: int

@@ -30,6 +30,7 @@ TASK_BUILD = "orchestrator.step.build"
 TASK_DELETE_VOLUME = "orchestrator.step.delete_volume"
 TASK_RUN_ONCE = "orchestrator.step.run_once"
 TASK_EXEC = "orchestrator.step.exec"
+TASK_HOST_STEPS = "orchestrator.step.host_steps"  # a node takes the steps waiting for its host
 TASK_ADVANCE = "orchestrator.op.advance"  # sends an operation's next stage
 TASK_FINISH = "orchestrator.op.finish"
 

@@ -17,7 +17,7 @@ from sqlalchemy import update
 from sqlmodel import Session, col, select
 
 from orchestrator import builds, catalogue, planner, rules, spec
-from orchestrator.dispatch import SendFailed
+from orchestrator.dispatch import SendFailed, boxed_hosts
 from orchestrator.errors import BadInput
 from orchestrator.models import (
     ACTIVE_JOB_STATES,
@@ -81,6 +81,8 @@ def _start(p: Platform, op: Operation) -> bool:
             plan = _plan(p, s, op, svc, env)
             stages = _record_plan(s, op, svc, plan)
             running.sent_stage = 0  # sent a stage at a time, the first now (before its advance can come)
+            rung = catalogue.ring_hosts(session=s, hosts=boxed_hosts(stages[0]) if stages else [],
+                                        stale_after=p.settings.orphan_after)
             if not stages:
                 running.state = OpState.succeeded
                 running.finished_at = utcnow()
@@ -98,7 +100,7 @@ def _start(p: Platform, op: Operation) -> bool:
     if not stages:
         return False
     try:
-        p.dispatch.send_stage(op_id, stages, 0, env=env_name, service=svc_name)
+        p.dispatch.send_stage(op_id, stages, 0, env=env_name, service=svc_name, rung=rung)
     except SendFailed as exc:  # nothing ran: say so and free the service
         abandon(p, op_id, f"could not send the operation to the broker: {exc}", start=False)
         return False
@@ -127,15 +129,41 @@ def advance(p: Platform, op_id: int, stage: int, *, env: str, service: str) -> b
             return None
         if not catalogue.claim_stage(session=s, op_id=op_id, stage=stage):
             return False
+        stages = _stages(steps)
+        rung = catalogue.ring_hosts(session=s, hosts=boxed_hosts(stages[stage]),
+                                    stale_after=p.settings.orphan_after)
         s.commit()
-    stages = [[st for st in steps if st.stage == n] for n in range(max(st.stage for st in steps) + 1)]
     try:
-        p.dispatch.send_stage(op_id, stages, stage, env=env, service=service)
+        p.dispatch.send_stage(op_id, stages, stage, env=env, service=service, rung=rung)
     except SendFailed as exc:
         log.warning("operation %s: stage %s could not be sent (%s); its steps will be failed as never "
                     "picked up", op_id, stage, exc)
         return False
     return True
+
+
+def stage_ended(p: Platform, op_id: int, stage: int) -> None:
+    """Stage ``stage`` of the operation succeeded (its last step just ended, as seen by the one
+    transaction that ended it: ``catalogue.stage_left``): ask for the next stage, or for the
+    finish after the last. A broker that cannot be reached is logged: the fleet watcher sends
+    a stage whose advance never came, and finishes an operation whose every step ended."""
+    with p.reader() as s:
+        steps = catalogue.steps_of(session=s, op_id=op_id)
+        op = s.get(Operation, op_id)
+        if op is None or not steps:
+            return
+        env, svc = s.get(Environment, op.env_id), s.get(Service, op.service_id)
+    try:
+        p.dispatch.send_next(op_id, _stages(steps), stage, env=env.name if env else "",
+                             service=svc.name if svc else "")
+    except SendFailed as exc:
+        log.warning("operation %s: what follows stage %s could not be sent (%s); the fleet watcher will",
+                    op_id, stage, exc)
+
+
+def _stages(steps: Sequence[Step]) -> list[list[Step]]:
+    """An operation's steps (all of them) by stage."""
+    return [[st for st in steps if st.stage == n] for n in range(max(st.stage for st in steps) + 1)]
 
 
 def resume(p: Platform, op: Operation) -> None:

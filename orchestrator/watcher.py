@@ -24,6 +24,7 @@ from sqlalchemy import update
 from sqlmodel import Session, col, select
 
 from orchestrator import catalogue, fleet, operations
+from orchestrator.dispatch import BOXED, SendFailed
 from orchestrator.models import (
     ACTIVE_JOB_STATES,
     ENDED_OP_STATES,
@@ -78,6 +79,7 @@ class Watcher:
             recover_down_hosts(self.p)
             fleet.fail_steps_on_down_hosts(self.p)
             start_stranded(self.p)
+            ring_late(self.p)
             heal(self.p)
             purge_removed(self.p)
         except Exception:
@@ -126,6 +128,28 @@ def silent_hosts(p: Platform, pass_started: float) -> list[str]:
             log.warning("host %s is down: no heartbeat for %gs", name, p.settings.host_down_after)
             marked.append(name)
     return marked
+
+
+def ring_late(p: Platform) -> None:
+    """Send again the task of each host rung ``orphan_after`` seconds ago whose node took nothing
+    since, while steps wait for it: that task's message was lost (with a node that died holding
+    it, a process that died between ringing and sending, a send that failed part-way)."""
+    late = p.settings.orphan_after
+    cutoff = utcnow() - timedelta(seconds=late)
+    with p.reader() as s:
+        if s.exec(select(Host.id).where(col(Host.rung_at) < cutoff)).first() is None:
+            return
+    with p.session() as s:
+        hosts = catalogue.ring_late_hosts(session=s, stale_after=late, actions=sorted(BOXED))
+        s.commit()
+    if not hosts:
+        return
+    log.warning("hosts %s: no step taken %gs after their node was sent a task for them: sending it again",
+                ", ".join(hosts), late)
+    try:
+        p.dispatch.send_host_steps(hosts)
+    except SendFailed as exc:
+        log.warning("hosts %s: could not send their task again (%s)", ", ".join(hosts), exc)
 
 
 def recover_down_hosts(p: Platform) -> None:

@@ -1,8 +1,10 @@
 """``Dispatch``'s in-process twin, for unit tests of operations, the fleet and the tasks (as
 dramatiq's StubBroker is for its actors): what the control plane sends waits in ``sent`` until
 ``run_all`` runs it in this thread, a stage per message, through the same step bodies a node runs
-(``workers.tasks.run_step``), on the nodes it was given; a stage that succeeded calls the same
-advance a node does (``operations.advance``), which sends the next.
+(``workers.tasks.run_steps``; a host's boxed steps as one batch per action, not taken from its
+box), on the nodes it was given; the step that ends a stage asks for what follows
+(``operations.stage_ended``: ``send_next``), and the advance it queues is the one a node runs
+(``operations.advance``), which sends the next stage.
 
 A step whose host has no node here is never run, like a message on a dead node's queue: its
 chain stops there. Overlap waits end at once.
@@ -11,6 +13,7 @@ chain stops there. Overlap waits end at once.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -50,9 +53,17 @@ class SentFinish:
 
 
 @dataclass
+class SentAdvance:
+    op_id: int
+    stage: int
+    env: str
+    service: str
+
+
+@dataclass
 class InlineDispatch:
     nodes: dict[str, NodeContext] = field(default_factory=dict)
-    sent: list[SentChain | SentFinish] = field(default_factory=list)
+    sent: list[SentChain | SentFinish | SentAdvance] = field(default_factory=list)
     platform: Platform | None = None
     revoked: list[int] = field(default_factory=list)  # steps a cancel revoked
 
@@ -61,9 +72,17 @@ class InlineDispatch:
         self.platform = node.platform
 
     def send_stage(self, op_id: int, stages: Sequence[Sequence[Step]], index: int, *, env: str,
-                   service: str) -> None:
+                   service: str, rung: Sequence[str] = ()) -> None:
         self.sent.append(SentChain(op_id, [[SentStep(s.id or 0, s.action, s.host) for s in stage]
                                            for stage in stages[index:]], env, service, index))
+
+    def send_host_steps(self, hosts: Sequence[str]) -> None:
+        """(A stage's boxed steps run with it, in ``run_all``.)"""
+
+    def send_next(self, op_id: int, stages: Sequence[Sequence[Step]], ended: int, *, env: str,
+                  service: str) -> None:
+        self.sent.append(SentAdvance(op_id, ended + 1, env, service) if ended + 1 < len(stages)
+                         else SentFinish(op_id))
 
     def send_finish(self, op_id: int, *, env: str, service: str, host: str | None) -> None:
         self.sent.append(SentFinish(op_id))
@@ -80,30 +99,24 @@ class InlineDispatch:
             count += 1
             if isinstance(message, SentFinish):
                 self._finish(message.op_id)
-            elif self._run_stage(message):  # what its chord calls back: the advance, or the finish
-                if len(message.stages) > 1:
-                    assert self.platform is not None, "add a node first"
-                    operations.advance(self.platform, message.op_id, message.first + 1, env=message.env,
-                                       service=message.service)
-                else:
-                    self._finish(message.op_id)
+            elif isinstance(message, SentAdvance):
+                assert self.platform is not None, "add a node first"
+                operations.advance(self.platform, message.op_id, message.stage, env=message.env,
+                                   service=message.service)
+            else:
+                self._run_stage(message)  # its last step to end asks for what follows
         return count
 
-    def _run_stage(self, chain: SentChain) -> bool:
-        """Run the chain's first stage; True when every step of it ran and succeeded."""
+    def _run_stage(self, chain: SentChain) -> None:
+        """Run the chain's first stage."""
         home = next((host for stage in chain.stages for _, _, host in stage if host), None)
-        complete = True  # the stage's tasks run side by side; what follows waits for all of them
-        for batch in batches(chain.stages[0]):  # as CeleryDispatch sends them: a task per batch
+        for batch in batches(chain.stages[0]):  # a task per batch, as CeleryDispatch sends the unboxed
             node = self.nodes.get(batch[0].host or home or "")
             if node is None:
-                complete = False  # queued on a host no node serves: it never runs
-                continue
-            try:
+                continue  # queued on a host no node serves: it never runs
+            with suppress(StepFailed):  # its finish was sent; no stage follows
                 run_steps(node, [s.id for s in batch], WORK_OF[batch[0].action], env=chain.env,
                           service=chain.service)
-            except StepFailed:
-                complete = False  # its finish was sent; no stage follows
-        return complete
 
     def _finish(self, op_id: int) -> None:
         assert self.platform is not None, "add a node first"

@@ -18,10 +18,10 @@ from celery import Celery, Task
 from celery.exceptions import Retry
 from sqlalchemy import update
 from sqlalchemy.exc import SQLAlchemyError
-from sqlmodel import Session, col
+from sqlmodel import Session, col, select
 
-from orchestrator import builds, catalogue, names, service_types, spec
-from orchestrator.dispatch import MAX_BATCH, TASK_OF
+from orchestrator import builds, catalogue, names, operations, service_types, spec
+from orchestrator.dispatch import BOXED, MAX_BATCH, MAX_BOX, TASK_OF, SendFailed
 from orchestrator.errors import one_line
 from orchestrator.models import (
     Environment,
@@ -84,12 +84,14 @@ def run_steps(node: NodeContext, step_ids: Sequence[int], work: Work, *, env: st
     begun, skipped, refused = p.together.run(lambda s: _begin_all(s, node, step_ids, work))
     with node.working(*(step.id or 0 for step, _ in begun)):  # their leases renewed until they end
         outcomes = _act_all(node, begun, work)
-        results, failed, lost = _end_all(node, begun, outcomes, work)
-    if failed:
+        ended = _end_all(node, begun, outcomes, work)
+    if ended.failed:
         p.dispatch.send_finish(begun[0][0].op_id, env=env, service=service, host=node.host)
-    if failed or lost or refused:  # (whoever failed a lost step asked for the finish)
-        raise StepFailed("; ".join(failed + lost + refused))
-    return [skipped.get(i) or results[i] for i in step_ids]
+    for op_id, stage in ended.stages_done:
+        operations.stage_ended(p, op_id, stage)
+    if ended.failed or ended.lost or refused:  # (whoever failed a lost step asked for the finish)
+        raise StepFailed("; ".join(ended.failed + ended.lost + refused))
+    return [skipped.get(i) or ended.results[i] for i in step_ids]
 
 
 Begun = list[tuple[Step, Job | None]]
@@ -146,13 +148,30 @@ def _act_all(node: NodeContext, begun: Begun, work: Work) -> list[Outcome]:
         return list(pool.map(act, begun))
 
 
-def _end_all(node: NodeContext, begun: Begun, outcomes: Sequence[Outcome],
-             work: Work) -> tuple[dict[int, dict[str, Any]], list[str], list[str]]:
-    """End every begun step (and move its job) in one transaction: the results of those that
-    succeeded by step id, the errors of those that failed, and those failed meanwhile by another."""
+@dataclass
+class Ended:
+    """What ending a task's steps came to: the results of those that succeeded by step id, the
+    errors of those that failed, those failed meanwhile by another (their lease ran out), the
+    (operation, stage) pairs whose last step this was (the stage succeeded), and those whose
+    other steps had not all succeeded as this transaction saw them."""
+
+    results: dict[int, dict[str, Any]]
+    failed: list[str]
+    lost: list[str]
+    stages_done: list[tuple[int, int]]
+    stages_left: list[tuple[int, int]]
+
+
+def _end_all(node: NodeContext, begun: Begun, outcomes: Sequence[Outcome], work: Work) -> Ended:
+    """End every begun step (and move its job) in one transaction, and see which stages that
+    ended (``catalogue.stage_left``). On SQLite, whose writers take turns, the transaction that
+    ends a stage's last step is the one that sees it end. PostgreSQL (read committed) lets two
+    transactions that end a stage's last two steps at once each miss the other's: there, a
+    stage left unfinished is looked at again once the transaction committed (then both may see
+    it end; the advance sends the stage once either way: ``catalogue.claim_stage``)."""
     several = len(begun) > 1
 
-    def end(s: Session) -> tuple[dict[int, dict[str, Any]], list[str], list[str]]:
+    def end(s: Session) -> Ended:
         results: dict[int, dict[str, Any]] = {}
         errors: list[str] = []
         lost: list[str] = []
@@ -173,9 +192,94 @@ def _end_all(node: NodeContext, begun: Begun, outcomes: Sequence[Outcome],
                 results[step_id] = {"step": step_id, **result}
             else:  # the watcher failed it meanwhile (its lease ran out): the chain stops here
                 lost.append(f"step {step_id} was failed while it ran (its lease ran out)")
-        return results, errors, lost
+        stages = sorted({(step.op_id, step.stage) for step, _ in begun if (step.id or 0) in results})
+        left = {pair: catalogue.stage_left(session=s, op_id=pair[0], stage=pair[1]) for pair in stages}
+        return Ended(results, errors, lost, [pair for pair, n in left.items() if n == 0],
+                     [pair for pair, n in left.items() if n > 0])
 
-    return node.platform.together.run(end)
+    p = node.platform
+    ended = p.together.run(end)
+    if ended.stages_left and p.engine.dialect.name != "sqlite":
+        with p.reader() as s:
+            ended.stages_done += [pair for pair in ended.stages_left
+                                  if catalogue.stage_left(session=s, op_id=pair[0], stage=pair[1]) == 0]
+    return ended
+
+
+def run_host_steps(node: NodeContext) -> list[dict[str, Any]]:
+    """Take every step waiting for this node's host (``dispatch.BOXED``: of every operation,
+    ``MAX_BOX`` at most; another task is sent for the rest) and run them side by side, each
+    ended as soon as its work is done (a slow start holds up no other step's end). Each step
+    ends as ``run_steps`` ends it, asks for its operation's finish if it failed, and for what
+    follows its stage if it was the stage's last. Returns each step's result, with its
+    operation, job and action; raises StepFailed (after all ended) if any failed."""
+    p = node.platform
+    lease = p.settings.step_lease
+
+    def claim(s: Session) -> list[tuple[Step, Job | None]]:
+        taken = catalogue.claim_host_steps(session=s, host=node.host, node=node.node_id, lease=lease,
+                                           actions=sorted(BOXED), most=MAX_BOX)
+        begun: list[tuple[Step, Job | None]] = []
+        for step in taken:
+            move = WORK_OF[step.action].job_on_begin
+            job = None
+            if step.job_id and move is not None:
+                job = catalogue.move_job(session=s, job_id=step.job_id, state=move)
+            elif step.job_id:
+                job = s.get(Job, step.job_id)
+            begun.append((step, job))
+        return begun
+
+    begun = p.together.run(claim)
+    if len(begun) >= MAX_BOX:  # more may wait: another task takes them (the host stays rung)
+        try:
+            p.dispatch.send_host_steps([node.host])
+        except SendFailed as exc:
+            log.warning("host %s: the task for its remaining steps could not be sent (%s)", node.host, exc)
+    if not begun:
+        return []
+    step_ids = [step.id or 0 for step, _ in begun]
+
+    def act_and_end(begun_step: tuple[Step, Job | None]) -> Ended:
+        work = WORK_OF[begun_step[0].action]
+        return _end_all(node, [begun_step], _act_all(node, [begun_step], work), work)
+
+    with node.working(*step_ids), \
+            ThreadPoolExecutor(max_workers=min(len(begun), MAX_BATCH), thread_name_prefix="step") as pool:
+        try:
+            ends = list(pool.map(act_and_end, begun))
+        except SQLAlchemyError as exc:
+            raise CatalogueFailed(step_ids) from exc
+    results, problems = [], []
+    for (step, _job), ended in zip(begun, ends, strict=True):
+        about = {"op": step.op_id, "job": step.job_id, "action": step.action.value}
+        if ended.failed:
+            results.append({"step": step.id, **about, "failed": ended.failed[0]})
+            problems.append(f"step {step.id} (operation {step.op_id}): {ended.failed[0]}")
+        elif ended.lost:
+            problems.append(ended.lost[0])
+        else:
+            results.append({**ended.results[step.id or 0], **about})
+    for op_id in sorted({step.op_id for (step, _), ended in zip(begun, ends, strict=True) if ended.failed}):
+        try:
+            p.dispatch.send_finish(op_id, env="", service="", host=node.host)
+        except SendFailed as exc:  # the fleet watcher finishes an operation with a failed step
+            log.warning("operation %s: its finish could not be sent (%s)", op_id, exc)
+    for op_id, stage in sorted({done for ended in ends for done in ended.stages_done}):
+        operations.stage_ended(p, op_id, stage)
+    if problems:  # Flower shows the task failed: with what failed, and what else it ran
+        done = [f"step {r['step']} (operation {r['op']})" for r in results if "failed" not in r]
+        raise StepFailed("; ".join(problems) + (f"; succeeded: {', '.join(done)}" if done else ""))
+    return results
+
+
+class CatalogueFailed(Exception):
+    """The catalogue failed after a node took these steps from its box: they are running, on
+    this node; the task asks again with their ids (``run_steps`` takes them over)."""
+
+    def __init__(self, step_ids: Sequence[int]) -> None:
+        super().__init__(f"steps {', '.join(map(str, step_ids))}")
+        self.step_ids = list(step_ids)
 
 
 # --- step bodies ----------------------------------------------------------------------------------
@@ -574,6 +678,29 @@ def register_for(app: Celery, node_of: NodeOf) -> None:
     for action, work in WORK_OF.items():
         register_work(action, work)
 
+    # Flower shows a result's repr cut at the task's resultrepr_maxsize: room for every step it ran.
+    @app.task(name=names.TASK_HOST_STEPS, shared=False, bind=True, ignore_result=True,
+              resultrepr_maxsize=200 * MAX_BOX)
+    def host_steps(self: Task, host: str = "", step_ids: list[int] | None = None,
+                   **_labels: Any) -> dict[str, Any]:
+        """The steps waiting for this node's host, of every operation (``run_host_steps``); with
+        ``step_ids``, those it took before the catalogue failed, asked for again."""
+        node = node_of(self)
+        try:
+            if step_ids is not None:
+                return {"steps": _run_again(node, step_ids)}
+            return {"steps": run_host_steps(node)}
+        except CatalogueFailed as exc:
+            log.warning("host %s: the catalogue failed while its steps ran (%s): trying again", host,
+                        one_line(exc.__cause__ or exc))
+            raise self.retry(countdown=1.0, max_retries=CATALOGUE_RETRIES,
+                             kwargs={"host": host, "step_ids": exc.step_ids}) from None
+        except SQLAlchemyError as exc:
+            log.warning("host %s: the catalogue is unavailable (%s): trying again", host, one_line(exc))
+            raise self.retry(countdown=1.0, max_retries=CATALOGUE_RETRIES,
+                             kwargs={"host": host, "step_ids": step_ids} if step_ids is not None
+                             else {"host": host}) from None
+
     @app.task(name=TASK_OF[StepAction.wait], shared=False, bind=True, max_retries=None, ignore_result=True)
     def wait_task(self: Task, step_id: int, env: str = "", service: str = "",
                   **_labels: Any) -> dict[str, Any]:
@@ -587,6 +714,24 @@ def register_for(app: Celery, node_of: NodeOf) -> None:
             return {"waited": step_row.seconds}
 
         return step(self, step_id, Work(body), env, service)
+
+
+def _run_again(node: NodeContext, step_ids: Sequence[int]) -> list[dict[str, Any]]:
+    """Steps a node took from its box, run again as ``run_steps`` runs a redelivered task's:
+    taken over (or skipped if they ended), a batch per action."""
+    with node.platform.reader() as s:
+        actions = {step.id: step.action for step in s.exec(select(Step).where(col(Step.id).in_(list(step_ids))))}
+    results: list[dict[str, Any]] = []
+    problems: list[str] = []
+    for action in sorted(set(actions.values())):
+        mine = [i for i in step_ids if actions.get(i) == action]
+        try:
+            results += run_steps(node, mine, WORK_OF[action])
+        except StepFailed as exc:
+            problems.append(str(exc))
+    if problems:
+        raise StepFailed("; ".join(problems))
+    return results
 
 
 def wait_remaining(step: Step) -> float:

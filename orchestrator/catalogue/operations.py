@@ -6,13 +6,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import timedelta
 
-from sqlalchemy import Update, case, update
+from sqlalchemy import Update, and_, case, func, or_, update
 from sqlmodel import Session, col, select
 
 from orchestrator.db import update_rows
 from orchestrator.errors import NotFound
 from orchestrator.models import (
     Environment,
+    Host,
     Operation,
     OperationPublic,
     OpKind,
@@ -21,6 +22,7 @@ from orchestrator.models import (
     OpTrigger,
     Service,
     Step,
+    StepAction,
     StepPublic,
     StepState,
     utcnow,
@@ -104,6 +106,72 @@ def claim_stage(*, session: Session, op_id: int, stage: int) -> bool:
                                 col(Operation.sent_stage) >= 0, col(Operation.sent_stage) < stage, ~failed)
         .values(sent_stage=stage).execution_options(synchronize_session=False)
     ).rowcount == 1
+
+
+def ring_hosts(*, session: Session, hosts: Sequence[str], stale_after: float) -> list[str]:
+    """The hosts (of ``hosts``) whose node is to be sent a task that runs its waiting steps,
+    marked as sent one (``Host.rung_at``): those with none sent, or with one sent longer than
+    ``stale_after`` seconds ago and not taken yet (its message lost, or far behind: one more does
+    no harm, it finds nothing to run). Called in the transaction that makes their steps sent, so
+    a node that takes its steps in between (``claim_host_steps``) takes these too."""
+    if not hosts:
+        return []
+    now = utcnow()
+    rung = session.exec(
+        update(Host).where(col(Host.name).in_(sorted(set(hosts))),
+                           or_(col(Host.rung_at).is_(None), col(Host.rung_at) < now - timedelta(seconds=stale_after)))
+        .values(rung_at=now).returning(col(Host.name)).execution_options(synchronize_session=False))
+    return sorted(name for (name,) in rung)
+
+
+def ring_late_hosts(*, session: Session, stale_after: float, actions: Sequence[StepAction]) -> list[str]:
+    """Hosts rung longer than ``stale_after`` seconds ago whose node took nothing since, and for
+    which steps (of ``actions``, of a stage sent) wait: rung again now, to be sent their task
+    again (its message was lost, or a send failed part-way). Those stale with nothing waiting
+    are no longer rung."""
+    now = utcnow()
+    stale = col(Host.rung_at) < now - timedelta(seconds=stale_after)
+    waiting = (select(Step.host).join(Operation, col(Operation.id) == col(Step.op_id))
+               .where(col(Step.state) == StepState.pending, col(Step.action).in_(list(actions)),
+                      col(Operation.state) == OpState.running, col(Operation.sent_stage) >= col(Step.stage)))
+    rung = session.exec(update(Host).where(stale, col(Host.name).in_(waiting.scalar_subquery()))
+                        .values(rung_at=now).returning(col(Host.name)).execution_options(synchronize_session=False))
+    names = sorted(name for (name,) in rung)
+    session.exec(update(Host).where(stale).values(rung_at=None).execution_options(synchronize_session=False))
+    return names
+
+
+def claim_host_steps(*, session: Session, host: str, node: str, lease: float, actions: Sequence[StepAction],
+                     most: int) -> list[Step]:
+    """The steps of ``actions`` waiting for ``host``'s node, begun by ``node`` (running, leased),
+    in the order they were planned, ``most`` at most: those of a stage already sent (of a running
+    operation sent a stage at a time), and those a previous process of this host's node began and
+    did not end (it stopped: its message comes again, or a later one takes them over). The host's
+    mark of a task sent (``ring_hosts``) is taken down with them, or kept when ``most`` were taken
+    (the caller runs again)."""
+    now = utcnow()
+    free = or_(col(Step.state) == StepState.pending,
+               and_(col(Step.state) == StepState.running, col(Step.node) != node,
+                    col(Step.node).startswith(f"{host}/", autoescape=True)))
+    sent = (select(Step.id).join(Operation, col(Operation.id) == col(Step.op_id))
+            .where(col(Step.host) == host, col(Step.action).in_(list(actions)), free,
+                   col(Operation.state) == OpState.running, col(Operation.sent_stage) >= col(Step.stage))
+            .order_by(col(Step.id)).limit(most))
+    # ``free`` again on the row itself: on PostgreSQL, a task of this node taking the same rows at
+    # once makes this statement wait, then see each row as that one left it (running, this node's).
+    taken = list(session.exec(
+        update(Step).where(col(Step.id).in_(sent.scalar_subquery()), free)
+        .values(state=StepState.running, started_at=now, node=node, lease_until=now + timedelta(seconds=lease))
+        .returning(Step).execution_options(synchronize_session=False, populate_existing=True)).scalars())
+    session.exec(update(Host).where(col(Host.name) == host)
+                 .values(rung_at=now if len(taken) >= most else None).execution_options(synchronize_session=False))
+    return sorted(taken, key=lambda st: st.id or 0)
+
+
+def stage_left(*, session: Session, op_id: int, stage: int) -> int:
+    """Steps of the operation's stage not succeeded yet (as this session sees them)."""
+    return int(session.exec(select(func.count()).select_from(Step).where(
+        col(Step.op_id) == op_id, col(Step.stage) == stage, col(Step.state) != StepState.succeeded)).one())
 
 
 def get_operation(*, session: Session, op_id: int, for_update: bool = False) -> Operation:

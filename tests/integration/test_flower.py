@@ -1,8 +1,9 @@
 """Flower, started by ``orchestrator flower`` on the test platform's broker behind basic auth: an
-operator follows one redeploy there. Its steps are found through Flower's HTTP API, named
-``orchestrator.step.*`` with arguments that say which operation, environment, service, job and
-host each one serves (a batch of a host's starts or stops: every step and job it carries), and
-they match ``ops show --json``."""
+operator follows one redeploy there. Its steps are found through Flower's HTTP API: a step of its
+own is a task ``orchestrator.step.*`` whose arguments say which operation, environment, service,
+job and host it serves; a host's starts, stops and image checks are taken together by the task
+``orchestrator.step.host_steps`` of that host, whose result names every step it ran with its
+operation, job and action. They match ``ops show --json``."""
 
 from __future__ import annotations
 
@@ -60,18 +61,28 @@ def kwargs_of(task: dict[str, Any]) -> dict[str, Any]:
     return parsed
 
 
+def ran_for(task: dict[str, Any], op_id: int) -> list[dict[str, Any]]:
+    """The steps of operation ``op_id`` a host's ``host_steps`` task ran (its result, shown as its repr)."""
+    if task["name"] != "orchestrator.step.host_steps" or task.get("state") != "SUCCESS":
+        return []
+    result = ast.literal_eval(task.get("result") or "{}")
+    return [step for step in result["steps"] if step["op"] == op_id]
+
+
 def tasks_of_op(base: str, op_id: int) -> list[dict[str, Any]]:
     found = []
     for task in flower_tasks(base).values():
         kwargs = kwargs_of(task)
-        if kwargs.get("op") == op_id or kwargs.get("op_id") == op_id:
+        if kwargs.get("op") == op_id or kwargs.get("op_id") == op_id or ran_for(task, op_id):
             found.append({**task, "kwargs": kwargs})
     return found
 
 
-def jobs_of(kwargs: dict[str, Any]) -> list[str | None]:
-    """The jobs a step task serves: one step's, or every one of a batch (a host's starts or stops)."""
-    return list(kwargs["jobs"]) if "jobs" in kwargs else [kwargs["job"]]
+def served(task: dict[str, Any], op_id: int) -> list[tuple[str, str, str | None]]:
+    """(task name as the step's own, host, job) of each step of ``op_id`` a step task ran."""
+    if task["name"] == "orchestrator.step.host_steps":
+        return [(TASK_OF[step["action"]], task["kwargs"]["host"], step["job"]) for step in ran_for(task, op_id)]
+    return [(task["name"], task["kwargs"]["host"], task["kwargs"]["job"])]
 
 
 def follow_in_flower(base: str, op: dict[str, Any], timeout: float = 20) -> list[dict[str, Any]]:
@@ -82,7 +93,7 @@ def follow_in_flower(base: str, op: dict[str, Any], timeout: float = 20) -> list
     while True:
         tasks = tasks_of_op(base, op["id"])
         steps = [t for t in tasks if t["name"].startswith("orchestrator.step.") and t["state"] == "SUCCESS"]
-        seen = sorted((t["name"], t["kwargs"]["host"], job) for t in steps for job in jobs_of(t["kwargs"]))
+        seen = sorted(step for t in steps for step in served(t, op["id"]))
         finished = [t for t in tasks if t["name"] == "orchestrator.op.finish" and t["state"] == "SUCCESS"]
         if seen == wanted and finished:
             return tasks
@@ -113,23 +124,19 @@ def test_a_redeploy_is_followed_in_flower(flower: str, cli: Cli, env_name: str, 
 
     for task in tasks:
         kwargs = task["kwargs"]
-        assert (kwargs["env"], kwargs["service"]) == (env_name, "web"), task
         assert task["worker"].startswith(f"{node}@"), task  # run by the node of that host
+        if task["name"] == "orchestrator.step.host_steps":  # it serves whatever waited for the host
+            assert kwargs == {"host": node}, task
+            continue
+        assert (kwargs["env"], kwargs["service"]) == (env_name, "web"), task
         if task["name"].startswith("orchestrator.step."):
             assert kwargs["host"] == node and kwargs["op"] == op["id"], task
-    # Each start and stop names the job it serves, as ops show does: the host's two starts are
-    # one task (a batch), and so are its two stops.
-    jobs = {s["job"] for s in op["steps"] if s["action"] in ("start", "stop")}
-    steps = [t for t in tasks if t["name"].startswith("orchestrator.step.")]
-    assert {job for t in steps for job in jobs_of(t["kwargs"])} - {None} == jobs
-    batched = sorted(t["name"] for t in steps if "step_ids" in t["kwargs"])
-    assert batched == ["orchestrator.step.start_job", "orchestrator.step.stop_job"], steps
-    action_of = {s["job"]: s["action"] for s in op["steps"] if s["action"] in ("start", "stop")}
-    for task in steps:
-        if "step_ids" in task["kwargs"]:
-            assert len(task["kwargs"]["step_ids"]) == len(task["kwargs"]["jobs"]) == 2, task
-            assert {action_of[j] for j in task["kwargs"]["jobs"]} == \
-                {"start" if task["name"].endswith("start_job") else "stop"}, task
+    # Each start and stop is named with the job it serves, as ops show names it: the host's two
+    # starts were taken by one task, and so were its two stops (a stage after the other).
+    boxes = [sorted((step["action"], step["job"]) for step in ran_for(t, op["id"])) for t in tasks]
+    by_action = {action: sorted((a, s["job"]) for s in op["steps"] if (a := s["action"]) == action)
+                 for action in ("start", "stop")}
+    assert sorted(box for box in boxes if box) == [by_action["start"], by_action["stop"]], tasks
     # Between two stages, the advance that sent the next one (a message carries its own steps,
     # never the stages after them); each stage once.
     advances = sorted(t["kwargs"]["stage"] for t in tasks

@@ -344,7 +344,14 @@ class BrokerDown:
     """A Dispatch whose broker cannot be reached."""
 
     def send_stage(self, op_id: int, stages: Sequence[Sequence[StepRow]], index: int, *, env: str,
-                   service: str) -> None:
+                   service: str, rung: Sequence[str] = ()) -> None:
+        raise SendFailed("connection refused")
+
+    def send_host_steps(self, hosts: Sequence[str]) -> None:
+        raise SendFailed("connection refused")
+
+    def send_next(self, op_id: int, stages: Sequence[Sequence[StepRow]], ended: int, *, env: str,
+                  service: str) -> None:
         raise SendFailed("connection refused")
 
     def send_finish(self, op_id: int, *, env: str, service: str, host: str | None) -> None:

@@ -318,11 +318,13 @@ def test_a_batch_signature_names_every_step_and_job_and_takes_its_first_steps_ta
     assert one.kwargs == {"op": 4, "env": "e", "service": "s", "host": "h1", "step_id": 8, "job": "j8"}
 
 
-def test_a_stage_is_sent_with_a_small_callback_never_with_the_stages_after_it(
+def test_a_stage_is_sent_alone_its_boxed_steps_as_a_task_per_rung_host_and_what_follows_by_its_end(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A chain sent whole puts every later stage into each message of the first (a 200-host
-    operation's first 200 messages held 200 steps each, 94 KB; now 1.6 KB): a message holds its
-    own steps and the callback, the advance to the next stage (or, after the last, the finish)."""
+    operation's first 200 messages held 200 steps each, 94 KB). A stage goes alone: its boxed
+    steps (starts, stops) as one small task to each host rung for them, which takes whatever waits
+    for it; any other step as a task of its own. No callback travels with them: the step that
+    ends a stage asks for the advance to the next (or, after the last, the finish)."""
     sent: list[Any] = []
     monkeypatch.setattr(dispatch_module, "_send", lambda canvas, _app: sent.append(canvas))
     hosts = 200
@@ -332,21 +334,25 @@ def test_a_stage_is_sent_with_a_small_callback_never_with_the_stages_after_it(
     stops = [Step(id=2000 + i, op_id=4, stage=2, action=StepAction.stop, host=f"h{i}", job_id=f"o{i}", name="x")
              for i in range(hosts)]
     stages = [starts, wait, stops]
+    assert dispatch_module.boxed_hosts(starts) == sorted(f"h{i}" for i in range(hosts))
     celery = CeleryDispatch(Celery(set_as_current=False))
-    for index in range(3):
-        celery.send_stage(4, stages, index, env="e", service="s")
-    first, middle, last = sent  # a chord (a group, then its callback); a chain of one task and its callback
-    callback = first.body
-    assert [sig.kwargs["step_id"] for sig in first.tasks] == [s.id for s in starts]
-    assert (callback.task, callback.kwargs) == ("orchestrator.op.advance",
-                                                {"op_id": 4, "stage": 1, "env": "e", "service": "s"})
-    assert callback.options["queue"] == "host.h0"  # the node of the first host, as the finish
-    encoded = json.dumps(first)  # what goes to the broker, each header message with the callback
-    assert not any(f'"o{i}"' in encoded for i in range(hosts))  # no stop of the last stage in it
-    assert len(encoded) < hosts * 500
-    assert [sig.kwargs.get("step_id") for sig in middle.tasks] == [1000, None]
-    assert middle.tasks[1].kwargs["stage"] == 2
-    assert last.body.task == "orchestrator.op.finish"
+    celery.send_stage(4, stages, 0, env="e", service="s", rung=[f"h{i}" for i in range(0, hosts, 2)])
+    celery.send_stage(4, stages, 1, env="e", service="s")
+    celery.send_stage(4, stages, 2, env="e", service="s", rung=[])  # every host rung already: nothing
+    first, middle = sent
+    assert [(sig.task, sig.kwargs, sig.options["queue"]) for sig in first.tasks] == \
+        [("orchestrator.step.host_steps", {"host": f"h{i}"}, f"host.h{i}") for i in range(0, hosts, 2)]
+    assert len(json.dumps(first)) < hosts * 100
+    assert (middle.task, middle.kwargs["step_id"], middle.options["queue"]) == ("orchestrator.step.wait", 1000,
+                                                                                "host.h0")
+    sent.clear()
+    celery.send_next(4, stages, 0, env="e", service="s")
+    celery.send_next(4, stages, 2, env="e", service="s")
+    advance, finish = sent
+    assert (advance.task, advance.kwargs) == ("orchestrator.op.advance",
+                                              {"op_id": 4, "stage": 1, "env": "e", "service": "s"})
+    assert advance.options["queue"] == finish.options["queue"] == "host.h0"  # the node of the first host
+    assert finish.task == "orchestrator.op.finish"
 
 
 def a_hosts_starts(world: World) -> tuple[int, str, list[Step]]:

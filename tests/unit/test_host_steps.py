@@ -1,0 +1,147 @@
+"""A node takes every step waiting for its host (starts, stops, image checks, of every operation)
+in one task: ``catalogue.ring_hosts`` (a task is sent to a host only when none is on its way),
+``catalogue.claim_host_steps``, ``workers.tasks.run_host_steps``, and the step that ends a stage
+asking for what follows (``operations.stage_ended``); ``catalogue.ring_late_hosts`` for a task
+whose message was lost."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sqlalchemy import update
+from sqlmodel import col
+
+from orchestrator import catalogue, operations, requests
+from orchestrator.dispatch import BOXED
+from orchestrator.models import Host, JobState, OpState, Step, StepAction, StepState, utcnow
+from tests.unit.world import ENV, World
+from workers.inline import SentAdvance, SentChain, SentFinish
+from workers.tasks import run_host_steps
+
+
+def two_redeploys(world: World) -> tuple[int, int]:
+    """Services a and b of 4 jobs on h1 and h2, then both redeployed at once (stops, then
+    starts): their first stages are sent (their hosts rung); the inline twin's own messages for
+    them are dropped: the nodes take the steps."""
+    world.code_service("a", scale=4)
+    world.code_service("b", scale=4)
+    a = requests.request_redeploy(world.platform, env=ENV, service="a").id or 0
+    b = requests.request_redeploy(world.platform, env=ENV, service="b").id or 0
+    world.dispatch.sent = [m for m in world.dispatch.sent if not isinstance(m, SentChain)]
+    return a, b
+
+
+def advance_all(world: World) -> list[int]:
+    """Run the advances the stages' last steps asked for (their stages' steps go to the hosts'
+    boxes: the inline twin's messages for them are dropped); the operations advanced."""
+    advanced = []
+    for message in [m for m in world.dispatch.sent if isinstance(m, SentAdvance)]:
+        world.dispatch.sent.remove(message)
+        assert operations.advance(world.platform, message.op_id, message.stage, env=message.env,
+                                  service=message.service)
+        advanced.append(message.op_id)
+    world.dispatch.sent = [m for m in world.dispatch.sent if not isinstance(m, SentChain)]
+    return sorted(advanced)
+
+
+def test_a_host_s_steps_of_two_operations_are_taken_and_run_by_one_task(world: World) -> None:
+    a, b = two_redeploys(world)
+    stages = {op: {st.stage for st in world.steps(op)} for op in (a, b)}
+    assert stages[a] == stages[b] == {0, 1}, stages  # stops, then starts
+    assert world.host("h1").rung_at is not None and world.host("h2").rung_at is not None
+
+    for host in ("h1", "h2"):
+        ran = run_host_steps(world.node(host))
+        stops = [st for op in (a, b) for st in world.steps(op, StepAction.stop) if st.host == host]
+        assert sorted(r["step"] for r in ran) == sorted(st.id for st in stops) and len(stops) == 4, ran
+        assert {r["op"] for r in ran} == {a, b} and {r["action"] for r in ran} == {"stop"}, ran
+        assert world.host(host).rung_at is None  # taken: the next sent step rings it again
+    # The second host's stops ended both first stages: each asks for its advance, once.
+    assert advance_all(world) == [a, b]
+    assert {st.state for op in (a, b) for st in world.steps(op, StepAction.stop)} == {StepState.succeeded}
+
+    for host in ("h1", "h2"):
+        ran = run_host_steps(world.node(host))
+        starts = [st for op in (a, b) for st in world.steps(op, StepAction.start) if st.host == host]
+        assert sorted(r["step"] for r in ran) == sorted(st.id for st in starts), ran
+        assert {r["op"] for r in ran} == {a, b} and {r["action"] for r in ran} == {"start"}
+        assert {r["job"] for r in ran} == {st.job_id for st in starts}
+    assert run_host_steps(world.node("h1")) == []  # nothing waits any more
+    finishes = sorted(m.op_id for m in world.dispatch.sent if isinstance(m, SentFinish))
+    assert finishes == [a, b]  # after the last stage, the finish
+    world.run_all()
+    assert [world.operation(op).state for op in (a, b)] == [OpState.succeeded, OpState.succeeded]
+    for service in ("a", "b"):
+        assert [j.state for j in world.jobs(service)] == [JobState.running] * 4
+    assert len(world.all_containers("a")) == len(world.all_containers("b")) == 4
+
+
+def test_a_host_is_rung_once_until_its_node_takes_its_steps(world: World) -> None:
+    with world.platform.session() as s:
+        assert catalogue.ring_hosts(session=s, hosts=["h2", "h1", "h1"], stale_after=30) == ["h1", "h2"]
+        assert catalogue.ring_hosts(session=s, hosts=["h1", "h2"], stale_after=30) == []  # one on its way
+        s.exec(update(Host).where(col(Host.name) == "h1").values(rung_at=utcnow() - timedelta(seconds=31)))
+        assert catalogue.ring_hosts(session=s, hosts=["h1", "h2"], stale_after=30) == ["h1"]  # lost? once more
+        s.commit()
+
+
+def test_a_node_takes_at_most_so_many_steps_and_stays_rung_for_the_rest(world: World) -> None:
+    a, b = two_redeploys(world)
+    node = world.node("h1")
+    waiting = [st for op in (a, b) for st in world.steps(op, StepAction.stop) if st.host == "h1"]
+    assert len(waiting) == 4
+    with world.platform.session() as s:
+        first = catalogue.claim_host_steps(session=s, host="h1", node=node.node_id, lease=15,
+                                           actions=sorted(BOXED), most=1)
+        s.commit()
+    assert [st.id for st in first] == [min(st.id or 0 for st in waiting)]  # in the order planned
+    assert first[0].state == StepState.running and first[0].node == node.node_id
+    assert world.host("h1").rung_at is not None  # full: the node sends itself another task
+    with world.platform.session() as s:
+        rest = catalogue.claim_host_steps(session=s, host="h1", node=node.node_id, lease=15,
+                                          actions=sorted(BOXED), most=5)
+        s.commit()
+    assert [st.id for st in rest] == sorted(st.id or 0 for st in waiting)[1:]
+    assert world.host("h1").rung_at is None
+    # Nothing of a stage not sent yet (the starts wait for their advance), nor of another host.
+    later = [st for op in (a, b) for st in world.steps(op, StepAction.start)]
+    assert later and {st.state for st in later} == {StepState.pending}
+
+
+def test_steps_a_previous_process_of_the_host_s_node_began_are_taken_over_not_those_of_this_one(
+        world: World) -> None:
+    a, b = two_redeploys(world)
+    before = next(st for st in world.steps(a, StepAction.stop) if st.host == "h1")
+    mine = next(st for st in world.steps(b, StepAction.stop) if st.host == "h1")
+    with world.platform.session() as s:
+        s.exec(update(Step).where(col(Step.id) == before.id).values(state=StepState.running, node="h1/0ldinc4r"))
+        s.exec(update(Step).where(col(Step.id) == mine.id).values(state=StepState.running, node="h1/n3wn0de1"))
+        s.exec(update(Step).where(col(Step.id).not_in([before.id, mine.id]))
+               .values(state=StepState.running, node="h1x/0ldinc4r"))  # (not h1's node: h1x's)
+        s.commit()
+    with world.platform.session() as s:
+        taken = catalogue.claim_host_steps(session=s, host="h1", node="h1/n3wn0de1", lease=15,
+                                           actions=sorted(BOXED), most=64)
+        s.commit()
+    # The old process's step is this one's now; its own running step is another of its tasks'.
+    assert [(st.id, st.node) for st in taken] == [(before.id, "h1/n3wn0de1")]
+
+
+def test_a_host_rung_long_ago_whose_node_took_nothing_is_rung_again_while_steps_wait(world: World) -> None:
+    two_redeploys(world)
+    late = world.platform.settings.orphan_after
+    long_ago = utcnow() - timedelta(seconds=late + 1)
+    with world.platform.session() as s:
+        s.exec(update(Host).values(rung_at=long_ago))
+        s.commit()
+    run_host_steps(world.node("h2"))  # h2's node took its steps (and was no longer rung)
+    with world.platform.session() as s:
+        s.exec(update(Host).where(col(Host.name) == "h2").values(rung_at=long_ago))
+        s.commit()
+    with world.platform.session() as s:
+        assert catalogue.ring_late_hosts(session=s, stale_after=late, actions=sorted(BOXED)) == ["h1"]
+        s.commit()
+    assert world.host("h1").rung_at is not None and world.host("h1").rung_at > long_ago
+    assert world.host("h2").rung_at is None  # nothing waits for it: no longer rung
+    world.watch()  # the watcher's pass does the same (nothing is late now)
+    assert world.host("h1").rung_at is not None

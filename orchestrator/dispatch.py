@@ -64,11 +64,12 @@ MAX_BATCH = 16
 # Actions whose steps wait in the catalogue for their host's node (the steps of a host, of
 # every operation, taken together): those of ``BATCHED``, and a host's image check.
 BOXED = frozenset({StepAction.start, StepAction.stop, StepAction.check_image})
-# Steps a node takes from its box in one task at most (it sends itself another for the rest).
-# A host rung (a task sent to it) whose node has taken nothing ``orphan_after`` seconds later
-# is rung again: the task's message may have been lost, with a node that died holding it or a
-# process that died between ringing and sending.
-MAX_BOX = 64
+# Steps a node takes from its box in one task at most (it sends itself another for the rest):
+# as many as it runs at once, so that none is marked running while it waits for a thread (a
+# cancel skips what has not begun). A host rung (a task sent to it) whose node has taken
+# nothing ``orphan_after`` seconds later is rung again: the task's message may have been lost,
+# with a node that died holding it or a process that died between ringing and sending.
+MAX_BOX = MAX_BATCH
 
 
 def boxed_hosts(stage: Sequence[Step]) -> list[str]:

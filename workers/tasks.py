@@ -105,7 +105,11 @@ def _begin_all(s: Session, node: NodeContext, step_ids: Sequence[int],
     begun: Begun = []
     skipped: dict[int, dict[str, Any]] = {}
     refused: list[str] = []
+    here = set(node.working_on())
     for step_id in step_ids:
+        if step_id in here:  # another task of this process runs it right now: not twice at once
+            skipped[step_id] = {"step": step_id, "skipped": True, "running": True}
+            continue
         step = catalogue.begin_step(session=s, step_id=step_id, node=node.node_id, lease=lease)
         if step is None:
             # Already running: a redelivery after a lost node, or a wait asking again. Run again
@@ -209,16 +213,17 @@ def _end_all(node: NodeContext, begun: Begun, outcomes: Sequence[Outcome], work:
 def run_host_steps(node: NodeContext) -> list[dict[str, Any]]:
     """Take every step waiting for this node's host (``dispatch.BOXED``: of every operation,
     ``MAX_BOX`` at most; another task is sent for the rest) and run them side by side, each
-    ended as soon as its work is done (a slow start holds up no other step's end). Each step
-    ends as ``run_steps`` ends it, asks for its operation's finish if it failed, and for what
-    follows its stage if it was the stage's last. Returns each step's result, with its
-    operation, job and action; raises StepFailed (after all ended) if any failed."""
+    ended as soon as its work is done, and then at once asking for its operation's finish if it
+    failed, or for what follows its stage if it was the stage's last (a slow start holds up no
+    other step, of its operation or another). Returns each step's result, with its operation,
+    job and action; raises StepFailed (after all ended) if any failed."""
     p = node.platform
     lease = p.settings.step_lease
 
     def claim(s: Session) -> list[tuple[Step, Job | None]]:
         taken = catalogue.claim_host_steps(session=s, host=node.host, node=node.node_id, lease=lease,
-                                           actions=sorted(BOXED), most=MAX_BOX)
+                                           actions=sorted(BOXED), most=MAX_BOX,
+                                           silent_since=2 * p.settings.heartbeat_interval)
         begun: list[tuple[Step, Job | None]] = []
         for step in taken:
             move = WORK_OF[step.action].job_on_begin
@@ -241,8 +246,18 @@ def run_host_steps(node: NodeContext) -> list[dict[str, Any]]:
     step_ids = [step.id or 0 for step, _ in begun]
 
     def act_and_end(begun_step: tuple[Step, Job | None]) -> Ended:
-        work = WORK_OF[begun_step[0].action]
-        return _end_all(node, [begun_step], _act_all(node, [begun_step], work), work)
+        step = begun_step[0]
+        work = WORK_OF[step.action]
+        ended = _end_all(node, [begun_step], _act_all(node, [begun_step], work), work)
+        try:  # at once: another operation's slow step in this box holds up nothing of this one
+            if ended.failed:
+                p.dispatch.send_finish(step.op_id, env="", service="", host=node.host)
+            for op_id, stage in ended.stages_done:
+                operations.stage_ended(p, op_id, stage)
+        except (SendFailed, SQLAlchemyError) as exc:  # the fleet watcher makes up for it
+            log.warning("operation %s: what follows step %s could not be asked for (%s)", step.op_id, step.id,
+                        one_line(exc))
+        return ended
 
     with node.working(*step_ids), \
             ThreadPoolExecutor(max_workers=min(len(begun), MAX_BATCH), thread_name_prefix="step") as pool:
@@ -260,13 +275,6 @@ def run_host_steps(node: NodeContext) -> list[dict[str, Any]]:
             problems.append(ended.lost[0])
         else:
             results.append({**ended.results[step.id or 0], **about})
-    for op_id in sorted({step.op_id for (step, _), ended in zip(begun, ends, strict=True) if ended.failed}):
-        try:
-            p.dispatch.send_finish(op_id, env="", service="", host=node.host)
-        except SendFailed as exc:  # the fleet watcher finishes an operation with a failed step
-            log.warning("operation %s: its finish could not be sent (%s)", op_id, exc)
-    for op_id, stage in sorted({done for ended in ends for done in ended.stages_done}):
-        operations.stage_ended(p, op_id, stage)
     if problems:  # Flower shows the task failed: with what failed, and what else it ran
         done = [f"step {r['step']} (operation {r['op']})" for r in results if "failed" not in r]
         raise StepFailed("; ".join(problems) + (f"; succeeded: {', '.join(done)}" if done else ""))
@@ -720,11 +728,12 @@ def _run_again(node: NodeContext, step_ids: Sequence[int]) -> list[dict[str, Any
     """Steps a node took from its box, run again as ``run_steps`` runs a redelivered task's:
     taken over (or skipped if they ended), a batch per action."""
     with node.platform.reader() as s:
-        actions = {step.id: step.action for step in s.exec(select(Step).where(col(Step.id).in_(list(step_ids))))}
+        actions = {step.id: (step.op_id, step.action)
+                   for step in s.exec(select(Step).where(col(Step.id).in_(list(step_ids))))}
     results: list[dict[str, Any]] = []
     problems: list[str] = []
-    for action in sorted(set(actions.values())):
-        mine = [i for i in step_ids if actions.get(i) == action]
+    for op_id, action in sorted(set(actions.values())):  # a batch as run_steps knows them: one operation's
+        mine = [i for i in step_ids if actions.get(i) == (op_id, action)]
         try:
             results += run_steps(node, mine, WORK_OF[action])
         except StepFailed as exc:

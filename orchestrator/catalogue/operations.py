@@ -116,6 +116,11 @@ def ring_hosts(*, session: Session, hosts: Sequence[str], stale_after: float) ->
     a node that takes its steps in between (``claim_host_steps``) takes these too."""
     if not hosts:
         return []
+    # Their rows locked first, whatever they hold (PostgreSQL; SQLite's writer holds the whole
+    # file): a node taking its steps meanwhile (``claim_host_steps`` locks its host's row first)
+    # is waited for, and its "taken, no longer rung" is what this then sees, not the mark before.
+    session.exec(select(Host.id).where(col(Host.name).in_(sorted(set(hosts)))).order_by(col(Host.name))
+                 .with_for_update())
     now = utcnow()
     rung = session.exec(
         update(Host).where(col(Host.name).in_(sorted(set(hosts))),
@@ -142,17 +147,22 @@ def ring_late_hosts(*, session: Session, stale_after: float, actions: Sequence[S
 
 
 def claim_host_steps(*, session: Session, host: str, node: str, lease: float, actions: Sequence[StepAction],
-                     most: int) -> list[Step]:
+                     most: int, silent_since: float) -> list[Step]:
     """The steps of ``actions`` waiting for ``host``'s node, begun by ``node`` (running, leased),
     in the order they were planned, ``most`` at most: those of a stage already sent (of a running
-    operation sent a stage at a time), and those a previous process of this host's node began and
-    did not end (it stopped: its message comes again, or a later one takes them over). The host's
-    mark of a task sent (``ring_hosts``) is taken down with them, or kept when ``most`` were taken
-    (the caller runs again)."""
+    operation sent a stage at a time), and those another process of this host's node began and
+    has not renewed the lease of for ``silent_since`` seconds (it stopped: its message comes
+    again, or a later one takes them over). The host's mark of a task sent (``ring_hosts``) is
+    taken down with them, or kept when ``most`` were taken (the caller runs again). The host's
+    row is locked first (PostgreSQL): claims of one host, and a ring, go one after the other."""
     now = utcnow()
+    session.exec(update(Host).where(col(Host.name) == host).values(rung_at=None)
+                 .execution_options(synchronize_session=False))
+    renewed_before = now + timedelta(seconds=lease - silent_since)  # its lease_until if renewed then
     free = or_(col(Step.state) == StepState.pending,
                and_(col(Step.state) == StepState.running, col(Step.node) != node,
-                    col(Step.node).startswith(f"{host}/", autoescape=True)))
+                    col(Step.node).startswith(f"{host}/", autoescape=True),
+                    col(Step.lease_until) < renewed_before))
     sent = (select(Step.id).join(Operation, col(Operation.id) == col(Step.op_id))
             .where(col(Step.host) == host, col(Step.action).in_(list(actions)), free,
                    col(Operation.state) == OpState.running, col(Operation.sent_stage) >= col(Step.stage))
@@ -163,8 +173,9 @@ def claim_host_steps(*, session: Session, host: str, node: str, lease: float, ac
         update(Step).where(col(Step.id).in_(sent.scalar_subquery()), free)
         .values(state=StepState.running, started_at=now, node=node, lease_until=now + timedelta(seconds=lease))
         .returning(Step).execution_options(synchronize_session=False, populate_existing=True)).scalars())
-    session.exec(update(Host).where(col(Host.name) == host)
-                 .values(rung_at=now if len(taken) >= most else None).execution_options(synchronize_session=False))
+    if len(taken) >= most:
+        session.exec(update(Host).where(col(Host.name) == host).values(rung_at=now)
+                     .execution_options(synchronize_session=False))
     return sorted(taken, key=lambda st: st.id or 0)
 
 

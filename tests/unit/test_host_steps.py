@@ -92,14 +92,14 @@ def test_a_node_takes_at_most_so_many_steps_and_stays_rung_for_the_rest(world: W
     assert len(waiting) == 4
     with world.platform.session() as s:
         first = catalogue.claim_host_steps(session=s, host="h1", node=node.node_id, lease=15,
-                                           actions=sorted(BOXED), most=1)
+                                           actions=sorted(BOXED), most=1, silent_since=4)
         s.commit()
     assert [st.id for st in first] == [min(st.id or 0 for st in waiting)]  # in the order planned
     assert first[0].state == StepState.running and first[0].node == node.node_id
     assert world.host("h1").rung_at is not None  # full: the node sends itself another task
     with world.platform.session() as s:
         rest = catalogue.claim_host_steps(session=s, host="h1", node=node.node_id, lease=15,
-                                          actions=sorted(BOXED), most=5)
+                                          actions=sorted(BOXED), most=5, silent_since=4)
         s.commit()
     assert [st.id for st in rest] == sorted(st.id or 0 for st in waiting)[1:]
     assert world.host("h1").rung_at is None
@@ -113,17 +113,23 @@ def test_steps_a_previous_process_of_the_host_s_node_began_are_taken_over_not_th
     a, b = two_redeploys(world)
     before = next(st for st in world.steps(a, StepAction.stop) if st.host == "h1")
     mine = next(st for st in world.steps(b, StepAction.stop) if st.host == "h1")
+    live = next(st for st in world.steps(b, StepAction.stop) if st.host == "h1" and st.id != mine.id)
     with world.platform.session() as s:
-        s.exec(update(Step).where(col(Step.id) == before.id).values(state=StepState.running, node="h1/0ldinc4r"))
+        # Leases are of 15 s, renewed at every heartbeat: one renewed 15 s ago, one just now.
+        s.exec(update(Step).where(col(Step.id) == before.id).values(state=StepState.running, node="h1/0ldinc4r",
+                                                                   lease_until=utcnow()))
+        s.exec(update(Step).where(col(Step.id) == live.id).values(
+            state=StepState.running, node="h1/0th3rn0d", lease_until=utcnow() + timedelta(seconds=15)))
         s.exec(update(Step).where(col(Step.id) == mine.id).values(state=StepState.running, node="h1/n3wn0de1"))
-        s.exec(update(Step).where(col(Step.id).not_in([before.id, mine.id]))
+        s.exec(update(Step).where(col(Step.id).not_in([before.id, mine.id, live.id]))
                .values(state=StepState.running, node="h1x/0ldinc4r"))  # (not h1's node: h1x's)
         s.commit()
     with world.platform.session() as s:
         taken = catalogue.claim_host_steps(session=s, host="h1", node="h1/n3wn0de1", lease=15,
-                                           actions=sorted(BOXED), most=64)
+                                           actions=sorted(BOXED), most=64, silent_since=4)
         s.commit()
-    # The old process's step is this one's now; its own running step is another of its tasks'.
+    # The silent process's step is this one's now; not the one another process renews (a node
+    # started twice), nor its own running step (another of its tasks runs it).
     assert [(st.id, st.node) for st in taken] == [(before.id, "h1/n3wn0de1")]
 
 

@@ -224,16 +224,15 @@ def run_host_steps(node: NodeContext) -> list[dict[str, Any]]:
         taken = catalogue.claim_host_steps(session=s, host=node.host, node=node.node_id, lease=lease,
                                            actions=sorted(BOXED), most=MAX_BOX,
                                            silent_since=2 * p.settings.heartbeat_interval)
-        begun: list[tuple[Step, Job | None]] = []
+        jobs: dict[str, Job] = {}  # each job moved as its step begins: one statement per state
+        moves: dict[JobState | None, list[str]] = {}
         for step in taken:
-            move = WORK_OF[step.action].job_on_begin
-            job = None
-            if step.job_id and move is not None:
-                job = catalogue.move_job(session=s, job_id=step.job_id, state=move)
-            elif step.job_id:
-                job = s.get(Job, step.job_id)
-            begun.append((step, job))
-        return begun
+            if step.job_id:
+                moves.setdefault(WORK_OF[step.action].job_on_begin, []).append(step.job_id)
+        for state, job_ids in moves.items():
+            jobs.update(catalogue.jobs_by_id(session=s, job_ids=job_ids) if state is None
+                        else catalogue.move_jobs(session=s, job_ids=job_ids, state=state))
+        return [(step, jobs.get(step.job_id) if step.job_id else None) for step in taken]
 
     begun = p.together.run(claim)
     if len(begun) >= MAX_BOX:  # more may wait: another task takes them (the host stays rung)
@@ -259,10 +258,13 @@ def run_host_steps(node: NodeContext) -> list[dict[str, Any]]:
                         one_line(exc))
         return ended
 
-    with node.working(*step_ids), \
-            ThreadPoolExecutor(max_workers=min(len(begun), MAX_BATCH), thread_name_prefix="step") as pool:
+    with node.working(*step_ids):
         try:
-            ends = list(pool.map(act_and_end, begun))
+            if len(begun) == 1:  # (a lone one in this thread)
+                ends = [act_and_end(begun[0])]
+            else:
+                with ThreadPoolExecutor(max_workers=min(len(begun), MAX_BATCH), thread_name_prefix="step") as pool:
+                    ends = list(pool.map(act_and_end, begun))
         except SQLAlchemyError as exc:
             raise CatalogueFailed(step_ids) from exc
     results, problems = [], []

@@ -110,6 +110,21 @@ def move_job(*, session: Session, job_id: str, state: JobState) -> Job | None:
     return moved.scalars().one_or_none()
 
 
+def move_jobs(*, session: Session, job_ids: Sequence[str], state: JobState) -> dict[str, Job]:
+    """``move_job`` of several jobs in one statement: the jobs moved, by id."""
+    if not job_ids:
+        return {}
+    moved = session.exec(update(Job).where(col(Job.id).in_(list(job_ids))).values(**_job_values(state, None, None))
+                         .returning(Job).execution_options(synchronize_session=False, populate_existing=True))
+    return {job.id: job for job in moved.scalars()}
+
+
+def jobs_by_id(*, session: Session, job_ids: Sequence[str]) -> dict[str, Job]:
+    if not job_ids:
+        return {}
+    return {job.id: job for job in session.exec(select(Job).where(col(Job.id).in_(list(job_ids))))}
+
+
 def _job_values(state: JobState, container_id: str | None, error: str | None) -> dict[str, object]:
     values: dict[str, object] = {"state": state}
     if container_id is not None:

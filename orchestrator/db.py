@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import Enum as SAEnum
 from sqlalchemy import Update, event, inspect
 from sqlalchemy.engine import Engine
+from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import Session, SQLModel, create_engine
 
 from orchestrator import models  # noqa: F401  (registers the tables)
@@ -281,17 +282,20 @@ def session(engine: Engine) -> Session:
     return Session(engine, expire_on_commit=False)
 
 
-def update_rows(session: Session, statement: Update, model: type[SQLModel], ident: Any) -> int:
-    """Run an UPDATE of ``model``'s row ``ident`` as plain SQL: the rows it changed. The ORM's
-    own bulk UPDATE also brings every loaded object it may match up to date in Python, by
-    evaluating its WHERE against each one in the session (a node's shared transaction holds many:
-    that was a quarter of a node's CPU per step); here the session's copy of that one row, if it
-    holds it, is expired instead, and loads again when next read. Pending changes are flushed
-    first, as the ORM's autoflush would."""
+def update_rows(session: Session, statement: Update, model: type[SQLModel], ident: Any,
+                values: dict[str, Any]) -> int:
+    """Run an UPDATE of ``model``'s row ``ident`` that sets ``values`` as plain SQL: the rows it
+    changed. The ORM's own bulk UPDATE also brings every loaded object it may match up to date
+    in Python, by evaluating its WHERE against each one in the session (a node's shared
+    transaction holds many: that was a quarter of a node's CPU per step); here only the session's
+    copy of that one row, if it holds it, gets ``values`` (as loaded, not as changes to write; not
+    expired: another work of a shared transaction may read its copy once the session closed).
+    Pending changes are flushed first, as the ORM's autoflush would."""
     session.flush()
-    changed = session.connection().execute(statement).rowcount
+    changed = session.connection().execute(statement.values(**values)).rowcount
     if changed:
         loaded = session.identity_map.get(session.identity_key(model, ident))
         if loaded is not None:
-            session.expire(loaded)
+            for name, value in values.items():
+                set_committed_value(loaded, name, value)
     return int(changed)

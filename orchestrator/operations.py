@@ -102,6 +102,7 @@ def _start(p: Platform, op: Operation) -> bool:
     try:
         p.dispatch.send_stage(op_id, stages, 0, env=env_name, service=svc_name, rung=rung)
     except SendFailed as exc:  # nothing ran: say so and free the service
+        _unring(p, rung)
         abandon(p, op_id, f"could not send the operation to the broker: {exc}", start=False)
         return False
     with p.session() as s:
@@ -138,8 +139,17 @@ def advance(p: Platform, op_id: int, stage: int, *, env: str, service: str) -> b
     except SendFailed as exc:
         log.warning("operation %s: stage %s could not be sent (%s); its steps will be failed as never "
                     "picked up", op_id, stage, exc)
+        _unring(p, rung)
         return False
     return True
+
+
+def _unring(p: Platform, hosts: Sequence[str]) -> None:
+    """Hosts rung for a send that failed: no task is on its way (the next sent step rings them)."""
+    if hosts:
+        with p.session() as s:
+            catalogue.unring_hosts(session=s, hosts=hosts)
+            s.commit()
 
 
 def stage_ended(p: Platform, op_id: int, stage: int) -> None:

@@ -87,8 +87,11 @@ def run_steps(node: NodeContext, step_ids: Sequence[int], work: Work, *, env: st
         ended = _end_all(node, begun, outcomes, work)
     if ended.failed:
         p.dispatch.send_finish(begun[0][0].op_id, env=env, service=service, host=node.host)
-    for op_id, stage in ended.stages_done:
-        operations.stage_ended(p, op_id, stage)
+    try:
+        for op_id, stage in ended.stages_done:
+            operations.stage_ended(p, op_id, stage)
+    except SQLAlchemyError as exc:  # the steps ended: the fleet watcher sends what follows
+        log.warning("steps %s: what follows their stage could not be asked for (%s)", list(step_ids), one_line(exc))
     if ended.failed or ended.lost or refused:  # (whoever failed a lost step asked for the finish)
         raise StepFailed("; ".join(ended.failed + ended.lost + refused))
     return [skipped.get(i) or ended.results[i] for i in step_ids]
@@ -204,9 +207,12 @@ def _end_all(node: NodeContext, begun: Begun, outcomes: Sequence[Outcome], work:
     p = node.platform
     ended = p.together.run(end)
     if ended.stages_left and p.engine.dialect.name != "sqlite":
-        with p.reader() as s:
-            ended.stages_done += [pair for pair in ended.stages_left
-                                  if catalogue.stage_left(session=s, op_id=pair[0], stage=pair[1]) == 0]
+        try:
+            with p.reader() as s:
+                ended.stages_done += [pair for pair in ended.stages_left
+                                      if catalogue.stage_left(session=s, op_id=pair[0], stage=pair[1]) == 0]
+        except SQLAlchemyError as exc:  # the steps ended: the fleet watcher sends what follows
+            log.warning("stages %s: could not be looked at again (%s)", ended.stages_left, one_line(exc))
     return ended
 
 
@@ -220,10 +226,13 @@ def run_host_steps(node: NodeContext) -> list[dict[str, Any]]:
     p = node.platform
     lease = p.settings.step_lease
 
+    more = False  # more wait than were taken
+
     def claim(s: Session) -> list[tuple[Step, Job | None]]:
-        taken = catalogue.claim_host_steps(session=s, host=node.host, node=node.node_id, lease=lease,
-                                           actions=sorted(BOXED), most=MAX_BOX,
-                                           silent_since=2 * p.settings.heartbeat_interval)
+        nonlocal more
+        taken, more = catalogue.claim_host_steps(session=s, host=node.host, node=node.node_id, lease=lease,
+                                                 actions=sorted(BOXED), most=MAX_BOX,
+                                                 silent_since=2 * p.settings.heartbeat_interval)
         jobs: dict[str, Job] = {}  # each job moved as its step begins: one statement per state
         moves: dict[JobState | None, list[str]] = {}
         for step in taken:
@@ -235,14 +244,22 @@ def run_host_steps(node: NodeContext) -> list[dict[str, Any]]:
         return [(step, jobs.get(step.job_id) if step.job_id else None) for step in taken]
 
     begun = p.together.run(claim)
-    if len(begun) >= MAX_BOX:  # more may wait: another task takes them (the host stays rung)
-        try:
-            p.dispatch.send_host_steps([node.host])
-        except SendFailed as exc:
-            log.warning("host %s: the task for its remaining steps could not be sent (%s)", node.host, exc)
-    if not begun:
-        return []
     step_ids = [step.id or 0 for step, _ in begun]
+    with node.working(*step_ids):  # their leases renewed from now on (the send below may be slow)
+        if more:  # another task takes the rest (the host stays rung)
+            try:
+                p.dispatch.send_host_steps([node.host])
+            except SendFailed as exc:
+                log.warning("host %s: the task for its remaining steps could not be sent (%s)", node.host, exc)
+        if not begun:
+            return []
+        return _run_box(node, begun, step_ids)
+
+
+def _run_box(node: NodeContext, begun: Sequence[tuple[Step, Job | None]],
+             step_ids: Sequence[int]) -> list[dict[str, Any]]:
+    """The steps a node took from its box, run side by side (see ``run_host_steps``)."""
+    p = node.platform
 
     def act_and_end(begun_step: tuple[Step, Job | None]) -> Ended:
         step = begun_step[0]
@@ -258,15 +275,14 @@ def run_host_steps(node: NodeContext) -> list[dict[str, Any]]:
                         one_line(exc))
         return ended
 
-    with node.working(*step_ids):
-        try:
-            if len(begun) == 1:  # (a lone one in this thread)
-                ends = [act_and_end(begun[0])]
-            else:
-                with ThreadPoolExecutor(max_workers=min(len(begun), MAX_BATCH), thread_name_prefix="step") as pool:
-                    ends = list(pool.map(act_and_end, begun))
-        except SQLAlchemyError as exc:
-            raise CatalogueFailed(step_ids) from exc
+    try:
+        if len(begun) == 1:  # (a lone one in this thread)
+            ends = [act_and_end(begun[0])]
+        else:
+            with ThreadPoolExecutor(max_workers=min(len(begun), MAX_BATCH), thread_name_prefix="step") as pool:
+                ends = list(pool.map(act_and_end, begun))
+    except SQLAlchemyError as exc:
+        raise CatalogueFailed(step_ids) from exc
     results, problems = [], []
     for (step, _job), ended in zip(begun, ends, strict=True):
         about = {"op": step.op_id, "job": step.job_id, "action": step.action.value}

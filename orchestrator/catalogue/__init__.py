@@ -72,6 +72,7 @@ from orchestrator.catalogue.operations import (
     stage_left,
     steps_of,
     take_over_step,
+    unring_hosts,
 )
 from orchestrator.catalogue.routing import (
     add_site,
@@ -199,6 +200,7 @@ __all__ = [
     "take_over_step",
     "unfinished_operations",
     "unlogged_operations",
+    "unring_hosts",
     "unset_variables",
     "update_service",
     "want_heal",

@@ -98,8 +98,7 @@ def move_job_port(*, session: Session, job_id: str, port: int) -> Job:
 
 def set_job_state(*, session: Session, job_id: str, state: JobState, container_id: str | None = None,
                   error: str | None = None) -> None:
-    update_rows(session, update(Job).where(col(Job.id) == job_id).values(**_job_values(state, container_id, error)),
-                Job, job_id)
+    update_rows(session, update(Job).where(col(Job.id) == job_id), Job, job_id, _job_values(state, container_id, error))
 
 
 def move_job(*, session: Session, job_id: str, state: JobState) -> Job | None:

@@ -113,20 +113,31 @@ def ring_hosts(*, session: Session, hosts: Sequence[str], stale_after: float) ->
     marked as sent one (``Host.rung_at``): those with none sent, or with one sent longer than
     ``stale_after`` seconds ago and not taken yet (its message lost, or far behind: one more does
     no harm, it finds nothing to run). Called in the transaction that makes their steps sent, so
-    a node that takes its steps in between (``claim_host_steps``) takes these too."""
+    a node that takes its steps in between (``claim_host_steps``) takes these too.
+
+    On PostgreSQL a host's row is locked before it is looked at, so that a node taking its steps
+    meanwhile (``claim_host_steps`` locks it first too) is not missed: its "taken, no longer
+    rung" is what this sees, not the mark before. A row another transaction holds (a claim, a
+    shared transaction's heartbeat) is not waited for (that could deadlock): that host is sent a
+    task anyway, unmarked (one more does no harm; none too few). SQLite's writer holds the file."""
     if not hosts:
         return []
-    # Their rows locked first, whatever they hold (PostgreSQL; SQLite's writer holds the whole
-    # file): a node taking its steps meanwhile (``claim_host_steps`` locks its host's row first)
-    # is waited for, and its "taken, no longer rung" is what this then sees, not the mark before.
-    session.exec(select(Host.id).where(col(Host.name).in_(sorted(set(hosts)))).order_by(col(Host.name))
-                 .with_for_update())
+    wanted = sorted(set(hosts))
+    locked = set(session.exec(select(Host.name).where(col(Host.name).in_(wanted)).order_by(col(Host.name))
+                              .with_for_update(skip_locked=True)))
     now = utcnow()
     rung = session.exec(
-        update(Host).where(col(Host.name).in_(sorted(set(hosts))),
+        update(Host).where(col(Host.name).in_(sorted(locked)),
                            or_(col(Host.rung_at).is_(None), col(Host.rung_at) < now - timedelta(seconds=stale_after)))
         .values(rung_at=now).returning(col(Host.name)).execution_options(synchronize_session=False))
-    return sorted(name for (name,) in rung)
+    return sorted({name for (name,) in rung} | (set(wanted) - locked))
+
+
+def unring_hosts(*, session: Session, hosts: Sequence[str]) -> None:
+    """Take down the ring of hosts whose task could not be sent (the next sent step rings again)."""
+    if hosts:
+        session.exec(update(Host).where(col(Host.name).in_(sorted(set(hosts)))).values(rung_at=None)
+                     .execution_options(synchronize_session=False))
 
 
 def ring_late_hosts(*, session: Session, stale_after: float, actions: Sequence[StepAction]) -> list[str]:
@@ -135,26 +146,31 @@ def ring_late_hosts(*, session: Session, stale_after: float, actions: Sequence[S
     again (its message was lost, or a send failed part-way). Those stale with nothing waiting
     are no longer rung."""
     now = utcnow()
-    stale = col(Host.rung_at) < now - timedelta(seconds=stale_after)
+    # (Rows another transaction holds are left to the next pass: no waiting, no deadlock.)
+    stale = sorted(session.exec(select(Host.name).where(col(Host.rung_at) < now - timedelta(seconds=stale_after))
+                                .order_by(col(Host.name)).with_for_update(skip_locked=True)))
+    if not stale:
+        return []
     waiting = (select(Step.host).join(Operation, col(Operation.id) == col(Step.op_id))
                .where(col(Step.state) == StepState.pending, col(Step.action).in_(list(actions)),
                       col(Operation.state) == OpState.running, col(Operation.sent_stage) >= col(Step.stage)))
-    rung = session.exec(update(Host).where(stale, col(Host.name).in_(waiting.scalar_subquery()))
+    rung = session.exec(update(Host).where(col(Host.name).in_(stale), col(Host.name).in_(waiting.scalar_subquery()))
                         .values(rung_at=now).returning(col(Host.name)).execution_options(synchronize_session=False))
     names = sorted(name for (name,) in rung)
-    session.exec(update(Host).where(stale).values(rung_at=None).execution_options(synchronize_session=False))
+    unring_hosts(session=session, hosts=[name for name in stale if name not in names])
     return names
 
 
 def claim_host_steps(*, session: Session, host: str, node: str, lease: float, actions: Sequence[StepAction],
-                     most: int, silent_since: float) -> list[Step]:
+                     most: int, silent_since: float) -> tuple[list[Step], bool]:
     """The steps of ``actions`` waiting for ``host``'s node, begun by ``node`` (running, leased),
     in the order they were planned, ``most`` at most: those of a stage already sent (of a running
     operation sent a stage at a time), and those another process of this host's node began and
     has not renewed the lease of for ``silent_since`` seconds (it stopped: its message comes
-    again, or a later one takes them over). The host's mark of a task sent (``ring_hosts``) is
-    taken down with them, or kept when ``most`` were taken (the caller runs again). The host's
-    row is locked first (PostgreSQL): claims of one host, and a ring, go one after the other."""
+    again, or a later one takes them over), and whether more wait. The host's mark of a task
+    sent (``ring_hosts``) is taken down with them, or kept when more wait (the caller sends
+    another task). The host's row is locked first (PostgreSQL): claims of one host, and a ring,
+    go one after the other."""
     now = utcnow()
     session.exec(update(Host).where(col(Host.name) == host).values(rung_at=None)
                  .execution_options(synchronize_session=False))
@@ -173,10 +189,12 @@ def claim_host_steps(*, session: Session, host: str, node: str, lease: float, ac
         update(Step).where(col(Step.id).in_(sent.scalar_subquery()), free)
         .values(state=StepState.running, started_at=now, node=node, lease_until=now + timedelta(seconds=lease))
         .returning(Step).execution_options(synchronize_session=False, populate_existing=True)).scalars())
-    if len(taken) >= most:
+    # More may wait than were taken: ``most`` were, or a row picked changed meanwhile (a cancel).
+    more = session.exec(sent.limit(1)).first() is not None
+    if more:
         session.exec(update(Host).where(col(Host.name) == host).values(rung_at=now)
                      .execution_options(synchronize_session=False))
-    return sorted(taken, key=lambda st: st.id or 0)
+    return sorted(taken, key=lambda st: st.id or 0), more
 
 
 def stage_left(*, session: Session, op_id: int, stage: int) -> int:
@@ -265,7 +283,7 @@ def end_step(*, session: Session, step_id: int, state: StepState, error: str | N
     query = update(Step).where(col(Step.id) == step_id, col(Step.state).in_(before))
     if node is not None:
         query = query.where(col(Step.node) == node)
-    return update_rows(session, query.values(state=state, error=error, finished_at=utcnow()), Step, step_id) == 1
+    return update_rows(session, query, Step, step_id, {"state": state, "error": error, "finished_at": utcnow()}) == 1
 
 
 def skip_pending_steps(*, session: Session, op_id: int) -> None:

@@ -13,7 +13,7 @@ from sqlmodel import col
 
 from orchestrator import catalogue, operations, requests
 from orchestrator.dispatch import BOXED
-from orchestrator.models import Host, JobState, OpState, Step, StepAction, StepState, utcnow
+from orchestrator.models import Host, Job, JobState, OpState, Step, StepAction, StepState, utcnow
 from tests.unit.world import ENV, World
 from workers.inline import SentAdvance, SentChain, SentFinish
 from workers.tasks import run_host_steps
@@ -91,18 +91,18 @@ def test_a_node_takes_at_most_so_many_steps_and_stays_rung_for_the_rest(world: W
     waiting = [st for op in (a, b) for st in world.steps(op, StepAction.stop) if st.host == "h1"]
     assert len(waiting) == 4
     with world.platform.session() as s:
-        first = catalogue.claim_host_steps(session=s, host="h1", node=node.node_id, lease=15,
+        first, more = catalogue.claim_host_steps(session=s, host="h1", node=node.node_id, lease=15,
                                            actions=sorted(BOXED), most=1, silent_since=4)
         s.commit()
     assert [st.id for st in first] == [min(st.id or 0 for st in waiting)]  # in the order planned
     assert first[0].state == StepState.running and first[0].node == node.node_id
-    assert world.host("h1").rung_at is not None  # full: the node sends itself another task
+    assert more and world.host("h1").rung_at is not None  # more wait: the node sends itself another task
     with world.platform.session() as s:
-        rest = catalogue.claim_host_steps(session=s, host="h1", node=node.node_id, lease=15,
+        rest, more = catalogue.claim_host_steps(session=s, host="h1", node=node.node_id, lease=15,
                                           actions=sorted(BOXED), most=5, silent_since=4)
         s.commit()
     assert [st.id for st in rest] == sorted(st.id or 0 for st in waiting)[1:]
-    assert world.host("h1").rung_at is None
+    assert not more and world.host("h1").rung_at is None
     # Nothing of a stage not sent yet (the starts wait for their advance), nor of another host.
     later = [st for op in (a, b) for st in world.steps(op, StepAction.start)]
     assert later and {st.state for st in later} == {StepState.pending}
@@ -125,7 +125,7 @@ def test_steps_a_previous_process_of_the_host_s_node_began_are_taken_over_not_th
                .values(state=StepState.running, node="h1x/0ldinc4r"))  # (not h1's node: h1x's)
         s.commit()
     with world.platform.session() as s:
-        taken = catalogue.claim_host_steps(session=s, host="h1", node="h1/n3wn0de1", lease=15,
+        taken, _more = catalogue.claim_host_steps(session=s, host="h1", node="h1/n3wn0de1", lease=15,
                                            actions=sorted(BOXED), most=64, silent_since=4)
         s.commit()
     # The silent process's step is this one's now; not the one another process renews (a node
@@ -151,3 +151,19 @@ def test_a_host_rung_long_ago_whose_node_took_nothing_is_rung_again_while_steps_
     assert world.host("h2").rung_at is None  # nothing waits for it: no longer rung
     world.watch()  # the watcher's pass does the same (nothing is late now)
     assert world.host("h1").rung_at is not None
+
+
+def test_a_copy_loaded_in_a_shared_transaction_reads_a_later_state_change_after_the_session_closed(
+        world: World) -> None:
+    """Works of one shared transaction share its session: a job one work loaded and another moved
+    (``db.update_rows``) reads as moved, also once the session closed (it is not expired)."""
+    world.code_service("a", scale=1)
+    (job,) = world.jobs("a")
+    with world.platform.session() as s:
+        loaded = s.get(Job, job.id)
+        assert loaded is not None and loaded.state == JobState.running
+        catalogue.set_job_state(session=s, job_id=job.id, state=JobState.stopping)
+        assert loaded.state == JobState.stopping
+        s.commit()
+    assert (loaded.state, loaded.id) == (JobState.stopping, job.id)  # no DetachedInstanceError
+    assert world.job(job.id).state == JobState.stopping

@@ -3,10 +3,10 @@
 - The task API other services call with ``send_task`` on the ``orchestrator`` queue: each task
   validates, records and starts an operation exactly as the CLI does, and returns its id. Bad
   arguments fail the task with ``InvalidRequest`` and change nothing.
-- The tasks that carry every operation's chain on: advance, called back when a stage succeeded,
-  sends the next one; finish ends the operation after the last stage. They run where the chain
-  sends them: the node of the operation's first host, or the control worker for an operation
-  that touches no host.
+- The tasks that carry every operation on: advance, asked for by the node that ended a stage's
+  last step, sends the next stage; finish ends the operation after the last stage. They run on
+  the node of the operation's first host, or the control worker for an operation that touches
+  no host.
 """
 
 from __future__ import annotations

@@ -673,8 +673,7 @@ def register_for(app: Celery, node_of: NodeOf) -> None:
     process that serves many hosts' queues (``workers.sim``) finds it from the task's queue.
 
     Their results are not stored (``ignore_result``): nobody reads them there (the catalogue has
-    each step's; Flower has them from the task events), and a stage's chord counts its tasks
-    without them."""
+    each step's; Flower has them from the task events)."""
 
     def steps(task: Task, step_ids: Sequence[int], work: Work, env: str, service: str) -> list[dict[str, Any]]:
         node = node_of(task)

@@ -72,9 +72,14 @@ BOXED = frozenset({StepAction.start, StepAction.stop, StepAction.check_image})
 MAX_BOX = MAX_BATCH
 
 
+def boxed(step: Routed) -> bool:
+    """Whether the step waits in the catalogue for its host's node (not a task of its own)."""
+    return step.action in BOXED and bool(step.host)
+
+
 def boxed_hosts(stage: Sequence[Step]) -> list[str]:
     """The hosts whose node takes steps of ``stage`` from its box (to be rung)."""
-    return sorted({step.host for step in stage if step.action in BOXED and step.host})
+    return sorted({step.host for step in stage if boxed(step) and step.host})
 
 
 class Routed(Protocol):
@@ -151,7 +156,7 @@ class CeleryDispatch:
         from celery import group
 
         home = _home_queue(stages)
-        alone = [step for step in stages[index] if not (step.action in BOXED and step.host)]
+        alone = [step for step in stages[index] if not boxed(step)]
         sigs = [self._steps(batch, env=env, service=service,
                             queue=names.host_queue(batch[0].host) if batch[0].host else home)
                 for batch in batches(alone)]

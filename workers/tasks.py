@@ -36,6 +36,7 @@ from orchestrator.models import (
     utcnow,
 )
 from orchestrator.placement import free_port
+from orchestrator.platform import Platform
 from orchestrator.proxy import ProxyConfig
 from orchestrator.sizes import parse_size
 from workers import monitor
@@ -87,11 +88,7 @@ def run_steps(node: NodeContext, step_ids: Sequence[int], work: Work, *, env: st
         ended = _end_all(node, begun, outcomes, work)
     if ended.failed:
         p.dispatch.send_finish(begun[0][0].op_id, env=env, service=service, host=node.host)
-    try:
-        for op_id, stage in ended.stages_done:
-            operations.stage_ended(p, op_id, stage)
-    except SQLAlchemyError as exc:  # the steps ended: the fleet watcher sends what follows
-        log.warning("steps %s: what follows their stage could not be asked for (%s)", list(step_ids), one_line(exc))
+    _stages_ended(p, ended, step_ids)
     if ended.failed or ended.lost or refused:  # (whoever failed a lost step asked for the finish)
         raise StepFailed("; ".join(ended.failed + ended.lost + refused))
     return [skipped.get(i) or ended.results[i] for i in step_ids]
@@ -216,6 +213,16 @@ def _end_all(node: NodeContext, begun: Begun, outcomes: Sequence[Outcome], work:
     return ended
 
 
+def _stages_ended(p: Platform, ended: Ended, step_ids: Sequence[int]) -> None:
+    """Ask for what follows each stage these steps ended (``operations.stage_ended``); a
+    catalogue that fails meanwhile leaves it to the fleet watcher (the steps ended)."""
+    try:
+        for op_id, stage in ended.stages_done:
+            operations.stage_ended(p, op_id, stage)
+    except SQLAlchemyError as exc:
+        log.warning("steps %s: what follows their stage could not be asked for (%s)", list(step_ids), one_line(exc))
+
+
 def run_host_steps(node: NodeContext) -> list[dict[str, Any]]:
     """Take every step waiting for this node's host (``dispatch.BOXED``: of every operation,
     ``MAX_BOX`` at most; another task is sent for the rest) and run them side by side, each
@@ -265,14 +272,13 @@ def _run_box(node: NodeContext, begun: Sequence[tuple[Step, Job | None]],
         step = begun_step[0]
         work = WORK_OF[step.action]
         ended = _end_all(node, [begun_step], _act_all(node, [begun_step], work), work)
-        try:  # at once: another operation's slow step in this box holds up nothing of this one
-            if ended.failed:
+        # At once: another operation's slow step in this box holds up nothing of this one.
+        if ended.failed:
+            try:
                 p.dispatch.send_finish(step.op_id, env="", service="", host=node.host)
-            for op_id, stage in ended.stages_done:
-                operations.stage_ended(p, op_id, stage)
-        except (SendFailed, SQLAlchemyError) as exc:  # the fleet watcher makes up for it
-            log.warning("operation %s: what follows step %s could not be asked for (%s)", step.op_id, step.id,
-                        one_line(exc))
+            except SendFailed as exc:  # the fleet watcher finishes an operation with a failed step
+                log.warning("operation %s: its finish could not be sent (%s)", step.op_id, exc)
+        _stages_ended(p, ended, [step.id or 0])
         return ended
 
     try:
@@ -723,8 +729,7 @@ def register_for(app: Celery, node_of: NodeOf) -> None:
         except SQLAlchemyError as exc:
             log.warning("host %s: the catalogue is unavailable (%s): trying again", host, one_line(exc))
             raise self.retry(countdown=1.0, max_retries=CATALOGUE_RETRIES,
-                             kwargs={"host": host, "step_ids": step_ids} if step_ids is not None
-                             else {"host": host}) from None
+                             kwargs={"host": host, "step_ids": step_ids}) from None
 
     @app.task(name=TASK_OF[StepAction.wait], shared=False, bind=True, max_retries=None, ignore_result=True)
     def wait_task(self: Task, step_id: int, env: str = "", service: str = "",

@@ -7,7 +7,9 @@ host and its node process on the local dockerd), deploys a code service of N bus
 then, round after round, times:
 
   platform   `orchestrator redeploy ENV web --wait` as a whole CLI call (subprocess), and the
-             operation's own duration from `ops show --json` (finished_at - created_at);
+             operation's own duration from `ops show --json` (finished_at - created_at); once
+             with the CLI opening the catalogue and the broker itself, once as the client of a
+             running `orchestrator api` (ORCH_API_URL; --no-api skips it);
   docker-py  the same Docker work straight through docker-py in parallel threads: stop+remove N
              containers, then create+start N with the platform's container options (copied from
              a container the platform made) and wait until each port accepts a TCP connection;
@@ -54,6 +56,7 @@ from tests.harness import (  # noqa: E402
     SAMPLE_IMAGE,
     Platform,
     PlatformEnv,
+    free_port,
     orchestrator,
     remove_containers,
     stop_process,
@@ -64,6 +67,8 @@ from tests.helpers import hosts_json, op_json, op_of, ts, ts_or_none  # noqa: E4
 LABEL_SERVICE = "orchestrator.service"  # the spec's labels
 LABEL_KIND = "orchestrator.kind"
 PORT_MIN, PORT_MAX = 31000, 31249  # the platform's range
+THROUGH_API = "platform: redeploy --wait, CLI as the API's client"
+THROUGH_API_OP = "platform: its operation (finished - created)"
 BASELINE_PORT = 31250  # docker-py containers: 31250.. (outside the platform's range)
 COMPOSE_PORT = 31300  # compose containers pick the first free port from here
 
@@ -172,18 +177,51 @@ class PlatformRound:
     op_s: float  # the operation's finished_at - created_at
     cli_cpu: float  # CPU seconds of that CLI process
     node_cpu: float  # CPU seconds the node used meanwhile
+    api_cpu: float  # CPU seconds the API process used meanwhile (0: not the API's client)
     breakdown: dict[str, float]
 
 
-def run_platform_round(p: Platform, client: docker.DockerClient, env: str, svc: str, jobs: int) -> PlatformRound:
+@dataclass
+class ApiServer:
+    """`orchestrator api` in its own process and a token: the CLI as its client (ORCH_API_URL)."""
+
+    proc: subprocess.Popen[bytes]
+    variables: dict[str, str]
+
+    @classmethod
+    def start(cls, p: Platform) -> ApiServer:
+        token = p.ok("tokens", "create", f"bench{uuid.uuid4().hex[:6]}").strip()
+        port = free_port()
+        log_file = (p.workdir / "api.log").open("wb")
+        proc = subprocess.Popen(orchestrator("api", "--port", str(port)), env=p.environ, cwd=p.workdir,
+                                stdout=log_file, stderr=subprocess.STDOUT)
+        log_file.close()
+        deadline = time.monotonic() + 60
+        while not accepts(port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"orchestrator api did not listen: {(p.workdir / 'api.log').read_text()[-2000:]}")
+            time.sleep(0.1)
+        return cls(proc, {"ORCH_API_URL": f"http://127.0.0.1:{port}", "ORCH_API_TOKEN": token})
+
+
+def run_platform_round(p: Platform, client: docker.DockerClient, env: str, svc: str, jobs: int,
+                       api: ApiServer | None = None) -> PlatformRound:
+    """One `redeploy --wait`: the CLI opening the catalogue itself, or (``api``) as the API's client."""
     before = containers(client, env, svc)
     (node,) = p.nodes.values()
     node0, cli0 = process_cpu(node.pid), children_cpu()
+    api0 = process_cpu(api.proc.pid) if api else 0.0
     wall0, t0 = time.time(), time.perf_counter()
-    out = p.ok("redeploy", env, svc, "--wait")
+    environ = {**p.environ, **(api.variables if api else {})}
+    done = subprocess.run(orchestrator("redeploy", env, svc, "--wait"), env=environ, cwd=p.workdir,
+                          capture_output=True, text=True, timeout=300)
     cli_s = time.perf_counter() - t0
     wall1 = time.time()
+    if done.returncode != 0:
+        raise RuntimeError(f"redeploy --wait -> exit {done.returncode}: {done.stdout[-2000:]}{done.stderr[-2000:]}")
+    out = done.stdout
     node_cpu, cli_cpu = process_cpu(node.pid) - node0, children_cpu() - cli0
+    api_cpu = process_cpu(api.proc.pid) - api0 if api else 0.0
     op_id = op_of(out)
     op = op_json(p, op_id)
     if op["state"] != "succeeded":
@@ -195,7 +233,7 @@ def run_platform_round(p: Platform, client: docker.DockerClient, env: str, svc: 
     created, finished = ts(op["created_at"]), ts(op["finished_at"])
     breakdown["CLI: process start -> operation recorded"] = created.timestamp() - wall0
     breakdown["CLI: operation finished -> process exit"] = wall1 - finished.timestamp()
-    return PlatformRound(cli_s, breakdown["op"], cli_cpu, node_cpu, breakdown)
+    return PlatformRound(cli_s, breakdown["op"], cli_cpu, node_cpu, api_cpu, breakdown)
 
 
 def containers(client: docker.DockerClient, env: str, svc: str) -> dict[str, str]:
@@ -457,7 +495,7 @@ def profile_round(p: Platform, client: docker.DockerClient, env: str, svc: str, 
         f"exit {proc.returncode})")
     if node_raw.exists():
         log("node, " + ("whole process:" if cpu else "step tasks (all worker threads together):"))
-        summarise_profile(node_raw, rate, "" if cpu else "run_step")
+        summarise_profile(node_raw, rate, "" if cpu else "act_and_end")
     if cli_raw.exists():
         log("CLI process `orchestrator redeploy --wait`:")
         summarise_profile(cli_raw, rate, "")
@@ -504,7 +542,8 @@ def fmt(x: float) -> str:
 
 
 def report(results: dict[str, list[float]], breakdowns: list[dict[str, float]], cli_startup: list[float],
-           baseline_phases: list[tuple[float, float]], jobs: int, rounds: int) -> None:
+           baseline_phases: list[tuple[float, float]], jobs: int, rounds: int,
+           api_breakdowns: Sequence[dict[str, float]] = ()) -> None:
     log("")
     log(f"Redeploy of {jobs} jobs, {rounds} rounds (median; every round in brackets); {os.cpu_count()} CPUs, "
         f"load average {os.getloadavg()[0]:.1f} now")
@@ -517,15 +556,22 @@ def report(results: dict[str, list[float]], breakdowns: list[dict[str, float]], 
     op = median(results["platform: operation (ops show: finished - created)"])
     log(f"  {'ratio platform CLI / docker-py':<{width}}{cli / base:7.2f}    (issue #2 target: under 1.2)")
     log(f"  {'ratio platform op  / docker-py':<{width}}{op / base:7.2f}")
+    if results.get(THROUGH_API):
+        log(f"  {'ratio platform CLI through the API / docker-py':<{width}}"
+            f"{median(results[THROUGH_API]) / base:7.2f}")
+        log(f"  {'ratio its op / docker-py':<{width}}{median(results[THROUGH_API_OP]) / base:7.2f}")
     compose = results.get("docker-compose v1 up -d --force-recreate --scale")
     if compose:
         log(f"  {'ratio platform CLI / compose':<{width}}{cli / median(compose):7.2f}")
     log("")
     log("Where the platform's time goes (median over rounds, from the catalogue's step times):")
     keys = list(breakdowns[0])
+    if api_breakdowns:
+        log(f"  {'':<44}{'CLI':>8}{'via API':>9}")
     for key in keys:
         values = [b[key] for b in breakdowns if key in b]
-        log(f"  {key:<44}{fmt(median(values))}")
+        through = [b[key] for b in api_breakdowns if key in b]
+        log(f"  {key:<44}{fmt(median(values))}" + (f"  {fmt(median(through))}" if through else ""))
     log(f"  {'  one short CLI call (`ops show --json`)':<44}{fmt(median(cli_startup))}")
     log("The docker-py baseline's two phases, for comparison with the stop and start stages:")
     log(f"  {'stop+remove all':<44}{fmt(median([a for a, _ in baseline_phases]))}")
@@ -545,6 +591,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size", default=None,
                         help="job size (default: 64m and a CPU share so that N jobs fit this host's CPUs)")
     parser.add_argument("--no-compose", action="store_true", help="skip docker-compose")
+    parser.add_argument("--no-api", action="store_true",
+                        help="skip the rounds with the CLI as the client of `orchestrator api` (ORCH_API_URL)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (catalogue, node log)")
     parser.add_argument("--py-spy", nargs="?", const="py-spy", default=None, metavar="PATH",
                         help="after the timed rounds, two more redeploys with py-spy on the node and the CLI "
@@ -566,12 +614,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[str, list[float]] = {
         "platform: `orchestrator redeploy --wait` (CLI)": [],
         "platform: operation (ops show: finished - created)": [],
+        THROUGH_API: [],
+        THROUGH_API_OP: [],
         "docker-py, parallel threads (baseline)": [],
         "docker-compose v1 up -d --force-recreate --scale": [],
     }
     breakdowns: list[dict[str, float]] = []
+    api_breakdowns: list[dict[str, float]] = []
+    api: ApiServer | None = None
     cli_startup: list[float] = []
     cpu: dict[str, list[float]] = {"platform: node process": [], "platform: CLI process": [],
+                                   "through the API: node": [], "through the API: CLI": [],
+                                   "through the API: API process": [],
                                    "docker-py: this script's threads": [], "docker-compose process": []}
     networks_before = {n.id for n in client.networks.list()}
     try:
@@ -601,6 +655,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             log(f"docker-py baseline: {args.jobs} containers of {SAMPLE_IMAGE}, options copied from the platform's: "
                 f"{described}, env PORT per container + the same ORCH_* variables")
 
+            if not args.no_api:
+                api = ApiServer.start(platform)
+                log(f"API: {api.variables['ORCH_API_URL']} (log {platform.workdir / 'api.log'})")
+
             cmd = None if args.no_compose else compose_command()
             if cmd is None:
                 log("docker-compose: not available, skipped" if not args.no_compose else "docker-compose: skipped")
@@ -623,17 +681,28 @@ def main(argv: Sequence[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 platform.ok("ops", "show", "1", "--json")
                 cli_startup.append(time.perf_counter() - t0)
+                if api is not None:
+                    ar = run_platform_round(platform, client, env, svc, args.jobs, api)
+                    results[THROUGH_API].append(ar.cli_s)
+                    results[THROUGH_API_OP].append(ar.op_s)
+                    api_breakdowns.append(ar.breakdown)
+                    cpu["through the API: node"].append(ar.node_cpu)
+                    cpu["through the API: CLI"].append(ar.cli_cpu)
+                    cpu["through the API: API process"].append(ar.api_cpu)
                 base_s = baseline.round(pool)
                 results["docker-py, parallel threads (baseline)"].append(base_s)
                 cpu["docker-py: this script's threads"].append(baseline.cpu[-1])
-                line = f"round {n}: platform CLI {cli_s:.2f}s, op {op_s:.2f}s; docker-py {base_s:.2f}s"
+                line = f"round {n}: platform CLI {cli_s:.2f}s, op {op_s:.2f}s; "
+                if api is not None:
+                    line += f"through the API {results[THROUGH_API][-1]:.2f}s, op {results[THROUGH_API_OP][-1]:.2f}s; "
+                line += f"docker-py {base_s:.2f}s"
                 if compose is not None:
                     compose_s = compose.round()
                     results["docker-compose v1 up -d --force-recreate --scale"].append(compose_s)
                     cpu["docker-compose process"].append(compose.cpu[-1])
                     line += f"; compose {compose_s:.2f}s"
                 log(line)
-            report(results, breakdowns, cli_startup, baseline.phases, args.jobs, args.rounds)
+            report(results, breakdowns, cli_startup, baseline.phases, args.jobs, args.rounds, api_breakdowns)
             log("CPU seconds used per redeploy (client side; dockerd/containerd not counted), median:")
             for name, xs in cpu.items():
                 if xs:
@@ -654,14 +723,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         log(f"interrupted ({exc}): cleaning up")
         return 130
     finally:
-        cleanup(platform, client, env, compose, pool, workdir, networks_before, keep=args.keep)
+        cleanup(platform, client, env, compose, pool, workdir, networks_before, keep=args.keep, api=api)
 
 
 def cleanup(platform: Platform, client: docker.DockerClient, env: str, compose: Compose | None,
             pool: ThreadPoolExecutor, workdir: Path, networks_before: set[str],
-            keep: bool) -> None:
+            keep: bool, api: ApiServer | None = None) -> None:
     """Undo everything, each part on its own so one failure does not skip the rest."""
     steps: list[tuple[str, Callable[[], object]]] = [
+        ("api", (lambda: stop_process(api.proc)) if api else (lambda: None)),
         ("node", platform.stop_nodes),
         ("compose", compose.down if compose else (lambda: None)),
         ("containers", lambda: remove_containers(client, env)),

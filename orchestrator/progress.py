@@ -1,18 +1,22 @@
-"""Live progress of an operation for people at a terminal: one line per step change."""
+"""Live progress of an operation for people at a terminal: one line per step change. It reads
+an operation as the catalogue's model or as the API's JSON (``cli.remote.view``), so it imports
+no model: a CLI that follows an operation through the API stays light."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from orchestrator.models import OperationPublic, StepState
+if TYPE_CHECKING:
+    from orchestrator.models import OperationPublic
 
-_MARK = {
-    StepState.pending: "..",
-    StepState.running: "->",
-    StepState.succeeded: "ok",
-    StepState.failed: "!!",
-    StepState.skipped: "--",
+_MARK = {  # by StepState (a StrEnum: its members are these strings)
+    "pending": "..",
+    "running": "->",
+    "succeeded": "ok",
+    "failed": "!!",
+    "skipped": "--",
 }
 
 
@@ -32,7 +36,7 @@ class Progress:
     def __init__(self, echo: Callable[[str], None]) -> None:
         self.echo = echo
         self.t0 = time.monotonic()
-        self.seen: dict[str, StepState] = {}
+        self.seen: dict[str, str] = {}
         self.shown: dict[str, int] = {}  # characters of each step's output printed
         self.op_state: str | None = None
 
@@ -46,19 +50,19 @@ class Progress:
         total = len(op.steps)
         for step in op.steps:
             key = f"{step.stage}:{step.name}"
-            total = step.output_dropped + len(step.output or "")  # from the output's start
-            if step.output and total > self.shown.get(key, 0):  # a build's output
+            chars = step.output_dropped + len(step.output or "")  # from the output's start
+            if step.output and chars > self.shown.get(key, 0):  # a build's output
                 start = max(0, self.shown.get(key, 0) - step.output_dropped)
                 if step.output_dropped > self.shown.get(key, 0):
                     self.echo(f"           | [... {step.output_dropped - self.shown.get(key, 0)} "
                               "characters not kept ...]")
                 for line in step.output[start:].splitlines():
                     self.echo(f"           | {line}")
-                self.shown[key] = total
-            if self.seen.get(key) == step.state or step.state == StepState.pending:
+                self.shown[key] = chars
+            if self.seen.get(key) == step.state or step.state == "pending":
                 continue
             self.seen[key] = step.state
-            done = sum(1 for s in op.steps if s.state in (StepState.succeeded, StepState.skipped))
+            done = sum(1 for s in op.steps if s.state in ("succeeded", "skipped"))
             error = f": {step.error}" if step.error else ""
             self._line(f"  {_MARK[step.state]} [{done}/{total}] {step.name} {step.state}{error}")
 

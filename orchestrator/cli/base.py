@@ -13,14 +13,17 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from functools import cached_property
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from orchestrator.cli.remote import ApiUnavailable
 from orchestrator.errors import BadInput, one_line
 from orchestrator.who import asker, cli_user
 
 if TYPE_CHECKING:
+    from orchestrator.cli.remote import Remote
     from orchestrator.platform import Platform
     from orchestrator.settings import Settings
 
@@ -43,6 +46,13 @@ class Context:
         from orchestrator.platform import make_platform
 
         return make_platform(self.settings)
+
+    @cached_property
+    def remote(self) -> Remote | None:
+        """The HTTP API to ask instead (``ORCH_API_URL``), for the commands that can; None: none."""
+        from orchestrator.cli.remote import remote
+
+        return remote()
 
 
 pass_ctx = click.make_pass_decorator(Context, ensure=True)
@@ -139,6 +149,8 @@ class OneLineGroup(click.Group):
             fail(" ".join(exc.format_message().split()))
         except BadInput as exc:
             fail(str(exc))
+        except ApiUnavailable as exc:
+            fail(str(exc), code=1)  # not the request's fault: exit 1, as a failed operation
         except click.Abort:
             click.echo("aborted", err=True)
             sys.exit(1)
@@ -193,6 +205,8 @@ def emit(data: Any) -> None:
     def plain(x: Any) -> Any:
         if hasattr(x, "model_dump"):  # a pydantic model (pydantic is not imported for --help)
             return x.model_dump(mode="json")
+        if isinstance(x, SimpleNamespace):  # the API's JSON, read as attributes (remote.view)
+            return {key: plain(value) for key, value in vars(x).items()}
         if isinstance(x, list):
             return [plain(i) for i in x]
         return x

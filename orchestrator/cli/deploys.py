@@ -1,5 +1,6 @@
 """Commands that start operations: push, redeploy, scale, rollback, worker targets; and
-releases."""
+releases. With ``ORCH_API_URL`` set, push of an image, redeploy, scale, rollback and worker scale
+ask the API (``remote``) and load no catalogue; each command imports what it uses when it runs."""
 
 from __future__ import annotations
 
@@ -8,14 +9,22 @@ import sys
 import tarfile
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
-from orchestrator import catalogue, requests
 from orchestrator.cli.base import Context, env_svc, json_option, listing, main, pass_ctx, wait_option
 from orchestrator.cli.follow import follow, load_op, started
+from orchestrator.cli.remote import quoted, view
 from orchestrator.errors import BadInput
-from orchestrator.models import JobKind, JobState, OpState, StepAction
+
+
+def _through_api(ctx: Context, env_name: str, name: str, action: str, body: dict[str, Any]) -> Any | None:
+    """The operation the API started for ``POST /envs/ENV/services/SVC/ACTION`` (None: the CLI
+    is not the API's client, the caller asks the catalogue itself)."""
+    if ctx.remote is None:
+        return None
+    return view(ctx.remote.post(quoted("envs", env_name, "services", name) + action, body))
 
 
 @main.command()
@@ -29,11 +38,17 @@ def push(ctx: Context, env_name: str, name: str, source: str, wait: bool,
     """A new release of a code service: the first push deploys, later ones redeploy. A
     directory is built (its Dockerfile, or its Procfile on the platform's Python image)."""
     path = Path(source)
-    if path.is_dir():
-        op = requests.request_push_source(ctx.platform, env=env_name, service=name, source=tar_directory(path),
-                                          support=support)
-    else:
-        op = requests.request_push(ctx.platform, env=env_name, service=name, image=source, support=support)
+    op: Any = None
+    if not path.is_dir():  # a directory is a build context, recorded here: the API takes images only
+        op = _through_api(ctx, env_name, name, "/push", {"image": source, "support": support})
+    if op is None:
+        from orchestrator import requests
+
+        if path.is_dir():
+            op = requests.request_push_source(ctx.platform, env=env_name, service=name,
+                                              source=tar_directory(path), support=support)
+        else:
+            op = requests.request_push(ctx.platform, env=env_name, service=name, image=source, support=support)
     started(ctx, op, wait)
 
 
@@ -54,7 +69,11 @@ def tar_directory(path: Path) -> bytes:
 @pass_ctx
 def redeploy(ctx: Context, env_name: str, name: str, wait: bool, support: bool) -> None:
     """Replace every job of the service with new ones from its current spec."""
-    op = requests.request_redeploy(ctx.platform, env=env_name, service=name, support=support)
+    op = _through_api(ctx, env_name, name, "/redeploy", {"support": support})
+    if op is None:
+        from orchestrator import requests
+
+        op = requests.request_redeploy(ctx.platform, env=env_name, service=name, support=support)
     started(ctx, op, wait)
 
 
@@ -65,8 +84,12 @@ def redeploy(ctx: Context, env_name: str, name: str, wait: bool, support: bool) 
 @pass_ctx
 def scale(ctx: Context, env_name: str, name: str, scale: int, wait: bool) -> None:
     """Start only the extra jobs, or stop only the surplus."""
-    started(ctx, requests.request_scale(ctx.platform, env=env_name, service=name, scale=scale),
-            wait)
+    op = _through_api(ctx, env_name, name, "/scale", {"scale": scale})
+    if op is None:
+        from orchestrator import requests
+
+        op = requests.request_scale(ctx.platform, env=env_name, service=name, scale=scale)
+    started(ctx, op, wait)
 
 
 @main.command()
@@ -76,7 +99,11 @@ def scale(ctx: Context, env_name: str, name: str, scale: int, wait: bool) -> Non
 @pass_ctx
 def rollback(ctx: Context, env_name: str, name: str, release: int, wait: bool) -> None:
     """Redeploy an earlier release."""
-    op = requests.request_redeploy(ctx.platform, env=env_name, service=name, release=release)
+    op = _through_api(ctx, env_name, name, quoted("rollback", str(release)), {})
+    if op is None:
+        from orchestrator import requests
+
+        op = requests.request_redeploy(ctx.platform, env=env_name, service=name, release=release)
     started(ctx, op, wait)
 
 
@@ -94,6 +121,8 @@ def worker() -> None:
 @pass_ctx
 def worker_deploy(ctx: Context, env_name: str, name: str, target: str, command: str | None, wait: bool) -> None:
     """Start (or replace) a worker target's jobs; from then on they redeploy with the service."""
+    from orchestrator import requests
+
     op = requests.request_worker_deploy(ctx.platform, env=env_name, service=name, target=target,
                                           command=command)
     started(ctx, op, wait)
@@ -107,8 +136,12 @@ def worker_deploy(ctx: Context, env_name: str, name: str, target: str, command: 
 @pass_ctx
 def worker_scale(ctx: Context, env_name: str, name: str, target: str, scale: str, wait: bool) -> None:
     """Set a worker target's scale: N, or +N/-N."""
-    op = requests.request_worker_scale(ctx.platform, env=env_name, service=name, target=target,
-                                         scale=scale)
+    op = _through_api(ctx, env_name, name, quoted("workers", target, "scale"), {"scale": scale})
+    if op is None:
+        from orchestrator import requests
+
+        op = requests.request_worker_scale(ctx.platform, env=env_name, service=name, target=target,
+                                           scale=scale)
     started(ctx, op, wait)
 
 
@@ -119,6 +152,8 @@ def worker_scale(ctx: Context, env_name: str, name: str, target: str, scale: str
 @pass_ctx
 def worker_rm(ctx: Context, env_name: str, name: str, target: str, wait: bool) -> None:
     """Stop a worker target's jobs and forget the target."""
+    from orchestrator import requests
+
     op = requests.request_worker_rm(ctx.platform, env=env_name, service=name, target=target)
     started(ctx, op, wait)
 
@@ -129,6 +164,9 @@ def worker_rm(ctx: Context, env_name: str, name: str, target: str, wait: bool) -
 @pass_ctx
 def worker_list(ctx: Context, env_name: str, name: str, as_json: bool) -> None:
     """A service's worker targets: command, scale, jobs running."""
+    from orchestrator import catalogue
+    from orchestrator.models import JobKind, JobState
+
     with ctx.platform.reader() as s:
         environment, svc = catalogue.get_service(session=s, env=env_name, name=name)
         jobs = catalogue.list_jobs(session=s, env=environment, service=svc)
@@ -153,6 +191,8 @@ def releases() -> None:
 @pass_ctx
 def releases_list(ctx: Context, env_name: str, name: str, as_json: bool) -> None:
     """A code service's releases: state, image, commit, and which one is current."""
+    from orchestrator import catalogue
+
     with ctx.platform.reader() as s:
         _, svc = catalogue.get_service(session=s, env=env_name, name=name)
         rows = catalogue.release_views(session=s, service=svc)
@@ -173,7 +213,8 @@ def git_receive(ctx: Context, env_name: str, name: str) -> None:
     """The post-receive hook: each pushed branch's commit is built and deployed; the pusher sees
     this output as remote: lines. Reads `OLD NEW REF` lines on stdin, in the bare repository."""
     import subprocess
-    import sys
+
+    from orchestrator import requests
 
     code = 0
     for line in sys.stdin.read().splitlines():
@@ -206,6 +247,8 @@ def git_receive(ctx: Context, env_name: str, name: str) -> None:
 def run(ctx: Context, env_name: str, name: str, argv: tuple[str, ...]) -> None:
     """A one-off job: CMD in a new container of the service (its current image, variables and
     size) on a placed host; its output streams here, its exit code is ours, its container goes."""
+    from orchestrator import requests
+
     op = requests.request_run(ctx.platform, env=env_name, service=name, argv=list(argv))
     sys.exit(_follow_output(ctx, op.id or 0))
 
@@ -217,12 +260,16 @@ def run(ctx: Context, env_name: str, name: str, argv: tuple[str, ...]) -> None:
 @pass_ctx
 def exec_(ctx: Context, env_name: str, name: str, job: str | None, argv: tuple[str, ...]) -> None:
     """CMD in a running job's container (docker exec); its output streams here, its exit code is ours."""
+    from orchestrator import requests
+
     op = requests.request_exec(ctx.platform, env=env_name, service=name, argv=list(argv), job=job)
     sys.exit(_follow_output(ctx, op.id or 0))
 
 
 def _follow_output(ctx: Context, op_id: int) -> int:
     """The command's output as it comes, then its exit code (1 when it never ran: why on stderr)."""
+    from orchestrator.models import OpState, StepAction
+
     shown = 0
     while True:
         op = load_op(ctx, op_id)

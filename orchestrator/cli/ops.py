@@ -1,4 +1,5 @@
-"""orchestrator jobs / ops: what runs, and what the operations did."""
+"""orchestrator jobs / ops: what runs, and what the operations did. ``ops show`` and ``ops watch``
+ask the API when the CLI is its client (``remote``); the others read the catalogue."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import sys
 
 import click
 
-from orchestrator import catalogue, operations
 from orchestrator.cli.base import Context, emit, json_option, listing, main, pass_ctx, table
 from orchestrator.cli.follow import follow, load_op
 
@@ -25,6 +25,8 @@ def jobs() -> None:
 def jobs_list(ctx: Context, env_name: str, name: str | None, include_stopped: bool,
               as_json: bool) -> None:
     """The jobs of an environment (or of one service): host, port, state, release."""
+    from orchestrator import catalogue
+
     with ctx.platform.reader() as s:
         environment = catalogue.get_env(session=s, name=env_name)
         svc = catalogue.get_service(session=s, env=env_name, name=name)[1] if name else None
@@ -49,6 +51,8 @@ def ops() -> None:
 @pass_ctx
 def ops_list(ctx: Context, env_name: str | None, limit: int, as_json: bool) -> None:
     """Operations, newest first (of one environment, or all)."""
+    from orchestrator import catalogue
+
     with ctx.platform.reader() as s:
         environment = catalogue.get_env(session=s, name=env_name) if env_name else None
         rows = catalogue.operations_public(
@@ -91,6 +95,8 @@ def ops_cancel(ctx: Context, op_id: int, as_json: bool) -> None:
     """End a queued or running operation at its next step boundary (state cancelled): steps that
     run finish, the others never start; the service's next operation starts. A redeploy or a
     scale afterwards brings the service back to exactly its scale."""
+    from orchestrator import operations
+
     op = operations.cancel(ctx.platform, op_id)
     if as_json:
         emit(load_op(ctx, op_id))

@@ -1,0 +1,130 @@
+"""The CLI as a client of the HTTP API. With ``ORCH_API_URL`` set (and ``ORCH_API_TOKEN``), the
+commands that start an operation (``push IMAGE``, ``redeploy``, ``scale``, ``rollback``, ``worker
+scale``) and the ones that read or follow one (``ops show``, ``ops watch``, ``--wait``) ask a running
+``orchestrator api``, which has the catalogue and the broker open already, instead of opening them
+in this process: such a call loads the standard library and click only, no SQLAlchemy, pydantic or
+Celery (half a second of imports, and the broker's connection, saved per call). Every other
+command, and all of them without ``ORCH_API_URL``, use the catalogue directly.
+
+The answer keeps the CLI's contract: a refused request is one line on stderr and exit 2 (the API's
+own words), an API that cannot be reached or fails is one line and exit 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
+
+from orchestrator.errors import BadInput
+
+if TYPE_CHECKING:
+    import urllib.error
+
+ENV_FILE = ".orchestrator.env"  # the settings file (orchestrator.settings reads it too)
+TIMEOUT = 30.0  # seconds one request may take
+
+
+class ApiUnavailable(Exception):
+    """The API could not be reached, or failed (5xx): not the request's fault (exit 1)."""
+
+
+@dataclass(frozen=True)
+class Remote:
+    url: str  # where `orchestrator api` listens, e.g. http://127.0.0.1:8000 (/api/v1 is added)
+    token: str
+
+    def get(self, path: str) -> Any:
+        return self.call("GET", path)
+
+    def post(self, path: str, body: dict[str, Any] | None = None) -> Any:
+        return self.call("POST", path, body or {})
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """``path`` under /api/v1, quoted part by part by the caller (``quoted``); the answer's JSON.
+        (urllib.request is imported here: ``--help`` loads this module and needs none of it.)"""
+        import urllib.error
+        import urllib.request
+
+        request = urllib.request.Request(
+            f"{self.url}/api/v1{path}", method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json",
+                     "Accept": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=TIMEOUT) as answer:
+                return json.loads(answer.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            detail = _detail(exc)
+            if exc.code >= 500:
+                raise ApiUnavailable(f"the API at {self.url} answered {exc.code}: {detail}") from None
+            raise BadInput(detail) from None  # 4xx: the request was refused, nothing changed
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ApiUnavailable(f"the API at {self.url} cannot be reached: {reason}") from None
+
+
+def quoted(*parts: str) -> str:
+    """A path of names, each quoted (a name never holds a slash, but input is input)."""
+    return "".join("/" + urllib.parse.quote(part, safe="") for part in parts)
+
+
+def _detail(exc: urllib.error.HTTPError) -> str:
+    """The API's reason, on one line: its ``detail`` (a validation error's list, shortened)."""
+    try:
+        detail = json.loads(exc.read()).get("detail")
+    except (ValueError, AttributeError, OSError):
+        detail = None
+    if isinstance(detail, list):  # FastAPI's 422: [{"loc": [...], "msg": ...}]
+        detail = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', [])[1:])}: {e.get('msg')}"
+                           for e in detail if isinstance(e, dict))
+    text = str(detail) if detail else f"HTTP {exc.code} {exc.reason}"
+    return " ".join(text.split())[:2000]
+
+
+def remote() -> Remote | None:
+    """The API to ask, from ``ORCH_API_URL`` and ``ORCH_API_TOKEN`` (the environment first, then
+    ``.orchestrator.env`` in the working directory); None when no URL is set."""
+    values = {key: os.environ[key] for key in ("ORCH_API_URL", "ORCH_API_TOKEN") if key in os.environ}
+    if len(values) < 2:
+        values = {**_env_file(Path(ENV_FILE)), **values}
+    url = values.get("ORCH_API_URL", "").strip().rstrip("/")
+    if not url:
+        return None
+    if not url.startswith(("http://", "https://")):
+        raise BadInput(f"ORCH_API_URL {url!r} is not an http:// or https:// URL")
+    url = url.removesuffix("/api/v1")
+    token = values.get("ORCH_API_TOKEN", "").strip()
+    if not token:
+        raise BadInput("ORCH_API_URL is set but ORCH_API_TOKEN is not (`orchestrator tokens create NAME`)")
+    return Remote(url, token)
+
+
+def _env_file(path: Path) -> dict[str, str]:
+    """The ORCH_API_* lines of a dotenv file: KEY=VALUE, optionally quoted; comments skipped."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return {}
+    found: dict[str, str] = {}
+    for line in lines:
+        key, sep, value = line.strip().removeprefix("export ").partition("=")
+        key, value = key.strip(), value.strip()
+        if sep and key in ("ORCH_API_URL", "ORCH_API_TOKEN"):
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                value = value[1:-1]
+            found[key] = value
+    return found
+
+
+def view(data: Any) -> Any:
+    """JSON as attributes (an operation and its steps read as the catalogue's models read)."""
+    if isinstance(data, dict):
+        return SimpleNamespace(**{key: view(value) for key, value in data.items()})
+    if isinstance(data, list):
+        return [view(item) for item in data]
+    return data

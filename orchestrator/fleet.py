@@ -13,10 +13,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import case, cast, literal, or_, update
+from sqlalchemy import bindparam, case, cast, literal, or_, update
 from sqlmodel import Session, col, select
 
 from orchestrator import catalogue, operations, service_types
+from orchestrator.db import table
 from orchestrator.errors import BadInput
 from orchestrator.models import (
     ACTIVE_JOB_STATES,
@@ -68,25 +69,36 @@ def heartbeat(p: Platform, *, host: str, cpus: float, memory_mb: int, node: str 
     up again (a draining one stays draining) in that same transaction, so no reader sees it up,
     and nothing is placed on it, before its jobs are in step."""
     now = utcnow()
+    lease_until = now + timedelta(seconds=p.settings.step_lease)
 
     def beat(s: Session) -> Reconciled:
         # One statement for the host: alive, what it holds, and (one that was down) up again.
-        kind = Host.__table__.c.state.type  # type: ignore[attr-defined]  # (PostgreSQL: an enum type)
-        back = case((col(Host.drained).is_(True), cast(literal(HostState.draining), kind)),
-                    else_=cast(literal(HostState.up), kind))
-        s.exec(update(Host).where(col(Host.name) == host).values(
-            last_seen=now, cpus=cpus, memory_mb=memory_mb,
-            state=case((col(Host.state) == HostState.down, back), else_=col(Host.state))))
+        s.flush()
+        s.connection().execute(_BEAT, {"w_host": host, "last_seen": now, "cpus": cpus, "memory_mb": memory_mb})
         if node is not None:
-            held = or_(col(Step.id).in_(list(working_on)), col(Step.action) == StepAction.wait)
-            s.exec(update(Step).where(col(Step.node) == node, col(Step.state) == StepState.running, held)
-                   .values(lease_until=now + timedelta(seconds=p.settings.step_lease)))
+            s.connection().execute(_RENEW, {"w_node": node, "w_ids": list(working_on), "lease_until": lease_until})
         if containers is None:
             return Reconciled()
         return reconcile(s, host=host, containers=containers, listed_at=listed_at or now)
 
     # Shared with what the process writes meanwhile: a simulated fleet's beats go together.
     return p.together.run(beat)
+
+
+# A heartbeat's statements, built once (their values bound by name): every host sends one every
+# few seconds, and building a statement costs more than running it.
+_HOST = table(Host)
+_BACK = case((_HOST.c.drained.is_(True), cast(literal(HostState.draining), _HOST.c.state.type)),
+             else_=cast(literal(HostState.up), _HOST.c.state.type))  # (PostgreSQL: an enum type)
+_BEAT = (update(_HOST).where(_HOST.c.name == bindparam("w_host"))
+         .values(state=case((_HOST.c.state == HostState.down, _BACK), else_=_HOST.c.state)))
+_STEP = table(Step)
+# The leases of the steps the node works on, and of its overlap waits.
+_RENEW = update(_STEP).where(_STEP.c.node == bindparam("w_node"), _STEP.c.state == StepState.running,
+                             or_(_STEP.c.id.in_(bindparam("w_ids", expanding=True)),
+                                 _STEP.c.action == StepAction.wait))
+_RUNNING_OR_LOST = (select(Job).where(col(Job.host) == bindparam("w_host"),
+                                      col(Job.state).in_((JobState.running, JobState.lost))))
 
 
 def reconcile(s: Session, *, host: str, containers: Sequence[Container], listed_at: datetime) -> Reconciled:
@@ -106,7 +118,7 @@ def reconcile(s: Session, *, host: str, containers: Sequence[Container], listed_
     adopted: list[str] = []
     # What it reads grows with what runs and what Docker lists, not with the host's history: of
     # the ended jobs, only those whose container is still there.
-    jobs = list(s.exec(select(Job).where(Job.host == host, col(Job.state).in_((JobState.running, JobState.lost)))))
+    jobs = list(s.exec(_RUNNING_OR_LOST, params={"w_host": host}))
     others = sorted(set(present) - {j.id for j in jobs})
     ended = set(s.exec(select(Job.id).where(Job.host == host, col(Job.id).in_(others), col(Job.state).in_(
         (JobState.stopped, JobState.failed))))) if others else set()

@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
-from sqlalchemy import update
+from sqlalchemy import bindparam, update
 from sqlmodel import Session, col, select
 
 from orchestrator import service_types
 from orchestrator.catalogue.services import list_services
-from orchestrator.db import update_rows
+from orchestrator.db import table, update_rows
 from orchestrator.errors import NotFound
 from orchestrator.models import (
     ACTIVE_JOB_STATES,
@@ -63,10 +63,13 @@ def list_jobs(*, session: Session, env: Environment, service: Service | None = N
 def service_type_of(*, session: Session, job: Job) -> ServiceType:
     """The type of the service a job runs for: what its start prepares and how many ports it
     holds follow from it. A job's row names its service, not the type: one column of one row."""
-    kind = session.exec(select(Service.type).where(Service.id == job.service_id)).first()
+    kind = session.connection().execute(_TYPE_OF, {"w_id": job.service_id}).scalar()
     if kind is None:
         raise NotFound(f"job {job.id}: no service {job.service_id}")
     return ServiceType(kind)
+
+
+_TYPE_OF = select(table(Service).c.type).where(table(Service).c.id == bindparam("w_id"))  # built once: every start asks
 
 
 def job_public(job: Job, env: str, service: str) -> JobPublic:
@@ -98,7 +101,10 @@ def move_job_port(*, session: Session, job_id: str, port: int) -> Job:
 
 def set_job_state(*, session: Session, job_id: str, state: JobState, container_id: str | None = None,
                   error: str | None = None) -> None:
-    update_rows(session, update(Job).where(col(Job.id) == job_id), Job, job_id, _job_values(state, container_id, error))
+    update_rows(session, _SET_JOB, {"w_id": job_id}, Job, job_id, _job_values(state, container_id, error))
+
+
+_SET_JOB = update(table(Job)).where(table(Job).c.id == bindparam("w_id"))
 
 
 def move_job(*, session: Session, job_id: str, state: JobState) -> Job | None:

@@ -6,10 +6,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import timedelta
 
-from sqlalchemy import Update, and_, case, func, or_, update
+from sqlalchemy import Update, and_, bindparam, case, func, or_, update
 from sqlmodel import Session, col, select
 
-from orchestrator.db import update_rows
+from orchestrator.db import table, update_rows
 from orchestrator.errors import NotFound
 from orchestrator.models import (
     Environment,
@@ -172,35 +172,51 @@ def claim_host_steps(*, session: Session, host: str, node: str, lease: float, ac
     another task). The host's row is locked first (PostgreSQL): claims of one host, and a ring,
     go one after the other."""
     now = utcnow()
-    session.exec(update(Host).where(col(Host.name) == host).values(rung_at=None)
-                 .execution_options(synchronize_session=False))
-    renewed_before = now + timedelta(seconds=lease - silent_since)  # its lease_until if renewed then
-    free = or_(col(Step.state) == StepState.pending,
-               and_(col(Step.state) == StepState.running, col(Step.node) != node,
-                    col(Step.node).startswith(f"{host}/", autoescape=True),
-                    col(Step.lease_until) < renewed_before))
-    sent = (select(Step.id).join(Operation, col(Operation.id) == col(Step.op_id))
-            .where(col(Step.host) == host, col(Step.action).in_(list(actions)), free,
-                   col(Operation.state) == OpState.running, col(Operation.sent_stage) >= col(Step.stage))
-            .order_by(col(Step.id)).limit(most))
+    params = {"w_host": host, "w_node": node, "w_node_prefix": _like_escaped(host) + "/", "w_actions": list(actions),
+              "w_most": most, "w_now": now, "w_lease_until": now + timedelta(seconds=lease),
+              "w_renewed_before": now + timedelta(seconds=lease - silent_since)}  # its lease_until if renewed then
+    session.flush()
+    session.connection().execute(_RING, {"w_host": host, "rung_at": None})
     # ``free`` again on the row itself: on PostgreSQL, a task of this node taking the same rows at
     # once makes this statement wait, then see each row as that one left it (running, this node's).
-    taken = list(session.exec(
-        update(Step).where(col(Step.id).in_(sent.scalar_subquery()), free)
-        .values(state=StepState.running, started_at=now, node=node, lease_until=now + timedelta(seconds=lease))
-        .returning(Step).execution_options(synchronize_session=False, populate_existing=True)).scalars())
+    taken = list(session.execute(_CLAIM, params, execution_options={"synchronize_session": False,
+                                                                    "populate_existing": True}).scalars())
     # More may wait than were taken: ``most`` were, or a row picked changed meanwhile (a cancel).
-    more = session.exec(sent.limit(1)).first() is not None
+    more = session.connection().execute(_SENT.limit(1), params).first() is not None
     if more:
-        session.exec(update(Host).where(col(Host.name) == host).values(rung_at=now)
-                     .execution_options(synchronize_session=False))
+        session.connection().execute(_RING, {"w_host": host, "rung_at": now})
     return sorted(taken, key=lambda st: st.id or 0), more
+
+
+def _like_escaped(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+# claim_host_steps' statements, built once (their values bound by name).
+_RING = update(table(Host)).where(table(Host).c.name == bindparam("w_host"))
+_FREE = or_(col(Step.state) == StepState.pending,
+            and_(col(Step.state) == StepState.running, col(Step.node) != bindparam("w_node"),
+                 col(Step.node).startswith(bindparam("w_node_prefix"), escape="\\"),
+                 col(Step.lease_until) < bindparam("w_renewed_before")))
+_SENT = (select(Step.id).join(Operation, col(Operation.id) == col(Step.op_id))
+         .where(col(Step.host) == bindparam("w_host"), col(Step.action).in_(bindparam("w_actions", expanding=True)),
+                _FREE, col(Operation.state) == OpState.running, col(Operation.sent_stage) >= col(Step.stage))
+         .order_by(col(Step.id)))
+_CLAIM = (update(Step).where(col(Step.id).in_(_SENT.limit(bindparam("w_most")).scalar_subquery()), _FREE)
+          .values(state=StepState.running, started_at=bindparam("w_now"), node=bindparam("w_node"),
+                  lease_until=bindparam("w_lease_until"))
+          .returning(Step))
 
 
 def stage_left(*, session: Session, op_id: int, stage: int) -> int:
     """Steps of the operation's stage not succeeded yet (as this session sees them)."""
-    return int(session.exec(select(func.count()).select_from(Step).where(
-        col(Step.op_id) == op_id, col(Step.stage) == stage, col(Step.state) != StepState.succeeded)).one())
+    session.flush()
+    return int(session.connection().execute(_STAGE_LEFT, {"w_op": op_id, "w_stage": stage}).scalar_one())
+
+
+_STAGE_LEFT = select(func.count()).select_from(table(Step)).where(
+    table(Step).c.op_id == bindparam("w_op"), table(Step).c.stage == bindparam("w_stage"),
+    table(Step).c.state != StepState.succeeded)
 
 
 def get_operation(*, session: Session, op_id: int, for_update: bool = False) -> Operation:
@@ -280,10 +296,17 @@ def end_step(*, session: Session, step_id: int, state: StepState, error: str | N
     """End a step that is in one of the ``before`` states (and, with ``node``, run by that node
     process); False when it was not: another process ended it, or its lease passed to another
     node. Whoever ends a step also moves its job."""
-    query = update(Step).where(col(Step.id) == step_id, col(Step.state).in_(before))
+    where: dict[str, object] = {"w_id": step_id, "w_before": list(before)}
     if node is not None:
-        query = query.where(col(Step.node) == node)
-    return update_rows(session, query, Step, step_id, {"state": state, "error": error, "finished_at": utcnow()}) == 1
+        where["w_node"] = node
+    return update_rows(session, _END_STEP_OF if node is not None else _END_STEP, where, Step, step_id,
+                       {"state": state, "error": error, "finished_at": utcnow()}) == 1
+
+
+_STEP = table(Step)
+_END_STEP = update(_STEP).where(_STEP.c.id == bindparam("w_id"),
+                                _STEP.c.state.in_(bindparam("w_before", expanding=True)))
+_END_STEP_OF = _END_STEP.where(_STEP.c.node == bindparam("w_node"))
 
 
 def skip_pending_steps(*, session: Session, op_id: int) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from sqlalchemy import update
+from sqlalchemy import bindparam, update
 from sqlmodel import Session, col, select
 
 from orchestrator import proxy, rules
@@ -94,13 +94,15 @@ def proxy_jobs(*, session: Session, env_id: int) -> list[Job]:
 
 
 def proxy_jobs_on(*, session: Session, host: str) -> list[tuple[Job, str]]:
-    """Running proxy jobs of a host, each with its environment's name."""
-    query = (select(Job, Environment.name)
-             .join(Service, col(Service.id) == Job.service_id)
-             .join(Environment, col(Environment.id) == Service.env_id)
-             .where(Service.type == ServiceType.service_proxy, Job.host == host,
-                    Job.state == JobState.running))
-    return [(job, name) for job, name in session.exec(query)]
+    """Running proxy jobs of a host, each with its environment's name (every heartbeat asks)."""
+    return [(job, name) for job, name in session.exec(_PROXY_JOBS_ON, params={"w_host": host})]
+
+
+_PROXY_JOBS_ON = (select(Job, Environment.name)  # built once (the host bound by name)
+                  .join(Service, col(Service.id) == Job.service_id)
+                  .join(Environment, col(Environment.id) == Service.env_id)
+                  .where(Service.type == ServiceType.service_proxy, Job.host == bindparam("w_host"),
+                         Job.state == JobState.running))
 
 
 def set_route(*, session: Session, job_ids: Iterable[str], state: RouteState) -> None:

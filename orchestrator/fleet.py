@@ -12,8 +12,10 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 from sqlalchemy import bindparam, case, cast, literal, or_, update
+from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
 from orchestrator import catalogue, operations, service_types
@@ -97,8 +99,22 @@ _STEP = table(Step)
 _RENEW = update(_STEP).where(_STEP.c.node == bindparam("w_node"), _STEP.c.state == StepState.running,
                              or_(_STEP.c.id.in_(bindparam("w_ids", expanding=True)),
                                  _STEP.c.action == StepAction.wait))
-_RUNNING_OR_LOST = (select(Job).where(col(Job.host) == bindparam("w_host"),
-                                      col(Job.state).in_((JobState.running, JobState.lost))))
+_JOB = table(Job)
+_RUNNING_OR_LOST = (sa_select(_JOB.c.id, _JOB.c.state, _JOB.c.started_at, _JOB.c.service_id, _JOB.c.kind,
+                              _JOB.c.target)
+                    .where(_JOB.c.host == bindparam("w_host"), _JOB.c.state.in_((JobState.running, JobState.lost))))
+
+
+class HeldJob(NamedTuple):
+    """What reconciling a host needs of each job it holds (the rows' other columns, such as the
+    JSON ones, are neither read nor decoded: every heartbeat of every host runs this)."""
+
+    id: str
+    state: JobState
+    started_at: datetime | None
+    service_id: int
+    kind: JobKind
+    target: str | None
 
 
 def reconcile(s: Session, *, host: str, containers: Sequence[Container], listed_at: datetime) -> Reconciled:
@@ -118,7 +134,8 @@ def reconcile(s: Session, *, host: str, containers: Sequence[Container], listed_
     adopted: list[str] = []
     # What it reads grows with what runs and what Docker lists, not with the host's history: of
     # the ended jobs, only those whose container is still there.
-    jobs = list(s.exec(_RUNNING_OR_LOST, params={"w_host": host}))
+    s.flush()
+    jobs = [HeldJob(*row) for row in s.connection().execute(_RUNNING_OR_LOST, {"w_host": host})]
     others = sorted(set(present) - {j.id for j in jobs})
     ended = set(s.exec(select(Job.id).where(Job.host == host, col(Job.id).in_(others), col(Job.state).in_(
         (JobState.stopped, JobState.failed))))) if others else set()
@@ -146,12 +163,12 @@ def reconcile(s: Session, *, host: str, containers: Sequence[Container], listed_
     return Reconciled(remove, failed, adopted)
 
 
-def _died(s: Session, job: Job, error: str) -> None:
+def _died(s: Session, job: HeldJob, error: str) -> None:
     catalogue.set_job_state(session=s, job_id=job.id, state=JobState.failed, error=error)
     catalogue.want_heal(session=s, service_id=job.service_id)
 
 
-def _wanted_back(s: Session, job: Job, host: str) -> bool:
+def _wanted_back(s: Session, job: HeldJob, host: str) -> bool:
     """Whether a lost job whose container runs again should be taken back."""
     svc = s.get(Service, job.service_id)
     if svc is None:

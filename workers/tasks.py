@@ -235,22 +235,26 @@ def run_host_steps(node: NodeContext) -> list[dict[str, Any]]:
 
     more = False  # more wait than were taken
 
-    def claim(s: Session) -> list[tuple[Step, Job | None]]:
+    def claim(s: Session) -> list[catalogue.Claimed]:
         nonlocal more
         taken, more = catalogue.claim_host_steps(session=s, host=node.host, node=node.node_id, lease=lease,
                                                  actions=sorted(BOXED), most=MAX_BOX,
                                                  silent_since=2 * p.settings.heartbeat_interval)
-        jobs: dict[str, Job] = {}  # each job moved as its step begins: one statement per state
-        moves: dict[JobState | None, list[str]] = {}
+        moves: dict[JobState, list[str]] = {}  # each job moved as its step begins: one statement per state
         for step in taken:
-            if step.job_id:
-                moves.setdefault(WORK_OF[step.action].job_on_begin, []).append(step.job_id)
+            state = WORK_OF[step.action].job_on_begin
+            if step.job_id and state is not None:
+                moves.setdefault(state, []).append(step.job_id)
         for state, job_ids in moves.items():
-            jobs.update(catalogue.jobs_by_id(session=s, job_ids=job_ids) if state is None
-                        else catalogue.move_jobs(session=s, job_ids=job_ids, state=state))
-        return [(step, jobs.get(step.job_id) if step.job_id else None) for step in taken]
+            catalogue.set_jobs_state(session=s, job_ids=job_ids, state=state)
+        return taken
 
-    begun = p.together.run(claim)
+    taken = p.together.run(claim)
+    # Their rows, read after the claim's transaction: outside the catalogue's write turn.
+    with p.reader() as s:
+        steps = catalogue.steps_by_id(session=s, step_ids=[step.id for step in taken])
+        jobs = catalogue.jobs_by_id(session=s, job_ids=[step.job_id for step in taken if step.job_id])
+    begun = [(step, jobs.get(step.job_id) if step.job_id else None) for step in steps]
     step_ids = [step.id or 0 for step, _ in begun]
     with node.working(*step_ids):  # their leases renewed from now on (the send below may be slow)
         if more:  # another task takes the rest (the host stays rung)

@@ -27,10 +27,10 @@ from orchestrator.catalogue.jobs import (
     list_jobs,
     move_job,
     move_job_port,
-    move_jobs,
     running_jobs_of,
     service_type_of,
     set_job_state,
+    set_jobs_state,
 )
 from orchestrator.catalogue.logs import (
     LogEndpoint,
@@ -52,6 +52,7 @@ from orchestrator.catalogue.monitoring import (
     monitoring_jobs_on,
 )
 from orchestrator.catalogue.operations import (
+    Claimed,
     begin_operation,
     begin_step,
     claim_host_steps,
@@ -70,6 +71,7 @@ from orchestrator.catalogue.operations import (
     ring_late_hosts,
     skip_pending_steps,
     stage_left,
+    steps_by_id,
     steps_of,
     take_over_step,
     unring_hosts,
@@ -113,6 +115,7 @@ from orchestrator.catalogue.services import (
 from orchestrator.catalogue.tokens import create_token, role_of_token
 
 __all__ = [
+    "Claimed",
     "LogEndpoint",
     "LoggingDown",
     "MonitorEndpoint",
@@ -169,7 +172,6 @@ __all__ = [
     "monitoring_wanted",
     "move_job",
     "move_job_port",
-    "move_jobs",
     "next_release_number",
     "operation_public",
     "operations_public",
@@ -189,12 +191,14 @@ __all__ = [
     "service_public",
     "service_type_of",
     "set_job_state",
+    "set_jobs_state",
     "set_metrics_ports",
     "set_release_state",
     "set_route",
     "set_variables",
     "skip_pending_steps",
     "stage_left",
+    "steps_by_id",
     "steps_of",
     "store_source",
     "take_over_step",

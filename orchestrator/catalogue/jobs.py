@@ -105,6 +105,7 @@ def set_job_state(*, session: Session, job_id: str, state: JobState, container_i
 
 
 _SET_JOB = update(table(Job)).where(table(Job).c.id == bindparam("w_id"))
+_SET_JOBS = update(table(Job)).where(table(Job).c.id.in_(bindparam("w_ids", expanding=True)))
 
 
 def move_job(*, session: Session, job_id: str, state: JobState) -> Job | None:
@@ -115,13 +116,11 @@ def move_job(*, session: Session, job_id: str, state: JobState) -> Job | None:
     return moved.scalars().one_or_none()
 
 
-def move_jobs(*, session: Session, job_ids: Sequence[str], state: JobState) -> dict[str, Job]:
-    """``move_job`` of several jobs in one statement: the jobs moved, by id."""
-    if not job_ids:
-        return {}
-    moved = session.exec(update(Job).where(col(Job.id).in_(list(job_ids))).values(**_job_values(state, None, None))
-                         .returning(Job).execution_options(synchronize_session=False, populate_existing=True))
-    return {job.id: job for job in moved.scalars()}
+def set_jobs_state(*, session: Session, job_ids: Sequence[str], state: JobState) -> None:
+    """``set_job_state`` of several jobs in one statement built once (no rows read back)."""
+    if job_ids:
+        session.flush()
+        session.connection().execute(_SET_JOBS, {"w_ids": list(job_ids), **_job_values(state, None, None)})
 
 
 def jobs_by_id(*, session: Session, job_ids: Sequence[str]) -> dict[str, Job]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import NamedTuple
 
 from sqlalchemy import Update, and_, bindparam, case, func, or_, update
 from sqlmodel import Session, col, select
@@ -161,8 +162,17 @@ def ring_late_hosts(*, session: Session, stale_after: float, actions: Sequence[S
     return names
 
 
+class Claimed(NamedTuple):
+    """A step a node took from its box: what the claim itself needs of it (the rows are read
+    after the claim's transaction, outside the catalogue's write turn: ``steps_by_id``)."""
+
+    id: int
+    action: StepAction
+    job_id: str | None
+
+
 def claim_host_steps(*, session: Session, host: str, node: str, lease: float, actions: Sequence[StepAction],
-                     most: int, silent_since: float) -> tuple[list[Step], bool]:
+                     most: int, silent_since: float) -> tuple[list[Claimed], bool]:
     """The steps of ``actions`` waiting for ``host``'s node, begun by ``node`` (running, leased),
     in the order they were planned, ``most`` at most: those of a stage already sent (of a running
     operation sent a stage at a time), and those another process of this host's node began and
@@ -170,22 +180,31 @@ def claim_host_steps(*, session: Session, host: str, node: str, lease: float, ac
     again, or a later one takes them over), and whether more wait. The host's mark of a task
     sent (``ring_hosts``) is taken down with them, or kept when more wait (the caller sends
     another task). The host's row is locked first (PostgreSQL): claims of one host, and a ring,
-    go one after the other."""
+    go one after the other. Plain SQL built once: every claim holds the catalogue's write turn
+    (SQLite's one writer) while it runs."""
     now = utcnow()
     params = {"w_host": host, "w_node": node, "w_node_prefix": _like_escaped(host) + "/", "w_actions": list(actions),
               "w_most": most, "w_now": now, "w_lease_until": now + timedelta(seconds=lease),
               "w_renewed_before": now + timedelta(seconds=lease - silent_since)}  # its lease_until if renewed then
     session.flush()
-    session.connection().execute(_RING, {"w_host": host, "rung_at": None})
+    connection = session.connection()
+    connection.execute(_RING, {"w_host": host, "rung_at": None})
     # ``free`` again on the row itself: on PostgreSQL, a task of this node taking the same rows at
     # once makes this statement wait, then see each row as that one left it (running, this node's).
-    taken = list(session.execute(_CLAIM, params, execution_options={"synchronize_session": False,
-                                                                    "populate_existing": True}).scalars())
+    taken = sorted(Claimed(*row) for row in connection.execute(_CLAIM, params))
     # More may wait than were taken: ``most`` were, or a row picked changed meanwhile (a cancel).
-    more = session.connection().execute(_SENT.limit(1), params).first() is not None
+    more = connection.execute(_SENT_ONE, params).first() is not None
     if more:
-        session.connection().execute(_RING, {"w_host": host, "rung_at": now})
-    return sorted(taken, key=lambda st: st.id or 0), more
+        connection.execute(_RING, {"w_host": host, "rung_at": now})
+    return taken, more
+
+
+def steps_by_id(*, session: Session, step_ids: Sequence[int]) -> list[Step]:
+    """The steps, in the order of ``step_ids``."""
+    if not step_ids:
+        return []
+    found = {st.id: st for st in session.exec(select(Step).where(col(Step.id).in_(list(step_ids))))}
+    return [found[i] for i in step_ids if i in found]
 
 
 def _like_escaped(text: str) -> str:
@@ -202,10 +221,11 @@ _SENT = (select(Step.id).join(Operation, col(Operation.id) == col(Step.op_id))
          .where(col(Step.host) == bindparam("w_host"), col(Step.action).in_(bindparam("w_actions", expanding=True)),
                 _FREE, col(Operation.state) == OpState.running, col(Operation.sent_stage) >= col(Step.stage))
          .order_by(col(Step.id)))
-_CLAIM = (update(Step).where(col(Step.id).in_(_SENT.limit(bindparam("w_most")).scalar_subquery()), _FREE)
+_SENT_ONE = _SENT.limit(1)
+_CLAIM = (update(table(Step)).where(table(Step).c.id.in_(_SENT.limit(bindparam("w_most")).scalar_subquery()), _FREE)
           .values(state=StepState.running, started_at=bindparam("w_now"), node=bindparam("w_node"),
                   lease_until=bindparam("w_lease_until"))
-          .returning(Step))
+          .returning(table(Step).c.id, table(Step).c.action, table(Step).c.job_id))
 
 
 def stage_left(*, session: Session, op_id: int, stage: int) -> int:

@@ -95,7 +95,10 @@ def test_a_node_takes_at_most_so_many_steps_and_stays_rung_for_the_rest(world: W
                                            actions=sorted(BOXED), most=1, silent_since=4)
         s.commit()
     assert [st.id for st in first] == [min(st.id or 0 for st in waiting)]  # in the order planned
-    assert first[0].state == StepState.running and first[0].node == node.node_id
+    assert [(st.action, st.job_id) for st in first] == [(StepAction.stop, w.job_id) for w in waiting
+                                                        if w.id == first[0].id]
+    began = world.step(first[0].id)
+    assert began.state == StepState.running and began.node == node.node_id
     assert more and world.host("h1").rung_at is not None  # more wait: the node sends itself another task
     with world.platform.session() as s:
         rest, more = catalogue.claim_host_steps(session=s, host="h1", node=node.node_id, lease=15,
@@ -130,7 +133,7 @@ def test_steps_a_previous_process_of_the_host_s_node_began_are_taken_over_not_th
         s.commit()
     # The silent process's step is this one's now; not the one another process renews (a node
     # started twice), nor its own running step (another of its tasks runs it).
-    assert [(st.id, st.node) for st in taken] == [(before.id, "h1/n3wn0de1")]
+    assert [st.id for st in taken] == [before.id] and world.step(before.id).node == "h1/n3wn0de1"
 
 
 def test_a_host_rung_long_ago_whose_node_took_nothing_is_rung_again_while_steps_wait(world: World) -> None:

@@ -194,6 +194,11 @@ class World:
             steps = catalogue.steps_of(session=s, op_id=op_id)
         return [st for st in steps if action is None or st.action == action]
 
+    def step(self, step_id: int) -> Step:
+        with self.platform.reader() as s:
+            (step,) = catalogue.steps_by_id(session=s, step_ids=[step_id])
+            return step
+
     def host(self, name: str) -> Host:
         with self.platform.reader() as s:
             return catalogue.get_host(session=s, name=name)

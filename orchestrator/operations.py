@@ -122,15 +122,18 @@ def advance(p: Platform, op_id: int, stage: int, *, env: str, service: str) -> b
     A broker that cannot be reached leaves the stage claimed and unsent (False): part of it may
     have gone out, and sending it again could run a step twice; the watcher fails its steps as
     never picked up, which ends the operation."""
-    with p.session() as s:
+    # The steps are read before the write transaction (outside the catalogue's write turn): a
+    # step seen succeeded stays so, and the claim itself sees any failure or cancel meanwhile.
+    with p.reader() as s:
         steps = catalogue.steps_of(session=s, op_id=op_id)
-        if any(st.state in (StepState.failed, StepState.skipped) for st in steps):
-            return False
-        if any(st.stage < stage and st.state != StepState.succeeded for st in steps):
-            return None
+    if any(st.state in (StepState.failed, StepState.skipped) for st in steps):
+        return False
+    if any(st.stage < stage and st.state != StepState.succeeded for st in steps):
+        return None
+    stages = _stages(steps)
+    with p.session() as s:
         if not catalogue.claim_stage(session=s, op_id=op_id, stage=stage):
             return False
-        stages = _stages(steps)
         rung = catalogue.ring_hosts(session=s, hosts=boxed_hosts(stages[stage]),
                                     stale_after=p.settings.orphan_after)
         s.commit()
@@ -472,10 +475,9 @@ def finish(p: Platform, op_id: int) -> bool | None:
         op = catalogue.get_operation(session=s, op_id=op_id, for_update=True)
         if op.state not in (OpState.running, OpState.queued):
             return False
-        steps = catalogue.steps_of(session=s, op_id=op_id)
-        failed = [st for st in steps if st.state == StepState.failed]
+        failed = catalogue.failed_steps(session=s, op_id=op_id)  # (the others read only when one failed)
         # The chain stops at the first failed stage: later stages were never sent.
-        if failed and unfinished_steps(steps, min(st.stage for st in failed), op.sent_stage):
+        if failed and unfinished_steps(catalogue.steps_of(session=s, op_id=op_id), failed[0].stage, op.sent_stage):
             return None
         error = None
         if failed:

@@ -100,13 +100,25 @@ def claim_stage(*, session: Session, op_id: int, stage: int) -> bool:
     False when the operation ended (or was cancelled), was sent whole, has a failed (or skipped)
     step, as seen by this very statement (on PostgreSQL a failure committed since the caller's
     read counts too), or another caller sent that stage (a redelivered advance, the watcher's)."""
-    failed = select(Step.id).where(col(Step.op_id) == op_id,
-                                   col(Step.state).in_((StepState.failed, StepState.skipped))).exists()
-    return session.exec(
-        update(Operation).where(col(Operation.id) == op_id, col(Operation.state) == OpState.running,
-                                col(Operation.sent_stage) >= 0, col(Operation.sent_stage) < stage, ~failed)
-        .values(sent_stage=stage).execution_options(synchronize_session=False)
-    ).rowcount == 1
+    return session.connection().execute(_CLAIM_STAGE, {"w_op": op_id, "w_stage": stage}).rowcount == 1
+
+
+_OP = table(Operation)
+_CLAIM_STAGE = (update(_OP).where(
+    _OP.c.id == bindparam("w_op"), _OP.c.state == OpState.running, _OP.c.sent_stage >= 0,
+    _OP.c.sent_stage < bindparam("w_stage"),
+    ~select(table(Step).c.id).where(table(Step).c.op_id == bindparam("w_op"),
+                                    table(Step).c.state.in_((StepState.failed, StepState.skipped))).exists())
+                .values(sent_stage=bindparam("w_stage")))
+
+
+def failed_steps(*, session: Session, op_id: int) -> list[Step]:
+    """The operation's failed steps, first stage first (most often none: read without its others)."""
+    return list(session.exec(_FAILED_STEPS, params={"w_op": op_id}))
+
+
+_FAILED_STEPS = (select(Step).where(col(Step.op_id) == bindparam("w_op"), col(Step.state) == StepState.failed)
+                 .order_by(col(Step.stage), col(Step.id)))
 
 
 def ring_hosts(*, session: Session, hosts: Sequence[str], stale_after: float) -> list[str]:
@@ -124,14 +136,20 @@ def ring_hosts(*, session: Session, hosts: Sequence[str], stale_after: float) ->
     if not hosts:
         return []
     wanted = sorted(set(hosts))
-    locked = set(session.exec(select(Host.name).where(col(Host.name).in_(wanted)).order_by(col(Host.name))
-                              .with_for_update(skip_locked=True)))
+    connection = session.connection()
+    locked = {name for (name,) in connection.execute(_LOCK_HOSTS, {"w_names": wanted})}
     now = utcnow()
-    rung = session.exec(
-        update(Host).where(col(Host.name).in_(sorted(locked)),
-                           or_(col(Host.rung_at).is_(None), col(Host.rung_at) < now - timedelta(seconds=stale_after)))
-        .values(rung_at=now).returning(col(Host.name)).execution_options(synchronize_session=False))
+    rung = connection.execute(_RING_HOSTS, {"w_names": sorted(locked), "rung_at": now,
+                                            "w_stale": now - timedelta(seconds=stale_after)})
     return sorted({name for (name,) in rung} | (set(wanted) - locked))
+
+
+_HOST = table(Host)
+_LOCK_HOSTS = (select(_HOST.c.name).where(_HOST.c.name.in_(bindparam("w_names", expanding=True)))
+               .order_by(_HOST.c.name).with_for_update(skip_locked=True))
+_RING_HOSTS = (update(_HOST).where(_HOST.c.name.in_(bindparam("w_names", expanding=True)),
+                                   or_(_HOST.c.rung_at.is_(None), _HOST.c.rung_at < bindparam("w_stale")))
+               .returning(_HOST.c.name))
 
 
 def unring_hosts(*, session: Session, hosts: Sequence[str]) -> None:

@@ -7,11 +7,13 @@ import json
 import os
 import sqlite3
 import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pydantic_core import PydanticUndefined
 from sqlalchemy import Enum as SAEnum
-from sqlalchemy import Table, Update, event, inspect
+from sqlalchemy import Table, Update, event, insert, inspect
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import Session, SQLModel, create_engine
@@ -288,6 +290,27 @@ def table(model: type[SQLModel]) -> Table:
     found = model.__table__  # type: ignore[attr-defined]
     assert isinstance(found, Table)
     return found
+
+
+def insert_rows(session: Session, model: type[SQLModel], rows: Sequence[dict[str, Any]]) -> None:
+    """New rows of ``model`` in one plain INSERT of many rows: each row's values, and for the
+    fields it leaves out their defaults, as making the model would (a factory called, a primary
+    key left unset to the database). No row object is made: building one costs a model 50-70 µs
+    of pydantic and SQLAlchemy bookkeeping, and the unit of work more at its flush."""
+    if not rows:
+        return
+    defaults: dict[str, Any] = {}
+    factories: dict[str, Callable[[], Any]] = {}
+    key = {column.name for column in table(model).primary_key.columns}
+    for name, field in model.model_fields.items():
+        if field.default_factory is not None:
+            factories[name] = field.default_factory  # type: ignore[assignment]
+        elif field.default is not PydanticUndefined and not (name in key and field.default is None):
+            defaults[name] = field.default
+    session.flush()
+    session.connection().execute(insert(table(model)), [
+        {**defaults, **{name: make() for name, make in factories.items() if name not in row}, **row}
+        for row in rows])
 
 
 def update_rows(session: Session, statement: Update, where: dict[str, Any], model: type[SQLModel], ident: Any,

@@ -12,11 +12,13 @@ import logging
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 from sqlalchemy import update
 from sqlmodel import Session, col, select
 
 from orchestrator import builds, catalogue, planner, rules, spec
+from orchestrator.db import insert_rows
 from orchestrator.dispatch import SendFailed, boxed_hosts
 from orchestrator.errors import BadInput
 from orchestrator.models import (
@@ -361,20 +363,23 @@ def _plan(p: Platform, s: Session, op: Operation, svc: Service, env: Environment
 
 def _record_plan(s: Session, op: Operation, svc: Service,
                  plan: planner.Plan) -> list[list[Step]]:
-    """Jobs the plan starts become catalogue rows (scheduled); each step becomes a Step row."""
-    stages: list[list[Step]] = []
+    """Jobs the plan starts become catalogue rows (scheduled); each step becomes a Step row.
+    Written as plain INSERTs of many rows (this runs in the catalogue's write turn: making and
+    flushing a row object per step and job cost more than the rest of the request), then the
+    steps read back."""
+    job_rows: list[dict[str, Any]] = []
+    step_rows: list[dict[str, Any]] = []
     # Host-less steps (an overlap's wait) run on the node of the first host the plan touches.
     home = next((h for item in plan.steps if (h := _host_of(item)) is not None), None)
     kind = profile(svc.type)
     for index, stage in enumerate(plan.stages):
-        rows = []
         for item in stage:
-            step = _step_row(op.id or 0, index, svc.name, item, home)
+            step = _step_values(op.id or 0, index, svc.name, item, home)
             if isinstance(item, planner.StartJob):
                 j = item.job
                 mounts = dict([j.volume.split(":", 1)]) if j.volume else {}
                 routed = kind.routed and j.kind == JobKind.deploy
-                s.add(Job(
+                job_rows.append(dict(
                     id=j.id, service_id=svc.id or 0, kind=j.kind, target=j.target,
                     host=j.host, port=j.port, container_name=j.container_name,
                     state=JobState.scheduled, release=j.release, image=j.image, command=j.command,
@@ -385,14 +390,13 @@ def _record_plan(s: Session, op: Operation, svc: Service,
                     health_path=svc.health_path if j.kind == JobKind.deploy else None,
                 ))
                 if svc.type == ServiceType.service_proxy:
-                    step.action = StepAction.start_proxy
+                    step["action"] = StepAction.start_proxy
                 if j.kind == JobKind.deploy:
                     _remember_placement(svc, j, moved=op.kind == OpKind.drain)
-            s.add(step)
-            rows.append(step)
-        stages.append(rows)
-    s.flush()
-    return stages
+            step_rows.append(step)
+    insert_rows(s, Job, job_rows)
+    insert_rows(s, Step, step_rows)
+    return _stages(catalogue.steps_of(session=s, op_id=op.id or 0)) if step_rows else []
 
 
 def _remember_placement(svc: Service, job: planner.NewJob, *, moved: bool = False) -> None:
@@ -411,37 +415,38 @@ def _host_of(item: planner.Step) -> str | None:
     return None if isinstance(item, planner.Wait) else item.host
 
 
-def _step_row(op_id: int, stage: int, service: str, item: planner.Step, home: str | None) -> Step:
+def _step_values(op_id: int, stage: int, service: str, item: planner.Step, home: str | None) -> dict[str, Any]:
+    """A step's row, as values (``_record_plan``)."""
     if isinstance(item, planner.CheckImage):
-        return Step(op_id=op_id, stage=stage, action=StepAction.check_image, host=item.host,
+        return dict(op_id=op_id, stage=stage, action=StepAction.check_image, host=item.host,
                     image=item.image, name=f"check image {item.image} on {item.host}")
     if isinstance(item, planner.Build):
         pushed = f", pushed to {builds.repository_of(item.image).split('/', 1)[0]}" if item.push else ""
-        return Step(op_id=op_id, stage=stage, action=StepAction.build, host=item.host, image=item.image,
+        return dict(op_id=op_id, stage=stage, action=StepAction.build, host=item.host, image=item.image,
                     source_id=item.source_id, name=f"build {item.image} on {item.host}{pushed}")
     if isinstance(item, planner.StartJob):
         j = item.job
         what = f"{service} {j.kind}" + (f" {j.target}" if j.target else "")
         port = f" port {j.port}" if j.port is not None else ""
-        return Step(op_id=op_id, stage=stage, action=StepAction.start, host=j.host, job_id=j.id,
+        return dict(op_id=op_id, stage=stage, action=StepAction.start, host=j.host, job_id=j.id,
                     name=f"start {what} job {j.id} on {j.host}{port}")
     if isinstance(item, planner.StopJob):
-        return Step(op_id=op_id, stage=stage, action=StepAction.stop, host=item.host,
+        return dict(op_id=op_id, stage=stage, action=StepAction.stop, host=item.host,
                     job_id=item.job_id, name=f"stop {service} job {item.job_id} on {item.host}")
     if isinstance(item, planner.RunOnce):
-        return Step(op_id=op_id, stage=stage, action=StepAction.run_once, host=item.host,
+        return dict(op_id=op_id, stage=stage, action=StepAction.run_once, host=item.host,
                     name=f"run a one-off {service} container on {item.host}")
     if isinstance(item, planner.Exec):
-        return Step(op_id=op_id, stage=stage, action=StepAction.exec, host=item.host, job_id=item.job_id,
+        return dict(op_id=op_id, stage=stage, action=StepAction.exec, host=item.host, job_id=item.job_id,
                     name=f"exec in {service} job {item.job_id} on {item.host}")
     if isinstance(item, planner.DeleteVolume):
-        return Step(op_id=op_id, stage=stage, action=StepAction.delete_volume, host=item.host,
+        return dict(op_id=op_id, stage=stage, action=StepAction.delete_volume, host=item.host,
                     image=item.volume, name=f"delete volume {item.volume} on {item.host}")
     if isinstance(item, planner.Route):
-        return Step(op_id=op_id, stage=stage, action=StepAction.route, host=item.host,
+        return dict(op_id=op_id, stage=stage, action=StepAction.route, host=item.host,
                     job_id=item.proxy, targets=list(item.jobs), route=item.to,
                     name=_route_name(service, item))
-    return Step(op_id=op_id, stage=stage, action=StepAction.wait, seconds=item.seconds, host=home,
+    return dict(op_id=op_id, stage=stage, action=StepAction.wait, seconds=item.seconds, host=home,
                 name=f"overlap: old jobs live {item.seconds}s more")
 
 

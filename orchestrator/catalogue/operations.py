@@ -231,10 +231,13 @@ def _like_escaped(text: str) -> str:
 
 # claim_host_steps' statements, built once (their values bound by name).
 _RING = update(table(Host)).where(table(Host).c.name == bindparam("w_host"))
-_FREE = or_(col(Step.state) == StepState.pending,
-            and_(col(Step.state) == StepState.running, col(Step.node) != bindparam("w_node"),
-                 col(Step.node).startswith(bindparam("w_node_prefix"), escape="\\"),
-                 col(Step.lease_until) < bindparam("w_renewed_before")))
+# (state IN (...) first: the host's pending and running steps are found by ix_step_host_state, not
+# by reading every step its host ever ran.)
+_FREE = and_(col(Step.state).in_((StepState.pending, StepState.running)),
+             or_(col(Step.state) == StepState.pending,
+                 and_(col(Step.state) == StepState.running, col(Step.node) != bindparam("w_node"),
+                      col(Step.node).startswith(bindparam("w_node_prefix"), escape="\\"),
+                      col(Step.lease_until) < bindparam("w_renewed_before"))))
 _SENT = (select(Step.id).join(Operation, col(Operation.id) == col(Step.op_id))
          .where(col(Step.host) == bindparam("w_host"), col(Step.action).in_(bindparam("w_actions", expanding=True)),
                 _FREE, col(Operation.state) == OpState.running, col(Operation.sent_stage) >= col(Step.stage))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
@@ -57,6 +58,46 @@ def choose_host(hosts: Sequence[HostLoad], size: Size, service_jobs: Mapping[str
         return None
     best = min(candidates, key=lambda h: (service_jobs.get(h.name, 0), h.load, h.name))
     return best.name
+
+
+class Chooser:
+    """``choose_host`` for a plan that places job after job, each changing one host: a heap of
+    (jobs of this service, load, name), so a choice costs the logarithm of the fleet, not a scan
+    of every host (a 50-job redeploy on 100 hosts: 5,000 host looks became a few hundred).
+    ``hosts`` and ``service_jobs`` are read as they are at each choice; after placing on a host,
+    the caller says so (``changed``). A host that does not fit the size is passed over, and
+    stays for the next choice."""
+
+    def __init__(self, hosts: Mapping[str, HostLoad], service_jobs: Mapping[str, int]) -> None:
+        self._hosts = hosts
+        self._jobs = service_jobs
+        self._heap = [self._key(h.name) for h in hosts.values() if h.schedulable]
+        heapq.heapify(self._heap)
+
+    def _key(self, name: str) -> tuple[int, float, str]:
+        return self._jobs.get(name, 0), self._hosts[name].load, name
+
+    def changed(self, name: str) -> None:
+        if self._hosts[name].schedulable:
+            heapq.heappush(self._heap, self._key(name))
+
+    def choose(self, size: Size) -> str | None:
+        passed: list[tuple[int, float, str]] = []
+        chosen = None
+        while self._heap:
+            entry = heapq.heappop(self._heap)
+            if entry != self._key(entry[2]):
+                continue  # an older entry of a host placed on since: its newer one is in the heap
+            if self._hosts[entry[2]].fits(size):
+                chosen = entry
+                break
+            passed.append(entry)
+        for entry in passed:
+            heapq.heappush(self._heap, entry)
+        if chosen is None:
+            return None
+        heapq.heappush(self._heap, chosen)  # still its key until the caller places a job there
+        return chosen[2]
 
 
 def free_port(used: AbstractSet[int], port_min: int, port_max: int,

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 
 from orchestrator.models import JobKind, RouteState
 from orchestrator.names import container_name
-from orchestrator.placement import HostLoad, choose_host, free_port
+from orchestrator.placement import Chooser, HostLoad, free_port
 from orchestrator.sizes import Size
 
 
@@ -221,6 +221,7 @@ class _Placer:
         self.hosts = {h.name: h for h in hosts}
         self.service_jobs = Counter(service_jobs)
         self.ports = ports
+        self.chooser = Chooser(self.hosts, self.service_jobs)  # choose_host, without a scan per job
 
     def place(self, size: Size, needs_port: bool, *, host: str | None = None,
               port: int | None = None, span: int = 1) -> tuple[str, int | None]:
@@ -230,7 +231,7 @@ class _Placer:
                 raise PlanError(f"this service's data lives on host {host}, which is not up")
             chosen: str | None = host
         else:
-            chosen = choose_host(list(self.hosts.values()), size, self.service_jobs)
+            chosen = self.chooser.choose(size)
         if chosen is None:
             raise PlanError(f"no up host has room for a job of {size.memory_mb}m/{size.cpus} CPU")
         if needs_port and port is None:
@@ -247,6 +248,7 @@ class _Placer:
                 if name != chosen and other.address == self.hosts[chosen].address:
                     self.hosts[name] = replace(other, used_ports=other.used_ports | held)
         self.service_jobs[chosen] += 1
+        self.chooser.changed(chosen)
         return chosen, port
 
 

@@ -11,6 +11,7 @@ from sqlalchemy import select as sa_select  # five columns: beyond sqlmodel's ty
 from sqlmodel import Session, col, select
 
 from orchestrator import service_types
+from orchestrator.db import table
 from orchestrator.errors import BadInput, NotFound
 from orchestrator.models import ACTIVE_JOB_STATES, Host, HostPublic, HostState, Job, JobState, Service, ServiceType
 from orchestrator.placement import HostLoad
@@ -61,34 +62,31 @@ def host_views(*, session: Session) -> list[HostPublic]:
 
 def host_loads(*, session: Session) -> list[HostLoad]:
     """Every host with the CPU, memory and ports its active jobs hold, and the images its
-    running jobs run."""
+    running jobs run. Read in plain SQL built once, summed by the database where it can (each
+    operation's plan reads it, in the catalogue's write turn): a host's jobs by size, its ports,
+    its images."""
     used_cpus: dict[str, float] = defaultdict(float)
     used_mem: dict[str, int] = defaultdict(int)
     ports: dict[str, set[int]] = defaultdict(set)
     images: dict[str, set[str]] = defaultdict(set)
-    # A lost job's container may still hold its port on its (unreachable) host: keep it taken.
-    holding = (*ACTIVE_JOB_STATES, JobState.stopping, JobState.lost)
-    # Only the columns it needs: a job's row also holds its environment, args and mounts.
-    for host, port, state, size_name, image in session.execute(
-            sa_select(col(Job.host), col(Job.port), col(Job.state), col(Job.size), col(Job.image))
-            .where(col(Job.state).in_(holding))):
-        if port is not None:
-            ports[host].add(port)
-        if state == JobState.running and image:
-            images[host].add(image)
-        if state in ACTIVE_JOB_STATES:
-            size = parse_size(size_name)
-            used_cpus[host] += size.cpus
-            used_mem[host] += size.memory_mb
-    hosts = list_hosts(session=session)
+    session.flush()
+    connection = session.connection()
+    for host, size_name, count in connection.execute(_SIZES_HELD):
+        size = parse_size(size_name)
+        used_cpus[host] += size.cpus * count
+        used_mem[host] += size.memory_mb * count
+    for host, port in connection.execute(_PORTS_HELD):
+        ports[host].add(port)
+    for host, image in connection.execute(_IMAGES_RUN):
+        images[host].add(image)
+    hosts = list(connection.execute(_HOSTS))
     # Hosts that share an address (several daemons on one machine) share its ports.
     by_address: dict[str, set[int]] = defaultdict(set)
     for h in hosts:
         by_address[h.address] |= ports[h.name]
     # A database's or cache's kept port stays its own on every host while the service exists,
     # even with no job running (a failed start): its connection URLs name it.
-    kept_rows = session.exec(select(Service.port, Service.type).where(col(Service.port).is_not(None)))
-    kept = {held for port, kind in kept_rows if port is not None
+    kept = {held for port, kind in connection.execute(_KEPT_PORTS)
             for held in range(port, port + service_types.ports_held(ServiceType(kind)))}
     return [
         HostLoad(
@@ -98,6 +96,21 @@ def host_loads(*, session: Session) -> list[HostLoad]:
         )
         for h in hosts
     ]
+
+
+_JOB = table(Job)
+# A lost job's container may still hold its port on its (unreachable) host: keep it taken.
+_SIZES_HELD = (sa_select(_JOB.c.host, _JOB.c.size, func.count()).where(_JOB.c.state.in_(ACTIVE_JOB_STATES))
+               .group_by(_JOB.c.host, _JOB.c.size))
+_PORTS_HELD = (sa_select(_JOB.c.host, _JOB.c.port)
+               .where(_JOB.c.state.in_((*ACTIVE_JOB_STATES, JobState.stopping, JobState.lost)),
+                      _JOB.c.port.is_not(None)))
+_IMAGES_RUN = (sa_select(_JOB.c.host, _JOB.c.image).where(_JOB.c.state == JobState.running, _JOB.c.image != "")
+               .distinct())
+_HOST = table(Host)
+_HOSTS = sa_select(_HOST.c.name, _HOST.c.state, _HOST.c.address, _HOST.c.cpus, _HOST.c.memory_mb).order_by(_HOST.c.name)
+_SERVICE = table(Service)
+_KEPT_PORTS = sa_select(_SERVICE.c.port, _SERVICE.c.type).where(_SERVICE.c.port.is_not(None))
 
 
 UNSET: Any = object()

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator.placement import HostLoad, choose_host, free_port
+from orchestrator.placement import Chooser, HostLoad, choose_host, free_port
 from orchestrator.sizes import NAMED_SIZES, Size
 
 S = NAMED_SIZES["s"]  # 256m, 0.5 CPU
@@ -157,3 +157,27 @@ def test_property_free_port_is_the_lowest_free(used: frozenset[int], low: int, h
     port = free_port(used, low, high)
     free = [p for p in range(low, high + 1) if p not in used]
     assert port == (free[0] if free else None)
+
+
+@settings(max_examples=300)
+@given(fleet=fleet_strategy, service_jobs=jobs_strategy,
+       sizes=st.lists(st.tuples(size_strategy, st.sampled_from([None, *"abcdefgh"])), max_size=25))
+def test_property_the_chooser_chooses_as_choose_host_job_after_job(
+    fleet: list[HostLoad], service_jobs: dict[str, int], sizes: list[tuple[Size, str | None]],
+) -> None:
+    """The heap of a plan's placements picks what choose_host would at every step, whatever
+    fits or not, including after jobs pinned to a host (a database's)."""
+    hosts = {h.name: h for h in fleet}
+    counts = dict(service_jobs)
+    chooser = Chooser(hosts, counts)
+    for size, pinned in sizes:
+        if pinned is not None and pinned in hosts:
+            chosen: str | None = pinned  # placed there whatever the heap says
+        else:
+            chosen = chooser.choose(size)
+            assert chosen == choose_host(list(hosts.values()), size, counts)
+        if chosen is None:
+            continue
+        hosts[chosen] = hosts[chosen].with_job(size, None)
+        counts[chosen] = counts.get(chosen, 0) + 1
+        chooser.changed(chosen)

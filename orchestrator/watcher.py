@@ -113,9 +113,13 @@ def _write_lock(s: Session, pass_started: float) -> datetime:
 def silent_hosts(p: Platform, pass_started: float) -> list[str]:
     """Mark down the hosts whose last heartbeat is older than ``host_down_after``; returns them
     (``recover_down_hosts`` then recovers their jobs)."""
+    # Only the hosts silent as read now are looked at again, each in a write transaction of its
+    # own (its verdict made on what the writer sees, heartbeats that waited included): a pass
+    # over a fleet that beats takes no write turn at all (it took one per host).
+    seen_before = utcnow() - timedelta(seconds=p.settings.host_down_after)
     with p.reader() as s:
         candidates = [h.name for h in catalogue.list_hosts(session=s)
-                      if h.state != HostState.down and h.last_seen is not None]
+                      if h.state != HostState.down and h.last_seen is not None and h.last_seen < seen_before]
     marked = []
     for name in candidates:
         with p.session() as s:

@@ -119,6 +119,28 @@ def test_a_silent_host_is_marked_down_once(world: World) -> None:
     assert world.host("h2").state == HostState.down and world.host("h1").state == HostState.up
 
 
+def test_judging_a_fleet_that_beats_takes_no_write_turn(world: World) -> None:
+    """Silent hosts are looked for in a read; only one silent as read gets a write transaction
+    (the catalogue's one writer is the fleet's bottleneck: a pass took one per host)."""
+    from sqlalchemy import event
+
+    writes: list[object] = []
+
+    def began(connection: object) -> None:
+        writes.append(connection)
+
+    event.listen(world.platform.engine, "begin", began)
+    try:
+        assert watcher.silent_hosts(world.platform, time.monotonic()) == []
+        assert writes == []
+        world.silence("h2")
+        writes.clear()
+        assert watcher.silent_hosts(world.platform, time.monotonic()) == ["h2"]
+        assert len(writes) == 1
+    finally:
+        event.remove(world.platform.engine, "begin", began)
+
+
 def test_the_watcher_recovers_the_jobs_of_a_silent_host_elsewhere(world: World) -> None:
     with_workers(world, "web", scale=2, workers=2)
     on_h2 = {j.id for j in world.jobs("web") if j.host == "h2"}

@@ -8,6 +8,7 @@ fault but never echoes what was sent (a body may hold a private key or a passwor
 """
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -53,6 +54,8 @@ MAX_NAME = 63
 MAX_IMAGE = 512
 MAX_COMMAND = requests.MAX_ARGV  # bytes of a service's command, like a one-off command's words
 MAX_SIZE = 64  # characters of a size: xs ... xl, or MEMORY[:CPUS]
+MAX_WAIT = 30.0  # seconds a long poll of an operation may wait (it holds one of the server's threads)
+WAIT_POLL = 0.02  # seconds between two looks at a polled operation's version (one aggregate query)
 
 DESCRIPTION = """\
 The orchestrator's control plane: environments of services run as containers on Docker hosts.
@@ -681,10 +684,25 @@ def create_api(platform: Platform) -> FastAPI:
             session=db, ops=catalogue.list_operations(session=db, env=environment, limit=page.limit,
                                                       offset=page.offset))
 
-    @v1.get("/operations/{op_id}", response_model=OperationPublic, tags=["operations"])
-    def get_operation(op_id: int, db: ReadDb, _: Who) -> Any:
-        """An operation and its steps (with the output and exit code of a one-off command)."""
-        return catalogue.operation_public(session=db, op=catalogue.get_operation(session=db, op_id=op_id))
+    @v1.get("/operations/{op_id}", response_model=OperationPublic, tags=["operations"],
+            responses={304: {"description": "Not changed within `wait` seconds (its ETag as sent)"}})
+    def get_operation(op_id: int, request: Request, response: Response, _: Who,
+                      wait: Annotated[float, Query(ge=0, le=MAX_WAIT)] = 0) -> Any:
+        """An operation and its steps (with the output and exit code of a one-off command), and
+        its ETag. With `If-None-Match: ETAG` and `wait=SECONDS`, a long poll: the answer comes
+        as soon as the operation or a step changes (a step begins or ends, output comes), or,
+        when nothing did within `wait` seconds, a 304."""
+        seen = request.headers.get("if-none-match")
+        deadline = time.monotonic() + wait
+        while True:
+            with platform.reader() as s:
+                etag = f'"{catalogue.operation_version(session=s, op_id=op_id)}"'
+                if etag != seen:
+                    response.headers["ETag"] = etag
+                    return catalogue.operation_public(session=s, op=catalogue.get_operation(session=s, op_id=op_id))
+            if time.monotonic() >= deadline:
+                return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers={"ETag": etag})
+            time.sleep(WAIT_POLL)
 
     @v1.post("/operations/{op_id}/cancel", response_model=OperationPublic, tags=["operations"])
     def cancel_operation(op_id: int, _: Who) -> Any:

@@ -260,6 +260,28 @@ _STAGE_LEFT = select(func.count()).select_from(table(Step)).where(
     table(Step).c.state != StepState.succeeded)
 
 
+def operation_version(*, session: Session, op_id: int) -> str:
+    """A short mark that changes whenever the operation or one of its steps does: its state,
+    and of its steps their number, how far their states moved (pending < running < ended: a step
+    only moves forward) and their output's length. One aggregate query (the API's long poll asks
+    it every few milliseconds); NotFound when there is no such operation."""
+    row = session.connection().execute(_VERSION, {"w_op": op_id}).first() if 0 < op_id <= MAX_ID else None
+    if row is None:
+        raise NotFound(f"no operation {op_id}")
+    return ":".join(str(x) for x in row)
+
+
+_VERSION = (
+    select(table(Operation).c.state, func.count(table(Step).c.id),
+           func.coalesce(func.sum(case((table(Step).c.state == StepState.pending, 0),
+                                       (table(Step).c.state == StepState.running, 1), else_=2)), 0),
+           func.coalesce(func.sum(func.coalesce(func.length(table(Step).c.output), 0)
+                                  + table(Step).c.output_dropped), 0))
+    .select_from(table(Operation).outerjoin(table(Step), table(Step).c.op_id == table(Operation).c.id))
+    .where(table(Operation).c.id == bindparam("w_op"))
+    .group_by(table(Operation).c.id, table(Operation).c.state))
+
+
 def get_operation(*, session: Session, op_id: int, for_update: bool = False) -> Operation:
     """The operation; with ``for_update``, its row is locked until the transaction ends
     (PostgreSQL; SQLite's writer holds the whole file already), so one process ends it."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -49,12 +50,30 @@ def follow(ctx: Context, op_id: int) -> int:
                                f"is `orchestrator node run {host}` running?", err=True)
         return op
 
-    return progress.follow(load, click.echo, poll=POLL_REMOTE if ctx.remote is not None else POLL)
+    if ctx.remote is not None:
+        return progress.follow(_long_poll(ctx, op_id), click.echo, poll=0)
+    return progress.follow(load, click.echo, poll=POLL)
 
 
 NO_NODE_HINT_AFTER = 3.0  # seconds an operation's first steps may wait before the hint
 POLL = 0.1  # seconds between two reads of the catalogue
-POLL_REMOTE = 0.05  # through the API: a read there costs this process next to nothing
+LONG_POLL = 10.0  # seconds the API may hold a poll of an operation that does not change
+
+
+def _long_poll(ctx: Context, op_id: int) -> Callable[[], OperationPublic]:
+    """Through the API: each call answers as soon as the operation changed since the last (a
+    long poll on its ETag), or with the last answer after ``LONG_POLL`` seconds of no change."""
+    assert ctx.remote is not None
+    remote = ctx.remote
+    last: list[Any] = [None, None]  # the last answer, its ETag
+
+    def load() -> OperationPublic:
+        data, etag = remote.poll(f"/operations/{op_id}", last[1], LONG_POLL)
+        if data is not None:
+            last[:] = [view(data), etag]
+        return last[0]  # type: ignore[no-any-return]
+
+    return load
 
 
 def _heard_from(ctx: Context) -> set[str]:
@@ -81,6 +100,10 @@ def started(ctx: Context, op: Any, wait: bool) -> None:
     else:
         click.echo(f"operation {op.id} ({op.kind}) {op.state}")
     if wait:
-        code = follow(ctx, op.id or 0) if not as_json else progress.follow(lambda: load_op(ctx, op.id or 0),
-                                                                         lambda _line: None)
+        if not as_json:
+            code = follow(ctx, op.id or 0)
+        elif ctx.remote is not None:
+            code = progress.follow(_long_poll(ctx, op.id or 0), lambda _line: None, poll=0)
+        else:
+            code = progress.follow(lambda: load_op(ctx, op.id or 0), lambda _line: None)
         sys.exit(code)

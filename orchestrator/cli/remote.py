@@ -39,14 +39,23 @@ class Remote:
     token: str
 
     def get(self, path: str) -> Any:
-        return self.call("GET", path)
+        return self.call("GET", path)[0]
 
     def post(self, path: str, body: dict[str, Any] | None = None) -> Any:
-        return self.call("POST", path, body or {})
+        return self.call("POST", path, body or {})[0]
 
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        """``path`` under /api/v1, quoted part by part by the caller (``quoted``); the answer's JSON.
-        (urllib.request is imported here: ``--help`` loads this module and needs none of it.)"""
+    def poll(self, path: str, etag: str | None, wait: float) -> tuple[Any, str | None]:
+        """A long poll: ``path``'s answer and its ETag as soon as it differs from ``etag``, or
+        (None, ``etag``) when it did not change within ``wait`` seconds (the API's 304)."""
+        query = f"{path}?wait={wait:g}" if etag is not None else path
+        return self.call("GET", query, headers={"If-None-Match": etag} if etag is not None else {},
+                         timeout=TIMEOUT + wait)
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None, *,
+             headers: dict[str, str] | None = None, timeout: float = TIMEOUT) -> tuple[Any, str | None]:
+        """``path`` under /api/v1, quoted part by part by the caller (``quoted``): the answer's
+        JSON (None for a 304) and its ETag. (urllib.request is imported here: ``--help`` loads
+        this module and needs none of it.)"""
         import urllib.error
         import urllib.request
 
@@ -54,11 +63,13 @@ class Remote:
             f"{self.url}/api/v1{path}", method=method,
             data=None if body is None else json.dumps(body).encode(),
             headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json",
-                     "Accept": "application/json"})
+                     "Accept": "application/json", **(headers or {})})
         try:
-            with urllib.request.urlopen(request, timeout=TIMEOUT) as answer:
-                return json.loads(answer.read() or b"null")
+            with urllib.request.urlopen(request, timeout=timeout) as answer:
+                return json.loads(answer.read() or b"null"), answer.headers.get("ETag")
         except urllib.error.HTTPError as exc:
+            if exc.code == 304:  # not changed (a long poll that waited in vain)
+                return None, exc.headers.get("ETag")
             detail = _detail(exc)
             if exc.code >= 500:
                 raise ApiUnavailable(f"the API at {self.url} answered {exc.code}: {detail}") from None

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import docker
 import pytest
@@ -104,3 +105,33 @@ def test_a_redeploy_through_the_api_imports_no_heavy_library(cli: Cli, api: Api,
               if line.startswith("import time:")}
     assert loaded & HEAVY == set(), loaded & HEAVY
     assert "succeeded" in done.stdout.splitlines()[-1]
+
+
+def test_an_operation_is_long_polled_by_its_etag(cli: Cli, api: Api, env_name: str) -> None:
+    """GET /operations/ID answers with an ETag; with If-None-Match and ?wait= it answers as soon
+    as the operation changes, or with a 304 when nothing did within the wait."""
+    cli.ok("services", "add", env_name, "web", "--type", "code", "--command", HTTPD, "--scale", "2")
+    done = json.loads(cli.ok("push", env_name, "web", SAMPLE_IMAGE, "--wait", "--json"))["operation"]
+    first = api.as_user("GET", f"/operations/{done}")
+    assert first.status_code == 200 and first.headers["ETag"].startswith('"'), first.headers
+    t0 = time.monotonic()
+    unchanged = api.as_user("GET", f"/operations/{done}?wait=1", headers={"If-None-Match": first.headers["ETag"]})
+    assert unchanged.status_code == 304 and time.monotonic() - t0 >= 0.9
+    assert unchanged.headers["ETag"] == first.headers["ETag"]
+
+    started = api.as_user("POST", f"/envs/{env_name}/services/web/redeploy", json={})
+    assert started.status_code == 202, started.text
+    op_id = started.json()["id"]
+    seen = api.as_user("GET", f"/operations/{op_id}")
+    states = [(seen.json()["state"], [s["state"] for s in seen.json()["steps"]])]
+    etag = seen.headers["ETag"]
+    deadline = time.monotonic() + 60
+    while states[-1][0] not in ("succeeded", "failed") and time.monotonic() < deadline:
+        t0 = time.monotonic()
+        answer = api.as_user("GET", f"/operations/{op_id}?wait=20", headers={"If-None-Match": etag})
+        assert answer.status_code == 200 and time.monotonic() - t0 < 15, answer.status_code
+        assert answer.headers["ETag"] != etag
+        etag = answer.headers["ETag"]
+        states.append((answer.json()["state"], [s["state"] for s in answer.json()["steps"]]))
+    assert states[-1][0] == "succeeded", states
+    assert len(set(map(str, states))) == len(states)  # each answer told of a change

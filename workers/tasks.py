@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
@@ -179,23 +179,30 @@ def _end_all(node: NodeContext, begun: Begun, outcomes: Sequence[Outcome], work:
         results: dict[int, dict[str, Any]] = {}
         errors: list[str] = []
         lost: list[str] = []
-        for (step, job), (result, error) in zip(begun, outcomes, strict=True):
+        done = [(step, job, result) for (step, job), (result, _error) in zip(begun, outcomes, strict=True)
+                if result is not None]
+        # Those that succeeded end together: one statement for the steps, one for their jobs.
+        won = catalogue.end_steps(session=s, step_ids=[step.id or 0 for step, _, _ in done],
+                                  state=StepState.succeeded, node=node.node_id)
+        moved: list[tuple[str, str | None]] = []
+        for step, job, result in done:
             step_id = step.id or 0
-            if result is None:
-                won = catalogue.end_step(session=s, step_id=step_id, state=StepState.failed, error=error,
-                                         node=node.node_id)
-                if won and job is not None and work.job_on_failure is not None:
-                    catalogue.set_job_state(session=s, job_id=job.id, state=work.job_on_failure, error=error)
-                errors.append(f"step {step_id}: {error}" if several else str(error))
-                continue
-            won = catalogue.end_step(session=s, step_id=step_id, state=StepState.succeeded, node=node.node_id)
-            if won and job is not None and work.job_on_done is not None:
-                catalogue.set_job_state(session=s, job_id=job.id, state=work.job_on_done,
-                                        container_id=result.get("container"))
-            if won:
+            if step_id in won:
                 results[step_id] = {"step": step_id, **result}
+                if job is not None and work.job_on_done is not None:
+                    moved.append((job.id, result.get("container")))
             else:  # the watcher failed it meanwhile (its lease ran out): the chain stops here
                 lost.append(f"step {step_id} was failed while it ran (its lease ran out)")
+        if work.job_on_done is not None:
+            catalogue.set_job_states(session=s, state=work.job_on_done, containers=moved)
+        for (step, job), (outcome, error) in zip(begun, outcomes, strict=True):
+            if outcome is not None:
+                continue
+            step_id = step.id or 0
+            if catalogue.end_step(session=s, step_id=step_id, state=StepState.failed, error=error,
+                                  node=node.node_id) and job is not None and work.job_on_failure is not None:
+                catalogue.set_job_state(session=s, job_id=job.id, state=work.job_on_failure, error=error)
+            errors.append(f"step {step_id}: {error}" if several else str(error))
         stages = sorted({(step.op_id, step.stage) for step, _ in begun if (step.id or 0) in results})
         left = {pair: catalogue.stage_left(session=s, op_id=pair[0], stage=pair[1]) for pair in stages}
         return Ended(results, errors, lost, [pair for pair, n in left.items() if n == 0],
@@ -269,43 +276,53 @@ def run_host_steps(node: NodeContext) -> list[dict[str, Any]]:
 
 def _run_box(node: NodeContext, begun: Sequence[tuple[Step, Job | None]],
              step_ids: Sequence[int]) -> list[dict[str, Any]]:
-    """The steps a node took from its box, run side by side (see ``run_host_steps``)."""
+    """The steps a node took from its box, run side by side (see ``run_host_steps``): each is
+    ended as soon as its work is done, together with those done by then (one transaction, one
+    statement for their steps and one for their jobs, per action), and then at once what
+    follows is asked for: another operation's slow step in this box holds up nothing of this one."""
     p = node.platform
+    ends: dict[int, tuple[Ended, Outcome]] = {}  # step id -> how its batch ended, its own outcome
 
-    def act_and_end(begun_step: tuple[Step, Job | None]) -> Ended:
-        step = begun_step[0]
-        work = WORK_OF[step.action]
-        ended = _end_all(node, [begun_step], _act_all(node, [begun_step], work), work)
-        # At once: another operation's slow step in this box holds up nothing of this one.
-        if ended.failed:
-            try:
-                p.dispatch.send_finish(step.op_id, env="", service="", host=node.host)
-            except SendFailed as exc:  # the fleet watcher finishes an operation with a failed step
-                log.warning("operation %s: its finish could not be sent (%s)", step.op_id, exc)
-        _stages_ended(p, ended, [step.id or 0])
-        return ended
+    def end_batch(batch: Sequence[tuple[tuple[Step, Job | None], Outcome]]) -> None:
+        by_action: dict[StepAction, list[tuple[tuple[Step, Job | None], Outcome]]] = {}
+        for item in batch:
+            by_action.setdefault(item[0][0].action, []).append(item)
+        for action, items in by_action.items():
+            ended = _end_all(node, [b for b, _ in items], [o for _, o in items], WORK_OF[action])
+            for (step, _job), outcome in items:
+                ends[step.id or 0] = (ended, outcome)
+            for op_id in sorted({step.op_id for (step, _job), (result, _e) in items if result is None}):
+                try:
+                    p.dispatch.send_finish(op_id, env="", service="", host=node.host)
+                except SendFailed as exc:  # the fleet watcher finishes an operation with a failed step
+                    log.warning("operation %s: its finish could not be sent (%s)", op_id, exc)
+            _stages_ended(p, ended, [step.id or 0 for (step, _job), _ in items])
 
     try:
         if len(begun) == 1:  # (a lone one in this thread)
-            ends = [act_and_end(begun[0])]
+            end_batch([(begun[0], _act_all(node, [begun[0]], WORK_OF[begun[0][0].action])[0])])
         else:
             with ThreadPoolExecutor(max_workers=min(len(begun), MAX_BATCH), thread_name_prefix="step") as pool:
-                ends = list(pool.map(act_and_end, begun))
+                acting = {pool.submit(_act_all, node, [b], WORK_OF[b[0].action]): b for b in begun}
+                while acting:
+                    done, _ = wait(acting, return_when=FIRST_COMPLETED)
+                    end_batch([(acting.pop(future), future.result()[0]) for future in done])
     except SQLAlchemyError as exc:
         raise CatalogueFailed(step_ids) from exc
     results, problems = [], []
-    for (step, _job), ended in zip(begun, ends, strict=True):
+    for step, _job in begun:
+        ended, (_result, error) = ends[step.id or 0]
         about = {"op": step.op_id, "job": step.job_id, "action": step.action.value}
-        if ended.failed:
-            results.append({"step": step.id, **about, "failed": ended.failed[0]})
-            problems.append(f"step {step.id} (operation {step.op_id}): {ended.failed[0]}")
-        elif ended.lost:
-            problems.append(ended.lost[0])
+        if error is not None:
+            results.append({"step": step.id, **about, "failed": error})
+            problems.append(f"step {step.id} (operation {step.op_id}): {error}")
+        elif (step.id or 0) not in ended.results:
+            problems.append(f"step {step.id} was failed while it ran (its lease ran out)")
         else:
             results.append({**ended.results[step.id or 0], **about})
     if problems:  # Flower shows the task failed: with what failed, and what else it ran
-        done = [f"step {r['step']} (operation {r['op']})" for r in results if "failed" not in r]
-        raise StepFailed("; ".join(problems) + (f"; succeeded: {', '.join(done)}" if done else ""))
+        succeeded = [f"step {r['step']} (operation {r['op']})" for r in results if "failed" not in r]
+        raise StepFailed("; ".join(problems) + (f"; succeeded: {', '.join(succeeded)}" if succeeded else ""))
     return results
 
 

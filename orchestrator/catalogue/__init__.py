@@ -30,6 +30,7 @@ from orchestrator.catalogue.jobs import (
     running_jobs_of,
     service_type_of,
     set_job_state,
+    set_job_states,
     set_jobs_state,
 )
 from orchestrator.catalogue.logs import (
@@ -60,6 +61,7 @@ from orchestrator.catalogue.operations import (
     claim_stage,
     end_operation,
     end_step,
+    end_steps,
     failed_steps,
     get_operation,
     list_operations,
@@ -140,6 +142,7 @@ __all__ = [
     "dashboards",
     "end_operation",
     "end_step",
+    "end_steps",
     "failed_steps",
     "find_worker",
     "get_env",
@@ -195,6 +198,7 @@ __all__ = [
     "service_public",
     "service_type_of",
     "set_job_state",
+    "set_job_states",
     "set_jobs_state",
     "set_metrics_ports",
     "set_release_state",

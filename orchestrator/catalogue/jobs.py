@@ -123,6 +123,19 @@ def set_jobs_state(*, session: Session, job_ids: Sequence[str], state: JobState)
         session.connection().execute(_SET_JOBS, {"w_ids": list(job_ids), **_job_values(state, None, None)})
 
 
+def set_job_states(*, session: Session, state: JobState, containers: Sequence[tuple[str, str | None]]) -> None:
+    """``set_job_state`` of several jobs to one state, each with its container (or None: kept),
+    as one statement run for every job (no statement built per job)."""
+    groups: dict[tuple[str, ...], list[dict[str, object]]] = {}
+    for job_id, container in containers:
+        row: dict[str, object] = {"w_id": job_id, **_job_values(state, container, None)}
+        groups.setdefault(tuple(sorted(row)), []).append(row)
+    if groups:
+        session.flush()
+    for rows in groups.values():
+        session.connection().execute(_SET_JOB, rows)
+
+
 def jobs_by_id(*, session: Session, job_ids: Sequence[str]) -> dict[str, Job]:
     if not job_ids:
         return {}

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
 from sqlalchemy import update
 from sqlmodel import col
 
 from orchestrator import catalogue, operations, requests
 from orchestrator.dispatch import BOXED
 from orchestrator.models import Host, Job, JobState, OpState, Step, StepAction, StepState, utcnow
-from tests.unit.world import ENV, World
+from tests.unit.world import ENV, IMAGE_2, World
 from workers.inline import SentAdvance, SentChain, SentFinish
-from workers.tasks import run_host_steps
+from workers.tasks import StepFailed, run_host_steps
 
 
 def two_redeploys(world: World) -> tuple[int, int]:
@@ -170,3 +171,36 @@ def test_a_copy_loaded_in_a_shared_transaction_reads_a_later_state_change_after_
         s.commit()
     assert (loaded.state, loaded.id) == (JobState.stopping, job.id)  # no DetachedInstanceError
     assert world.job(job.id).state == JobState.stopping
+
+
+def test_a_box_ends_what_succeeded_together_and_finishes_an_operation_whose_start_failed(world: World) -> None:
+    """Steps of two operations in one box: those done end together (one statement for their
+    steps, one for their jobs), the stage of the one whose starts all succeeded goes on, and the
+    one whose start failed is asked to finish, once; the task fails, naming what succeeded."""
+    world.code_service("a", scale=2)
+    world.code_service("b", scale=2, image=IMAGE_2)
+    a = requests.request_redeploy(world.platform, env=ENV, service="a").id or 0
+    b = requests.request_redeploy(world.platform, env=ENV, service="b").id or 0
+    world.dispatch.sent = [m for m in world.dispatch.sent if not isinstance(m, SentChain)]
+    for host in ("h1", "h2"):
+        run_host_steps(world.node(host))
+    assert advance_all(world) == [a, b]
+    for runtime in world.runtimes.values():
+        runtime.crashing.add(IMAGE_2)  # b's new jobs exit at once
+
+    with pytest.raises(StepFailed) as failed:
+        run_host_steps(world.node("h1"))
+    starts = {op: [st for st in world.steps(op, StepAction.start) if st.host == "h1"] for op in (a, b)}
+    assert starts[a] and starts[b]
+    assert {st.state for st in starts[a]} == {StepState.succeeded}
+    assert {st.state for st in starts[b]} == {StepState.failed} and all(st.error for st in starts[b])
+    assert all(f"step {st.id} (operation {b})" in str(failed.value) for st in starts[b]), failed.value
+    assert "succeeded: " + ", ".join(f"step {st.id} (operation {a})" for st in starts[a]) in str(failed.value)
+    assert [world.job(st.job_id or "").state for st in starts[a]] == [JobState.running] * len(starts[a])
+    assert {world.job(st.job_id or "").state for st in starts[b]} == {JobState.failed}
+    assert [m.op_id for m in world.dispatch.sent if isinstance(m, SentFinish)] == [b]  # once
+
+    with pytest.raises(StepFailed):  # h2's: b's fail too, a's end its last stage
+        run_host_steps(world.node("h2"))
+    world.run_all()
+    assert world.operation(a).state == OpState.succeeded and world.operation(b).state == OpState.failed

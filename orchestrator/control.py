@@ -3,10 +3,10 @@
 - The task API other services call with ``send_task`` on the ``orchestrator`` queue: each task
   validates, records and starts an operation exactly as the CLI does, and returns its id. Bad
   arguments fail the task with ``InvalidRequest`` and change nothing.
-- The tasks that carry every operation on: advance, asked for by the node that ended a stage's
-  last step, sends the next stage; finish ends the operation after the last stage. They run on
-  the node of the operation's first host, or the control worker for an operation that touches
-  no host.
+- The tasks that carry an operation on when the node that ended a stage did not (it does so
+  itself, at once: ``operations.stage_ended``): finish, sent after a failed step (to that
+  step's node) or when a finish must wait for steps still running; advance, which older nodes
+  send (the fleet watcher advances a stage whose advance was lost, in its own process).
 """
 
 from __future__ import annotations

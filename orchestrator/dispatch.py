@@ -2,9 +2,10 @@
 
 Stages run one after the other; the steps of a stage run in parallel, each on the node of the
 host it touches. A stage ends when its last step ends: whoever ends that step (its node, in the
-transaction that ends it: ``catalogue.stage_left``) asks for what comes next
-(``operations.stage_ended`` -> ``send_next``): the advance (``orchestrator.control``), which sends
-the next stage from the catalogue, or after the last stage the operation's finish.
+transaction that ends it: ``catalogue.stage_left``) does what comes next, at once
+(``operations.stage_ended``): the next stage claimed and sent from the catalogue
+(``operations.advance``), or after the last stage the operation's finish. The advance task
+(``orchestrator.control``) is what the fleet watcher's net and older nodes send.
 
 How a stage's steps travel:
 
@@ -126,11 +127,6 @@ class Dispatch(Protocol):
     def send_host_steps(self, hosts: Sequence[str]) -> None:
         """A task to each host's node to take the steps waiting for it."""
 
-    def send_next(self, op_id: int, stages: Sequence[Sequence[Step]], ended: int, *, env: str,
-                  service: str) -> None:
-        """Stage ``ended`` succeeded: ask for the next (the advance) or, after the last, for
-        the operation's finish, on the queue of the node of the operation's first host."""
-
     def send_finish(self, op_id: int, *, env: str, service: str, host: str | None) -> None:
         """Ask for the operation to be finished (no stage follows a failed one), on the
         queue of ``host`` (the control queue when None). Each raises SendFailed when nothing
@@ -170,16 +166,6 @@ class CeleryDispatch:
         if hosts:
             sigs = [self._host_steps(host) for host in hosts]
             _send(sigs[0] if len(sigs) == 1 else group(sigs), self.app)
-
-    def send_next(self, op_id: int, stages: Sequence[Sequence[Step]], ended: int, *, env: str,
-                  service: str) -> None:
-        home = _home_queue(stages)
-        if ended + 1 < len(stages):
-            _send(self.app.signature(names.TASK_ADVANCE, queue=home, immutable=True,
-                                     kwargs={"op_id": op_id, "stage": ended + 1, "env": env, "service": service}),
-                  self.app)
-        else:
-            _send(self._finish(op_id, env=env, service=service, queue=home), self.app)
 
     def _host_steps(self, host: str) -> Signature:
         return self.app.signature(names.TASK_HOST_STEPS, kwargs={"host": host}, queue=names.host_queue(host),

@@ -159,21 +159,28 @@ def _unring(p: Platform, hosts: Sequence[str]) -> None:
 
 def stage_ended(p: Platform, op_id: int, stage: int) -> None:
     """Stage ``stage`` of the operation succeeded (its last step just ended, as seen by the one
-    transaction that ended it: ``catalogue.stage_left``): ask for the next stage, or for the
-    finish after the last. A broker that cannot be reached is logged: the fleet watcher sends
-    a stage whose advance never came, and finishes an operation whose every step ended."""
+    transaction that ended it: ``catalogue.stage_left``): what follows is done at once, in this
+    process: the next stage claimed and sent (``advance``), or after the last the operation
+    finished (``finish``). No message to wait for: an advance sent to a node waited 0.7-1.9 s
+    behind that node's other tasks at 100 hosts, per stage. A catalogue or broker that fails
+    meanwhile is logged by the caller: the fleet watcher sends a stage whose advance never came,
+    and finishes an operation whose every step ended."""
     with p.reader() as s:
-        steps = catalogue.steps_of(session=s, op_id=op_id)
         op = s.get(Operation, op_id)
-        if op is None or not steps:
+        last = catalogue.last_stage(session=s, op_id=op_id)
+        if op is None or last is None:
             return
         env, svc = s.get(Environment, op.env_id), s.get(Service, op.service_id)
-    try:
-        p.dispatch.send_next(op_id, _stages(steps), stage, env=env.name if env else "",
-                             service=svc.name if svc else "")
-    except SendFailed as exc:
-        log.warning("operation %s: what follows stage %s could not be sent (%s); the fleet watcher will",
-                    op_id, stage, exc)
+    env_name, svc_name = env.name if env else "", svc.name if svc else ""
+    if stage < last:
+        if advance(p, op_id, stage + 1, env=env_name, service=svc_name) is None:
+            log.warning("operation %s: stage %s ended but an earlier one has not: the fleet watcher "
+                        "sends stage %s", op_id, stage, stage + 1)
+    elif finish(p, op_id) is None:  # (steps run still: not after a last stage that succeeded)
+        try:
+            p.dispatch.send_finish(op_id, env=env_name, service=svc_name, host=None)
+        except SendFailed as exc:
+            log.warning("operation %s: its finish could not be sent (%s); the fleet watcher will", op_id, exc)
 
 
 def _stages(steps: Sequence[Step]) -> list[list[Step]]:

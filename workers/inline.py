@@ -2,9 +2,8 @@
 dramatiq's StubBroker is for its actors): what the control plane sends waits in ``sent`` until
 ``run_all`` runs it in this thread, a stage per message, through the same step bodies a node runs
 (``workers.tasks.run_steps``; a host's boxed steps as one batch per action, not taken from its
-box), on the nodes it was given; the step that ends a stage asks for what follows
-(``operations.stage_ended``: ``send_next``), and the advance it queues is the one a node runs
-(``operations.advance``), which sends the next stage.
+box), on the nodes it was given; the step that ends a stage does what follows at once
+(``operations.stage_ended``: the next stage's advance, which sends it here, or the finish).
 
 A step whose host has no node here is never run, like a message on a dead node's queue: its
 chain stops there. Overlap waits end at once.
@@ -53,17 +52,9 @@ class SentFinish:
 
 
 @dataclass
-class SentAdvance:
-    op_id: int
-    stage: int
-    env: str
-    service: str
-
-
-@dataclass
 class InlineDispatch:
     nodes: dict[str, NodeContext] = field(default_factory=dict)
-    sent: list[SentChain | SentFinish | SentAdvance] = field(default_factory=list)
+    sent: list[SentChain | SentFinish] = field(default_factory=list)
     platform: Platform | None = None
     revoked: list[int] = field(default_factory=list)  # steps a cancel revoked
 
@@ -78,11 +69,6 @@ class InlineDispatch:
 
     def send_host_steps(self, hosts: Sequence[str]) -> None:
         """(A stage's boxed steps run with it, in ``run_all``.)"""
-
-    def send_next(self, op_id: int, stages: Sequence[Sequence[Step]], ended: int, *, env: str,
-                  service: str) -> None:
-        self.sent.append(SentAdvance(op_id, ended + 1, env, service) if ended + 1 < len(stages)
-                         else SentFinish(op_id))
 
     def send_finish(self, op_id: int, *, env: str, service: str, host: str | None) -> None:
         self.sent.append(SentFinish(op_id))
@@ -99,12 +85,8 @@ class InlineDispatch:
             count += 1
             if isinstance(message, SentFinish):
                 self._finish(message.op_id)
-            elif isinstance(message, SentAdvance):
-                assert self.platform is not None, "add a node first"
-                operations.advance(self.platform, message.op_id, message.stage, env=message.env,
-                                   service=message.service)
             else:
-                self._run_stage(message)  # its last step to end asks for what follows
+                self._run_stage(message)  # its last step to end does what follows
         return count
 
     def _run_stage(self, chain: SentChain) -> None:

@@ -6,8 +6,9 @@ What runs where, explicitly:
 - the control worker runs the task API (``orchestrator.control``);
 - both also host control-plane work, so an operation ends and a dead host is noticed while any
   platform process lives: the operations' advance and finish tasks
-  (``orchestrator.control.register_operation_tasks``; they go to the node of the operation's
-  first host) and the fleet watcher (``watcher``).
+  (``orchestrator.control.register_operation_tasks``: a finish after a failed step goes to that
+  step's node; a stage that ends is followed at once by the node that ended it) and the fleet
+  watcher (``watcher``).
 """
 
 from __future__ import annotations

@@ -303,6 +303,14 @@ def list_operations(*, session: Session, env: Environment | None = None,
     return list(session.exec(query.order_by(col(Operation.id).desc()).offset(offset).limit(limit)))
 
 
+def last_stage(*, session: Session, op_id: int) -> int | None:
+    """The operation's last stage (None: it has no step)."""
+    return session.connection().execute(_LAST_STAGE, {"w_op": op_id}).scalar()
+
+
+_LAST_STAGE = select(func.max(table(Step).c.stage)).where(table(Step).c.op_id == bindparam("w_op"))
+
+
 def steps_of(*, session: Session, op_id: int) -> list[Step]:
     query = select(Step).where(Step.op_id == op_id).order_by(col(Step.stage), col(Step.id))
     return list(session.exec(query))

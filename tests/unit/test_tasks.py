@@ -100,8 +100,9 @@ def test_a_redelivered_start_adopts_the_container_of_the_first_delivery(world: W
     assert [c.id for c in runtime.jobs() if c.labels["orchestrator.job"] == step.job_id] == [first.id]
     job = world.job(step.job_id)
     assert (job.state, job.container_id) == (JobState.running, first.id)
-    assert operations.finish(world.platform, op.id or 0) is True
+    # Its stage was the last: the node that ended it finished the operation at once.
     assert world.operation(op.id or 0).state == OpState.succeeded
+    assert operations.finish(world.platform, op.id or 0) is False  # (ended already)
 
 
 def test_stopping_a_container_that_is_gone_succeeds(world: World) -> None:
@@ -323,8 +324,9 @@ def test_a_stage_is_sent_alone_its_boxed_steps_as_a_task_per_rung_host_and_what_
     """A chain sent whole puts every later stage into each message of the first (a 200-host
     operation's first 200 messages held 200 steps each, 94 KB). A stage goes alone: its boxed
     steps (starts, stops) as one small task to each host rung for them, which takes whatever waits
-    for it; any other step as a task of its own. No callback travels with them: the step that
-    ends a stage asks for the advance to the next (or, after the last, the finish)."""
+    for it; any other step as a task of its own. No callback travels with them: the node whose
+    step ends a stage sends the next one itself (or finishes the operation); a finish after a
+    failed step goes to that step's node."""
     sent: list[Any] = []
     monkeypatch.setattr(dispatch_module, "_send", lambda canvas, _app: sent.append(canvas))
     hosts = 200
@@ -346,13 +348,12 @@ def test_a_stage_is_sent_alone_its_boxed_steps_as_a_task_per_rung_host_and_what_
     assert (middle.task, middle.kwargs["step_id"], middle.options["queue"]) == ("orchestrator.step.wait", 1000,
                                                                                 "host.h0")
     sent.clear()
-    celery.send_next(4, stages, 0, env="e", service="s")
-    celery.send_next(4, stages, 2, env="e", service="s")
-    advance, finish = sent
-    assert (advance.task, advance.kwargs) == ("orchestrator.op.advance",
-                                              {"op_id": 4, "stage": 1, "env": "e", "service": "s"})
-    assert advance.options["queue"] == finish.options["queue"] == "host.h0"  # the node of the first host
-    assert finish.task == "orchestrator.op.finish"
+    celery.send_finish(4, env="e", service="s", host="h3")  # after a failed step: on its node
+    celery.send_finish(4, env="e", service="s", host=None)
+    (on_node, on_control) = sent
+    assert (on_node.task, on_node.kwargs["op_id"], on_node.options["queue"]) == ("orchestrator.op.finish", 4,
+                                                                                 "host.h3")
+    assert on_control.options["queue"] == "orchestrator"
 
 
 def a_hosts_starts(world: World) -> tuple[int, str, list[Step]]:

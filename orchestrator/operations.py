@@ -128,7 +128,7 @@ def advance(p: Platform, op_id: int, stage: int, *, env: str, service: str) -> b
     # step seen succeeded stays so, and the claim itself sees any failure or cancel meanwhile.
     with p.reader() as s:
         steps = catalogue.steps_of(session=s, op_id=op_id)
-    if any(st.state in (StepState.failed, StepState.skipped) for st in steps):
+    if not steps or any(st.state in (StepState.failed, StepState.skipped) for st in steps):
         return False
     if any(st.stage < stage and st.state != StepState.succeeded for st in steps):
         return None

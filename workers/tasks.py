@@ -223,11 +223,12 @@ def _end_all(node: NodeContext, begun: Begun, outcomes: Sequence[Outcome], work:
 def _stages_ended(p: Platform, ended: Ended, step_ids: Sequence[int]) -> None:
     """Ask for what follows each stage these steps ended (``operations.stage_ended``); a
     catalogue that fails meanwhile leaves it to the fleet watcher (the steps ended)."""
-    try:
-        for op_id, stage in ended.stages_done:
+    for op_id, stage in ended.stages_done:
+        try:
             operations.stage_ended(p, op_id, stage)
-    except SQLAlchemyError as exc:
-        log.warning("steps %s: what follows their stage could not be asked for (%s)", list(step_ids), one_line(exc))
+        except Exception as exc:  # the steps ended: the fleet watcher advances or finishes it
+            log.warning("operation %s: what follows stage %s failed (%s); the fleet watcher will see to it",
+                        op_id, stage, one_line(exc))
 
 
 def run_host_steps(node: NodeContext) -> list[dict[str, Any]]:
@@ -257,13 +258,15 @@ def run_host_steps(node: NodeContext) -> list[dict[str, Any]]:
         return taken
 
     taken = p.together.run(claim)
-    # Their rows, read after the claim's transaction: outside the catalogue's write turn.
-    with p.reader() as s:
-        steps = catalogue.steps_by_id(session=s, step_ids=[step.id for step in taken])
-        jobs = catalogue.jobs_by_id(session=s, job_ids=[step.job_id for step in taken if step.job_id])
-    begun = [(step, jobs.get(step.job_id) if step.job_id else None) for step in steps]
-    step_ids = [step.id or 0 for step, _ in begun]
-    with node.working(*step_ids):  # their leases renewed from now on (the send below may be slow)
+    step_ids = [step.id for step in taken]
+    with node.working(*step_ids):  # their leases renewed from now on (the read and send below may be slow)
+        try:  # their rows, read after the claim's transaction: outside the catalogue's write turn
+            with p.reader() as s:
+                steps = catalogue.steps_by_id(session=s, step_ids=step_ids)
+                jobs = catalogue.jobs_by_id(session=s, job_ids=[step.job_id for step in taken if step.job_id])
+        except SQLAlchemyError as exc:  # they are this node's now: the task asks again with their ids
+            raise CatalogueFailed(step_ids) from exc
+        begun = [(step, jobs.get(step.job_id) if step.job_id else None) for step in steps]
         if more:  # another task takes the rest (the host stays rung)
             try:
                 p.dispatch.send_host_steps([node.host])

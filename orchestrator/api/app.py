@@ -7,6 +7,7 @@ fault but never echoes what was sent (a body may hold a private key or a passwor
 /docs is Swagger UI served from the ``swagger_ui_bundle`` package: it works offline.
 """
 
+import asyncio
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response, status
+from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -55,7 +57,7 @@ MAX_IMAGE = 512
 MAX_COMMAND = requests.MAX_ARGV  # bytes of a service's command, like a one-off command's words
 MAX_SIZE = 64  # characters of a size: xs ... xl, or MEMORY[:CPUS]
 MAX_WAIT = 30.0  # seconds a long poll of an operation may wait (it holds one of the server's threads)
-WAIT_POLL = 0.02  # seconds between two looks at a polled operation's version (one aggregate query)
+WAIT_POLL = 0.025  # seconds between two looks at a polled operation's version (one aggregate query)
 
 DESCRIPTION = """\
 The orchestrator's control plane: environments of services run as containers on Docker hosts.
@@ -686,23 +688,32 @@ def create_api(platform: Platform) -> FastAPI:
 
     @v1.get("/operations/{op_id}", response_model=OperationPublic, tags=["operations"],
             responses={304: {"description": "Not changed within `wait` seconds (its ETag as sent)"}})
-    def get_operation(op_id: int, request: Request, response: Response, _: Who,
-                      wait: Annotated[float, Query(ge=0, le=MAX_WAIT)] = 0) -> Any:
-        """An operation and its steps (with the output and exit code of a one-off command), and
-        its ETag. With `If-None-Match: ETAG` and `wait=SECONDS`, a long poll: the answer comes
-        as soon as the operation or a step changes (a step begins or ends, output comes), or,
-        when nothing did within `wait` seconds, a 304."""
-        seen = request.headers.get("if-none-match")
+    async def get_operation(op_id: int, request: Request, response: Response, _: Who,
+                            wait: Annotated[float, Query(ge=0, le=MAX_WAIT)] = 0) -> Any:
+        """An operation and its steps (a one-off's output, exit code); If-None-Match + wait: a long poll."""
+        # With `If-None-Match: ETAG` and `wait=SECONDS` the answer comes as soon as the
+        # operation or a step changes (a step begins or ends, output comes), or, when nothing
+        # did within `wait` seconds, a 304. A waiting poll holds no thread: each look at the
+        # operation's version is one short query in the thread pool.
+        seen = (request.headers.get("if-none-match") or "").removeprefix("W/")  # (a proxy may weaken it)
         deadline = time.monotonic() + wait
-        while True:
+
+        def version() -> str:
             with platform.reader() as s:
-                etag = f'"{catalogue.operation_version(session=s, op_id=op_id)}"'
-                if etag != seen:
-                    response.headers["ETag"] = etag
-                    return catalogue.operation_public(session=s, op=catalogue.get_operation(session=s, op_id=op_id))
-            if time.monotonic() >= deadline:
+                return f'"{catalogue.operation_version(session=s, op_id=op_id)}"'
+
+        def public() -> OperationPublic:
+            with platform.reader() as s:
+                return catalogue.operation_public(session=s, op=catalogue.get_operation(session=s, op_id=op_id))
+
+        while True:
+            etag = await run_in_threadpool(version)
+            if etag != seen:
+                response.headers["ETag"] = etag
+                return await run_in_threadpool(public)
+            if time.monotonic() >= deadline or await request.is_disconnected():
                 return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers={"ETag": etag})
-            time.sleep(WAIT_POLL)
+            await asyncio.sleep(WAIT_POLL)
 
     @v1.post("/operations/{op_id}/cancel", response_model=OperationPublic, tags=["operations"])
     def cancel_operation(op_id: int, _: Who) -> Any:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -16,29 +17,31 @@ from orchestrator.cli.base import Context, emit
 from orchestrator.cli.remote import view
 
 if TYPE_CHECKING:
+    from orchestrator.cli.remote import Remote
     from orchestrator.models import OperationPublic
 
 
-def load_op(ctx: Context, op_id: int) -> OperationPublic:
-    """The operation and its steps: the catalogue's model, or the API's JSON read alike."""
-    if ctx.remote is not None:
-        return view(ctx.remote.get(f"/operations/{op_id}"))  # type: ignore[no-any-return]
+def load_op(ctx: Context, op_id: int, remote: Remote | None = None) -> OperationPublic:
+    """The operation and its steps: the catalogue's model, or (``remote``) the API's JSON read alike."""
+    if remote is not None:
+        return view(remote.get(f"/operations/{op_id}"))  # type: ignore[no-any-return]
     from orchestrator import catalogue
 
     with ctx.platform.reader() as s:
         return catalogue.operation_public(session=s, op=catalogue.get_operation(session=s, op_id=op_id))
 
 
-def follow(ctx: Context, op_id: int) -> int:
-    """Live progress until the operation ends; 0 if it succeeded, else 1. When its first
-    steps wait for a host whose node has not been heard from, say so (once; from the catalogue
-    only: the API does not say when nodes were last heard from)."""
+def follow(ctx: Context, op_id: int, remote: Remote | None = None) -> int:
+    """Live progress until the operation ends; 0 if it succeeded, else 1; from the catalogue,
+    or through the API (``remote``: a command that started it there, ``ops watch``). When its
+    first steps wait for a host whose node has not been heard from, say so (once; from the
+    catalogue only: the API does not say when nodes were last heard from)."""
     began = time.monotonic()
     warned: set[str] = set()
 
     def load() -> OperationPublic:
         op = load_op(ctx, op_id)
-        if ctx.remote is None and time.monotonic() - began > NO_NODE_HINT_AFTER \
+        if time.monotonic() - began > NO_NODE_HINT_AFTER \
                 and op.state in ("queued", "running"):
             waiting = {s.host for s in op.steps if s.state == "pending" and s.host} - warned
             if waiting and not any(s.state == "running" for s in op.steps):
@@ -50,8 +53,8 @@ def follow(ctx: Context, op_id: int) -> int:
                                f"is `orchestrator node run {host}` running?", err=True)
         return op
 
-    if ctx.remote is not None:
-        return progress.follow(_long_poll(ctx, op_id), click.echo, poll=0)
+    if remote is not None:
+        return progress.follow(_long_poll(remote, op_id), click.echo, poll=0)
     return progress.follow(load, click.echo, poll=POLL)
 
 
@@ -60,17 +63,20 @@ POLL = 0.1  # seconds between two reads of the catalogue
 LONG_POLL = 10.0  # seconds the API may hold a poll of an operation that does not change
 
 
-def _long_poll(ctx: Context, op_id: int) -> Callable[[], OperationPublic]:
+def _long_poll(remote: Remote, op_id: int) -> Callable[[], OperationPublic]:
     """Through the API: each call answers as soon as the operation changed since the last (a
-    long poll on its ETag), or with the last answer after ``LONG_POLL`` seconds of no change."""
-    assert ctx.remote is not None
-    remote = ctx.remote
+    long poll on its ETag), or with the last answer after ``LONG_POLL`` seconds of no change. An
+    answer that comes back at once unchanged (an API that does not wait) is followed by a pause,
+    not by the next request."""
     last: list[Any] = [None, None]  # the last answer, its ETag
 
     def load() -> OperationPublic:
+        asked = time.monotonic()
         data, etag = remote.poll(f"/operations/{op_id}", last[1], LONG_POLL)
-        if data is not None:
+        if data is not None and etag != last[1]:
             last[:] = [view(data), etag]
+        elif time.monotonic() - asked < POLL:
+            time.sleep(POLL)
         return last[0]  # type: ignore[no-any-return]
 
     return load
@@ -95,15 +101,17 @@ def started(ctx: Context, op: Any, wait: bool) -> None:
     ``--wait``, follow it and exit with its end. ``op`` has ``id``, ``kind`` and ``state``: the
     catalogue's operation, or the API's answer (``remote.view``)."""
     as_json = bool(click.get_current_context().meta.get("as_json"))
+    # Followed where it was started: through the API (its answer, read as attributes) or not.
+    remote = ctx.remote if isinstance(op, SimpleNamespace) else None
     if as_json:
         emit({"operation": op.id})
     else:
         click.echo(f"operation {op.id} ({op.kind}) {op.state}")
     if wait:
         if not as_json:
-            code = follow(ctx, op.id or 0)
-        elif ctx.remote is not None:
-            code = progress.follow(_long_poll(ctx, op.id or 0), lambda _line: None, poll=0)
+            code = follow(ctx, op.id or 0, remote)
+        elif remote is not None:
+            code = progress.follow(_long_poll(remote, op.id or 0), lambda _line: None, poll=0)
         else:
             code = progress.follow(lambda: load_op(ctx, op.id or 0), lambda _line: None)
         sys.exit(code)

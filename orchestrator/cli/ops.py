@@ -67,7 +67,7 @@ def ops_list(ctx: Context, env_name: str | None, limit: int, as_json: bool) -> N
 @pass_ctx
 def ops_show(ctx: Context, op_id: int, as_json: bool) -> None:
     """One operation: its state, error and every step."""
-    op = load_op(ctx, op_id)
+    op = load_op(ctx, op_id, ctx.remote)
     if as_json:
         emit(op)
         return
@@ -83,8 +83,8 @@ def ops_show(ctx: Context, op_id: int, as_json: bool) -> None:
 @pass_ctx
 def ops_watch(ctx: Context, op_id: int) -> None:
     """Follow an operation's steps live until it ends."""
-    load_op(ctx, op_id)
-    sys.exit(follow(ctx, op_id))
+    load_op(ctx, op_id, ctx.remote)
+    sys.exit(follow(ctx, op_id, ctx.remote))
 
 
 @ops.command("cancel")

@@ -56,6 +56,7 @@ class Remote:
         """``path`` under /api/v1, quoted part by part by the caller (``quoted``): the answer's
         JSON (None for a 304) and its ETag. (urllib.request is imported here: ``--help`` loads
         this module and needs none of it.)"""
+        import http.client
         import urllib.error
         import urllib.request
 
@@ -71,10 +72,10 @@ class Remote:
             if exc.code == 304:  # not changed (a long poll that waited in vain)
                 return None, exc.headers.get("ETag")
             detail = _detail(exc)
-            if exc.code >= 500:
+            if exc.code >= 500 or exc.code < 400 or exc.code in (408, 429):  # not the request's fault
                 raise ApiUnavailable(f"the API at {self.url} answered {exc.code}: {detail}") from None
             raise BadInput(detail) from None  # 4xx: the request was refused, nothing changed
-        except (urllib.error.URLError, OSError, ValueError) as exc:
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", exc)
             raise ApiUnavailable(f"the API at {self.url} cannot be reached: {reason}") from None
 

@@ -135,3 +135,13 @@ def test_an_operation_is_long_polled_by_its_etag(cli: Cli, api: Api, env_name: s
         states.append((answer.json()["state"], [s["state"] for s in answer.json()["steps"]]))
     assert states[-1][0] == "succeeded", states
     assert len(set(map(str, states))) == len(states)  # each answer told of a change
+
+
+def test_an_operation_started_from_the_catalogue_is_followed_there(cli: Cli, env_name: str) -> None:
+    """With ORCH_API_URL set, a command the API does not serve (a one-off `run`) records its
+    operation in the catalogue and follows it there: an API out of reach does not matter."""
+    cli.ok("services", "add", env_name, "web", "--type", "code", "--command", HTTPD, "--scale", "1")
+    cli.ok("push", env_name, "web", SAMPLE_IMAGE, "--wait")
+    gone = Cli({**cli.env, "ORCH_API_URL": f"http://127.0.0.1:{free_port()}", "ORCH_API_TOKEN": "x"})
+    result = gone("run", env_name, "web", "--", "sh", "-c", "echo hello; exit 3")
+    assert result.exit_code == 3 and "hello" in result.stdout, result.output

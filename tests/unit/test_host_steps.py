@@ -202,3 +202,27 @@ def test_a_box_ends_what_succeeded_together_and_finishes_an_operation_whose_star
         run_host_steps(world.node("h2"))
     world.run_all()
     assert world.operation(a).state == OpState.succeeded and world.operation(b).state == OpState.failed
+
+
+def test_a_box_whose_rows_cannot_be_read_after_its_claim_asks_again_with_its_steps(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The claim committed (the steps are this node's), then reading their rows failed: the task
+    is to ask again with their ids (a claim finds none of them again), their leases renewed."""
+    from sqlalchemy.exc import OperationalError
+
+    from workers.tasks import CatalogueFailed
+
+    a, b = two_redeploys(world)
+    node = world.node("h1")
+    mine = sorted(st.id or 0 for op in (a, b) for st in world.steps(op, StepAction.stop) if st.host == "h1")
+
+    def unreadable(**_kwargs: object) -> list[Step]:
+        assert sorted(node.working_on()) == mine  # their leases are renewed meanwhile
+        raise OperationalError("SELECT", {}, Exception("disk I/O error"))
+
+    monkeypatch.setattr(catalogue, "steps_by_id", unreadable)
+    with pytest.raises(CatalogueFailed) as failed:
+        run_host_steps(node)
+    monkeypatch.undo()
+    assert sorted(failed.value.step_ids) == mine
+    assert {world.step(i).state for i in mine} == {StepState.running}

@@ -177,8 +177,10 @@ def stage_ended(p: Platform, op_id: int, stage: int) -> None:
             log.warning("operation %s: stage %s ended but an earlier one has not: the fleet watcher "
                         "sends stage %s", op_id, stage, stage + 1)
     elif finish(p, op_id) is None:  # (steps run still: not after a last stage that succeeded)
-        try:
-            p.dispatch.send_finish(op_id, env=env_name, service=svc_name, host=None)
+        with p.reader() as s:
+            home = catalogue.home_host(session=s, op_id=op_id)
+        try:  # asked again later by a task on the node of its first host, as after a failed step
+            p.dispatch.send_finish(op_id, env=env_name, service=svc_name, host=home)
         except SendFailed as exc:
             log.warning("operation %s: its finish could not be sent (%s); the fleet watcher will", op_id, exc)
 

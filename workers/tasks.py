@@ -221,8 +221,9 @@ def _end_all(node: NodeContext, begun: Begun, outcomes: Sequence[Outcome], work:
 
 
 def _stages_ended(p: Platform, ended: Ended, step_ids: Sequence[int]) -> None:
-    """Ask for what follows each stage these steps ended (``operations.stage_ended``); a
-    catalogue that fails meanwhile leaves it to the fleet watcher (the steps ended)."""
+    """Do what follows each stage these steps ended (``operations.stage_ended``: the next stage
+    sent, or the finish); whatever fails there is logged and left to the fleet watcher's nets
+    (the steps ended, and the task's other steps still end)."""
     for op_id, stage in ended.stages_done:
         try:
             operations.stage_ended(p, op_id, stage)

@@ -311,6 +311,12 @@ def last_stage(*, session: Session, op_id: int) -> int | None:
 _LAST_STAGE = select(func.max(table(Step).c.stage)).where(table(Step).c.op_id == bindparam("w_op"))
 
 
+def home_host(*, session: Session, op_id: int) -> str | None:
+    """The first host the operation touches (its host-less steps' and its finish's node)."""
+    return session.exec(select(Step.host).where(col(Step.op_id) == op_id, col(Step.host).is_not(None))
+                        .order_by(col(Step.stage), col(Step.id)).limit(1)).first()
+
+
 def steps_of(*, session: Session, op_id: int) -> list[Step]:
     query = select(Step).where(Step.op_id == op_id).order_by(col(Step.stage), col(Step.id))
     return list(session.exec(query))

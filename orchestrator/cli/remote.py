@@ -30,7 +30,7 @@ TIMEOUT = 30.0  # seconds one request may take
 
 
 class ApiUnavailable(Exception):
-    """The API could not be reached, or failed (5xx): not the request's fault (exit 1)."""
+    """The API could not be reached, or failed (5xx; a redirect, 408, 429): not the request's fault (exit 1)."""
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,11 @@ from orchestrator.models import (
 )
 from orchestrator.rules import MAX_ID
 
+# The tables, for the statements built once below (their values bound by name).
+_STEP = table(Step)
+_OP = table(Operation)
+_HOST = table(Host)
+
 
 def record_operation(*, session: Session, env: Environment, service: Service, kind: OpKind,
                      trigger: OpTrigger, params: OpParams | None = None) -> Operation:
@@ -103,12 +108,11 @@ def claim_stage(*, session: Session, op_id: int, stage: int) -> bool:
     return session.connection().execute(_CLAIM_STAGE, {"w_op": op_id, "w_stage": stage}).rowcount == 1
 
 
-_OP = table(Operation)
 _CLAIM_STAGE = (update(_OP).where(
     _OP.c.id == bindparam("w_op"), _OP.c.state == OpState.running, _OP.c.sent_stage >= 0,
     _OP.c.sent_stage < bindparam("w_stage"),
-    ~select(table(Step).c.id).where(table(Step).c.op_id == bindparam("w_op"),
-                                    table(Step).c.state.in_((StepState.failed, StepState.skipped))).exists())
+    ~select(_STEP.c.id).where(_STEP.c.op_id == bindparam("w_op"),
+                                    _STEP.c.state.in_((StepState.failed, StepState.skipped))).exists())
                 .values(sent_stage=bindparam("w_stage")))
 
 
@@ -144,7 +148,6 @@ def ring_hosts(*, session: Session, hosts: Sequence[str], stale_after: float) ->
     return sorted({name for (name,) in rung} | (set(wanted) - locked))
 
 
-_HOST = table(Host)
 _LOCK_HOSTS = (select(_HOST.c.name).where(_HOST.c.name.in_(bindparam("w_names", expanding=True)))
                .order_by(_HOST.c.name).with_for_update(skip_locked=True))
 _RING_HOSTS = (update(_HOST).where(_HOST.c.name.in_(bindparam("w_names", expanding=True)),
@@ -230,7 +233,7 @@ def _like_escaped(text: str) -> str:
 
 
 # claim_host_steps' statements, built once (their values bound by name).
-_RING = update(table(Host)).where(table(Host).c.name == bindparam("w_host"))
+_RING = update(_HOST).where(_HOST.c.name == bindparam("w_host"))
 # (state IN (...) first: the host's pending and running steps are found by ix_step_host_state, not
 # by reading every step its host ever ran.)
 _FREE = and_(col(Step.state).in_((StepState.pending, StepState.running)),
@@ -243,10 +246,10 @@ _SENT = (select(Step.id).join(Operation, col(Operation.id) == col(Step.op_id))
                 _FREE, col(Operation.state) == OpState.running, col(Operation.sent_stage) >= col(Step.stage))
          .order_by(col(Step.id)))
 _SENT_ONE = _SENT.limit(1)
-_CLAIM = (update(table(Step)).where(table(Step).c.id.in_(_SENT.limit(bindparam("w_most")).scalar_subquery()), _FREE)
+_CLAIM = (update(_STEP).where(_STEP.c.id.in_(_SENT.limit(bindparam("w_most")).scalar_subquery()), _FREE)
           .values(state=StepState.running, started_at=bindparam("w_now"), node=bindparam("w_node"),
                   lease_until=bindparam("w_lease_until"))
-          .returning(table(Step).c.id, table(Step).c.action, table(Step).c.job_id))
+          .returning(_STEP.c.id, _STEP.c.action, _STEP.c.job_id))
 
 
 def stage_left(*, session: Session, op_id: int, stage: int) -> int:
@@ -255,9 +258,9 @@ def stage_left(*, session: Session, op_id: int, stage: int) -> int:
     return int(session.connection().execute(_STAGE_LEFT, {"w_op": op_id, "w_stage": stage}).scalar_one())
 
 
-_STAGE_LEFT = select(func.count()).select_from(table(Step)).where(
-    table(Step).c.op_id == bindparam("w_op"), table(Step).c.stage == bindparam("w_stage"),
-    table(Step).c.state != StepState.succeeded)
+_STAGE_LEFT = select(func.count()).select_from(_STEP).where(
+    _STEP.c.op_id == bindparam("w_op"), _STEP.c.stage == bindparam("w_stage"),
+    _STEP.c.state != StepState.succeeded)
 
 
 def operation_version(*, session: Session, op_id: int) -> str:
@@ -272,14 +275,14 @@ def operation_version(*, session: Session, op_id: int) -> str:
 
 
 _VERSION = (
-    select(table(Operation).c.state, func.count(table(Step).c.id),
-           func.coalesce(func.sum(case((table(Step).c.state == StepState.pending, 0),
-                                       (table(Step).c.state == StepState.running, 1), else_=2)), 0),
-           func.coalesce(func.sum(func.coalesce(func.length(table(Step).c.output), 0)
-                                  + table(Step).c.output_dropped), 0))
-    .select_from(table(Operation).outerjoin(table(Step), table(Step).c.op_id == table(Operation).c.id))
-    .where(table(Operation).c.id == bindparam("w_op"))
-    .group_by(table(Operation).c.id, table(Operation).c.state))
+    select(_OP.c.state, func.count(_STEP.c.id),
+           func.coalesce(func.sum(case((_STEP.c.state == StepState.pending, 0),
+                                       (_STEP.c.state == StepState.running, 1), else_=2)), 0),
+           func.coalesce(func.sum(func.coalesce(func.length(_STEP.c.output), 0)
+                                  + _STEP.c.output_dropped), 0))
+    .select_from(_OP.outerjoin(_STEP, _STEP.c.op_id == _OP.c.id))
+    .where(_OP.c.id == bindparam("w_op"))
+    .group_by(_OP.c.id, _OP.c.state))
 
 
 def get_operation(*, session: Session, op_id: int, for_update: bool = False) -> Operation:
@@ -308,7 +311,7 @@ def last_stage(*, session: Session, op_id: int) -> int | None:
     return session.connection().execute(_LAST_STAGE, {"w_op": op_id}).scalar()
 
 
-_LAST_STAGE = select(func.max(table(Step).c.stage)).where(table(Step).c.op_id == bindparam("w_op"))
+_LAST_STAGE = select(func.max(_STEP.c.stage)).where(_STEP.c.op_id == bindparam("w_op"))
 
 
 def home_host(*, session: Session, op_id: int) -> str | None:
@@ -392,7 +395,6 @@ def end_steps(*, session: Session, step_ids: Sequence[int], state: StepState, no
     return {step_id for (step_id,) in ended}
 
 
-_STEP = table(Step)
 _END_STEP = update(_STEP).where(_STEP.c.id == bindparam("w_id"),
                                 _STEP.c.state.in_(bindparam("w_before", expanding=True)))
 _END_STEP_OF = _END_STEP.where(_STEP.c.node == bindparam("w_node"))

@@ -67,11 +67,16 @@ def heartbeat(p: Platform, *, host: str, cpus: float, memory_mb: int, node: str 
     """The node of ``host`` is alive (and its Docker answers), in one short transaction: record
     when and what the host can hold; renew the leases of the steps this node process (``node``)
     works on now and of its overlap waits; with the ``containers`` its Docker listed at
-    ``listed_at``, reconcile the host with the catalogue (``reconcile``); a host that was down is
-    up again (a draining one stays draining) in that same transaction, so no reader sees it up,
-    and nothing is placed on it, before its jobs are in step."""
+    ``listed_at``, reconcile the host with the catalogue (``reconcile``: only when a read before
+    finds them out of step, ``_out_of_step``); a host that was down is up again (a draining one
+    stays draining) in that same transaction, so no reader sees it up, and nothing is placed on
+    it, before its jobs are in step (its lost jobs: out of step)."""
     now = utcnow()
     lease_until = now + timedelta(seconds=p.settings.step_lease)
+    if containers is not None:
+        with p.reader() as s:  # (outside the catalogue's write turn: every host beats every few seconds)
+            if not _out_of_step(s, host=host, containers=containers, listed_at=listed_at or now):
+                containers = None  # in step as read now: this beat only says the host lives
 
     def beat(s: Session) -> Reconciled:
         # One statement for the host: alive, what it holds, and (one that was down) up again.
@@ -132,20 +137,14 @@ def reconcile(s: Session, *, host: str, containers: Sequence[Container], listed_
     remove: list[Container] = []
     failed: list[str] = []
     adopted: list[str] = []
-    # What it reads grows with what runs and what Docker lists, not with the host's history: of
-    # the ended jobs, only those whose container is still there.
-    s.flush()
-    jobs = [HeldJob(*row) for row in s.connection().execute(_RUNNING_OR_LOST, {"w_host": host})]
+    jobs = _held(s, host)
     others = sorted(set(present) - {j.id for j in jobs})
-    ended = set(s.exec(select(Job.id).where(Job.host == host, col(Job.id).in_(others), col(Job.state).in_(
-        (JobState.stopped, JobState.failed))))) if others else set()
+    ended = _ended(s, host, others)
     remove += [present[job_id] for job_id in others if job_id in ended]
     for job in jobs:
         container = present.get(job.id)
         if job.state == JobState.running:
-            if job.started_at is None or job.started_at >= listed_at:
-                continue  # started after the listing: it may not show yet
-            if container is None or container.status in DEAD_CONTAINER_STATES:
+            if _died_outside(job, container, listed_at):
                 what = "was removed" if container is None else f"stopped ({container.status})"
                 _died(s, job, f"its container {what} outside the platform")
                 failed.append(job.id)
@@ -161,6 +160,44 @@ def reconcile(s: Session, *, host: str, containers: Sequence[Container], listed_
             if container is not None:
                 remove.append(container)
     return Reconciled(remove, failed, adopted)
+
+
+def _out_of_step(s: Session, *, host: str, containers: Sequence[Container], listed_at: datetime) -> bool:
+    """Whether ``reconcile`` would change anything, as read in ``s``: a running job whose
+    container died, a lost job, a container of an ended job. A heartbeat reconciles (in its
+    write transaction, where it judges again) only then; a change that lands meanwhile is seen
+    by the next heartbeat."""
+    present = {c.job_id: c for c in containers}
+    jobs = _held(s, host)
+    if any(job.state == JobState.lost or _died_outside(job, present.get(job.id), listed_at) for job in jobs):
+        return True
+    return bool(_ended(s, host, sorted(set(present) - {j.id for j in jobs}), first=True))
+
+
+def _held(s: Session, host: str) -> list[HeldJob]:
+    """The host's running and lost jobs. What reconciling reads grows with what runs and what
+    Docker lists, not with the host's history (``_ended``: only the ended jobs whose container
+    is still there)."""
+    s.flush()
+    return [HeldJob(*row) for row in s.connection().execute(_RUNNING_OR_LOST, {"w_host": host})]
+
+
+def _ended(s: Session, host: str, job_ids: Sequence[str], *, first: bool = False) -> set[str]:
+    """Of ``job_ids`` (jobs whose containers Docker lists), those stopped or failed (``first``:
+    one at most)."""
+    if not job_ids:
+        return set()
+    query = select(Job.id).where(Job.host == host, col(Job.id).in_(job_ids),
+                                 col(Job.state).in_((JobState.stopped, JobState.failed)))
+    return set(s.exec(query.limit(1) if first else query))
+
+
+def _died_outside(job: HeldJob, container: Container | None, listed_at: datetime) -> bool:
+    """A running job whose container is gone or dead, in a listing made after it started (one
+    started since may not show yet)."""
+    if job.state != JobState.running or job.started_at is None or job.started_at >= listed_at:
+        return False
+    return container is None or container.status in DEAD_CONTAINER_STATES
 
 
 def _died(s: Session, job: HeldJob, error: str) -> None:
@@ -206,6 +243,9 @@ def host_lost(p: Platform, host: str) -> list[int]:
 def fail_steps_on_down_hosts(p: Platform) -> None:
     """A step sent to a host that is down never runs: fail it, naming the host, and let the
     operation finish (its service is then free for the next operation, e.g. a recover)."""
+    with p.reader() as s:  # (the fleet watcher asks every pass, in every process: a write turn only for a down host)
+        if s.exec(select(Host.id).where(Host.state == HostState.down)).first() is None:
+            return
     with p.session() as s:
         down = {h.name for h in catalogue.list_hosts(session=s) if h.state == HostState.down}
         if not down:

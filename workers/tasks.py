@@ -51,6 +51,10 @@ log = logging.getLogger(__name__)
 
 MAX_WAIT_COUNTDOWN = 60.0  # seconds an overlap wait sleeps in the broker before asking again
 CATALOGUE_RETRIES = 30  # a step asks again every second while the catalogue fails, this often
+# The threads a box's steps act in, side by side: the process's, kept between boxes (a simulated
+# fleet's process runs thousands of boxes a minute: a pool made per box started a thread per step).
+# Room for every step of every box at once (a node runs 32 tasks at once by default).
+STEP_THREADS = ThreadPoolExecutor(max_workers=64 * MAX_BATCH, thread_name_prefix="step")
 
 
 class StepFailed(Exception):
@@ -148,8 +152,9 @@ def _act_all(node: NodeContext, begun: Begun, work: Work) -> list[Outcome]:
 
     if len(begun) <= 1:
         return [act(b) for b in begun]
-    with ThreadPoolExecutor(max_workers=min(len(begun), MAX_BATCH), thread_name_prefix="step") as pool:
-        return list(pool.map(act, begun))
+    acting = [STEP_THREADS.submit(act, b) for b in begun]
+    wait(acting)  # all of them, also when one raises (Retry)
+    return [future.result() for future in acting]
 
 
 @dataclass
@@ -306,11 +311,13 @@ def _run_box(node: NodeContext, begun: Sequence[tuple[Step, Job | None]],
         if len(begun) == 1:  # (a lone one in this thread)
             end_batch([(begun[0], _act_all(node, [begun[0]], WORK_OF[begun[0][0].action])[0])])
         else:
-            with ThreadPoolExecutor(max_workers=min(len(begun), MAX_BATCH), thread_name_prefix="step") as pool:
-                acting = {pool.submit(_act_all, node, [b], WORK_OF[b[0].action]): b for b in begun}
+            acting = {STEP_THREADS.submit(_act_all, node, [b], WORK_OF[b[0].action]): b for b in begun}
+            try:
                 while acting:
                     done, _ = wait(acting, return_when=FIRST_COMPLETED)
                     end_batch([(acting.pop(future), future.result()[0]) for future in done])
+            finally:  # none left acting behind a failure: the task asks again for them all
+                wait(acting)
     except SQLAlchemyError as exc:
         raise CatalogueFailed(step_ids) from exc
     results, problems = [], []

@@ -100,9 +100,17 @@ def test_a_heartbeat_reads_what_runs_and_what_docker_lists_not_the_hosts_history
     monkeypatch.setattr(fleet, "HeldJob", seen)
     try:
         done = fleet.heartbeat(c.platform, host=host, cpus=64.0, memory_mb=262144, containers=listed)
+        out_of_step = list(held)
+        held.clear()
+        in_step = fleet.heartbeat(c.platform, host=host, cpus=64.0, memory_mb=262144,
+                                  containers=listed[:len(running)])
     finally:
         event.remove(Job, "load", on_load)
         c.close()
     assert sorted(x.job_id for x in done.remove) == sorted(j.id for j in ended[:3])
     assert done.failed == [] and done.adopted == []
-    assert sorted(held) == sorted(j.id for j in running) and loaded == []  # not one of its ended jobs
+    # Read once to see the host out of step, once more to reconcile it in the write transaction;
+    # not one of its ended jobs read whole.
+    assert sorted(out_of_step) == sorted(2 * [j.id for j in running]) and loaded == []
+    # A host in step is read once, outside the write transaction, and only beats in it.
+    assert in_step == fleet.Reconciled() and sorted(held) == sorted(j.id for j in running)

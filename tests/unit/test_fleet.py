@@ -5,6 +5,8 @@ a node reconciling its runtime with the catalogue."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import timedelta
 
@@ -119,9 +121,10 @@ def test_a_silent_host_is_marked_down_once(world: World) -> None:
     assert world.host("h2").state == HostState.down and world.host("h1").state == HostState.up
 
 
-def test_judging_a_fleet_that_beats_takes_no_write_turn(world: World) -> None:
-    """Silent hosts are looked for in a read; only one silent as read gets a write transaction
-    (the catalogue's one writer is the fleet's bottleneck: a pass took one per host)."""
+@contextmanager
+def write_turns(world: World) -> Iterator[list[object]]:
+    """The write transactions begun meanwhile (the catalogue's one writer is the fleet's
+    bottleneck: every process watches, every pass)."""
     from sqlalchemy import event
 
     writes: list[object] = []
@@ -131,14 +134,45 @@ def test_judging_a_fleet_that_beats_takes_no_write_turn(world: World) -> None:
 
     event.listen(world.platform.engine, "begin", began)
     try:
+        yield writes
+    finally:
+        event.remove(world.platform.engine, "begin", began)
+
+
+def test_judging_a_fleet_that_beats_takes_no_write_turn(world: World) -> None:
+    """Silent hosts are looked for in a read; only one silent as read gets a write transaction
+    (a pass took one per host)."""
+    with write_turns(world) as writes:
         assert watcher.silent_hosts(world.platform, time.monotonic()) == []
         assert writes == []
         world.silence("h2")
         writes.clear()
         assert watcher.silent_hosts(world.platform, time.monotonic()) == ["h2"]
         assert len(writes) == 1
-    finally:
-        event.remove(world.platform.engine, "begin", began)
+
+
+def test_a_watcher_pass_over_operations_under_way_takes_no_write_turn(world: World) -> None:
+    """Leases, orphans, lost messages and steps on down hosts are looked for in reads; a pass
+    that finds none writes nothing. One that finds a step never picked up fails it."""
+    world.code_service("web", scale=1)
+    op = requests.request_scale(world.platform, env=ENV, service="web", scale=3)
+    world.take_chain(op.id or 0)  # its first stage sent, no node took it yet
+    started = time.monotonic()
+    with write_turns(world) as writes:
+        watcher.expire_leases(world.platform, started)
+        watcher.end_orphans(world.platform, started)
+        fleet.fail_steps_on_down_hosts(world.platform)
+        assert writes == []
+        assert {st.state for st in world.steps(op.id or 0)} == {StepState.pending}
+        with world.platform.session() as s:  # its message was lost: no node began it in time
+            s.exec(update(Operation).where(col(Operation.id) == op.id).values(
+                sent_at=utcnow() - timedelta(seconds=world.platform.settings.pickup_timeout + 5)))
+            s.commit()
+        writes.clear()
+        watcher.end_orphans(world.platform, started)
+        assert writes
+    ended = world.operation(op.id or 0)
+    assert ended.state == OpState.failed and ended.error is not None and "never picked up" in ended.error
 
 
 def test_the_watcher_recovers_the_jobs_of_a_silent_host_elsewhere(world: World) -> None:

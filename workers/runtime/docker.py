@@ -20,6 +20,9 @@ from docker.utils import kwargs_from_env
 from orchestrator.names import LABEL_CONFIG_HASH, LABEL_ENV, LABEL_JOB, LABEL_SERVICE, LOG_LABELS
 from workers.runtime.base import ContainerError, ContainerSpec, ContainerState, ContainerStats, config_hash
 
+# docker-py's own conversion of containers.create's options into the API's (it is not public).
+_create_container_args = docker.models.containers._create_container_args  # type: ignore[attr-defined]
+
 PING_TIMEOUT = 5
 BUILD_TIMEOUT = 1800
 LOG_OPTIONS = {"max-size": "20m", "max-file": "3", "env": ",".join(LOG_LABELS)}
@@ -58,6 +61,15 @@ class DockerRuntime:
 
     def run(self, spec: ContainerSpec) -> ContainerState:
         wanted_hash = config_hash(spec)
+        try:  # a new name, the common case: two calls to Docker, create and start
+            return self._create_and_start(spec, wanted_hash)
+        except ImageNotFound as exc:
+            raise ContainerError(f"image {spec.image} is not on this host") from exc
+        except APIError as exc:
+            if exc.status_code != 409:
+                raise ContainerError(_reason(exc)) from exc
+        # The name is taken: by a twin (a redelivered step made it, maybe started it) or by a
+        # stale container of another config.
         existing = self._get(spec.name)
         if existing is not None and existing.labels.get(LABEL_CONFIG_HASH) != wanted_hash:
             try:  # same name, other config: never adopt a stale container
@@ -93,7 +105,26 @@ class DockerRuntime:
             time.sleep(0.05)
         raise ContainerError(_reason(conflict)) from conflict
 
+    def _create_and_start(self, spec: ContainerSpec, wanted_hash: str) -> ContainerState:
+        """Create and start by the low-level API: docker-py's ``containers.create`` asks Docker
+        for the whole container again after creating it, which a start does not need."""
+        options = self._options(spec, wanted_hash, restart=True)
+        created = self.client.api.create_container(**_create_container_args(
+            {**options, "image": spec.image, "version": self.client.api.api_version}))
+        self.client.api.start(created["Id"])
+        return ContainerState(id=created["Id"], name=spec.name, status="running", exit_code=0, restart_count=0,
+                              labels=options["labels"])
+
     def _create(self, spec: ContainerSpec, wanted_hash: str, *, restart: bool = True) -> Container:
+        try:
+            container: Container = self.client.containers.create(
+                spec.image, **self._options(spec, wanted_hash, restart=restart))
+        except ImageNotFound as exc:
+            raise ContainerError(f"image {spec.image} is not on this host") from exc
+        return container
+
+    def _options(self, spec: ContainerSpec, wanted_hash: str, *, restart: bool) -> dict[str, Any]:
+        """docker-py's create options for ``spec`` (its volumes made first)."""
         labels = {**spec.labels, LABEL_CONFIG_HASH: wanted_hash}
         options: dict[str, Any] = {
             "name": spec.name,
@@ -130,11 +161,7 @@ class DockerRuntime:
             options["volumes"] = {
                 name: {"bind": path.removesuffix(":ro"), "mode": "ro" if path.endswith(":ro") else "rw"}
                 for name, path in spec.volumes.items()}
-        try:
-            container: Container = self.client.containers.create(spec.image, **options)
-        except ImageNotFound as exc:
-            raise ContainerError(f"image {spec.image} is not on this host") from exc
-        return container
+        return options
 
     def inspect(self, name: str) -> ContainerState | None:
         container = self._get(name)
@@ -148,12 +175,9 @@ class DockerRuntime:
         return data.decode(errors="replace")
 
     def stop(self, name: str, timeout: int) -> None:
-        container = self._get(name)
-        if container is None:
-            return
-        try:
-            container.stop(timeout=timeout)
-            container.remove(v=True)
+        try:  # by name: no lookup first (a call to Docker less per stop)
+            self.client.api.stop(name, timeout=timeout)
+            self.client.api.remove_container(name, v=True)
         except NotFound:
             return
         except APIError as exc:

@@ -10,6 +10,8 @@ from orchestrator.models import Environment, JobKind, Service, ServiceType, Vari
 from orchestrator.names import legacy_volume_name
 from orchestrator.sizes import parse_size
 
+# The types whose services a code service is given a URL of (DATABASE_URL, REDIS_URL, ...).
+REACHED_TYPES = tuple(t for t in ServiceType if service_types.profile(t).url_variable is not None)
 JOB_VARIABLES = ("ORCH_ENV", "ORCH_SERVICE", "ORCH_JOB", "ORCH_KIND", "ORCH_HOST", "ORCH_RELEASE")
 
 
@@ -45,14 +47,16 @@ def shown(variables: list[VariableView], *, show_secrets: bool) -> list[Variable
 
 def _endpoints(s: Session, env: Environment) -> list[service_types.Endpoint]:
     """The environment's deployed databases and caches, where code services reach them."""
+    reached = [other for other in catalogue.list_services(session=s, env=env, types=REACHED_TYPES)
+               if other.port is not None]
+    if not reached:  # (every plan of a code service asks: the fleet's hosts are not read for nothing)
+        return []
     addresses = {h.name: h.address for h in catalogue.list_hosts(session=s)}
     endpoints = []
-    for other in catalogue.list_services(session=s, env=env):
-        if service_types.profile(other.type).url_variable is None or other.port is None:
-            continue
+    for other in reached:
         jobs = catalogue.active_jobs(session=s, service=other)
         host = other.host or (jobs[0].host if jobs else None)
-        if host is None:
+        if host is None or other.port is None:
             continue
         endpoints.append(service_types.Endpoint(other.name, other.type, addresses.get(host, host),
                                                 other.port, other.credentials))
@@ -94,5 +98,5 @@ def observed_jobs(s: Session, svc: Service) -> list[planner.ObservedJob]:
     """The service's active jobs as the planner sees them, oldest first."""
     return [
         planner.ObservedJob(j.id, JobKind(j.kind), j.target, j.host, j.port, parse_size(j.size))
-        for j in catalogue.active_jobs(session=s, service=svc)
+        for j in catalogue.active_job_places(session=s, service_id=svc.id or 0)
     ]

@@ -154,13 +154,20 @@ def counting() -> Iterator[Statements]:
         event.remove(Engine, "before_cursor_execute", record)
 
 
-def api_get(app: Any, path: str, token: str) -> tuple[int, Any]:
+def api_get(app: Any, path: str, token: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
     """GET ``path`` (query string included) from an ASGI app in this process: (status, JSON body;
     a text body, as /metrics' is, as text)."""
+    return api_call(app, path, token, headers)[:2]
+
+
+def api_call(app: Any, path: str, token: str,
+             headers: dict[str, str] | None = None) -> tuple[int, Any, dict[str, str]]:
+    """``api_get`` with the answer's headers too."""
     route, _, query = path.partition("?")
+    extra = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
              "path": route, "raw_path": route.encode(), "query_string": query.encode(), "root_path": "",
-             "headers": [(b"host", b"test"), (b"authorization", f"Bearer {token}".encode())],
+             "headers": [(b"host", b"test"), (b"authorization", f"Bearer {token}".encode()), *extra],
              "client": ("127.0.0.1", 1), "server": ("test", 80)}
     sent: list[dict[str, Any]] = []
 
@@ -173,9 +180,10 @@ def api_get(app: Any, path: str, token: str) -> tuple[int, Any]:
     asyncio.run(app(scope, receive, send))
     start = next(m for m in sent if m["type"] == "http.response.start")
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
-    if dict(start.get("headers", [])).get(b"content-type", b"").startswith(b"text/"):
-        return start["status"], body.decode()
-    return start["status"], json.loads(body) if body else None
+    answered = {k.decode(): v.decode() for k, v in start.get("headers", [])}
+    if answered.get("content-type", "").startswith("text/"):
+        return start["status"], body.decode(), answered
+    return start["status"], json.loads(body) if body else None, answered
 
 
 @dataclass

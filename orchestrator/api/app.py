@@ -58,6 +58,10 @@ MAX_COMMAND = requests.MAX_ARGV  # bytes of a service's command, like a one-off 
 MAX_SIZE = 64  # characters of a size: xs ... xl, or MEMORY[:CPUS]
 MAX_WAIT = 30.0  # seconds a long poll of an operation may wait (it holds one of the server's threads)
 WAIT_POLL = 0.025  # seconds between two looks at a polled operation's version (one aggregate query)
+# Seconds a long poll that saw only steps move waits for more before it answers: a redeploy's
+# steps begin and end by the dozen, and each answer is the whole operation (an operation's own
+# change of state, its end, is answered at once).
+WAIT_GATHER = 0.1
 
 DESCRIPTION = """\
 The orchestrator's control plane: environments of services run as containers on Docker hosts.
@@ -288,6 +292,12 @@ def env_detail(db: Session, environment: Environment, show_secrets: bool = False
             "proxy": ProxyPorts(http_port=environment.http_port, https_port=environment.https_port),
             "sites": catalogue.list_sites(session=db, env=environment),
             "dashboards": catalogue.dashboards(session=db, env=environment, show_secrets=show_secrets)}
+
+
+def _op_state(etag: str) -> str:
+    """The operation's state in an ETag of ``GET /operations/{id}`` (``catalogue.operation_version``
+    quoted: its state first); "" for none."""
+    return etag.strip('"').split(":", 1)[0]
 
 
 def accepted_fields(op: Operation) -> dict[str, Any]:
@@ -692,11 +702,13 @@ def create_api(platform: Platform) -> FastAPI:
                             wait: Annotated[float, Query(ge=0, le=MAX_WAIT)] = 0) -> Any:
         """An operation and its steps (a one-off's output, exit code); If-None-Match + wait: a long poll."""
         # With `If-None-Match: ETAG` and `wait=SECONDS` the answer comes as soon as the
-        # operation or a step changes (a step begins or ends, output comes), or, when nothing
+        # operation's state changes, and within WAIT_GATHER seconds of a step's change (a step
+        # begins or ends, output comes: those of that time in one answer), or, when nothing
         # did within `wait` seconds, a 304. A waiting poll holds no thread: each look at the
         # operation's version is one short query in the thread pool.
         seen = (request.headers.get("if-none-match") or "").removeprefix("W/")  # (a proxy may weaken it)
-        deadline = time.monotonic() + wait
+        asked = time.monotonic()
+        deadline = asked + wait
 
         def version() -> str:
             with platform.reader() as s:
@@ -708,10 +720,11 @@ def create_api(platform: Platform) -> FastAPI:
 
         while True:
             etag = await run_in_threadpool(version)
-            if etag != seen:
+            now = time.monotonic()
+            if etag != seen and (_op_state(etag) != _op_state(seen) or now >= min(asked + WAIT_GATHER, deadline)):
                 response.headers["ETag"] = etag
                 return await run_in_threadpool(public)
-            if time.monotonic() >= deadline or await request.is_disconnected():
+            if now >= deadline or await request.is_disconnected():
                 return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers={"ETag": etag})
             await asyncio.sleep(WAIT_POLL)
 

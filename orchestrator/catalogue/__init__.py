@@ -21,6 +21,7 @@ from orchestrator.catalogue.hosts import (
     set_metrics_ports,
 )
 from orchestrator.catalogue.jobs import (
+    active_job_places,
     active_jobs,
     job_public,
     jobs_by_id,
@@ -126,6 +127,7 @@ __all__ = [
     "LoggingDown",
     "MonitorEndpoint",
     "MonitoringDown",
+    "active_job_places",
     "active_jobs",
     "add_host",
     "add_release",

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from sqlalchemy import bindparam, update
+from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
 from orchestrator import service_types
@@ -16,6 +17,7 @@ from orchestrator.models import (
     ACTIVE_JOB_STATES,
     Environment,
     Job,
+    JobKind,
     JobPublic,
     JobState,
     Service,
@@ -29,6 +31,30 @@ from orchestrator.models import (
 def active_jobs(*, session: Session, service: Service) -> list[Job]:
     query = select(Job).where(Job.service_id == service.id, col(Job.state).in_(ACTIVE_JOB_STATES))
     return list(session.exec(query.order_by(col(Job.created_at), col(Job.id))))
+
+
+class JobPlace(NamedTuple):
+    """What a plan needs of an active job."""
+
+    id: str
+    kind: JobKind
+    target: str | None
+    host: str
+    port: int | None
+    size: str
+
+
+def active_job_places(*, session: Session, service_id: int) -> list[JobPlace]:
+    """``active_jobs``, in the same order, as the columns a plan needs: read as columns (a plan
+    runs in the catalogue's write turn; a row object with its JSON columns costs 50 µs and more)."""
+    session.flush()
+    return [JobPlace(*row) for row in session.connection().execute(_PLACES, {"w_service": service_id})]
+
+
+_PLACES = (sa_select(table(Job).c.id, table(Job).c.kind, table(Job).c.target, table(Job).c.host,
+                     table(Job).c.port, table(Job).c.size)
+           .where(table(Job).c.service_id == bindparam("w_service"), table(Job).c.state.in_(ACTIVE_JOB_STATES))
+           .order_by(table(Job).c.created_at, table(Job).c.id))
 
 
 def running_jobs_of(*, session: Session, env: str, host: str | None = None) -> list[tuple[Job, Service]]:

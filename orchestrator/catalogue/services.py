@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 
 from sqlalchemy import delete, func, update
@@ -97,9 +97,13 @@ def get_service(*, session: Session, env: str, name: str) -> tuple[Environment, 
     return environment, service
 
 
-def list_services(*, session: Session, env: Environment) -> list[Service]:
+def list_services(*, session: Session, env: Environment,
+                  types: Sequence[ServiceType] | None = None) -> list[Service]:
+    """The environment's services (of ``types`` only, when given), by name."""
     query = (select(Service).where(Service.env_id == env.id, col(Service.removed_at).is_(None))
              .order_by(col(Service.name)))
+    if types is not None:
+        query = query.where(col(Service.type).in_(list(types)))
     return list(session.exec(query))
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import sys
-import tarfile
 import time
 from pathlib import Path
 from typing import Any
@@ -54,6 +53,8 @@ def push(ctx: Context, env_name: str, name: str, source: str, wait: bool,
 
 def tar_directory(path: Path) -> bytes:
     """The directory as a tar (its .git left out): the build context."""
+    import tarfile  # (here: the commands that send no directory do without it)
+
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w") as tar:
         for item in sorted(path.iterdir()):

@@ -1,0 +1,104 @@
+"""The API's long poll of an operation (``GET /operations/{id}`` with If-None-Match and ?wait=):
+the steps that move within ``WAIT_GATHER`` of each other come in one answer, the operation's own
+change of state (its end) at once. On a bulk catalogue with the API in this process; a thread
+changes the catalogue meanwhile."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import update
+from sqlmodel import col, select
+
+from orchestrator.api import app as api_app
+from orchestrator.models import Operation, OpState, Step, StepState
+from tests.bulk import Catalogue, api_call, make_catalogue
+
+
+@pytest.fixture
+def bulk(tmp_path: Path) -> Iterator[Catalogue]:
+    """One operation of two steps, under way: its steps waiting."""
+    c = make_catalogue(f"sqlite:///{tmp_path / 'c.db'}", jobs=4, operations=1, services=1, hosts=1)
+    with c.platform.session() as s:
+        s.exec(update(Operation).values(state=OpState.running, finished_at=None))
+        s.exec(update(Step).values(state=StepState.pending, finished_at=None))
+        s.commit()
+    yield c
+    c.close()
+
+
+def meanwhile(*changes: tuple[float, Callable[[], None]]) -> threading.Thread:
+    """Each change made in a thread, its seconds after now."""
+    t0 = time.monotonic()
+
+    def run() -> None:
+        for at, change in changes:
+            time.sleep(max(0.0, t0 + at - time.monotonic()))
+            change()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def step_moves(c: Catalogue, index: int, state: StepState) -> Callable[[], None]:
+    def change() -> None:
+        with c.platform.session() as s:
+            step_id = sorted(s.exec(select(Step.id)))[index]
+            s.exec(update(Step).where(col(Step.id) == step_id).values(state=state))
+            s.commit()
+    return change
+
+
+def operation_ends(c: Catalogue) -> Callable[[], None]:
+    def change() -> None:
+        with c.platform.session() as s:
+            s.exec(update(Operation).values(state=OpState.succeeded))
+            s.commit()
+    return change
+
+
+def long_poll(c: Catalogue, wait: float, then: Callable[[], None] | None = None) -> tuple[int, Any, float]:
+    """The operation as it is (its ETag), ``then`` done, then a long poll of it: (status, body,
+    seconds waited)."""
+    with c.platform.reader() as s:
+        op_id = s.exec(select(Operation.id)).one()
+    status, body, headers = api_call(c.api, f"/api/v1/operations/{op_id}", c.filled.token)
+    assert status == 200 and [st["state"] for st in body["steps"]] == ["pending", "pending"], body
+    if then is not None:
+        then()
+    t0 = time.monotonic()
+    status, body, _ = api_call(c.api, f"/api/v1/operations/{op_id}?wait={wait:g}", c.filled.token,
+                               headers={"If-None-Match": headers["etag"]})
+    return status, body, time.monotonic() - t0
+
+
+def test_steps_that_move_together_come_in_one_answer(bulk: Catalogue, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(api_app, "WAIT_GATHER", 1.0)
+    changes = meanwhile((0.05, step_moves(bulk, 0, StepState.running)),
+                        (0.3, step_moves(bulk, 1, StepState.running)))
+    status, body, waited = long_poll(bulk, wait=10)
+    changes.join()
+    assert status == 200 and [st["state"] for st in body["steps"]] == ["running", "running"], body
+    assert 0.9 <= waited < 5, waited
+
+
+def test_the_operations_end_is_answered_at_once(bulk: Catalogue, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(api_app, "WAIT_GATHER", 20.0)
+    changes = meanwhile((0.05, step_moves(bulk, 0, StepState.succeeded)), (0.1, operation_ends(bulk)))
+    status, body, waited = long_poll(bulk, wait=30)
+    changes.join()
+    assert status == 200 and body["state"] == "succeeded", body
+    assert waited < 10, waited
+
+
+def test_a_poll_without_wait_answers_a_change_at_once(bulk: Catalogue, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(api_app, "WAIT_GATHER", 20.0)
+    status, body, waited = long_poll(bulk, wait=0, then=step_moves(bulk, 0, StepState.running))
+    assert status == 200 and [st["state"] for st in body["steps"]] == ["running", "pending"], body
+    assert waited < 10, waited

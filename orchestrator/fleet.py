@@ -73,19 +73,23 @@ def heartbeat(p: Platform, *, host: str, cpus: float, memory_mb: int, node: str 
     it, before its jobs are in step (its lost jobs: out of step)."""
     now = utcnow()
     lease_until = now + timedelta(seconds=p.settings.step_lease)
+    in_step = False
     if containers is not None:
         with p.reader() as s:  # (outside the catalogue's write turn: every host beats every few seconds)
-            if not _out_of_step(s, host=host, containers=containers, listed_at=listed_at or now):
-                containers = None  # in step as read now: this beat only says the host lives
+            in_step = not _out_of_step(s, host=host, containers=containers, listed_at=listed_at or now)
 
     def beat(s: Session) -> Reconciled:
-        # One statement for the host: alive, what it holds, and (one that was down) up again.
         s.flush()
-        s.connection().execute(_BEAT, {"w_host": host, "last_seen": now, "cpus": cpus, "memory_mb": memory_mb})
+        connection = s.connection()
+        # A host that comes back up is reconciled in the transaction that brings it up, whatever
+        # the read before saw (the watcher may have marked it down and its jobs lost meanwhile).
+        returning = in_step and connection.execute(_DOWN, {"w_host": host}).first() is not None
+        # One statement for the host: alive, what it holds, and (one that was down) up again.
+        connection.execute(_BEAT, {"w_host": host, "last_seen": now, "cpus": cpus, "memory_mb": memory_mb})
         if node is not None:
-            s.connection().execute(_RENEW, {"w_node": node, "w_ids": list(working_on), "lease_until": lease_until})
-        if containers is None:
-            return Reconciled()
+            connection.execute(_RENEW, {"w_node": node, "w_ids": list(working_on), "lease_until": lease_until})
+        if containers is None or (in_step and not returning):
+            return Reconciled()  # in step as read just before: this beat only says the host lives
         return reconcile(s, host=host, containers=containers, listed_at=listed_at or now)
 
     # Shared with what the process writes meanwhile: a simulated fleet's beats go together.
@@ -97,6 +101,7 @@ def heartbeat(p: Platform, *, host: str, cpus: float, memory_mb: int, node: str 
 _HOST = table(Host)
 _BACK = case((_HOST.c.drained.is_(True), cast(literal(HostState.draining), _HOST.c.state.type)),
              else_=cast(literal(HostState.up), _HOST.c.state.type))  # (PostgreSQL: an enum type)
+_DOWN = sa_select(_HOST.c.id).where(_HOST.c.name == bindparam("w_host"), _HOST.c.state == HostState.down)
 _BEAT = (update(_HOST).where(_HOST.c.name == bindparam("w_host"))
          .values(state=case((_HOST.c.state == HostState.down, _BACK), else_=_HOST.c.state)))
 _STEP = table(Step)
@@ -243,18 +248,11 @@ def host_lost(p: Platform, host: str) -> list[int]:
 def fail_steps_on_down_hosts(p: Platform) -> None:
     """A step sent to a host that is down never runs: fail it, naming the host, and let the
     operation finish (its service is then free for the next operation, e.g. a recover)."""
-    with p.reader() as s:  # (the fleet watcher asks every pass, in every process: a write turn only for a down host)
-        if s.exec(select(Host.id).where(Host.state == HostState.down)).first() is None:
+    with p.reader() as s:  # (the fleet watcher asks every pass, in every process: a write turn only for a stuck step)
+        if s.exec(_STUCK.limit(1)).first() is None:
             return
     with p.session() as s:
-        down = {h.name for h in catalogue.list_hosts(session=s) if h.state == HostState.down}
-        if not down:
-            return
-        stuck = list(s.exec(
-            select(Step).join(Operation, col(Operation.id) == col(Step.op_id))
-            .where(col(Operation.state) == OpState.running, col(Step.host).in_(down),
-                   col(Step.state).in_((StepState.pending, StepState.running)))
-        ))
+        stuck = list(s.exec(_STUCK))
         for step in stuck:
             if not catalogue.end_step(session=s, step_id=step.id or 0, state=StepState.failed,
                                       before=(StepState.pending, StepState.running),
@@ -269,6 +267,14 @@ def fail_steps_on_down_hosts(p: Platform) -> None:
         s.commit()
     for op_id in op_ids:
         operations.finish(p, op_id)
+
+
+# The steps of running operations waiting on (or running on) a host that is down.
+_STUCK = (select(Step).join(Operation, col(Operation.id) == col(Step.op_id))
+          .join(Host, col(Host.name) == col(Step.host))
+          .where(col(Operation.state) == OpState.running, col(Host.state) == HostState.down,
+                 col(Step.state).in_((StepState.pending, StepState.running)))
+          .order_by(col(Step.id)))
 
 
 def drain(p: Platform, *, host: str) -> list[int]:

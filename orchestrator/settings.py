@@ -18,7 +18,7 @@ class Settings(BaseSettings):
     port_max: int = Field(default=29999, ge=1024, le=65535)
     start_timeout: float = Field(default=30.0, gt=0)  # seconds for a new job to be ready
     stop_timeout: int = Field(default=10, ge=0)  # seconds between SIGTERM and SIGKILL
-    node_concurrency: int = Field(default=16, ge=1)
+    node_concurrency: int = Field(default=16, ge=1, le=256)  # tasks at once (workers.tasks.STEP_THREADS)
     cpu_overcommit: float = Field(default=8.0, ge=1)  # CPU limits are caps, not reservations
     heartbeat_interval: float = Field(default=2.0, gt=0)  # seconds between a node's heartbeats
     host_down_after: float = Field(default=10.0, gt=0)  # seconds of silence before a host is down

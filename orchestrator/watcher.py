@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
@@ -50,6 +51,7 @@ from orchestrator.models import (
 )
 from orchestrator.periodic import Periodic
 from orchestrator.platform import Platform
+from orchestrator.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,7 @@ class Watcher:
     def judge(self, started: float) -> None:
         """What is decided by elapsed time: silent hosts, ran-out leases, orphans."""
         try:
+            writes_flow(self.p, started)
             silent_hosts(self.p, started)
             expire_leases(self.p, started)
             end_orphans(self.p, started)
@@ -111,6 +114,15 @@ def _write_lock(s: Session, pass_started: float) -> datetime:
     if time.monotonic() - pass_started > SLOW_WRITE:
         raise Stalled()
     return utcnow()
+
+
+def writes_flow(p: Platform, pass_started: float) -> None:
+    """A write turn taken and let go at once: Stalled if it took long to come (heartbeats and
+    lease renewals waited as long). Judging looks in reads first and may find nothing to write:
+    this is how every pass still sees a catalogue that stalls, before it judges by the clock."""
+    with p.session() as s:
+        _write_lock(s, pass_started)
+        s.commit()
 
 
 def silent_hosts(p: Platform, pass_started: float) -> list[str]:
@@ -195,45 +207,44 @@ def expire_leases(p: Platform, pass_started: float) -> list[int]:
 
 
 def end_orphans(p: Platform, pass_started: float) -> None:
-    """End or resume the operations no process will carry on."""
-    if _orphans_seen(p):
+    """End or resume the operations no process will carry on. They are looked for in a read,
+    and only what is found takes a write turn, to be looked for again and judged under the lock
+    (every process watches, every pass: the steps of every running operation were read under
+    the write lock, 43 ms of it at 20 operations of 50 jobs)."""
+    with p.reader() as s:
+        seen = _orphans(s, utcnow(), p.settings)
+    if seen:
         _end_orphans(p, pass_started)
     finish_forgotten(p)
 
 
-def _orphans_seen(p: Platform) -> bool:
-    """Whether ``_end_orphans`` would find anything, as read now: a pass where nothing is
-    orphaned takes no write turn (every process of the platform watches, every pass; this read
-    was made under the write lock, and held it for 40 ms at 20 operations of 50 jobs). What it
-    finds is judged again under the lock."""
-    settings = p.settings
-    now = utcnow()
+@dataclass(frozen=True)
+class Orphans:
+    unsent: list[Operation]  # started, never sent: the process that started it stopped
+    claimed: list[Operation]  # claimed, never started: likewise
+    lost_steps: list[PendingStep]  # sent, never picked up: their message was lost
+    late_stages: list[tuple[int, int, str, str]]  # (operation, stage, env, service): their advance was lost
+
+    def __bool__(self) -> bool:
+        return bool(self.unsent or self.claimed or self.lost_steps or self.late_stages)
+
+
+def _orphans(s: Session, now: datetime, settings: Settings) -> Orphans:
     cutoff = now - timedelta(seconds=settings.orphan_after)
-    with p.reader() as s:
-        if s.exec(select(Operation.id).where(Operation.state == OpState.running, col(Operation.sent_at).is_(None),
-                                             col(Operation.started_at) < cutoff)).first() is not None:
-            return True
-        if s.exec(select(Operation.id).join(Service, col(Service.active_op_id) == col(Operation.id))
-                  .where(Operation.state == OpState.queued, col(Operation.claimed_at) < cutoff)).first() is not None:
-            return True
-        lost, late = _never_picked_up(s, now - timedelta(seconds=settings.pickup_timeout),
-                                      now - timedelta(seconds=LOST_ADVANCE_AFTER))
-        return bool(lost or late)
+    unsent = list(s.exec(select(Operation).where(
+        Operation.state == OpState.running, col(Operation.sent_at).is_(None), col(Operation.started_at) < cutoff)))
+    claimed = list(s.exec(select(Operation).join(Service, col(Service.active_op_id) == col(Operation.id))
+                          .where(Operation.state == OpState.queued, col(Operation.claimed_at) < cutoff)))
+    lost_steps, late_stages = _never_picked_up(s, now - timedelta(seconds=settings.pickup_timeout),
+                                               now - timedelta(seconds=LOST_ADVANCE_AFTER))
+    return Orphans(unsent, claimed, lost_steps, late_stages)
 
 
 def _end_orphans(p: Platform, pass_started: float) -> None:
     settings = p.settings
     with p.session() as s:
-        now = _write_lock(s, pass_started)
-        cutoff = now - timedelta(seconds=settings.orphan_after)
-        unsent = list(s.exec(select(Operation).where(
-            Operation.state == OpState.running, col(Operation.sent_at).is_(None),
-            col(Operation.started_at) < cutoff)))
-        claimed = list(s.exec(select(Operation).join(Service, col(Service.active_op_id) == col(Operation.id))
-                              .where(Operation.state == OpState.queued, col(Operation.claimed_at) < cutoff)))
-        lost_steps, late_stages = _never_picked_up(s, now - timedelta(seconds=settings.pickup_timeout),
-                                                   now - timedelta(seconds=LOST_ADVANCE_AFTER))
-        for step in lost_steps:
+        found = _orphans(s, _write_lock(s, pass_started), settings)
+        for step in found.lost_steps:
             if catalogue.end_step(session=s, step_id=step.id or 0, state=StepState.failed,
                                   before=(StepState.pending,),
                                   error=f"never picked up by the node of host {step.host} within "
@@ -243,14 +254,14 @@ def _end_orphans(p: Platform, pass_started: float) -> None:
                     catalogue.set_job_state(session=s, job_id=step.job_id, state=JobState.failed,
                                             error="never started: its step's message was lost")
         s.commit()
-    for op in unsent:
+    for op in found.unsent:
         operations.abandon(p, op.id or 0, "interrupted before its steps reached the broker (the process "
                                           "that started it stopped)", heal=True)
-    for op in claimed:
+    for op in found.claimed:
         operations.resume(p, op)
-    for op_id in sorted({st.op_id for st in lost_steps}):
+    for op_id in sorted({st.op_id for st in found.lost_steps}):
         operations.finish(p, op_id)
-    for op_id, stage, env, service in late_stages:
+    for op_id, stage, env, service in found.late_stages:
         log.warning("operation %s: no advance sent stage %s (lost with its message or its node): "
                     "sending it now", op_id, stage)
         operations.advance(p, op_id, stage, env=env, service=service)
@@ -272,7 +283,7 @@ class PendingStep(NamedTuple):
     stage: int
     state: StepState
     finished_at: datetime | None
-    host: str
+    host: str | None
     action: StepAction
     job_id: str | None
 
@@ -300,18 +311,18 @@ def _never_picked_up(s: Session, cutoff: datetime,
     for row in s.connection().execute(_RUNNING_STEPS):
         by_op.setdefault(row.op_id, []).append(row)
     for op_id, rows in by_op.items():
-        steps = [PendingStep(*row[:8]) for row in rows]
-        sent_at, sent_stage, env_id, service_id = rows[0][8:]
+        steps = [PendingStep(*(getattr(row, name) for name in PendingStep._fields)) for row in rows]
+        op = rows[0]  # (every row has its operation's columns too)
         ending = any(st.state == StepState.failed for st in steps)  # no stage is sent after a failed step
-        turn_came = sent_at
+        turn_came = op.sent_at
         for stage in sorted({st.stage for st in steps}):
             mine = [st for st in steps if st.stage == stage]
             if any(st.state == StepState.pending for st in mine):
                 if turn_came is None:
                     break
-                if 0 <= sent_stage < stage:  # not sent yet: its advance is late, or lost
+                if 0 <= op.sent_stage < stage:  # not sent yet: its advance is late, or lost
                     if turn_came < advance_cutoff and not ending:
-                        env, svc = s.get(Environment, env_id), s.get(Service, service_id)
+                        env, svc = s.get(Environment, op.env_id), s.get(Service, op.service_id)
                         unsent.append((op_id, stage, env.name if env else "", svc.name if svc else ""))
                 elif turn_came < cutoff:
                     found += [st for st in mine if st.state == StepState.pending]

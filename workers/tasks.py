@@ -21,7 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col, select
 
 from orchestrator import builds, catalogue, names, operations, service_types, spec
-from orchestrator.dispatch import BOXED, MAX_BATCH, MAX_BOX, TASK_OF, SendFailed
+from orchestrator.dispatch import BOXED, MAX_BOX, TASK_OF, SendFailed
 from orchestrator.errors import one_line
 from orchestrator.models import (
     Environment,
@@ -53,8 +53,9 @@ MAX_WAIT_COUNTDOWN = 60.0  # seconds an overlap wait sleeps in the broker before
 CATALOGUE_RETRIES = 30  # a step asks again every second while the catalogue fails, this often
 # The threads a box's steps act in, side by side: the process's, kept between boxes (a simulated
 # fleet's process runs thousands of boxes a minute: a pool made per box started a thread per step).
-# Room for every step of every box at once (a node runs 32 tasks at once by default).
-STEP_THREADS = ThreadPoolExecutor(max_workers=64 * MAX_BATCH, thread_name_prefix="step")
+# Room for every step of every box at once up to 256 tasks at once (a node runs 16 by default, a
+# sim process 32): a claimed step must never wait for a thread. Threads are made as needed.
+STEP_THREADS = ThreadPoolExecutor(max_workers=256 * MAX_BOX, thread_name_prefix="step")
 
 
 class StepFailed(Exception):

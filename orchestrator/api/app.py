@@ -294,12 +294,6 @@ def env_detail(db: Session, environment: Environment, show_secrets: bool = False
             "dashboards": catalogue.dashboards(session=db, env=environment, show_secrets=show_secrets)}
 
 
-def _op_state(etag: str) -> str:
-    """The operation's state in an ETag of ``GET /operations/{id}`` (``catalogue.operation_version``
-    quoted: its state first); "" for none."""
-    return etag.strip('"').split(":", 1)[0]
-
-
 def accepted_fields(op: Operation) -> dict[str, Any]:
     return {"id": op.id, "kind": op.kind, "state": op.state, "url": f"/api/v1/operations/{op.id}"}
 
@@ -702,13 +696,13 @@ def create_api(platform: Platform) -> FastAPI:
                             wait: Annotated[float, Query(ge=0, le=MAX_WAIT)] = 0) -> Any:
         """An operation and its steps (a one-off's output, exit code); If-None-Match + wait: a long poll."""
         # With `If-None-Match: ETAG` and `wait=SECONDS` the answer comes as soon as the
-        # operation's state changes, and within WAIT_GATHER seconds of a step's change (a step
-        # begins or ends, output comes: those of that time in one answer), or, when nothing
-        # did within `wait` seconds, a 304. A waiting poll holds no thread: each look at the
-        # operation's version is one short query in the thread pool.
+        # operation's state changes, and WAIT_GATHER seconds after the first change of a step
+        # seen (a step begins or ends, output comes: what moves meanwhile comes in that answer),
+        # or, when nothing did within `wait` seconds, a 304. A waiting poll holds no thread:
+        # each look at the operation's version is one short query in the thread pool.
         seen = (request.headers.get("if-none-match") or "").removeprefix("W/")  # (a proxy may weaken it)
-        asked = time.monotonic()
-        deadline = asked + wait
+        deadline = time.monotonic() + wait
+        moved: float | None = None  # when a step's change was first seen
 
         def version() -> str:
             with platform.reader() as s:
@@ -721,9 +715,12 @@ def create_api(platform: Platform) -> FastAPI:
         while True:
             etag = await run_in_threadpool(version)
             now = time.monotonic()
-            if etag != seen and (_op_state(etag) != _op_state(seen) or now >= min(asked + WAIT_GATHER, deadline)):
-                response.headers["ETag"] = etag
-                return await run_in_threadpool(public)
+            if etag != seen:
+                moved = now if moved is None else moved
+                if (catalogue.version_state(etag.strip('"')) != catalogue.version_state(seen.strip('"'))
+                        or now >= min(moved + WAIT_GATHER, deadline)):
+                    response.headers["ETag"] = etag
+                    return await run_in_threadpool(public)
             if now >= deadline or await request.is_disconnected():
                 return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers={"ETag": etag})
             await asyncio.sleep(WAIT_POLL)

@@ -82,6 +82,7 @@ from orchestrator.catalogue.operations import (
     steps_of,
     take_over_step,
     unring_hosts,
+    version_state,
 )
 from orchestrator.catalogue.routing import (
     add_site,
@@ -221,6 +222,7 @@ __all__ = [
     "unring_hosts",
     "unset_variables",
     "update_service",
+    "version_state",
     "want_heal",
     "workers_of",
 ]

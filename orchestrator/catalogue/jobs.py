@@ -51,10 +51,10 @@ def active_job_places(*, session: Session, service_id: int) -> list[JobPlace]:
     return [JobPlace(*row) for row in session.connection().execute(_PLACES, {"w_service": service_id})]
 
 
-_PLACES = (sa_select(table(Job).c.id, table(Job).c.kind, table(Job).c.target, table(Job).c.host,
-                     table(Job).c.port, table(Job).c.size)
-           .where(table(Job).c.service_id == bindparam("w_service"), table(Job).c.state.in_(ACTIVE_JOB_STATES))
-           .order_by(table(Job).c.created_at, table(Job).c.id))
+_JOB = table(Job)
+_PLACES = (sa_select(_JOB.c.id, _JOB.c.kind, _JOB.c.target, _JOB.c.host, _JOB.c.port, _JOB.c.size)
+           .where(_JOB.c.service_id == bindparam("w_service"), _JOB.c.state.in_(ACTIVE_JOB_STATES))
+           .order_by(_JOB.c.created_at, _JOB.c.id))
 
 
 def running_jobs_of(*, session: Session, env: str, host: str | None = None) -> list[tuple[Job, Service]]:

@@ -274,6 +274,11 @@ def operation_version(*, session: Session, op_id: int) -> str:
     return ":".join(str(x) for x in row)
 
 
+def version_state(version: str) -> str:
+    """The operation's state in a mark of ``operation_version`` ("" for none)."""
+    return version.split(":", 1)[0]
+
+
 _VERSION = (
     select(_OP.c.state, func.count(_STEP.c.id),
            func.coalesce(func.sum(case((_STEP.c.state == StepState.pending, 0),

@@ -20,7 +20,7 @@ def node() -> None:
 
 @node.command("run")
 @click.argument("name")
-@click.option("--concurrency", type=int, default=None, help="Steps run at once (threads).")
+@click.option("--concurrency", type=click.IntRange(1, 256), default=None, help="Steps run at once (threads).")
 @click.option("--loglevel", default="INFO", show_default=True)
 @pass_ctx
 def node_run(ctx: Context, name: str, concurrency: int | None, loglevel: str) -> None:
@@ -49,7 +49,8 @@ def sim() -> None:
               help="A directory watched for files kill-HOST: each kills its host (heartbeats stop, "
                    "its queue is no longer consumed).")
 @click.option("--seed", type=int, default=None, help="Seed of the injected failures.")
-@click.option("--concurrency", type=int, default=32, show_default=True, help="Steps run at once (threads).")
+@click.option("--concurrency", type=click.IntRange(1, 256), default=32, show_default=True,
+              help="Steps run at once (threads).")
 @click.option("--loglevel", default="INFO", show_default=True)
 @pass_ctx
 def sim_run(ctx: Context, count: int, prefix: str, start_latency: float, stop_latency: float, fail_rate: float,

@@ -151,6 +151,32 @@ def test_judging_a_fleet_that_beats_takes_no_write_turn(world: World) -> None:
         assert len(writes) == 1
 
 
+def test_a_pass_that_waits_for_the_write_turn_judges_nothing_by_the_clock(world: World) -> None:
+    """A pass looks in reads and may have nothing to write; it still sees a catalogue whose
+    writes stall (heartbeats waited as long) and then judges nothing by the clock for a while."""
+    import threading
+
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with world.platform.session() as s:
+            s.connection()  # (the write turn)
+            held.set()
+            release.wait(10)
+            s.commit()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(10)
+    threading.Timer(watcher.SLOW_WRITE + 0.3, release.set).start()
+    world.watch()
+    holder.join()
+    assert world.watcher.trust_after > time.monotonic()
+    world.silence("h2")
+    world.watch()
+    assert world.host("h2").state == HostState.up  # not judged while the catalogue is distrusted
+
+
 def test_a_watcher_pass_over_operations_under_way_takes_no_write_turn(world: World) -> None:
     """Leases, orphans, lost messages and steps on down hosts are looked for in reads; a pass
     that finds none writes nothing. One that finds a step never picked up fails it."""
@@ -512,6 +538,25 @@ def test_a_returning_host_removes_the_containers_of_its_replaced_jobs(world: Wor
     assert world.containers("h2") == {"not-ours": stranger.name}  # another platform's job is left alone
     assert {j.host for j in world.jobs("web")} == {"h1"}
     fleet.remove(world.platform, host="h2")  # nothing of this platform is left there
+
+
+def test_a_returning_host_is_reconciled_as_it_comes_up_whatever_its_beat_read_before(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A heartbeat reads whether its host is out of step before its write transaction; a host
+    marked down (its jobs lost) after that read is still reconciled as the beat brings it up."""
+    world.code_service("web", scale=2)
+    (lost,) = [j for j in world.jobs("web") if j.host == "h2"]
+    world.runtimes["h1"].images.discard(IMAGE)  # the recover cannot start a replacement
+    lose(world, "h2")
+    world.run_all()
+    monkeypatch.setattr(fleet, "_out_of_step", lambda *_a, **_k: False)  # read before it went down
+
+    world.start_node("h2")
+    world.beat("h2")
+    assert world.host("h2").state == HostState.up
+    assert world.job(lost.id).state == JobState.running  # taken back in that transaction
+    world.beat("h2")  # up, and in step as read: it only beats
+    assert world.job(lost.id).state == JobState.running
 
 
 def test_a_returning_host_takes_back_a_lost_job_nothing_replaced(world: World) -> None:

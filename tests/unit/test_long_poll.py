@@ -1,7 +1,7 @@
 """The API's long poll of an operation (``GET /operations/{id}`` with If-None-Match and ?wait=):
-the steps that move within ``WAIT_GATHER`` of each other come in one answer, the operation's own
-change of state (its end) at once. On a bulk catalogue with the API in this process; a thread
-changes the catalogue meanwhile."""
+it answers ``WAIT_GATHER`` after the first step's change it sees, with what moved meanwhile, and
+an operation's own change of state (its end) at once. On a bulk catalogue with the API in this
+process; a thread changes the catalogue meanwhile."""
 
 from __future__ import annotations
 
@@ -63,42 +63,51 @@ def operation_ends(c: Catalogue) -> Callable[[], None]:
     return change
 
 
-def long_poll(c: Catalogue, wait: float, then: Callable[[], None] | None = None) -> tuple[int, Any, float]:
-    """The operation as it is (its ETag), ``then`` done, then a long poll of it: (status, body,
-    seconds waited)."""
+def long_poll(c: Catalogue, wait: float, *changes: tuple[float, Callable[[], None]]) -> tuple[int, Any, float]:
+    """The operation as it is (its ETag), then a long poll of it while ``changes`` are made, each
+    its seconds after the poll began (0: before it): (status, body, seconds waited)."""
     with c.platform.reader() as s:
         op_id = s.exec(select(Operation.id)).one()
     status, body, headers = api_call(c.api, f"/api/v1/operations/{op_id}", c.filled.token)
     assert status == 200 and [st["state"] for st in body["steps"]] == ["pending", "pending"], body
-    if then is not None:
-        then()
+    for at, change in changes:
+        if at <= 0:
+            change()
     t0 = time.monotonic()
+    changing = meanwhile(*[(at, change) for at, change in changes if at > 0])
     status, body, _ = api_call(c.api, f"/api/v1/operations/{op_id}?wait={wait:g}", c.filled.token,
                                headers={"If-None-Match": headers["etag"]})
-    return status, body, time.monotonic() - t0
+    waited = time.monotonic() - t0
+    changing.join()
+    return status, body, waited
 
 
 def test_steps_that_move_together_come_in_one_answer(bulk: Catalogue, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(api_app, "WAIT_GATHER", 1.0)
-    changes = meanwhile((0.05, step_moves(bulk, 0, StepState.running)),
-                        (0.3, step_moves(bulk, 1, StepState.running)))
-    status, body, waited = long_poll(bulk, wait=10)
-    changes.join()
+    status, body, waited = long_poll(bulk, 10, (0.05, step_moves(bulk, 0, StepState.running)),
+                                     (0.3, step_moves(bulk, 1, StepState.running)))
     assert status == 200 and [st["state"] for st in body["steps"]] == ["running", "running"], body
     assert 0.9 <= waited < 5, waited
 
 
+def test_the_gathering_starts_at_the_first_change_seen(bulk: Catalogue, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(api_app, "WAIT_GATHER", 0.6)
+    status, body, waited = long_poll(bulk, 10, (1.0, step_moves(bulk, 0, StepState.running)),
+                                     (1.2, step_moves(bulk, 1, StepState.running)))
+    assert status == 200 and [st["state"] for st in body["steps"]] == ["running", "running"], body
+    assert 1.5 <= waited < 6, waited
+
+
 def test_the_operations_end_is_answered_at_once(bulk: Catalogue, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(api_app, "WAIT_GATHER", 20.0)
-    changes = meanwhile((0.05, step_moves(bulk, 0, StepState.succeeded)), (0.1, operation_ends(bulk)))
-    status, body, waited = long_poll(bulk, wait=30)
-    changes.join()
+    status, body, waited = long_poll(bulk, 30, (0.05, step_moves(bulk, 0, StepState.succeeded)),
+                                     (0.1, operation_ends(bulk)))
     assert status == 200 and body["state"] == "succeeded", body
     assert waited < 10, waited
 
 
 def test_a_poll_without_wait_answers_a_change_at_once(bulk: Catalogue, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(api_app, "WAIT_GATHER", 20.0)
-    status, body, waited = long_poll(bulk, wait=0, then=step_moves(bulk, 0, StepState.running))
+    status, body, waited = long_poll(bulk, 0, (0.0, step_moves(bulk, 0, StepState.running)))
     assert status == 200 and [st["state"] for st in body["steps"]] == ["running", "pending"], body
     assert waited < 10, waited

@@ -13,6 +13,7 @@ from typing import Any
 
 import docker
 from docker.errors import APIError, ImageNotFound, NotFound
+from docker.models import containers as docker_containers
 from docker.models.containers import Container
 from docker.tls import TLSConfig
 from docker.utils import kwargs_from_env
@@ -20,8 +21,9 @@ from docker.utils import kwargs_from_env
 from orchestrator.names import LABEL_CONFIG_HASH, LABEL_ENV, LABEL_JOB, LABEL_SERVICE, LOG_LABELS
 from workers.runtime.base import ContainerError, ContainerSpec, ContainerState, ContainerStats, config_hash
 
-# docker-py's own conversion of containers.create's options into the API's (it is not public).
-_create_container_args = docker.models.containers._create_container_args  # type: ignore[attr-defined]
+# docker-py's own conversion of containers.create's options into the API's (not public: without
+# it, a start goes through containers.create, as before).
+_create_container_args = getattr(docker_containers, "_create_container_args", None)
 
 PING_TIMEOUT = 5
 BUILD_TIMEOUT = 1800
@@ -108,6 +110,10 @@ class DockerRuntime:
     def _create_and_start(self, spec: ContainerSpec, wanted_hash: str) -> ContainerState:
         """Create and start by the low-level API: docker-py's ``containers.create`` asks Docker
         for the whole container again after creating it, which a start does not need."""
+        if _create_container_args is None:
+            container = self.client.containers.create(spec.image, **self._options(spec, wanted_hash, restart=True))
+            container.start()
+            return replace(_state(container), status="running")
         options = self._options(spec, wanted_hash, restart=True)
         created = self.client.api.create_container(**_create_container_args(
             {**options, "image": spec.image, "version": self.client.api.api_version}))

@@ -16,7 +16,7 @@ workers/sim.py; --concurrency, default 8 threads each) and
             `orchestrator apply` of a manifest: S code services of J jobs each (size xs), never pushed;
   deploy    S pushes sent at once through the task API (orchestrator.push on the control queue),
             timed from the first send to the end of the last operation (the catalogue's
-            finished_at); every job must then run;
+            finished_at); every job must then run, no host more than 2 jobs above another;
   idle      the sim processes' CPU over a few idle seconds: the N heartbeats' cost;
   redeploy  S redeploys sent at once (orchestrator.redeploy), timed the same way.
 
@@ -228,6 +228,14 @@ class Fleet:
     def running_jobs(self) -> int:
         return int(self.query("SELECT count(*) FROM job WHERE state = 'running'")[0][0])
 
+    def spread(self) -> tuple[int, int]:
+        """The fewest and the most running jobs on one host, over every host (issue #15: no host
+        more than 2 above another)."""
+        counts = {host: int(n) for host, n in self.query(
+            "SELECT host, count(*) FROM job WHERE state = 'running' GROUP BY host")}
+        per_host = [counts.get(name, 0) for (name,) in self.query("SELECT name FROM host")]
+        return min(per_host), max(per_host)
+
 
 def manifest(services: Sequence[str], jobs: int) -> str:
     lines = [f"environment: {ENV}", "sandbox: true", "services:"]
@@ -386,11 +394,14 @@ def measure_size(fleet: Fleet, result: Result, services: list[str], args: argpar
         result.deploy = timed_phase(fleet, "push", services, timeout, image=IMAGE)
         if spies:
             profile_end(spies, f"the deploy at {hosts} hosts", args.wall)
-        running = fleet.running_jobs()
-        log(f"deploy: {fmt(result.deploy.seconds)}s, {running} jobs running, {result.deploy.ops_failed} failed ops")
+        running, (fewest, most) = fleet.running_jobs(), fleet.spread()
+        log(f"deploy: {fmt(result.deploy.seconds)}s, {running} jobs running ({fewest}-{most} per host), "
+            f"{result.deploy.ops_failed} failed ops")
         if result.deploy.seconds is None or running != result.jobs:
             result.note = f"deploy incomplete ({running}/{result.jobs} running)"
             return result
+        if most - fewest > 2:
+            result.note = f"deploy spread unevenly ({fewest}-{most} jobs per host)"
         before, t0 = fleet.cpu()["sim"], time.perf_counter()
         time.sleep(args.idle)
         result.idle_cpu = (fleet.cpu()["sim"] - before) / (time.perf_counter() - t0)
@@ -399,10 +410,15 @@ def measure_size(fleet: Fleet, result: Result, services: list[str], args: argpar
         result.redeploy = timed_phase(fleet, "redeploy", services, timeout)
         if spies:
             profile_end(spies, f"the redeploy at {hosts} hosts", args.wall)
-        log(f"redeploy: {fmt(result.redeploy.seconds)}s, {fleet.running_jobs()} jobs running, "
+        running, (fewest, most) = fleet.running_jobs(), fleet.spread()
+        log(f"redeploy: {fmt(result.redeploy.seconds)}s, {running} jobs running ({fewest}-{most} per host), "
             f"{result.redeploy.ops_failed} failed ops")
         if result.redeploy.seconds is None:
             result.note = "redeploy did not end in time"
+        elif running != result.jobs:
+            result.note = f"redeploy incomplete ({running}/{result.jobs} running)"
+        elif most - fewest > 2:
+            result.note = f"redeploy spread unevenly ({fewest}-{most} jobs per host)"
         result.catalogue_bytes, result.wal_bytes = fleet.size()
         result.rows = {t: int(fleet.query(f"SELECT count(*) FROM {t}")[0][0]) for t in ("job", "step", "operation")}
         result.tasks = fleet.tasks()

@@ -13,7 +13,21 @@ from sqlmodel import Session, col, select
 from orchestrator import service_types
 from orchestrator.db import table
 from orchestrator.errors import BadInput, NotFound
-from orchestrator.models import ACTIVE_JOB_STATES, Host, HostPublic, HostState, Job, JobState, Service, ServiceType
+from orchestrator.models import (
+    ACTIVE_JOB_STATES,
+    Host,
+    HostPublic,
+    HostState,
+    Job,
+    JobState,
+    Operation,
+    OpState,
+    Service,
+    ServiceType,
+    Step,
+    StepAction,
+    StepState,
+)
 from orchestrator.placement import HostLoad
 from orchestrator.rules import check_name
 from orchestrator.sizes import parse_size
@@ -61,10 +75,10 @@ def host_views(*, session: Session) -> list[HostPublic]:
 
 
 def host_loads(*, session: Session) -> list[HostLoad]:
-    """Every host with the CPU, memory and ports its active jobs hold, and the images its
-    running jobs run. Read in plain SQL built once, summed by the database where it can (each
-    operation's plan reads it, in the catalogue's write turn): a host's jobs by size, its ports,
-    its images."""
+    """Every host with the CPU, memory and ports its active jobs hold (and of that, what the
+    jobs that running operations are stopping hold), and the images its running jobs run. Read
+    in plain SQL built once, summed by the database where it can (each operation's plan reads
+    it, in the catalogue's write turn): a host's jobs by size, its ports, its images."""
     used_cpus: dict[str, float] = defaultdict(float)
     used_mem: dict[str, int] = defaultdict(int)
     ports: dict[str, set[int]] = defaultdict(set)
@@ -75,6 +89,12 @@ def host_loads(*, session: Session) -> list[HostLoad]:
         size = parse_size(size_name)
         used_cpus[host] += size.cpus * count
         used_mem[host] += size.memory_mb * count
+    leaving_cpus: dict[str, float] = defaultdict(float)
+    leaving_mem: dict[str, int] = defaultdict(int)
+    for host, size_name, count in connection.execute(_SIZES_LEAVING):
+        size = parse_size(size_name)
+        leaving_cpus[host] += size.cpus * count
+        leaving_mem[host] += size.memory_mb * count
     for host, port in connection.execute(_PORTS_HELD):
         ports[host].add(port)
     for host, image in connection.execute(_IMAGES_RUN):
@@ -93,6 +113,7 @@ def host_loads(*, session: Session) -> list[HostLoad]:
             name=h.name, schedulable=h.state == HostState.up, address=h.address, cpus=h.cpus,
             memory_mb=h.memory_mb, used_cpus=used_cpus[h.name], used_memory_mb=used_mem[h.name],
             used_ports=frozenset(by_address[h.address] | kept), images=frozenset(images[h.name]),
+            leaving_cpus=leaving_cpus[h.name], leaving_memory_mb=leaving_mem[h.name],
         )
         for h in hosts
     ]
@@ -102,6 +123,14 @@ _JOB = table(Job)
 # A lost job's container may still hold its port on its (unreachable) host: keep it taken.
 _SIZES_HELD = (sa_select(_JOB.c.host, _JOB.c.size, func.count()).where(_JOB.c.state.in_(ACTIVE_JOB_STATES))
                .group_by(_JOB.c.host, _JOB.c.size))
+_STEP, _OP = table(Step), table(Operation)
+# Of those, the jobs that running operations are stopping (a stop step waiting or under way).
+_SIZES_LEAVING = (sa_select(_JOB.c.host, _JOB.c.size, func.count())
+                  .select_from(_STEP.join(_JOB, _JOB.c.id == _STEP.c.job_id).join(_OP, _OP.c.id == _STEP.c.op_id))
+                  .where(_STEP.c.state.in_((StepState.pending, StepState.running)),
+                         _STEP.c.action == StepAction.stop, _OP.c.state == OpState.running,
+                         _JOB.c.state.in_(ACTIVE_JOB_STATES))
+                  .group_by(_JOB.c.host, _JOB.c.size))
 _PORTS_HELD = (sa_select(_JOB.c.host, _JOB.c.port)
                .where(_JOB.c.state.in_((*ACTIVE_JOB_STATES, JobState.stopping, JobState.lost)),
                       _JOB.c.port.is_not(None)))

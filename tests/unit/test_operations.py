@@ -553,3 +553,29 @@ def test_the_claim_itself_refuses_a_stage_after_a_failed_step(world: World) -> N
         assert not catalogue.claim_stage(session=s, op_id=op_id, stage=1)
     assert world.operation(op_id).sent_stage == 0
 
+
+
+def test_what_a_running_operation_stops_is_leaving_in_the_host_loads(world: World) -> None:
+    """Placement spreads by the load that stays once running operations are through: the jobs
+    they stop still take room, but are counted as leaving (20 redeploys at once, each placing
+    while the others' old jobs still ran, left 100 hosts holding 8 to 14 jobs each)."""
+    from orchestrator.sizes import parse_size
+
+    world.code_service("web", scale=2)
+    old = {j.host: j for j in world.jobs("web")}
+    op = requests.request_redeploy(world.platform, env=ENV, service="web")
+    chain = world.take_chain(op.id or 0)  # planned and sent: its stops wait
+    size = parse_size(world.service("web").size)
+
+    def loads() -> dict[str, tuple[float, float]]:
+        with world.platform.reader() as s:
+            return {h.name: (h.used_cpus, h.leaving_cpus) for h in catalogue.host_loads(session=s)}
+
+    during = loads()
+    for host in old:  # its old job and its new one take room; the old one is leaving
+        used, leaving = during[host]
+        assert leaving == size.cpus and used >= 2 * size.cpus - 1e-9, (host, during)
+    world.run_stages(chain)  # (its finish is left out: it comes now)
+    operations.finish(world.platform, op.id or 0)
+    assert world.operation(op.id or 0).state == OpState.succeeded
+    assert all(leaving == 0 for _used, leaving in loads().values())

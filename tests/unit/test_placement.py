@@ -52,6 +52,11 @@ H = HostLoad
         pytest.param([H("a", memory_mb=255)], {}, None, id="one megabyte short"),
         pytest.param([H("a", memory_mb=1024, used_memory_mb=900), H("b", memory_mb=1024)], {"b": 9}, "b",
                      id="a host that fits beats spread on one that does not"),
+        # Jobs that running operations are stopping count for room, not for the spread.
+        pytest.param([H("a", memory_mb=1024, used_memory_mb=768, leaving_memory_mb=768),
+                      H("b", memory_mb=1024, used_memory_mb=256)], {}, "a", id="its jobs are leaving: lighter"),
+        pytest.param([H("a", memory_mb=1024, used_memory_mb=1000, leaving_memory_mb=1000),
+                      H("b", memory_mb=1024, used_memory_mb=256)], {}, "b", id="leaving jobs still take room"),
         # Draining hosts take nothing.
         pytest.param([H("a", schedulable=False), H("b", used_memory_mb=9000)], {}, "b", id="draining skipped"),
         pytest.param([H("a", schedulable=False)], {}, None, id="only draining"),
@@ -109,6 +114,7 @@ host_strategy = st.builds(
     memory_mb=st.sampled_from([0, 512, 1024, 4096]),
     used_cpus=st.sampled_from([0.0, 0.5, 1.0, 3.5]),
     used_memory_mb=st.integers(0, 4096),
+    leaving_memory_mb=st.sampled_from([0, 0, 256, 1024]),
 )
 fleet_strategy = st.lists(host_strategy, max_size=6, unique_by=lambda h: h.name)
 jobs_strategy = st.dictionaries(st.sampled_from("abcdefgh"), st.integers(0, 4))
@@ -130,8 +136,8 @@ def test_property_choice_is_eligible_best_spread_and_order_free(
     # Spread: no eligible host holds fewer of the service's jobs than the one chosen...
     fewest = min(service_jobs.get(h.name, 0) for h in eligible)
     assert service_jobs.get(chosen, 0) == fewest
-    # ...and among those, none is lighter.
-    assert all(best.load <= h.load for h in eligible if service_jobs.get(h.name, 0) == fewest)
+    # ...and among those, none is lighter once the jobs being stopped are gone.
+    assert all(best.settled_load <= h.settled_load for h in eligible if service_jobs.get(h.name, 0) == fewest)
     shuffled = list(fleet)
     seed.shuffle(shuffled)
     assert choose_host(shuffled, size, service_jobs) == chosen

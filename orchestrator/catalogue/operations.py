@@ -112,7 +112,7 @@ _CLAIM_STAGE = (update(_OP).where(
     _OP.c.id == bindparam("w_op"), _OP.c.state == OpState.running, _OP.c.sent_stage >= 0,
     _OP.c.sent_stage < bindparam("w_stage"),
     ~select(_STEP.c.id).where(_STEP.c.op_id == bindparam("w_op"),
-                                    _STEP.c.state.in_((StepState.failed, StepState.skipped))).exists())
+                              _STEP.c.state.in_((StepState.failed, StepState.skipped))).exists())
                 .values(sent_stage=bindparam("w_stage")))
 
 

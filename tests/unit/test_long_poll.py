@@ -82,20 +82,21 @@ def long_poll(c: Catalogue, wait: float, *changes: tuple[float, Callable[[], Non
     return status, body, waited
 
 
-def test_steps_that_move_together_come_in_one_answer(bulk: Catalogue, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(api_app, "WAIT_GATHER", 1.0)
-    status, body, waited = long_poll(bulk, 10, (0.05, step_moves(bulk, 0, StepState.running)),
-                                     (0.3, step_moves(bulk, 1, StepState.running)))
+@pytest.mark.parametrize(
+    ("gather", "first", "second", "at_least", "below"),
+    [
+        pytest.param(1.0, 0.05, 0.3, 0.9, 5, id="steps that move together come in one answer"),
+        pytest.param(0.6, 1.0, 1.2, 1.5, 6, id="the gathering starts at the first change seen"),
+    ],
+)
+def test_steps_moving_within_the_gathering_come_in_one_answer(
+        bulk: Catalogue, monkeypatch: pytest.MonkeyPatch,
+        gather: float, first: float, second: float, at_least: float, below: float) -> None:
+    monkeypatch.setattr(api_app, "WAIT_GATHER", gather)
+    status, body, waited = long_poll(bulk, 10, (first, step_moves(bulk, 0, StepState.running)),
+                                     (second, step_moves(bulk, 1, StepState.running)))
     assert status == 200 and [st["state"] for st in body["steps"]] == ["running", "running"], body
-    assert 0.9 <= waited < 5, waited
-
-
-def test_the_gathering_starts_at_the_first_change_seen(bulk: Catalogue, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(api_app, "WAIT_GATHER", 0.6)
-    status, body, waited = long_poll(bulk, 10, (1.0, step_moves(bulk, 0, StepState.running)),
-                                     (1.2, step_moves(bulk, 1, StepState.running)))
-    assert status == 200 and [st["state"] for st in body["steps"]] == ["running", "running"], body
-    assert 1.5 <= waited < 6, waited
+    assert at_least <= waited < below, waited
 
 
 def test_the_operations_end_is_answered_at_once(bulk: Catalogue, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,6 +3,7 @@ then what it adds: every image present, injected latencies and start failures, a
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 
@@ -164,3 +165,48 @@ def test_a_dead_host_answers_nothing_and_its_calls_hang_until_released() -> None
     assert len(errors) == 2 and all(isinstance(e, ContainerError) and "sim3 died" in str(e) for e in errors)
     with pytest.raises(ContainerError, match="died"):
         runtime.inspect("a")
+
+
+def test_listings_read_while_other_threads_start_and_stop_containers() -> None:
+    """A simulated host's box steps start and stop its containers in many threads while its
+    heartbeat lists them and its starts ask which ports listen: a listing reads the maps as they
+    stand (it raised "dictionary changed size during iteration", which failed a step)."""
+    runtime = SimRuntime()
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def churn(worker: int) -> None:
+        try:
+            for i in range(3000):
+                name = f"c{worker}-{i % 50}"
+                runtime.run(spec(name, port=31000 + i % 50))
+                if i % 2:
+                    runtime.stop(name, timeout=0)
+        except BaseException as exc:  # (reported below)
+            errors.append(exc)
+
+    def list_all() -> None:
+        try:
+            while not done.is_set():
+                runtime.jobs()
+                runtime.find({"orchestrator.job": "c0-1"})
+                runtime.listening(31007)
+                runtime.logs("c1-3")
+        except BaseException as exc:
+            errors.append(exc)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch as often as they can: the race shows at once
+    try:
+        readers = [threading.Thread(target=list_all) for _ in range(2)]
+        writers = [threading.Thread(target=churn, args=(w,)) for w in range(2)]
+        for t in readers + writers:
+            t.start()
+        for t in writers:
+            t.join(timeout=60)
+        done.set()
+        for t in readers:
+            t.join(timeout=60)
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == []

@@ -62,7 +62,8 @@ class FakeRuntime:
         return self.containers.get(name)
 
     def logs(self, name: str, tail: int = 20) -> str:
-        return "crashed\n" if name in self.containers and self.containers[name].exit_code else ""
+        state = self.containers.get(name)
+        return "crashed\n" if state is not None and state.exit_code else ""
 
     def stop(self, name: str, timeout: int) -> None:
         with self._lock:
@@ -70,14 +71,17 @@ class FakeRuntime:
             self.hashes.pop(name, None)
             self.ports.pop(name, None)
 
+    def _all(self) -> list[ContainerState]:
+        """Every container, as of now: read under the lock, which starts and stops in other
+        threads hold while they change the maps (iterating them meanwhile raises)."""
+        with self._lock:
+            return list(self.containers.values())
+
     def find(self, labels: Mapping[str, str]) -> list[ContainerState]:
-        return [
-            c for c in self.containers.values()
-            if all(c.labels.get(k) == v for k, v in labels.items())
-        ]
+        return [c for c in self._all() if all(c.labels.get(k) == v for k, v in labels.items())]
 
     def jobs(self) -> list[ContainerState]:
-        return [c for c in self.containers.values() if LABEL_JOB in c.labels]
+        return [c for c in self._all() if LABEL_JOB in c.labels]
 
     def stats(self, name: str) -> ContainerStats | None:
         """A running container here uses one CPU second and 16 MiB per restart it had, plus one."""
@@ -88,8 +92,9 @@ class FakeRuntime:
 
     def listening(self, port: int) -> bool:
         """Whether a running container of this runtime was given ``port`` (it "listens")."""
-        return any(self.containers[name].status == "running" for name, p in self.ports.items()
-                   if p == port and name in self.containers)
+        with self._lock:
+            return any(self.containers[name].status == "running" for name, p in self.ports.items()
+                       if p == port and name in self.containers)
 
     def ping(self) -> bool:
         return self.answering

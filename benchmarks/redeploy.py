@@ -495,7 +495,7 @@ def profile_round(p: Platform, client: docker.DockerClient, env: str, svc: str, 
         f"exit {proc.returncode})")
     if node_raw.exists():
         log("node, " + ("whole process:" if cpu else "step tasks (all worker threads together):"))
-        summarise_profile(node_raw, rate, "" if cpu else "act_and_end")
+        summarise_profile(node_raw, rate, "" if cpu else "run_host_steps")
     if cli_raw.exists():
         log("CLI process `orchestrator redeploy --wait`:")
         summarise_profile(cli_raw, rate, "")

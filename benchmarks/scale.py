@@ -9,7 +9,7 @@ For each fleet size, a throwaway platform of its own (temp SQLite catalogue, Red
 flushed before and after, job ports 34000-34949, which nothing ever listens on) runs
 `orchestrator sim run --hosts N/K --concurrency C` in K processes (--sims, default 2: one per
 core of this machine; each node process serves its share of the simulated hosts, see
-workers/sim.py; --concurrency, default 8 threads each) and
+workers/sim.py; --concurrency, default 4 threads each) and
 `orchestrator control run` (the control worker: the task API). Then:
 
   setup     `env create --sandbox --no-defaults` (no logging, no proxy: nothing to reach), then
@@ -521,12 +521,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="fleet sizes, comma-separated (default 10,100,1000)")
     parser.add_argument("--services", type=int, default=20)
     parser.add_argument("--jobs", type=int, default=50, help="jobs per service")
-    parser.add_argument("--concurrency", type=int, default=8,
-                        help="each sim process's worker threads (default 8; `sim run`'s own default is 32). A sim "
+    parser.add_argument("--concurrency", type=int, default=4,
+                        help="each sim process's worker threads (default 4; `sim run`'s own default is 32). A sim "
                              "process runs the boxes of its share of the hosts on one core, and with no latency "
                              "injected a box is CPU only: more threads only wait for the GIL, hold the "
-                             "catalogue's write turn longer (a thread waits for the GIL again after each SQLite "
-                             "call) and split boxes smaller (benchmarks/README.md: 32 measured slower)")
+                             "catalogue's write turn longer (the thread that holds it shares the GIL with "
+                             "the others) and split boxes smaller (benchmarks/README.md: 8 and 32 measured slower)")
     parser.add_argument("--sims", type=int, default=2,
                         help="sim processes sharing the hosts (default 2: one per core here; one process runs "
                              "its Python under one lock, the GIL, so on one core at most)")

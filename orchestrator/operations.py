@@ -190,8 +190,10 @@ def _stages(steps: Sequence[Step]) -> list[list[Step]]:
     return [[st for st in steps if st.stage == n] for n in range(max(st.stage for st in steps) + 1)]
 
 
-def resume(p: Platform, op: Operation) -> None:
-    """Start an operation claimed by a process that stopped before starting it."""
+def start_claimed(p: Platform, op: Operation) -> None:
+    """Start an operation already claimed: by the request that recorded it, in the same
+    transaction, or by a process that stopped before starting it (the watcher's). If it ended at
+    once, the service's next queued ones are started."""
     if not _start(p, op):
         start_next(p, op.service_id)
 

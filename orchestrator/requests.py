@@ -46,7 +46,9 @@ class Decision:
 def _request(p: Platform, *, env: str, service: str,
              decide: Callable[[Session, Service], Decision]) -> Operation:
     """The one way an operation is asked for: find the service, let ``decide`` validate the
-    request and say what to record, record it, start it."""
+    request and say what to record, record it, start it. The service is claimed in the
+    transaction that records the operation (one write turn, not two): for this operation, or for
+    an older one queued before it; none when another is running (its finish starts the next)."""
     with p.session() as s:
         environment, svc = catalogue.get_service(session=s, env=env, name=service)
         decision = decide(s, svc)
@@ -55,8 +57,10 @@ def _request(p: Platform, *, env: str, service: str,
             params = params.model_copy(update={"requested_by": asker.get()})
         op = catalogue.record_operation(session=s, env=environment, service=svc, kind=decision.kind,
                                         trigger=decision.trigger, params=params)
+        claimed = catalogue.claim_next_operation(session=s, service_id=svc.id or 0)
         s.commit()
-    operations.start_next(p, op.service_id)
+    if claimed is not None:
+        operations.start_claimed(p, claimed)
     with p.reader() as s:
         return catalogue.get_operation(session=s, op_id=op.id or 0)
 

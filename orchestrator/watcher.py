@@ -258,7 +258,7 @@ def _end_orphans(p: Platform, pass_started: float) -> None:
         operations.abandon(p, op.id or 0, "interrupted before its steps reached the broker (the process "
                                           "that started it stopped)", heal=True)
     for op in found.claimed:
-        operations.resume(p, op)
+        operations.start_claimed(p, op)
     for op_id in sorted({st.op_id for st in found.lost_steps}):
         operations.finish(p, op_id)
     for op_id, stage, env, service in found.late_stages:

@@ -5,8 +5,6 @@ a node reconciling its runtime with the catalogue."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 from datetime import timedelta
 
@@ -121,28 +119,10 @@ def test_a_silent_host_is_marked_down_once(world: World) -> None:
     assert world.host("h2").state == HostState.down and world.host("h1").state == HostState.up
 
 
-@contextmanager
-def write_turns(world: World) -> Iterator[list[object]]:
-    """The write transactions begun meanwhile (the catalogue's one writer is the fleet's
-    bottleneck: every process watches, every pass)."""
-    from sqlalchemy import event
-
-    writes: list[object] = []
-
-    def began(connection: object) -> None:
-        writes.append(connection)
-
-    event.listen(world.platform.engine, "begin", began)
-    try:
-        yield writes
-    finally:
-        event.remove(world.platform.engine, "begin", began)
-
-
 def test_judging_a_fleet_that_beats_takes_no_write_turn(world: World) -> None:
     """Silent hosts are looked for in a read; only one silent as read gets a write transaction
     (a pass took one per host)."""
-    with write_turns(world) as writes:
+    with world.write_turns() as writes:
         assert watcher.silent_hosts(world.platform, time.monotonic()) == []
         assert writes == []
         world.silence("h2")
@@ -184,7 +164,7 @@ def test_a_watcher_pass_over_operations_under_way_takes_no_write_turn(world: Wor
     op = requests.request_scale(world.platform, env=ENV, service="web", scale=3)
     world.take_chain(op.id or 0)  # its first stage sent, no node took it yet
     started = time.monotonic()
-    with write_turns(world) as writes:
+    with world.write_turns() as writes:
         watcher.expire_leases(world.platform, started)
         watcher.end_orphans(world.platform, started)
         fleet.fail_steps_on_down_hosts(world.platform)

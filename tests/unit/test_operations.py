@@ -85,6 +85,30 @@ def test_push_redeploys_every_job_with_new_ids_and_removes_the_old_containers(wo
     assert stage_actions(world, op.id or 0) == [{StepAction.check_image}, {StepAction.stop}, {StepAction.start}]
 
 
+def test_a_request_takes_three_write_transactions_record_and_claim_being_one(world: World) -> None:
+    """Each write transaction is a turn at SQLite's one writer that every process waits for: a
+    request records its operation and claims the free service in one, plans and records the steps
+    in a second, and marks the first stage sent in a third (after the broker took it)."""
+    world.code_service("web", scale=2)
+    with world.write_turns() as writes:
+        op = requests.request_redeploy(world.platform, env=ENV, service="web")
+    assert len(writes) == 3
+    assert (op.state, world.service("web").active_op_id) == (OpState.running, op.id)
+    world.run_all()
+    assert world.operation(op.id or 0).state == OpState.succeeded
+
+
+def test_a_request_behind_a_running_operation_is_recorded_queued_and_claims_nothing(world: World) -> None:
+    world.code_service("web", scale=2)
+    first = requests.request_redeploy(world.platform, env=ENV, service="web")
+    with world.write_turns() as writes:
+        second = requests.request_redeploy(world.platform, env=ENV, service="web")
+    assert len(writes) == 1
+    assert (second.state, world.service("web").active_op_id) == (OpState.queued, first.id)
+    world.run_all()
+    assert [world.operation(o.id or 0).state for o in (first, second)] == [OpState.succeeded] * 2
+
+
 def test_manual_redeploy_and_rollback_replace_every_job(world: World) -> None:
     world.code_service("web", scale=2)
     requests.request_push(world.platform, env=ENV, service="web", image=IMAGE_2)

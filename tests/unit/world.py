@@ -7,14 +7,15 @@ the real step bodies.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from unittest.mock import patch
 
 from celery import Celery
-from sqlalchemy import update
+from sqlalchemy import event, update
 from sqlalchemy.engine import Engine
 from sqlmodel import SQLModel, col, select
 
@@ -160,6 +161,21 @@ class World:
                               if not (isinstance(m, SentFinish) and m.op_id == chain.op_id)]
 
     # --- reading --------------------------------------------------------------------------------
+
+    @contextmanager
+    def write_turns(self) -> Iterator[list[object]]:
+        """The write transactions begun meanwhile (SQLite's one writer is the fleet's bottleneck:
+        each is a turn every process waits for)."""
+        writes: list[object] = []
+
+        def began(connection: object) -> None:
+            writes.append(connection)
+
+        event.listen(self.platform.engine, "begin", began)
+        try:
+            yield writes
+        finally:
+            event.remove(self.platform.engine, "begin", began)
 
     def service(self, name: str) -> Service:
         with self.platform.reader() as s:

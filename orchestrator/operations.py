@@ -2,8 +2,9 @@
 the first stage; advance, stage after stage; and, when the steps are done, finish: end the
 operation, free the service, start the next.
 
-Requests (``orchestrator.requests``) record operations and call ``start_next``; the finish task
-(``orchestrator.control``) and the fleet watcher call ``finish``.
+Requests (``orchestrator.requests``) record operations, claim the free service in the same
+transaction and call ``start_claimed`` (or ``start_next``); the finish task
+(``orchestrator.control``) and the fleet watcher call ``finish``, which starts the next.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Requests: every way in (CLI, API, control tasks) asks for changes here. Each request is
-validated (a refusal raises BadInput and changes nothing), recorded as an operation, and started
-(``operations.start_next``)."""
+validated (a refusal raises BadInput and changes nothing), recorded as an operation (the service
+claimed in the same transaction when it is free), and started (``operations.start_claimed``; a
+routes operation: ``operations.start_next``)."""
 
 from __future__ import annotations
 
@@ -48,9 +49,12 @@ def _request(p: Platform, *, env: str, service: str,
     """The one way an operation is asked for: find the service, let ``decide`` validate the
     request and say what to record, record it, start it. The service is claimed in the
     transaction that records the operation (one write turn, not two): for this operation, or for
-    an older one queued before it; none when another is running (its finish starts the next)."""
+    an older one queued before it; none when another is running, whose finish starts the next.
+    The service's row is locked first (PostgreSQL): a finish that frees the service meanwhile
+    either commits before this claim looks (which then wins) or waits for this commit (and its
+    ``start_next`` then sees this operation queued); without the lock, it could do neither."""
     with p.session() as s:
-        environment, svc = catalogue.get_service(session=s, env=env, name=service)
+        environment, svc = catalogue.get_service(session=s, env=env, name=service, for_update=True)
         decision = decide(s, svc)
         params = decision.params
         if params.requested_by is None and asker.get() is not None:

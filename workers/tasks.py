@@ -577,8 +577,8 @@ def container_spec(job: Job) -> ContainerSpec:
 
 def wait_ready(node: NodeContext, job: Job) -> None:
     """Ready = still running and, for a job with a port, accepting TCP connections on it (with
-    a health path: answering it with 2xx/3xx). A container that exits or restarts meanwhile
-    fails at once, with its last log lines."""
+    a health path: answering it with 2xx/3xx), never having restarted. A container that exits
+    or restarts meanwhile fails (within ``LOOK_EVERY``), with its last log lines."""
     if job.port is None:
         _wait(node, job, None, "")
     elif job.health_path:
@@ -596,34 +596,39 @@ LOOK_EVERY = 0.25  # seconds between two looks at its container in Docker meanwh
 
 def _wait(node: NodeContext, job: Job, ready: Callable[[], bool] | None, failure: str) -> None:
     """Until ``ready()`` (None: still running after 0.3 s), for the start timeout. Its container
-    is looked at in Docker (to fail at once if it exits or restarts) every ``LOOK_EVERY``
-    seconds, not at every check: the jobs of a redeploy start side by side, and each look is
-    work for dockerd while it starts the others (an inspect every 50 ms per job cost a 10-job
-    start stage more than the Docker work itself needs)."""
+    is looked at in Docker (to fail if it exits or restarts) every ``LOOK_EVERY`` seconds and
+    once more when ready, not at every check: the jobs of a redeploy start side by side, and
+    each look is work for dockerd while it starts the others (at every check, a 10-job start
+    asked about a hundred)."""
     timeout = node.platform.settings.start_timeout
     now = time.monotonic()
     deadline, settle, look = now + timeout, now + 0.3, now + READY_POLL
     while True:
-        if ready is not None and ready():
-            return  # no need to ask Docker
+        answered = ready is not None and ready()
         now = time.monotonic()
-        settled = ready is None and now >= settle
-        if now >= look or settled or now >= deadline:
-            state = node.runtime.inspect(job.container_name)
-            if state is None:
-                raise StepFailed(f"container {job.container_name} vanished while starting")
-            if state.status != "running" or state.restart_count > 0:
-                logs = " | ".join(node.runtime.logs(job.container_name, tail=5).splitlines())
-                raise StepFailed(
-                    f"container exited at once (exit code {state.exit_code})"
-                    + (f"; last output: {logs}" if logs else "")
-                )
+        settled = answered or (ready is None and now >= settle)
+        if now >= look or settled or now >= deadline:  # (once more when ready: it may have restarted)
+            _still_running(node, job)
             if settled:
                 return
             if now >= deadline:
                 raise StepFailed(f"job {failure} within {timeout:g}s")
             look = now + LOOK_EVERY
         time.sleep(READY_POLL)
+
+
+def _still_running(node: NodeContext, job: Job) -> None:
+    """Its container runs and has not restarted (a program that crashed and was restarted by
+    Docker may listen again by the time it is looked at); else the step fails with its last lines."""
+    state = node.runtime.inspect(job.container_name)
+    if state is None:
+        raise StepFailed(f"container {job.container_name} vanished while starting")
+    if state.status != "running" or state.restart_count > 0:
+        logs = " | ".join(node.runtime.logs(job.container_name, tail=5).splitlines())
+        raise StepFailed(
+            f"container exited at once (exit code {state.exit_code})"
+            + (f"; last output: {logs}" if logs else "")
+        )
 
 
 def delete_volume(node: NodeContext, step: Step, _job: Job | None) -> dict[str, Any]:

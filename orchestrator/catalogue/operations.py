@@ -49,8 +49,9 @@ def claim_next_operation(*, session: Session, service_id: int) -> Operation | No
     """Make the oldest queued operation of the service (a revert first) its active one, if
     none is active.
 
-    Whoever's UPDATE matches wins; everyone else gets None. Called after recording an operation
-    and after finishing one, so a queued operation is never left behind."""
+    Whoever's UPDATE matches wins; everyone else gets None. Called in the transaction that
+    records an operation (its service's row locked first: ``requests._request``) and after
+    finishing one, so a queued operation is never left behind."""
     op = session.exec(
         select(Operation)
         .where(Operation.service_id == service_id, Operation.state == OpState.queued)

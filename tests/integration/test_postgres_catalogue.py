@@ -7,19 +7,27 @@ range, so it never meets the SQLite platform of the other tests), real container
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from itertools import pairwise
+from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import docker
 import psycopg
 import pytest
 
+from orchestrator import catalogue, requests
+from orchestrator.db import make_engines
+from orchestrator.models import OpState
+from orchestrator.settings import Settings
 from tests.conftest import DOCKER_URL, Cli, containers
 from tests.harness import HTTPD, SAMPLE_IMAGE, Platform, PlatformEnv, remove_containers, retire
 from tests.helpers import jobs_json, op_json, op_of, ts
+from tests.unit.world import ENV, World, make_settings, make_world
 
 pytestmark = pytest.mark.e2e
 
@@ -164,3 +172,54 @@ def test_concurrent_redeploys_are_serialized_with_postgres(pg_platform: tuple[Cl
     assert len(final) == 2 and not set(final.values()) & set(original.values())
     assert len(containers(docker_client, pg_env, "web", running=False)) == 2
     assert {j["id"]: j["container_id"] for j in jobs_json(cli, pg_env, "web")} == final
+
+
+@pytest.fixture
+def pg_world(tmp_path: Path) -> Iterator[World]:
+    """The unit tests' world (fake runtimes, inline dispatch) on a PostgreSQL catalogue of its own."""
+    name = f"orch_world_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    writer, reader = make_engines(url)
+    try:
+        yield make_world(Settings(**{**make_settings(tmp_path / "unused.db").model_dump(), "database_url": url}),
+                         writer, reader)
+    finally:
+        writer.dispose()
+        reader.dispose()
+        with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_a_request_racing_a_finish_never_leaves_its_operation_queued(pg_world: World) -> None:
+    """A request records its operation and claims the service in one transaction. Its claim
+    fails while another operation runs; if that one's finish freed the service and looked for the
+    next before the request committed, the new operation would wait with nobody to start it. The
+    request locks the service's row first: the finish's release waits for its commit."""
+    world = pg_world
+    world.code_service("web", scale=1)
+    first = requests.request_redeploy(world.platform, env=ENV, service="web")  # running, steps not run yet
+    claim_tried, finished = threading.Event(), threading.Event()
+    real_claim = catalogue.claim_next_operation
+
+    def claim_then_linger(**kwargs: Any) -> Any:
+        claimed = real_claim(**kwargs)
+        if threading.current_thread().name == "request":
+            claim_tried.set()
+            finished.wait(timeout=2)  # the finish runs meanwhile (it would commit, unlocked)
+        return claimed
+
+    second: list[Any] = []
+    with patch.object(catalogue, "claim_next_operation", claim_then_linger):
+        request = threading.Thread(target=lambda: second.append(
+            requests.request_redeploy(world.platform, env=ENV, service="web")), name="request")
+        request.start()
+        assert claim_tried.wait(timeout=10)
+        world.run_all()  # the first operation's steps, then its finish (which frees the service)
+        finished.set()
+        request.join(timeout=30)
+    assert not request.is_alive() and len(second) == 1
+    world.run_all()
+    assert world.operation(first.id or 0).state == OpState.succeeded
+    assert world.operation(second[0].id or 0).state == OpState.succeeded

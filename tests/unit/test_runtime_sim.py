@@ -209,4 +209,5 @@ def test_listings_read_while_other_threads_start_and_stop_containers() -> None:
             t.join(timeout=60)
     finally:
         sys.setswitchinterval(interval)
+    assert not any(t.is_alive() for t in readers + writers)
     assert errors == []

@@ -139,6 +139,24 @@ def test_a_start_that_never_listens_fails_and_removes_its_container(world: World
     assert world.job(step.job_id or "").state == JobState.failed
 
 
+def test_a_start_whose_container_restarted_fails_even_if_it_listens_by_then(world: World) -> None:
+    """Docker restarts a program that crashed (restart policy): by the time its port is checked
+    it may listen again. The start looks at the container once more when it is ready."""
+    world.code_service("web", scale=1)
+    for runtime in world.runtimes.values():
+        def restarted(spec: Any, plain: Any = runtime.run, runtime: Any = runtime) -> Any:
+            state = replace(plain(spec), restart_count=1)
+            runtime.containers[spec.name] = state
+            return state
+        runtime.run = restarted  # type: ignore[method-assign]
+    op = requests.request_scale(world.platform, env=ENV, service="web", scale=2)
+    world.run_all()
+    assert world.operation(op.id or 0).state == OpState.failed
+    step = start_step(world, op.id or 0)
+    assert step.error is not None and step.error.startswith("container exited at once")
+    assert step.job_id not in world.all_containers()
+
+
 # --- ports -----------------------------------------------------------------------------------------
 
 

@@ -89,11 +89,12 @@ def add_service(*, session: Session, env: Environment, name: str, type: ServiceT
 def get_service(*, session: Session, env: str, name: str,
                 for_update: bool = False) -> tuple[Environment, Service]:
     """The environment and its service; with ``for_update``, the service's row is locked until the
-    transaction ends (PostgreSQL; SQLite's writer holds the whole file already)."""
+    transaction ends against updates of it (PostgreSQL's FOR NO KEY UPDATE: rows that refer to it
+    may still be added meanwhile; SQLite's writer holds the whole file already)."""
     environment = get_env(session=session, name=env)
     query = select(Service).where(Service.env_id == environment.id, Service.name == name,
                                   col(Service.removed_at).is_(None))
-    service = session.exec(query.with_for_update() if for_update else query).first()
+    service = session.exec(query.with_for_update(key_share=True) if for_update else query).first()
     if service is None:
         raise NotFound(f"no service named {name} in environment {env}")
     return environment, service

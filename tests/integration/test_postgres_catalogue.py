@@ -19,6 +19,7 @@ from unittest.mock import patch
 import docker
 import psycopg
 import pytest
+from sqlalchemy.engine import Engine
 
 from orchestrator import catalogue, requests
 from orchestrator.db import make_engines
@@ -181,13 +182,14 @@ def pg_world(tmp_path: Path) -> Iterator[World]:
     with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     url = ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    writer, reader = make_engines(url)
+    engines: list[Engine] = []
     try:
+        engines.extend(make_engines(url))
         yield make_world(Settings(**{**make_settings(tmp_path / "unused.db").model_dump(), "database_url": url}),
-                         writer, reader)
+                         *engines)
     finally:
-        writer.dispose()
-        reader.dispose()
+        for engine in engines:
+            engine.dispose()
         with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
@@ -200,18 +202,24 @@ def test_a_request_racing_a_finish_never_leaves_its_operation_queued(pg_world: W
     world = pg_world
     world.code_service("web", scale=1)
     first = requests.request_redeploy(world.platform, env=ENV, service="web")  # running, steps not run yet
-    claim_tried, finished = threading.Event(), threading.Event()
-    real_claim = catalogue.claim_next_operation
+    claim_tried, releasing, finished = threading.Event(), threading.Event(), threading.Event()
+    real_claim, real_release = catalogue.claim_next_operation, catalogue.release_service
 
     def claim_then_linger(**kwargs: Any) -> Any:
         claimed = real_claim(**kwargs)
         if threading.current_thread().name == "request":
             claim_tried.set()
-            finished.wait(timeout=2)  # the finish runs meanwhile (it would commit, unlocked)
+            releasing.wait(timeout=10)  # the finish frees the service now...
+            finished.wait(timeout=1)  # ...and ends (unlocked, it would commit and look for the next)
         return claimed
 
+    def release(**kwargs: Any) -> None:
+        releasing.set()
+        real_release(**kwargs)
+
     second: list[Any] = []
-    with patch.object(catalogue, "claim_next_operation", claim_then_linger):
+    with patch.object(catalogue, "claim_next_operation", claim_then_linger), \
+            patch.object(catalogue, "release_service", release):
         request = threading.Thread(target=lambda: second.append(
             requests.request_redeploy(world.platform, env=ENV, service="web")), name="request")
         request.start()
@@ -219,6 +227,7 @@ def test_a_request_racing_a_finish_never_leaves_its_operation_queued(pg_world: W
         world.run_all()  # the first operation's steps, then its finish (which frees the service)
         finished.set()
         request.join(timeout=30)
+    assert releasing.is_set()  # the finish did meet the request's open transaction
     assert not request.is_alive() and len(second) == 1
     world.run_all()
     assert world.operation(first.id or 0).state == OpState.succeeded

@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 STATE_KEY_FILE = ".static-key"  # the static key of the configuration the proxy last loaded
 SOCKET_TIMEOUT = 5.0
+# Seconds HAProxy's master CLI may refuse connections (its socket there, nobody accepting): while
+# the master runs a reload asked a moment before (the heartbeat's, or another step's), or starts.
+MASTER_BUSY_FOR = 3.0
 
 
 class ProxyError(Exception):
@@ -120,6 +123,19 @@ def parse_map(text: str) -> dict[str, str]:
         if len(parts) == 3:
             entries[parts[1]] = parts[2]
     return entries
+
+
+def _ask_master(path: Path, command: str, busy_for: float = MASTER_BUSY_FOR) -> str:
+    """``command`` on the master CLI, asked again while it refuses connections (for ``busy_for``
+    seconds): a refused connection delivered nothing, so asking again does it once."""
+    deadline = time.monotonic() + busy_for
+    while True:
+        try:
+            return _ask(path, command, half_close=True)
+        except (ConnectionRefusedError, FileNotFoundError):
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
 
 
 def _ask(path: Path, command: str, *, half_close: bool = False) -> str:
@@ -235,7 +251,7 @@ class HAProxyDriver:
         """Hitless: the master starts a new worker on the files; the old one finishes."""
         before = self._worker_pid(job_id)
         try:
-            _ask(self.directory(job_id) / proxy.MASTER_SOCKET, "reload", half_close=True)
+            _ask_master(self.directory(job_id) / proxy.MASTER_SOCKET, "reload")
         except OSError as exc:
             raise ProxyError(f"proxy job {job_id} does not answer on its master socket: {exc}") from exc
         wanted = {b.name for b in config.backends}

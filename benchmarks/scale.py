@@ -372,6 +372,21 @@ def profile_end(spies: list[tuple[subprocess.Popen[bytes], Path]], what: str, wa
             summarise_profile(raw, 100, "apply_target" if wall else "", top=12)
 
 
+def judged(fleet: Fleet, name: str, phase: Phase, jobs: int) -> tuple[str, bool]:
+    """A phase's end, logged: what to note of it (it did not end in time, not every job runs, or
+    a host holds more than 2 jobs above another; "" if none), and whether every job runs."""
+    running, (fewest, most) = fleet.running_jobs(), fleet.spread()
+    log(f"{name}: {fmt(phase.seconds)}s, {running} jobs running ({fewest}-{most} per host), "
+        f"{phase.ops_failed} failed ops")
+    if phase.seconds is None:
+        return f"{name} did not end in time", False
+    if running != jobs:
+        return f"{name} incomplete ({running}/{jobs} running)", False
+    if most - fewest > 2:
+        return f"{name} spread unevenly ({fewest}-{most} jobs per host)", True
+    return "", True
+
+
 def run_size(hosts: int, args: argparse.Namespace, deadline: float) -> Result:
     interval = args.heartbeat_interval if hosts < args.slow_heartbeats_from else args.slow_heartbeat_interval
     result = Result(hosts=hosts, jobs=args.services * args.jobs, heartbeat_interval=interval)
@@ -401,14 +416,9 @@ def measure_size(fleet: Fleet, result: Result, services: list[str], args: argpar
         result.deploy = timed_phase(fleet, "push", services, timeout, image=IMAGE)
         if spies:
             profile_end(spies, f"the deploy at {hosts} hosts", args.wall)
-        running, (fewest, most) = fleet.running_jobs(), fleet.spread()
-        log(f"deploy: {fmt(result.deploy.seconds)}s, {running} jobs running ({fewest}-{most} per host), "
-            f"{result.deploy.ops_failed} failed ops")
-        if result.deploy.seconds is None or running != result.jobs:
-            result.note = f"deploy incomplete ({running}/{result.jobs} running)"
+        result.note, complete = judged(fleet, "deploy", result.deploy, result.jobs)
+        if not complete:
             return result
-        if most - fewest > 2:
-            result.note = f"deploy spread unevenly ({fewest}-{most} jobs per host)"
         before, t0 = fleet.cpu()["sim"], time.perf_counter()
         time.sleep(args.idle)
         result.idle_cpu = (fleet.cpu()["sim"] - before) / (time.perf_counter() - t0)
@@ -417,15 +427,7 @@ def measure_size(fleet: Fleet, result: Result, services: list[str], args: argpar
         result.redeploy = timed_phase(fleet, "redeploy", services, timeout)
         if spies:
             profile_end(spies, f"the redeploy at {hosts} hosts", args.wall)
-        running, (fewest, most) = fleet.running_jobs(), fleet.spread()
-        log(f"redeploy: {fmt(result.redeploy.seconds)}s, {running} jobs running ({fewest}-{most} per host), "
-            f"{result.redeploy.ops_failed} failed ops")
-        if result.redeploy.seconds is None:
-            result.note = "redeploy did not end in time"
-        elif running != result.jobs:
-            result.note = f"redeploy incomplete ({running}/{result.jobs} running)"
-        elif most - fewest > 2:
-            result.note = f"redeploy spread unevenly ({fewest}-{most} jobs per host)"
+        result.note = judged(fleet, "redeploy", result.redeploy, result.jobs)[0] or result.note
         result.catalogue_bytes, result.wal_bytes = fleet.size()
         result.rows = {t: int(fleet.query(f"SELECT count(*) FROM {t}")[0][0]) for t in ("job", "step", "operation")}
         result.tasks = fleet.tasks()

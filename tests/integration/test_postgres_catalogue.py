@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -37,14 +38,23 @@ PG_REDIS_DB = 13
 PG_PORT_MIN, PG_PORT_MAX = 30750, 30999
 
 
-@pytest.fixture(scope="module")
-def pg_url() -> Iterator[str]:
-    name = f"orch_test_{uuid.uuid4().hex[:10]}"
+@contextmanager
+def fresh_database(prefix: str) -> Iterator[str]:
+    """A database of its own on the test server, dropped afterwards: its URL."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    yield ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    try:
+        yield ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module")
+def pg_url() -> Iterator[str]:
+    with fresh_database("orch_test") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -178,20 +188,15 @@ def test_concurrent_redeploys_are_serialized_with_postgres(pg_platform: tuple[Cl
 @pytest.fixture
 def pg_world(tmp_path: Path) -> Iterator[World]:
     """The unit tests' world (fake runtimes, inline dispatch) on a PostgreSQL catalogue of its own."""
-    name = f"orch_world_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    engines: list[Engine] = []
-    try:
-        engines.extend(make_engines(url))
-        yield make_world(Settings(**{**make_settings(tmp_path / "unused.db").model_dump(), "database_url": url}),
-                         *engines)
-    finally:
-        for engine in engines:
-            engine.dispose()
-        with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_database("orch_world") as url:
+        engines: list[Engine] = []
+        try:
+            engines.extend(make_engines(url))
+            yield make_world(Settings(**{**make_settings(tmp_path / "unused.db").model_dump(), "database_url": url}),
+                             *engines)
+        finally:
+            for engine in engines:
+                engine.dispose()
 
 
 def test_a_request_racing_a_finish_never_leaves_its_operation_queued(pg_world: World) -> None:

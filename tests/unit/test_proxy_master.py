@@ -46,10 +46,10 @@ def test_a_reload_is_asked_again_while_the_master_refuses_and_delivered_once(tmp
     assert received == [b"reload\n"]
 
 
-@pytest.mark.parametrize("listening", [False, None])  # refused, or no socket file at all
-def test_a_master_that_keeps_refusing_fails_after_its_time(tmp_path: Path, listening: bool | None) -> None:
+@pytest.mark.parametrize("socket_file", [True, False])  # refused, or no socket file at all
+def test_a_master_that_keeps_refusing_fails_after_its_time(tmp_path: Path, socket_file: bool) -> None:
     path = tmp_path / "master.sock"
-    server = bound_not_listening(path) if listening is not None else None
+    server = bound_not_listening(path) if socket_file else None
     t0 = time.monotonic()
     with pytest.raises((ConnectionRefusedError, FileNotFoundError)):
         _ask_master(path, "reload", busy_for=0.3)

@@ -51,24 +51,37 @@ def claim_next_operation(*, session: Session, service_id: int) -> Operation | No
 
     Whoever's UPDATE matches wins; everyone else gets None. Called in the transaction that
     records an operation (its service's row locked first: ``requests._request``) and after
-    finishing one, so a queued operation is never left behind."""
-    op = session.exec(
+    finishing one, so a queued operation is never left behind. An operation cancelled between
+    this read and the claim (on PostgreSQL: committed meanwhile) is not claimed: the service is
+    let go again and the next queued one is tried (``cancel`` locks the operation's row, so it
+    either commits before the claim's update looks, or sees the claim and abandons it)."""
+    passed: list[int] = []
+    while True:
+        op = _oldest_queued(session, service_id, passed)
+        if op is None:
+            return None
+        won = session.exec(
+            update(Service)
+            .where(col(Service.id) == service_id, col(Service.active_op_id).is_(None))
+            .values(active_op_id=op.id)
+        ).rowcount
+        if won != 1:
+            return None
+        if session.exec(update(Operation).where(col(Operation.id) == op.id, col(Operation.state) == OpState.queued)
+                        .values(claimed_at=utcnow())).rowcount == 1:
+            return op
+        release_service(session=session, service_id=service_id, op_id=op.id or 0)  # it ended meanwhile
+        passed.append(op.id or 0)
+
+
+def _oldest_queued(session: Session, service_id: int, passed: Sequence[int]) -> Operation | None:
+    return session.exec(
         select(Operation)
-        .where(Operation.service_id == service_id, Operation.state == OpState.queued)
+        .where(Operation.service_id == service_id, Operation.state == OpState.queued,
+               col(Operation.id).not_in(passed))
         # A revert puts the service back after a failure: it goes before what was asked since.
         .order_by(case((col(Operation.kind) == OpKind.revert, 0), else_=1), col(Operation.id))
     ).first()
-    if op is None:
-        return None
-    won = session.exec(
-        update(Service)
-        .where(col(Service.id) == service_id, col(Service.active_op_id).is_(None))
-        .values(active_op_id=op.id)
-    ).rowcount
-    if won != 1:
-        return None
-    session.exec(update(Operation).where(col(Operation.id) == op.id).values(claimed_at=utcnow()))
-    return op
 
 
 def release_service(*, session: Session, service_id: int, op_id: int) -> None:

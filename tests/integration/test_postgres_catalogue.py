@@ -22,7 +22,8 @@ import psycopg
 import pytest
 from sqlalchemy.engine import Engine
 
-from orchestrator import catalogue, requests
+from orchestrator import catalogue, operations, requests
+from orchestrator.catalogue import operations as catalogue_operations
 from orchestrator.db import make_engines
 from orchestrator.models import OpState
 from orchestrator.settings import Settings
@@ -237,3 +238,37 @@ def test_a_request_racing_a_finish_never_leaves_its_operation_queued(pg_world: W
     world.run_all()
     assert world.operation(first.id or 0).state == OpState.succeeded
     assert world.operation(second[0].id or 0).state == OpState.succeeded
+
+
+def test_a_cancel_racing_the_claim_of_its_operation_never_holds_the_service(pg_world: World) -> None:
+    """A finish claims the service for the next queued operation: it reads the oldest queued one,
+    then claims. A cancel of that one committing in between must not leave the service held by
+    an operation that ended (until the watcher's stranded pass): the claim sees it ended and lets
+    the service go."""
+    world = pg_world
+    world.code_service("web", scale=1)
+    first = requests.request_redeploy(world.platform, env=ENV, service="web")  # running, steps not run yet
+    second = requests.request_redeploy(world.platform, env=ENV, service="web")
+    assert world.operation(second.id or 0).state == OpState.queued
+    real_oldest = catalogue_operations._oldest_queued
+    cancelled: list[Any] = []
+
+    def oldest_then_cancelled(*args: Any) -> Any:
+        op = real_oldest(*args)
+        if op is not None and op.id == second.id and not cancelled:  # read as queued; cancelled now
+            canceller = threading.Thread(target=lambda: cancelled.append(
+                operations.cancel(world.platform, second.id or 0)))
+            canceller.start()
+            canceller.join(timeout=30)
+            assert cancelled, "the cancel did not end"
+        return op
+
+    with patch.object(catalogue_operations, "_oldest_queued", oldest_then_cancelled):
+        world.run_all()  # the first operation's steps, then its finish (which claims the next)
+    assert cancelled and cancelled[0].state == OpState.cancelled
+    assert world.operation(first.id or 0).state == OpState.succeeded
+    assert world.service("web").active_op_id is None
+    third = requests.request_redeploy(world.platform, env=ENV, service="web")  # the service is free at once
+    assert world.operation(third.id or 0).state == OpState.running
+    world.run_all()
+    assert world.operation(third.id or 0).state == OpState.succeeded

@@ -25,35 +25,25 @@ import statistics
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-ADMIN_URL = os.environ.get("ORCH_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
-
-
 @contextmanager
 def postgres_database() -> Iterator[str | None]:
     """A throwaway database on the PostgreSQL server (None when it does not answer)."""
-    try:
-        import psycopg
+    from tests.harness import fresh_database
 
-        with psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=3) as conn:
-            name = f"orch_bench_{uuid.uuid4().hex[:10]}"
-            conn.execute(f'CREATE DATABASE "{name}"')
-    except Exception as exc:  # any reason it is not there: say it, go on without it
-        print(f"PostgreSQL: not used ({type(exc).__name__}: {str(exc).strip()[:120]})")
-        yield None
-        return
-    try:
-        yield ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with suppress(Exception), psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with ExitStack() as stack:
+        try:
+            url: str | None = stack.enter_context(fresh_database("orch_bench"))
+        except Exception as exc:  # any reason it is not there: say it, go on without it
+            print(f"PostgreSQL: not used ({type(exc).__name__}: {str(exc).strip()[:120]})")
+            url = None
+        yield url
 
 
 def rows_of(result: object) -> str:

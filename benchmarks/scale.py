@@ -43,9 +43,8 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager, suppress
+from collections.abc import Sequence
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -59,14 +58,21 @@ from redeploy import log, process_cpu, summarise_profile, terminated_as_exit
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the test harness runs the platform here too
 
-from tests.harness import PlatformEnv, orchestrator, says_ready, start_process, stop_process  # noqa: E402
+from tests.harness import (  # noqa: E402
+    POSTGRES_ADMIN_URL,
+    PlatformEnv,
+    fresh_database,
+    orchestrator,
+    says_ready,
+    start_process,
+    stop_process,
+)
 
 REDIS_DB = 6
 PORTS = (34000, 34999)  # job ports 34000-34949 (the last 50: proxies, never used here)
 ENV = "scale"
 IMAGE = "sim/app:1"
 OUT = ROOT / "benchmarks" / "out"
-POSTGRES_ADMIN = os.environ.get("ORCH_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
 @dataclass
@@ -250,21 +256,6 @@ def ts(value: Any) -> float:
     return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
-@contextmanager
-def postgres_database(admin_url: str) -> Iterator[str]:
-    """A throwaway database on the PostgreSQL server of ``admin_url``, dropped afterwards."""
-    import psycopg
-
-    name = f"orch_scale_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(admin_url, autocommit=True, connect_timeout=3) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield admin_url.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with suppress(Exception), psycopg.connect(admin_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 def timed_phase(fleet: Fleet, task: str, services: Sequence[str], timeout: float, **kwargs: Any) -> Phase:
     before = fleet.cpu()
     t0 = time.time()
@@ -393,7 +384,7 @@ def run_size(hosts: int, args: argparse.Namespace, deadline: float) -> Result:
     workdir = Path(tempfile.mkdtemp(prefix=f"orch-scale-{hosts}-"))
     services = [f"svc{i}" for i in range(args.services)]
     with ExitStack() as stack:
-        postgres = stack.enter_context(postgres_database(args.postgres)) if args.postgres else None
+        postgres = stack.enter_context(fresh_database("orch_scale", args.postgres)) if args.postgres else None
         fleet = Fleet(workdir, hosts, interval, interval * 5, args.concurrency, min(args.sims, hosts), postgres,
                       args.broker)
         return measure_size(fleet, result, services, args, deadline)
@@ -542,9 +533,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--py-spy", default=None, metavar="PATH", help="profile the sim and control processes")
     parser.add_argument("--profile-at", type=lambda s: [int(x) for x in s.split(",")], default=[100],
                         help="fleet sizes profiled with --py-spy (default 100)")
-    parser.add_argument("--postgres", nargs="?", const=POSTGRES_ADMIN, default=None, metavar="ADMIN_URL",
+    parser.add_argument("--postgres", nargs="?", const=POSTGRES_ADMIN_URL, default=None, metavar="ADMIN_URL",
                         help="the catalogue in a throwaway PostgreSQL database (made through ADMIN_URL, "
-                             f"default {POSTGRES_ADMIN}) instead of SQLite")
+                             f"default {POSTGRES_ADMIN_URL}) instead of SQLite")
     parser.add_argument("--broker", default=None, metavar="URL",
                         help="another broker, e.g. amqp://guest:guest@127.0.0.1:5672//scale (a vhost of its own: "
                              "its queues are deleted before and after); results stay in Redis database 6")

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -34,6 +35,9 @@ HTTPD = "httpd -f -p $PORT -h /var/www"  # the sample image's web server, on the
 LABEL_ENV = "orchestrator.env"  # the spec's label (orchestrator.names, not imported: see above)
 LABEL_SHIPPER = "orchestrator.log-shipper"  # a host's log shipper, by the platform it ships for
 LABEL_NODE_EXPORTER = "orchestrator.node-exporter"  # a host's node exporter, by the platform it serves
+
+# The PostgreSQL server's admin database (tests and benchmarks make throwaway databases beside it).
+POSTGRES_ADMIN_URL = os.environ.get("ORCH_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 T = TypeVar("T")
 
@@ -135,6 +139,22 @@ def platform_process(args: Sequence[str], env: Mapping[str, str], log: Path, rea
         yield proc
     finally:
         stop_process(proc)
+
+
+@contextmanager
+def fresh_database(prefix: str, admin_url: str = POSTGRES_ADMIN_URL) -> Iterator[str]:
+    """A database of its own on the PostgreSQL server of ``admin_url``, dropped afterwards (its
+    sessions ended): its URL."""
+    import psycopg  # (only where PostgreSQL is used)
+
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield admin_url.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def free_port() -> int:

@@ -6,12 +6,10 @@ range, so it never meets the SQLite platform of the other tests), real container
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -28,28 +26,22 @@ from orchestrator.db import make_engines
 from orchestrator.models import OpState
 from orchestrator.settings import Settings
 from tests.conftest import DOCKER_URL, Cli, containers
-from tests.harness import HTTPD, SAMPLE_IMAGE, Platform, PlatformEnv, remove_containers, retire
+from tests.harness import (
+    HTTPD,
+    SAMPLE_IMAGE,
+    Platform,
+    PlatformEnv,
+    fresh_database,
+    remove_containers,
+    retire,
+)
 from tests.helpers import jobs_json, op_json, op_of, ts
 from tests.unit.world import ENV, World, make_settings, make_world
 
 pytestmark = pytest.mark.e2e
 
-ADMIN_URL = os.environ.get("ORCH_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 PG_REDIS_DB = 13
 PG_PORT_MIN, PG_PORT_MAX = 30750, 30999
-
-
-@contextmanager
-def fresh_database(prefix: str) -> Iterator[str]:
-    """A database of its own on the test server, dropped afterwards: its URL."""
-    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="module")

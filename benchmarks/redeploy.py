@@ -133,6 +133,19 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_reference(tries: int = 3) -> float:
+    """Milliseconds one core takes for a fixed piece of pure Python (summing 3 million integers
+    in a loop; the best of ``tries``): how fast this machine runs today. Figures of different
+    days (this shared 2-core machine has varied by half) compare through it, not directly."""
+    best = float("inf")
+    for _ in range(tries):
+        t0, total = time.perf_counter(), 0
+        for i in range(3_000_000):
+            total += i
+        best = min(best, time.perf_counter() - t0)
+    return best * 1000
+
+
 # --- the platform -----------------------------------------------------------------------------------
 
 
@@ -464,7 +477,7 @@ def profile_round(p: Platform, client: docker.DockerClient, env: str, svc: str, 
                   py_spy: str, cpu: bool) -> None:
     """One more (untimed) redeploy with py-spy recording the node and the CLI process: wall time
     (all samples, idle ones too) or, with ``cpu``, only samples that hold the GIL."""
-    exe = shutil.which(py_spy) or py_spy
+    exe = str(Path(shutil.which(py_spy) or py_spy).resolve())  # (a relative path: the CLI runs elsewhere)
     if not Path(exe).exists() or not p.nodes:
         log(f"py-spy: {py_spy} not found, no profile")
         return
@@ -546,7 +559,7 @@ def report(results: dict[str, list[float]], breakdowns: list[dict[str, float]], 
            api_breakdowns: Sequence[dict[str, float]] = ()) -> None:
     log("")
     log(f"Redeploy of {jobs} jobs, {rounds} rounds (median; every round in brackets); {os.cpu_count()} CPUs, "
-        f"load average {os.getloadavg()[0]:.1f} now")
+        f"load average {os.getloadavg()[0]:.1f} now; CPU reference {cpu_reference():.0f} ms (lower is faster)")
     rows = [(name, xs) for name, xs in results.items() if xs]
     width = max(len(n) for n, _ in rows) + 2
     for name, xs in rows:

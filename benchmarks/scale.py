@@ -53,7 +53,7 @@ from typing import Any
 import redis
 import sqlalchemy
 from celery import Celery
-from redeploy import log, process_cpu, summarise_profile, terminated_as_exit
+from redeploy import cpu_reference, log, process_cpu, summarise_profile, terminated_as_exit
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the test harness runs the platform here too
@@ -444,7 +444,8 @@ def fmt(x: float | None, digits: int = 1) -> str:
 
 
 def report(results: list[Result]) -> None:
-    log(f"\nload average now: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs\n")
+    log(f"\nload average now: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; CPU reference "
+        f"{cpu_reference():.0f} ms (a fixed loop of pure Python on one core: lower is faster)\n")
     headers = ["hosts", "jobs", "hb s", "deploy s", "deploy j/s", "redeploy s", "redeploy j/s",
                "op s (min/med/max, redeploy)", "CPU s/job ctl", "sim", "redis", "tasks/job", "sim CPU/task",
                "sim idle CPU",

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from orchestrator.errors import BadInput
 
 if TYPE_CHECKING:
-    import urllib.error
+    from orchestrator.cli import wire
 
 ENV_FILE = ".orchestrator.env"  # the settings file (orchestrator.settings reads it too)
 TIMEOUT = 30.0  # seconds one request may take
@@ -54,30 +54,50 @@ class Remote:
     def call(self, method: str, path: str, body: dict[str, Any] | None = None, *,
              headers: dict[str, str] | None = None, timeout: float = TIMEOUT) -> tuple[Any, str | None]:
         """``path`` under /api/v1, quoted part by part by the caller (``quoted``): the answer's
-        JSON (None for a 304) and its ETag. (urllib.request is imported here: ``--help`` loads
+        JSON (None for a 304) and its ETag. (The HTTP client is imported here: ``--help`` loads
         this module and needs none of it.)"""
-        import http.client
-        import urllib.error
-        import urllib.request
+        from orchestrator.cli import wire
 
-        request = urllib.request.Request(
-            f"{self.url}/api/v1{path}", method=method,
-            data=None if body is None else json.dumps(body).encode(),
-            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json",
-                     "Accept": "application/json", **(headers or {})})
+        url = f"{self.url}/api/v1{path}"
+        data = None if body is None else json.dumps(body).encode()
+        sent = {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json",
+                "Accept": "application/json", **(headers or {})}
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as answer:
-                return json.loads(answer.read() or b"null"), answer.headers.get("ETag")
-        except urllib.error.HTTPError as exc:
-            if exc.code == 304:  # not changed (a long poll that waited in vain)
-                return None, exc.headers.get("ETag")
-            detail = _detail(exc)
-            if exc.code >= 500 or exc.code < 400 or exc.code in (408, 429):  # not the request's fault
-                raise ApiUnavailable(f"the API at {self.url} answered {exc.code}: {detail}") from None
-            raise BadInput(detail) from None  # 4xx: the request was refused, nothing changed
-        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise ApiUnavailable(f"the API at {self.url} cannot be reached: {reason}") from None
+            if url.startswith("http://"):
+                answer = wire.request(url, method, sent, data, timeout)
+            else:
+                answer = _by_urllib(url, method, sent, data, timeout)
+            if answer.status == 304:  # not changed (a long poll that waited in vain)
+                return None, answer.headers.get("etag")
+            if 200 <= answer.status < 300:
+                return json.loads(answer.body or b"null"), answer.headers.get("etag")
+        except (wire.BadAnswer, OSError, ValueError) as exc:
+            raise ApiUnavailable(f"the API at {self.url} cannot be reached: {exc}") from None
+        detail = _detail(answer)
+        if answer.status >= 500 or answer.status < 400 or answer.status in (408, 429):  # not the request's fault
+            raise ApiUnavailable(f"the API at {self.url} answered {answer.status}: {detail}")
+        raise BadInput(detail)  # 4xx: the request was refused, nothing changed
+
+
+def _by_urllib(url: str, method: str, headers: dict[str, str], data: bytes | None, timeout: float) -> wire.Answer:
+    """An https:// request, through the standard library (imported here: only https needs it)."""
+    import http.client
+    import urllib.error
+    import urllib.request
+
+    from orchestrator.cli import wire
+
+    request = urllib.request.Request(url, method=method, data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
+            return wire.Answer(answer.status, answer.reason, {k.lower(): v for k, v in answer.headers.items()},
+                               answer.read())
+    except urllib.error.HTTPError as exc:
+        return wire.Answer(exc.code, str(exc.reason), {k.lower(): v for k, v in exc.headers.items()}, exc.read())
+    except urllib.error.URLError as exc:
+        raise OSError(exc.reason) from None
+    except http.client.HTTPException as exc:
+        raise wire.BadAnswer(str(exc) or type(exc).__name__) from None
 
 
 def quoted(*parts: str) -> str:
@@ -85,16 +105,16 @@ def quoted(*parts: str) -> str:
     return "".join("/" + urllib.parse.quote(part, safe="") for part in parts)
 
 
-def _detail(exc: urllib.error.HTTPError) -> str:
+def _detail(answer: wire.Answer) -> str:
     """The API's reason, on one line: its ``detail`` (a validation error's list, shortened)."""
     try:
-        detail = json.loads(exc.read()).get("detail")
-    except (ValueError, AttributeError, OSError):
+        detail = json.loads(answer.body).get("detail")
+    except (ValueError, AttributeError):
         detail = None
     if isinstance(detail, list):  # FastAPI's 422: [{"loc": [...], "msg": ...}]
         detail = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', [])[1:])}: {e.get('msg')}"
                            for e in detail if isinstance(e, dict))
-    text = str(detail) if detail else f"HTTP {exc.code} {exc.reason}"
+    text = str(detail) if detail else f"HTTP {answer.status} {answer.reason}"
     return " ".join(text.split())[:2000]
 
 

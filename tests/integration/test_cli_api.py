@@ -104,6 +104,7 @@ def test_a_redeploy_through_the_api_imports_no_heavy_library(cli: Cli, api: Api,
     loaded = {line.split("|")[-1].strip().split(".")[0] for line in done.stderr.splitlines()
               if line.startswith("import time:")}
     assert loaded & HEAVY == set(), loaded & HEAVY
+    assert loaded & {"http", "email", "ssl"} == set(), loaded  # (an http:// API: no standard HTTP client)
     assert "succeeded" in done.stdout.splitlines()[-1]
 
 

@@ -42,7 +42,8 @@ LAYERS: dict[str, int] = {
     "workers.node": 13, "workers.inline": 13, "workers.sim": 14,
     "orchestrator.api.git": 14, "orchestrator.api.app": 15, "orchestrator.api.serve": 16, "orchestrator.api": 17,
     "workers.embedded": 17,  # dev: every process of the platform, the API included, in one
-    "orchestrator.cli.remote": 14, "orchestrator.cli.base": 15, "orchestrator.cli.follow": 16,
+    "orchestrator.cli.wire": 13, "orchestrator.cli.remote": 14, "orchestrator.cli.base": 15,
+    "orchestrator.cli.follow": 16,
     "orchestrator.cli.hosts": 17, "orchestrator.cli.envs": 17, "orchestrator.cli.deploys": 17,
     "orchestrator.cli.ops": 17, "orchestrator.cli.sites": 17, "orchestrator.cli.processes": 18,
     "orchestrator.cli.manifest": 17, "orchestrator.cli.observe": 17,

@@ -1,0 +1,132 @@
+"""The CLI's HTTP client (orchestrator.cli.wire) and its answers' meaning (orchestrator.cli.remote),
+against a server on 127.0.0.1 that sends given bytes and keeps what it was sent."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from orchestrator.cli import wire
+from orchestrator.cli.remote import ApiUnavailable, Remote
+from orchestrator.errors import BadInput
+from tests.harness import free_port
+
+
+@contextmanager
+def server(*answers: bytes, hold: float = 0.0) -> Iterator[tuple[str, list[bytes]]]:
+    """http://127.0.0.1:PORT answering each connection with the next of ``answers`` (then
+    closing it, after ``hold`` seconds of silence); the requests it read, whole."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    received: list[bytes] = []
+
+    def serve() -> None:
+        for answer in answers:
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(5)
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)
+                while len(body) < length:
+                    body += conn.recv(65536)
+                received.append(head + b"\r\n\r\n" + body)
+                if hold:
+                    threading.Event().wait(hold)
+                conn.sendall(answer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}", received
+    finally:
+        listener.close()
+        thread.join(timeout=5)
+
+
+def test_a_request_is_sent_whole_and_its_answer_read_by_its_length() -> None:
+    answer = b'HTTP/1.1 201 Created\r\nContent-Length: 11\r\nETag: "7"\r\nX-Other: a: b\r\n\r\n{"id": 12}\nEXTRA'
+    with server(answer) as (url, received):
+        got = wire.request(f"{url}/api/v1/envs/a%20b?wait=5", "POST", {"Authorization": "Bearer t"}, b'{"x": 1}', 5)
+    assert got == wire.Answer(201, "Created", {"content-length": "11", "etag": '"7"', "x-other": "a: b"},
+                              b'{"id": 12}\n')
+    head, _, body = received[0].partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    assert lines[0] == "POST /api/v1/envs/a%20b?wait=5 HTTP/1.1"
+    assert {f"Host: {url.removeprefix('http://')}", "Connection: close", "Authorization: Bearer t",
+            "Content-Length: 8"} <= set(lines[1:])
+    assert body == b'{"x": 1}'
+
+
+def test_chunked_answers_answers_to_the_end_of_the_stream_and_interim_ones() -> None:
+    chunked = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+               b"4;ext=1\r\n[1, \r\n3\r\n2]\n\r\n0\r\nTrailer: x\r\n\r\n")
+    to_the_end = b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n[3]"
+    interim = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+    not_modified = b'HTTP/1.1 304 Not Modified\r\nETag: "9"\r\n\r\n'
+    with server(chunked, to_the_end, interim, not_modified) as (url, _):
+        bodies = [wire.request(url, "GET", {}, None, 5).body for _ in range(3)]
+        unchanged = wire.request(url, "GET", {}, None, 5)
+    assert bodies == [b"[1, 2]\n", b"[3]", b"{}"]
+    assert (unchanged.status, unchanged.headers["etag"], unchanged.body) == (304, '"9"', b"")
+
+
+@pytest.mark.parametrize("answer", [
+    b"",  # closed at once
+    b"SSH-2.0-OpenSSH\r\n\r\n",  # not HTTP
+    b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",  # cut short
+    b"HTTP/1.1 200 OK\r\nContent-Length: ten\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2",  # headers never ended
+])
+def test_what_is_not_an_http_answer_is_said_so(answer: bytes) -> None:
+    with server(answer) as (url, _), pytest.raises(wire.BadAnswer):
+        wire.request(url, "GET", {}, None, 5)
+
+
+def test_a_server_out_of_reach_or_silent_is_an_os_error() -> None:
+    with pytest.raises(ConnectionRefusedError):
+        wire.request(f"http://127.0.0.1:{free_port()}/", "GET", {}, None, 5)
+    with server(b"HTTP/1.1 200 OK\r\n\r\n", hold=2) as (url, _), pytest.raises(TimeoutError):
+        wire.request(url, "GET", {}, None, 0.3)
+
+
+def json_answer(status: str, body: object, extra: str = "") -> bytes:
+    data = json.dumps(body).encode()
+    return f"HTTP/1.1 {status}\r\nContent-Length: {len(data)}\r\n{extra}\r\n".encode() + data
+
+
+def test_the_cli_reads_the_apis_answers_as_its_contract_says() -> None:
+    answers = [
+        json_answer("200 OK", {"id": 3}, 'ETag: "3-1"\r\n'),
+        b'HTTP/1.1 304 Not Modified\r\nETag: "3-1"\r\n\r\n',
+        json_answer("409 Conflict", {"detail": "service web\n  is being removed"}),
+        json_answer("422 Unprocessable Entity", {"detail": [{"loc": ["body", "scale"], "msg": "too big"}]}),
+        json_answer("503 Service Unavailable", {"detail": "the catalogue is locked"}),
+        b"HTTP/1.1 302 Found\r\nLocation: /elsewhere\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n{x}",
+    ]
+    with server(*answers) as (url, received):
+        api = Remote(url, "secret")
+        assert api.call("GET", "/operations/3") == ({"id": 3}, '"3-1"')
+        assert api.poll("/operations/3", '"3-1"', 5) == (None, '"3-1"')
+        with pytest.raises(BadInput, match=r"^service web is being removed$"):
+            api.post("/envs/e/services/web/redeploy")
+        with pytest.raises(BadInput, match=r"^scale: too big$"):
+            api.post("/envs/e/services/web/scale", {"scale": 10**6})
+        with pytest.raises(ApiUnavailable, match="answered 503: the catalogue is locked"):
+            api.get("/operations")
+        with pytest.raises(ApiUnavailable, match="answered 302: HTTP 302 Found"):
+            api.get("/operations")
+        with pytest.raises(ApiUnavailable, match="cannot be reached"):
+            api.get("/operations")
+    assert b"GET /api/v1/operations/3?wait=5 HTTP/1.1" in received[1] and b'If-None-Match: "3-1"' in received[1]
+    assert all(b"Authorization: Bearer secret" in r for r in received)

@@ -20,6 +20,7 @@ It prints the median time of each listing, the rows it returned, and the stateme
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import statistics
 import sys
@@ -34,12 +35,16 @@ sys.path.insert(0, str(ROOT))
 
 @contextmanager
 def postgres_database() -> Iterator[str | None]:
-    """A throwaway database on the PostgreSQL server (None when it does not answer)."""
-    from tests.harness import fresh_database
-
+    """A throwaway database on the PostgreSQL server (None when it does not answer). Made by this
+    tree's ``tests/harness.py``, loaded by its path: with ``--src`` the ``tests`` package on the
+    path is the other tree's, which may not have it."""
+    spec = importlib.util.spec_from_file_location("orch_bench_harness", ROOT / "tests" / "harness.py")
+    assert spec is not None and spec.loader is not None
+    harness = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # (its dataclasses look it up)
+    spec.loader.exec_module(harness)
     with ExitStack() as stack:
         try:
-            url: str | None = stack.enter_context(fresh_database("orch_bench"))
+            url: str | None = stack.enter_context(harness.fresh_database("orch_bench", strict=False))
         except Exception as exc:  # any reason it is not there: say it, go on without it
             print(f"PostgreSQL: not used ({type(exc).__name__}: {str(exc).strip()[:120]})")
             url = None
@@ -94,9 +99,10 @@ def main() -> None:
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load {load[0]:.2f} {load[1]:.2f}, "
           f"median of {args.runs} runs; code from {args.src or ROOT}")
 
-    with tempfile.TemporaryDirectory(prefix="orch-catalogue-bench-") as tmp, postgres_database() as pg:
+    with tempfile.TemporaryDirectory(prefix="orch-catalogue-bench-") as tmp, ExitStack() as stack:
+        pg = None if args.no_postgres else stack.enter_context(postgres_database())
         databases = {"sqlite": lambda size: f"sqlite:///{Path(tmp) / f'c{size}.db'}"}
-        if pg is not None and not args.no_postgres:
+        if pg is not None:
             databases["postgresql"] = lambda _size: pg
         for db, url_of in databases.items():
             print(f"\n== {db}")

@@ -103,6 +103,7 @@ class Result:
     # hosts it marked down (their jobs were lost). Under a slow catalogue these are false alarms.
     own_ops: dict[str, int] = field(default_factory=dict)
     hosts_down: int = 0
+    cpu_reference_ms: float = 0.0  # this machine's speed as the size began (redeploy.cpu_reference)
 
     def rate(self, phase: Phase) -> float | None:
         return self.jobs / phase.seconds if phase.seconds else None
@@ -380,11 +381,13 @@ def judged(fleet: Fleet, name: str, phase: Phase, jobs: int) -> tuple[str, bool]
 
 def run_size(hosts: int, args: argparse.Namespace, deadline: float) -> Result:
     interval = args.heartbeat_interval if hosts < args.slow_heartbeats_from else args.slow_heartbeat_interval
-    result = Result(hosts=hosts, jobs=args.services * args.jobs, heartbeat_interval=interval)
+    result = Result(hosts=hosts, jobs=args.services * args.jobs, heartbeat_interval=interval,
+                    cpu_reference_ms=cpu_reference())
     workdir = Path(tempfile.mkdtemp(prefix=f"orch-scale-{hosts}-"))
     services = [f"svc{i}" for i in range(args.services)]
     with ExitStack() as stack:
-        postgres = stack.enter_context(fresh_database("orch_scale", args.postgres)) if args.postgres else None
+        postgres = (stack.enter_context(fresh_database("orch_scale", args.postgres, strict=False))
+                    if args.postgres else None)
         fleet = Fleet(workdir, hosts, interval, interval * 5, args.concurrency, min(args.sims, hosts), postgres,
                       args.broker)
         return measure_size(fleet, result, services, args, deadline)
@@ -444,9 +447,8 @@ def fmt(x: float | None, digits: int = 1) -> str:
 
 
 def report(results: list[Result]) -> None:
-    log(f"\nload average now: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; CPU reference "
-        f"{cpu_reference():.0f} ms (a fixed loop of pure Python on one core: lower is faster)\n")
-    headers = ["hosts", "jobs", "hb s", "deploy s", "deploy j/s", "redeploy s", "redeploy j/s",
+    log(f"\nload average now: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs\n")
+    headers = ["hosts", "jobs", "CPU ref", "hb s", "deploy s", "deploy j/s", "redeploy s", "redeploy j/s",
                "op s (min/med/max, redeploy)", "CPU s/job ctl", "sim", "redis", "tasks/job", "sim CPU/task",
                "sim idle CPU",
                "catalogue MB db/wal", "jobs/steps/ops rows", "redis MB", "keys"]
@@ -456,7 +458,8 @@ def report(results: list[Result]) -> None:
         cpu = {k: (r.deploy.cpu.get(k, 0) + r.redeploy.cpu.get(k, 0)) / (2 * r.jobs)
                for k in ("control", "sim", "redis")}
         rows.append([
-            str(r.hosts), str(r.jobs), f"{r.heartbeat_interval:g}", fmt(r.deploy.seconds), fmt(r.rate(r.deploy)),
+            str(r.hosts), str(r.jobs), f"{r.cpu_reference_ms:.0f}ms", f"{r.heartbeat_interval:g}",
+            fmt(r.deploy.seconds), fmt(r.rate(r.deploy)),
             fmt(r.redeploy.seconds), fmt(r.rate(r.redeploy)),
             f"{ops[0]:.1f}/{ops[len(ops) // 2]:.1f}/{ops[-1]:.1f}" if ops else "-",
             f"{cpu['control'] * 1000:.1f}ms", f"{cpu['sim'] * 1000:.1f}ms", f"{cpu['redis'] * 1000:.1f}ms",
@@ -476,7 +479,9 @@ def report(results: list[Result]) -> None:
         if r.own_ops or r.hosts_down:
             log(f"  {r.hosts} hosts: the platform marked {r.hosts_down} host(s) down (no heartbeat within "
                 f"ORCH_HOST_DOWN_AFTER) and started operations of its own: {r.own_ops}")
-    log("CPU s/job: CPU seconds per job started or replaced, deploy and redeploy together; ctl = the control "
+    log("CPU ref: how long one core took for a fixed loop of pure Python as the size began (lower is faster; "
+        "this machine has varied by half between days and within minutes: compare runs through it).\n"
+        "CPU s/job: CPU seconds per job started or replaced, deploy and redeploy together; ctl = the control "
         "worker; sim = the sim processes together (steps, finishes, watcher, heartbeats); redis = the whole "
         "server (with --broker amqp://…: plus RabbitMQ's).\n"
         "tasks/job: Celery tasks the simulated nodes received per job started or replaced (a host's waiting "

@@ -63,7 +63,7 @@ class Remote:
         sent = {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json",
                 "Accept": "application/json", **(headers or {})}
         try:
-            if url.startswith("http://"):
+            if url.startswith("http://") and not _proxied():
                 answer = wire.request(url, method, sent, data, timeout)
             else:
                 answer = _by_urllib(url, method, sent, data, timeout)
@@ -80,24 +80,39 @@ class Remote:
 
 
 def _by_urllib(url: str, method: str, headers: dict[str, str], data: bytes | None, timeout: float) -> wire.Answer:
-    """An https:// request, through the standard library (imported here: only https needs it)."""
+    """An https:// request (or one through a proxy of ``http_proxy``), by the standard library
+    (imported here: only these need it). A redirect is answered as it is, not followed (the
+    token would go to wherever it points)."""
     import http.client
     import urllib.error
     import urllib.request
 
     from orchestrator.cli import wire
 
+    class Unfollowed(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+            return None
+
     request = urllib.request.Request(url, method=method, data=data, headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as answer:
+        with urllib.request.build_opener(Unfollowed).open(request, timeout=timeout) as answer:
             return wire.Answer(answer.status, answer.reason, {k.lower(): v for k, v in answer.headers.items()},
                                answer.read())
     except urllib.error.HTTPError as exc:
-        return wire.Answer(exc.code, str(exc.reason), {k.lower(): v for k, v in exc.headers.items()}, exc.read())
+        try:
+            body = exc.read()
+        except (OSError, http.client.HTTPException):
+            body = b""
+        return wire.Answer(exc.code, str(exc.reason), {k.lower(): v for k, v in (exc.headers or {}).items()}, body)
     except urllib.error.URLError as exc:
         raise OSError(exc.reason) from None
     except http.client.HTTPException as exc:
         raise wire.BadAnswer(str(exc) or type(exc).__name__) from None
+
+
+def _proxied() -> bool:
+    """Whether the environment names an HTTP proxy: then urllib asks (it knows ``no_proxy``)."""
+    return any(os.environ.get(name) for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"))
 
 
 def quoted(*parts: str) -> str:

@@ -36,8 +36,10 @@ def request(url: str, method: str, headers: dict[str, str], body: bytes | None, 
     if parts.scheme != "http" or not parts.hostname:
         raise ValueError(f"not an http:// URL: {url}")
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    lines = [f"{method} {target} HTTP/1.1", f"Host: {parts.netloc}", "Connection: close",
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {parts.netloc.rpartition('@')[2]}", "Connection: close",
              *(f"{name}: {value}" for name, value in headers.items())]
+    if any(c in line for line in lines for c in "\r\n\0"):  # (a token pasted with its line break)
+        raise ValueError("a line break in the request's target or headers")
     if body is not None:
         lines.append(f"Content-Length: {len(body)}")
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")

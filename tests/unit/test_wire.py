@@ -18,26 +18,31 @@ from tests.harness import free_port
 
 
 @contextmanager
-def server(*answers: bytes, hold: float = 0.0) -> Iterator[tuple[str, list[bytes]]]:
+def server(*answers: bytes, hold: float = 0.0, accept_for: float = 5.0) -> Iterator[tuple[str, list[bytes]]]:
     """http://127.0.0.1:PORT answering each connection with the next of ``answers`` (then
-    closing it, after ``hold`` seconds of silence); the requests it read, whole."""
+    closing it, after ``hold`` seconds of silence); the requests it read, whole (b"" for a
+    connection that sent nothing whole). It waits ``accept_for`` seconds for each connection."""
     listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(accept_for)
     received: list[bytes] = []
 
     def serve() -> None:
         for answer in answers:
-            conn, _ = listener.accept()
+            try:
+                conn, _ = listener.accept()
+            except OSError:  # (TimeoutError too) nobody came
+                return
             with conn:
                 conn.settimeout(5)
                 data = b""
-                while b"\r\n\r\n" not in data:
-                    data += conn.recv(65536)
+                while b"\r\n\r\n" not in data and (more := conn.recv(65536)):
+                    data += more
                 head, _, body = data.partition(b"\r\n\r\n")
                 length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
                                if line.lower().startswith(b"content-length:")), 0)
-                while len(body) < length:
-                    body += conn.recv(65536)
-                received.append(head + b"\r\n\r\n" + body)
+                while len(body) < length and (more := conn.recv(65536)):
+                    body += more
+                received.append(head + b"\r\n\r\n" + body if len(body) == length else b"")
                 if hold:
                     threading.Event().wait(hold)
                 conn.sendall(answer)
@@ -99,6 +104,13 @@ def test_a_server_out_of_reach_or_silent_is_an_os_error() -> None:
         wire.request(url, "GET", {}, None, 0.3)
 
 
+def test_a_line_break_in_a_header_is_refused_before_anything_is_sent() -> None:
+    with server(b"HTTP/1.1 204 No Content\r\n\r\n", accept_for=0.5) as (url, received), \
+            pytest.raises(ValueError, match="line break"):
+        wire.request(f"{url}/", "GET", {"Authorization": "Bearer t\r\nX-Evil: 1"}, None, 5)
+    assert received == []  # (the server waited for a connection in vain)
+
+
 def json_answer(status: str, body: object, extra: str = "") -> bytes:
     data = json.dumps(body).encode()
     return f"HTTP/1.1 {status}\r\nContent-Length: {len(data)}\r\n{extra}\r\n".encode() + data
@@ -130,3 +142,20 @@ def test_the_cli_reads_the_apis_answers_as_its_contract_says() -> None:
             api.get("/operations")
     assert b"GET /api/v1/operations/3?wait=5 HTTP/1.1" in received[1] and b'If-None-Match: "3-1"' in received[1]
     assert all(b"Authorization: Bearer secret" in r for r in received)
+
+
+def test_through_a_proxy_the_standard_client_asks_and_a_redirect_is_not_followed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With http_proxy set the request goes through urllib (which knows proxies and no_proxy);
+    a redirect is an answer, not followed: the token would go wherever it points."""
+    for name in ("no_proxy", "NO_PROXY", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    redirect = b"HTTP/1.1 307 Temporary Redirect\r\nLocation: http://127.0.0.1:9/x\r\nContent-Length: 0\r\n\r\n"
+    with server(json_answer("200 OK", {"id": 1}), redirect) as (proxy, received):
+        monkeypatch.setenv("http_proxy", proxy)
+        api = Remote("http://api.invalid:8000", "secret")  # reached only through the proxy
+        assert api.get("/operations/1") == {"id": 1}
+        with pytest.raises(ApiUnavailable, match="answered 307"):
+            api.get("/operations/1")
+    assert received[0].startswith(b"GET http://api.invalid:8000/api/v1/operations/1 HTTP/1.1")
+    assert len(received) == 2  # nothing went to the redirect's target

@@ -216,6 +216,16 @@ class Host(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
 
 
+class WatchPass(SQLModel, table=True):
+    """The fleet watcher's last pass (one row). Every platform process runs a watcher, so the
+    fleet is watched while any lives; one pass per heartbeat interval is done for them all, by
+    the first whose turn comes (``catalogue.claim_watch_pass``)."""
+
+    id: int = Field(default=1, primary_key=True)
+    passed_at: datetime
+    by: str = ""  # the process that began it: host name and process id
+
+
 class Environment(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     name: str = Field(unique=True, index=True)

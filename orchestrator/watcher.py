@@ -8,7 +8,10 @@
 - heals services whose jobs died outside an operation, with a back-off.
 
 It runs in the control worker and in every node (``workers.node``), so the fleet is watched while
-any platform process lives; conditional updates make each change happen once. A slow or failing
+any platform process lives; one pass per heartbeat interval is made for the whole fleet, by the
+process whose turn comes first (``run_when_due``: a pass reads every step of every running
+operation, and a hundred nodes each passing would read them a hundred times); conditional updates
+make each change happen once. A slow or failing
 catalogue is not a silent host: after a pass that could not write in time, the watcher judges
 nothing by the clock until heartbeats have had ``host_down_after`` seconds to land again.
 """
@@ -16,6 +19,8 @@ nothing by the clock until heartbeats have had ``host_down_after`` seconds to la
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -24,6 +29,7 @@ from typing import Any, NamedTuple
 
 from sqlalchemy import case, func, update
 from sqlalchemy import select as sa_select
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from orchestrator import catalogue, fleet, operations
@@ -58,6 +64,10 @@ log = logging.getLogger(__name__)
 SLOW_WRITE = 1.0  # seconds to get the catalogue's write lock that mean "the catalogue stalls"
 MAX_HEAL_ATTEMPTS = 5  # heals in a row before the platform gives up on a service
 LOST_ADVANCE_AFTER = 5.0  # seconds a stage ended with the next one unsent: its advance was lost
+# A process's turn to pass for the fleet comes this share of a heartbeat interval after the last
+# pass began (under 1: the process that passed last passes again, its ticks an interval apart).
+PASS_TURN = 0.8
+PROCESS = f"{socket.gethostname()}:{os.getpid()}"
 
 
 class Stalled(Exception):
@@ -71,7 +81,30 @@ class Watcher:
         self.distrust()  # a watcher that just started has seen no heartbeat yet
 
     def periodic(self) -> Periodic:
-        return Periodic("fleet-watch", self.p.settings.heartbeat_interval, self.run_once)
+        return Periodic("fleet-watch", self.p.settings.heartbeat_interval, self.run_when_due)
+
+    def run_when_due(self) -> bool:
+        """The fleet's pass, if no process began one within (most of) the heartbeat interval;
+        whether this one passed. A watcher that does not trust the clock yet (just started, or
+        after a stalled catalogue) passes on its own, judging nothing by the clock, and leaves
+        the fleet's turn to the others."""
+        if time.monotonic() >= self.trust_after and not self._fleet_turn():
+            return False
+        self.run_once()
+        return True
+
+    def _fleet_turn(self) -> bool:
+        every = PASS_TURN * self.p.settings.heartbeat_interval
+        with self.p.reader() as s:  # (a read: the write turn only for the process that claims)
+            if catalogue.watch_passed_since(session=s, seconds=every):
+                return False
+        try:
+            with self.p.session() as s:
+                mine = catalogue.claim_watch_pass(session=s, by=PROCESS, every=every)
+                s.commit()
+        except IntegrityError:  # another made the first pass's row at the same time
+            return False
+        return mine
 
     def distrust(self) -> None:
         self.trust_after = time.monotonic() + self.p.settings.host_down_after

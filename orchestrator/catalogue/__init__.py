@@ -14,11 +14,13 @@ from orchestrator.catalogue.builds import (
 )
 from orchestrator.catalogue.hosts import (
     add_host,
+    claim_watch_pass,
     get_host,
     host_loads,
     host_views,
     list_hosts,
     set_metrics_ports,
+    watch_passed_since,
 )
 from orchestrator.catalogue.jobs import (
     active_job_places,
@@ -141,6 +143,7 @@ __all__ = [
     "claim_host_steps",
     "claim_next_operation",
     "claim_stage",
+    "claim_watch_pass",
     "create_env",
     "create_token",
     "dashboard",
@@ -224,5 +227,6 @@ __all__ = [
     "update_service",
     "version_state",
     "want_heal",
+    "watch_passed_since",
     "workers_of",
 ]

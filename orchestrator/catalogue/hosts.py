@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func
+from sqlalchemy import bindparam, func, update
 from sqlalchemy import select as sa_select  # five columns: beyond sqlmodel's typed select
 from sqlmodel import Session, col, select
 
@@ -27,6 +28,8 @@ from orchestrator.models import (
     Step,
     StepAction,
     StepState,
+    WatchPass,
+    utcnow,
 )
 from orchestrator.placement import HostLoad
 from orchestrator.rules import check_name
@@ -140,6 +143,34 @@ _HOST = table(Host)
 _HOSTS = sa_select(_HOST.c.name, _HOST.c.state, _HOST.c.address, _HOST.c.cpus, _HOST.c.memory_mb).order_by(_HOST.c.name)
 _SERVICE = table(Service)
 _KEPT_PORTS = sa_select(_SERVICE.c.port, _SERVICE.c.type).where(_SERVICE.c.port.is_not(None))
+
+
+def watch_passed_since(*, session: Session, seconds: float) -> bool:
+    """Whether a fleet watcher's pass began within the last ``seconds`` (a read: most processes'
+    turns end here)."""
+    passed_at = session.exec(select(WatchPass.passed_at).where(WatchPass.id == 1)).first()
+    return passed_at is not None and passed_at >= utcnow() - timedelta(seconds=seconds)
+
+
+def claim_watch_pass(*, session: Session, by: str, every: float) -> bool:
+    """The fleet watcher's next pass is ``by``'s, unless one began within ``every`` seconds: one
+    conditional UPDATE, so of processes whose turns come together one wins (the first pass ever
+    makes the row: on PostgreSQL, two at once may both try, and the second's commit fails)."""
+    now = utcnow()
+    won = session.connection().execute(_CLAIM_PASS, {"w_now": now, "w_by": by,
+                                                     "w_cutoff": now - timedelta(seconds=every)}).rowcount
+    if won == 1:
+        return True
+    if session.exec(select(WatchPass.id).where(WatchPass.id == 1)).first() is not None:
+        return False
+    session.add(WatchPass(id=1, passed_at=now, by=by))
+    session.flush()
+    return True
+
+
+_WATCH = table(WatchPass)
+_CLAIM_PASS = (update(_WATCH).where(_WATCH.c.id == 1, _WATCH.c.passed_at < bindparam("w_cutoff"))
+               .values(passed_at=bindparam("w_now"), by=bindparam("w_by")))
 
 
 UNSET: Any = object()

@@ -181,6 +181,45 @@ def test_a_watcher_pass_over_operations_under_way_takes_no_write_turn(world: Wor
     assert ended.state == OpState.failed and ended.error is not None and "never picked up" in ended.error
 
 
+def test_one_watcher_passes_for_the_fleet_each_heartbeat_interval(world: World,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every process runs a watcher; one pass per interval is made for them all, by the first
+    whose turn comes: the others find it made (in a read) and pass nothing. Once a pass is as
+    old as most of an interval, the next watcher whose turn comes makes the next."""
+    interval = 0.3
+    monkeypatch.setattr(world.platform.settings, "heartbeat_interval", interval)
+    watchers = [watcher.Watcher(world.platform) for _ in range(3)]
+    for w in watchers:
+        w.trust_after = 0.0
+    world.silence("h2")
+    passes: list[int] = []
+    for i, w in enumerate(watchers):
+        w.run_once = lambda i=i: passes.append(i)  # type: ignore[method-assign]
+    with world.write_turns() as writes:
+        assert [w.run_when_due() for w in watchers] == [True, False, False]
+        assert len(writes) == 1  # the claim; the others only read
+    time.sleep(interval * watcher.PASS_TURN + 0.05)
+    assert [w.run_when_due() for w in reversed(watchers)] == [True, False, False]
+    assert passes == [0, 2]
+    with world.platform.reader() as s:
+        assert catalogue.watch_passed_since(session=s, seconds=interval)
+
+
+def test_a_watcher_that_does_not_trust_the_clock_passes_alone_and_leaves_the_fleets_turn(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A watcher just started (or after a stalled catalogue) judges nothing by the clock: its
+    pass does the rest, and does not count as the fleet's, which a trusted watcher then makes."""
+    monkeypatch.setattr(world.platform.settings, "heartbeat_interval", 5.0)
+    new, trusted = watcher.Watcher(world.platform), watcher.Watcher(world.platform)
+    trusted.trust_after = 0.0
+    world.silence("h2")
+    assert new.run_when_due()
+    assert world.host("h2").state == HostState.up  # not judged by a watcher that distrusts
+    assert trusted.run_when_due()
+    assert world.host("h2").state == HostState.down
+    assert not trusted.run_when_due() and new.run_when_due()  # (the fleet's pass made: the new one passes alone)
+
+
 def test_the_watcher_recovers_the_jobs_of_a_silent_host_elsewhere(world: World) -> None:
     with_workers(world, "web", scale=2, workers=2)
     on_h2 = {j.id for j in world.jobs("web") if j.host == "h2"}

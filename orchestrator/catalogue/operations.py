@@ -56,32 +56,35 @@ def claim_next_operation(*, session: Session, service_id: int) -> Operation | No
     let go again and the next queued one is tried (``cancel`` locks the operation's row, so it
     either commits before the claim's update looks, or sees the claim and abandons it)."""
     passed: list[int] = []
+    connection = session.connection()
     while True:
         op = _oldest_queued(session, service_id, passed)
         if op is None:
             return None
-        won = session.exec(
-            update(Service)
-            .where(col(Service.id) == service_id, col(Service.active_op_id).is_(None))
-            .values(active_op_id=op.id)
-        ).rowcount
-        if won != 1:
+        if connection.execute(_CLAIM_SERVICE, {"w_service": service_id, "w_op": op.id}).rowcount != 1:
             return None
-        if session.exec(update(Operation).where(col(Operation.id) == op.id, col(Operation.state) == OpState.queued)
-                        .values(claimed_at=utcnow())).rowcount == 1:
+        if connection.execute(_MARK_CLAIMED, {"w_op": op.id, "w_now": utcnow()}).rowcount == 1:
             return op
         release_service(session=session, service_id=service_id, op_id=op.id or 0)  # it ended meanwhile
         passed.append(op.id or 0)
 
 
 def _oldest_queued(session: Session, service_id: int, passed: Sequence[int]) -> Operation | None:
-    return session.exec(
-        select(Operation)
-        .where(Operation.service_id == service_id, Operation.state == OpState.queued,
-               col(Operation.id).not_in(passed))
-        # A revert puts the service back after a failure: it goes before what was asked since.
-        .order_by(case((col(Operation.kind) == OpKind.revert, 0), else_=1), col(Operation.id))
-    ).first()
+    return session.exec(_OLDEST_QUEUED, params={"w_service": service_id, "w_passed": list(passed)}).first()
+
+
+# Built once (their values bound by name): every request runs them, in the catalogue's write turn.
+_OLDEST_QUEUED = (
+    select(Operation)
+    .where(col(Operation.service_id) == bindparam("w_service"), col(Operation.state) == OpState.queued,
+           col(Operation.id).not_in(bindparam("w_passed", expanding=True)))
+    # A revert puts the service back after a failure: it goes before what was asked since.
+    .order_by(case((col(Operation.kind) == OpKind.revert, 0), else_=1), col(Operation.id)))
+_SERVICE = table(Service)
+_CLAIM_SERVICE = (update(_SERVICE).where(_SERVICE.c.id == bindparam("w_service"), _SERVICE.c.active_op_id.is_(None))
+                  .values(active_op_id=bindparam("w_op")))
+_MARK_CLAIMED = (update(_OP).where(_OP.c.id == bindparam("w_op"), _OP.c.state == OpState.queued)
+                 .values(claimed_at=bindparam("w_now")))
 
 
 def release_service(*, session: Session, service_id: int, op_id: int) -> None:
@@ -104,14 +107,16 @@ def end_operation(*, session: Session, op_id: int, state: OpState, error: str | 
 
 def begin_operation(*, session: Session, op_id: int) -> bool:
     """Queued -> running, once: False when another process started it already."""
-    return session.exec(
-        update(Operation).where(col(Operation.id) == op_id, col(Operation.state) == OpState.queued)
-        .values(state=OpState.running, started_at=utcnow())
-    ).rowcount == 1
+    return session.connection().execute(_BEGIN, {"w_op": op_id, "w_now": utcnow()}).rowcount == 1
 
 
 def mark_sent(*, session: Session, op_id: int) -> None:
-    session.exec(update(Operation).where(col(Operation.id) == op_id).values(sent_at=utcnow()))
+    session.connection().execute(_MARK_SENT, {"w_op": op_id, "w_now": utcnow()})
+
+
+_BEGIN = (update(_OP).where(_OP.c.id == bindparam("w_op"), _OP.c.state == OpState.queued)
+          .values(state=OpState.running, started_at=bindparam("w_now")))
+_MARK_SENT = update(_OP).where(_OP.c.id == bindparam("w_op")).values(sent_at=bindparam("w_now"))
 
 
 def claim_stage(*, session: Session, op_id: int, stage: int) -> bool:

@@ -87,9 +87,20 @@ class Watcher:
         """The fleet's pass, if no process began one within (most of) the heartbeat interval;
         whether this one passed. A watcher that does not trust the clock yet (just started, or
         after a stalled catalogue) passes on its own, judging nothing by the clock, and leaves
-        the fleet's turn to the others."""
-        if time.monotonic() >= self.trust_after and not self._fleet_turn():
-            return False
+        the fleet's turn to the others. Looking for the turn is a pass's first touch of the
+        catalogue: if it fails, or its claim waited long for the write turn (heartbeats waited as
+        long), this watcher distrusts the clock as a pass would."""
+        began = time.monotonic()
+        if began >= self.trust_after:
+            try:
+                mine = self._fleet_turn()
+            except Exception:
+                self.distrust()
+                raise
+            if time.monotonic() - began > SLOW_WRITE:
+                self.distrust()
+            elif not mine:
+                return False
         self.run_once()
         return True
 

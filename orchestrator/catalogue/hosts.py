@@ -7,7 +7,7 @@ from collections import defaultdict
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, func, update
+from sqlalchemy import bindparam, func, or_, update
 from sqlalchemy import select as sa_select  # five columns: beyond sqlmodel's typed select
 from sqlmodel import Session, col, select
 
@@ -147,18 +147,23 @@ _KEPT_PORTS = sa_select(_SERVICE.c.port, _SERVICE.c.type).where(_SERVICE.c.port.
 
 def watch_passed_since(*, session: Session, seconds: float) -> bool:
     """Whether a fleet watcher's pass began within the last ``seconds`` (a read: most processes'
-    turns end here)."""
+    turns end here). A pass dated later than ``seconds`` from now does not count: a process whose
+    clock runs ahead must not keep the others from their turns."""
     passed_at = session.exec(select(WatchPass.passed_at).where(WatchPass.id == 1)).first()
-    return passed_at is not None and passed_at >= utcnow() - timedelta(seconds=seconds)
+    now, every = utcnow(), timedelta(seconds=seconds)
+    return passed_at is not None and now - every <= passed_at <= now + every
 
 
 def claim_watch_pass(*, session: Session, by: str, every: float) -> bool:
-    """The fleet watcher's next pass is ``by``'s, unless one began within ``every`` seconds: one
-    conditional UPDATE, so of processes whose turns come together one wins (the first pass ever
-    makes the row: on PostgreSQL, two at once may both try, and the second's commit fails)."""
-    now = utcnow()
-    won = session.connection().execute(_CLAIM_PASS, {"w_now": now, "w_by": by,
-                                                     "w_cutoff": now - timedelta(seconds=every)}).rowcount
+    """The fleet watcher's next pass is ``by``'s, unless one began within ``every`` seconds (as
+    ``watch_passed_since``): one conditional UPDATE, so of processes whose turns come together one
+    wins (the first pass ever makes the row: on PostgreSQL, two at once may both try, and the
+    second's commit fails). Dated once the write turn is held: a claim that waited for it must
+    not look older than it is."""
+    connection = session.connection()
+    now, span = utcnow(), timedelta(seconds=every)
+    won = connection.execute(_CLAIM_PASS, {"w_now": now, "w_by": by, "w_cutoff": now - span,
+                                           "w_ahead": now + span}).rowcount
     if won == 1:
         return True
     if session.exec(select(WatchPass.id).where(WatchPass.id == 1)).first() is not None:
@@ -169,7 +174,8 @@ def claim_watch_pass(*, session: Session, by: str, every: float) -> bool:
 
 
 _WATCH = table(WatchPass)
-_CLAIM_PASS = (update(_WATCH).where(_WATCH.c.id == 1, _WATCH.c.passed_at < bindparam("w_cutoff"))
+_CLAIM_PASS = (update(_WATCH).where(_WATCH.c.id == 1, or_(_WATCH.c.passed_at < bindparam("w_cutoff"),
+                                                           _WATCH.c.passed_at > bindparam("w_ahead")))
                .values(passed_at=bindparam("w_now"), by=bindparam("w_by")))
 
 

@@ -7,9 +7,11 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 from datetime import timedelta
+from unittest.mock import patch
 
 import pytest
 from sqlalchemy import update
+from sqlalchemy.exc import OperationalError
 from sqlmodel import col, select
 
 from orchestrator import catalogue, fleet, requests, watcher
@@ -29,6 +31,7 @@ from orchestrator.models import (
     Step,
     StepAction,
     StepState,
+    WatchPass,
     utcnow,
 )
 from tests.unit.world import ENV, IMAGE, IMAGE_2, World
@@ -181,28 +184,72 @@ def test_a_watcher_pass_over_operations_under_way_takes_no_write_turn(world: Wor
     assert ended.state == OpState.failed and ended.error is not None and "never picked up" in ended.error
 
 
+def _date_the_fleets_pass(world: World, seconds_ago: float) -> None:
+    with world.platform.session() as s:
+        s.merge(WatchPass(id=1, passed_at=utcnow() - timedelta(seconds=seconds_ago), by="a test"))
+        s.commit()
+
+
 def test_one_watcher_passes_for_the_fleet_each_heartbeat_interval(world: World,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Every process runs a watcher; one pass per interval is made for them all, by the first
     whose turn comes: the others find it made (in a read) and pass nothing. Once a pass is as
-    old as most of an interval, the next watcher whose turn comes makes the next."""
-    interval = 0.3
+    old as most of an interval, the next watcher whose turn comes makes the next. A pass dated
+    ahead (a process whose clock runs fast) keeps nobody from the turn."""
+    interval = 5.0
     monkeypatch.setattr(world.platform.settings, "heartbeat_interval", interval)
     watchers = [watcher.Watcher(world.platform) for _ in range(3)]
-    for w in watchers:
-        w.trust_after = 0.0
-    world.silence("h2")
     passes: list[int] = []
     for i, w in enumerate(watchers):
+        w.trust_after = 0.0
         w.run_once = lambda i=i: passes.append(i)  # type: ignore[method-assign]
     with world.write_turns() as writes:
         assert [w.run_when_due() for w in watchers] == [True, False, False]
         assert len(writes) == 1  # the claim; the others only read
-    time.sleep(interval * watcher.PASS_TURN + 0.05)
+    _date_the_fleets_pass(world, interval * watcher.PASS_TURN - 0.5)  # not yet due
+    assert [w.run_when_due() for w in watchers] == [False, False, False]
+    _date_the_fleets_pass(world, interval * watcher.PASS_TURN + 0.5)
     assert [w.run_when_due() for w in reversed(watchers)] == [True, False, False]
-    assert passes == [0, 2]
-    with world.platform.reader() as s:
-        assert catalogue.watch_passed_since(session=s, seconds=interval)
+    _date_the_fleets_pass(world, -interval * 3)  # in the future
+    assert [w.run_when_due() for w in watchers] == [True, False, False]
+    assert passes == [0, 2, 0]
+
+
+def test_a_watcher_whose_turn_waits_or_fails_distrusts_the_clock(world: World) -> None:
+    """Looking for the fleet's turn is a pass's first touch of the catalogue: a claim that waited
+    long for the write turn (a long writer: heartbeats waited as long) or that fails makes the
+    watcher judge nothing by the clock for a while, as a pass would have."""
+    import threading
+
+    w = watcher.Watcher(world.platform)
+    w.trust_after = 0.0
+    _date_the_fleets_pass(world, 60)  # (the row made, and due)
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with world.platform.session() as s:
+            s.connection()  # (the write turn)
+            held.set()
+            release.wait(10)
+            s.commit()
+
+    world.silence("h2")
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(10)
+    threading.Timer(watcher.SLOW_WRITE + 0.3, release.set).start()
+    assert w.run_when_due()
+    holder.join()
+    assert w.trust_after > time.monotonic()
+    assert world.host("h2").state == HostState.up  # not judged: the catalogue stalled
+
+    trusting = watcher.Watcher(world.platform)
+    trusting.trust_after = 0.0
+    _date_the_fleets_pass(world, 60)
+    with patch.object(catalogue, "claim_watch_pass", side_effect=OperationalError("claim", {}, Exception("gone"))), \
+            pytest.raises(OperationalError):
+        trusting.run_when_due()
+    assert trusting.trust_after > time.monotonic()
 
 
 def test_a_watcher_that_does_not_trust_the_clock_passes_alone_and_leaves_the_fleets_turn(

@@ -712,6 +712,20 @@ def create_api(platform: Platform) -> FastAPI:
             with platform.reader() as s:
                 return catalogue.operation_public(session=s, op=catalogue.get_operation(session=s, op_id=op_id))
 
+        def answer(etag: str) -> OperationPublic:
+            """The operation, with an ETag never newer than it: ``etag`` was read before it, and
+            is read again after it until the two agree (a version only moves forward, and each
+            read may see a later moment), so the next poll answers every change this body did
+            not show, and none it did."""
+            body = public()
+            for _ in range(2):  # (an operation that moves fast: its last body, the version read before it)
+                after = version()
+                if after == etag:
+                    break
+                etag, body = after, public()
+            response.headers["ETag"] = etag
+            return body
+
         while True:
             etag = await run_in_threadpool(version)
             now = time.monotonic()
@@ -719,8 +733,7 @@ def create_api(platform: Platform) -> FastAPI:
                 moved = now if moved is None else moved
                 if (catalogue.version_state(etag.strip('"')) != catalogue.version_state(seen.strip('"'))
                         or now >= min(moved + WAIT_GATHER, deadline)):
-                    response.headers["ETag"] = etag
-                    return await run_in_threadpool(public)
+                    return await run_in_threadpool(answer, etag)
             if now >= deadline or await request.is_disconnected():
                 return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers={"ETag": etag})
             await asyncio.sleep(WAIT_POLL)

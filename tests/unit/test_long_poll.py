@@ -112,3 +112,28 @@ def test_a_poll_without_wait_answers_a_change_at_once(bulk: Catalogue, monkeypat
     status, body, waited = long_poll(bulk, 0, (0.0, step_moves(bulk, 0, StepState.running)))
     assert status == 200 and [st["state"] for st in body["steps"]] == ["running", "pending"], body
     assert waited < 10, waited
+
+
+def test_a_step_that_moves_while_the_answer_is_read_is_in_its_etag(
+        bulk: Catalogue, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ETag is the operation's version read before its body: a step that moved in between is
+    in the body, and the ETag must say so (else the next poll answers the same body again, as a
+    CI run saw), and never more than the body shows."""
+    real = api_app.catalogue.operation_public
+    moved: list[bool] = []
+
+    def read_while_a_step_moves(**kwargs: Any) -> Any:
+        if not moved:  # the first body only
+            moved.append(True)
+            step_moves(bulk, 0, StepState.running)()
+        return real(**kwargs)
+
+    with bulk.platform.reader() as s:
+        op_id = s.exec(select(Operation.id)).one()
+    monkeypatch.setattr(api_app.catalogue, "operation_public", read_while_a_step_moves)
+    status, body, headers = api_call(bulk.api, f"/api/v1/operations/{op_id}", bulk.filled.token)
+    assert status == 200 and [st["state"] for st in body["steps"]] == ["running", "pending"], body
+    monkeypatch.setattr(api_app, "WAIT_GATHER", 0.0)
+    status, again, _ = api_call(bulk.api, f"/api/v1/operations/{op_id}?wait=0.5", bulk.filled.token,
+                                headers={"If-None-Match": headers["etag"]})
+    assert status == 304, again  # nothing moved since that body

@@ -4,7 +4,10 @@ a node reconciling its runtime with the catalogue."""
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import timedelta
 from unittest.mock import patch
@@ -134,11 +137,9 @@ def test_judging_a_fleet_that_beats_takes_no_write_turn(world: World) -> None:
         assert len(writes) == 1
 
 
-def test_a_pass_that_waits_for_the_write_turn_judges_nothing_by_the_clock(world: World) -> None:
-    """A pass looks in reads and may have nothing to write; it still sees a catalogue whose
-    writes stall (heartbeats waited as long) and then judges nothing by the clock for a while."""
-    import threading
-
+@contextmanager
+def write_turn_held(world: World, seconds: float) -> Iterator[None]:
+    """Another thread holds the catalogue's write turn (a long writer) from now for ``seconds``."""
     held, release = threading.Event(), threading.Event()
 
     def hold() -> None:
@@ -151,9 +152,19 @@ def test_a_pass_that_waits_for_the_write_turn_judges_nothing_by_the_clock(world:
     holder = threading.Thread(target=hold)
     holder.start()
     assert held.wait(10)
-    threading.Timer(watcher.SLOW_WRITE + 0.3, release.set).start()
-    world.watch()
-    holder.join()
+    threading.Timer(seconds, release.set).start()
+    try:
+        yield
+    finally:
+        release.set()
+        holder.join()
+
+
+def test_a_pass_that_waits_for_the_write_turn_judges_nothing_by_the_clock(world: World) -> None:
+    """A pass looks in reads and may have nothing to write; it still sees a catalogue whose
+    writes stall (heartbeats waited as long) and then judges nothing by the clock for a while."""
+    with write_turn_held(world, watcher.SLOW_WRITE + 0.3):
+        world.watch()
     assert world.watcher.trust_after > time.monotonic()
     world.silence("h2")
     world.watch()
@@ -219,27 +230,12 @@ def test_a_watcher_whose_turn_waits_or_fails_distrusts_the_clock(world: World) -
     """Looking for the fleet's turn is a pass's first touch of the catalogue: a claim that waited
     long for the write turn (a long writer: heartbeats waited as long) or that fails makes the
     watcher judge nothing by the clock for a while, as a pass would have."""
-    import threading
-
     w = watcher.Watcher(world.platform)
     w.trust_after = 0.0
     _date_the_fleets_pass(world, 60)  # (the row made, and due)
-    held, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        with world.platform.session() as s:
-            s.connection()  # (the write turn)
-            held.set()
-            release.wait(10)
-            s.commit()
-
     world.silence("h2")
-    holder = threading.Thread(target=hold)
-    holder.start()
-    assert held.wait(10)
-    threading.Timer(watcher.SLOW_WRITE + 0.3, release.set).start()
-    assert w.run_when_due()
-    holder.join()
+    with write_turn_held(world, watcher.SLOW_WRITE + 0.3):
+        assert w.run_when_due()
     assert w.trust_after > time.monotonic()
     assert world.host("h2").state == HostState.up  # not judged: the catalogue stalled
 

@@ -148,6 +148,9 @@ def remote() -> Remote | None:
     token = values.get("ORCH_API_TOKEN", "").strip()
     if not token:
         raise BadInput("ORCH_API_URL is set but ORCH_API_TOKEN is not (`orchestrator tokens create NAME`)")
+    for key, value in (("ORCH_API_URL", url), ("ORCH_API_TOKEN", token)):
+        if any(c.isspace() or not c.isprintable() for c in value):  # a pasted line break, say
+            raise BadInput(f"{key} holds a space, a line break or another control character")
     return Remote(url, token)
 
 

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import pytest
 
 from orchestrator.cli import wire
-from orchestrator.cli.remote import ApiUnavailable, Remote
+from orchestrator.cli.remote import ApiUnavailable, Remote, remote
 from orchestrator.errors import BadInput
 from tests.harness import free_port
 
@@ -109,6 +109,26 @@ def test_a_line_break_in_a_header_is_refused_before_anything_is_sent() -> None:
             pytest.raises(ValueError, match="line break"):
         wire.request(f"{url}/", "GET", {"Authorization": "Bearer t\r\nX-Evil: 1"}, None, 5)
     assert received == []  # (the server waited for a connection in vain)
+
+
+@pytest.mark.parametrize(("url", "token", "names"), [
+    ("http://127.0.0.1:8000", "abc\ndef", "ORCH_API_TOKEN"),
+    ("http://127.0.0.1:8000", "abc def", "ORCH_API_TOKEN"),
+    ("http://127.0.0.1:8000\r\nX: 1", "abc", "ORCH_API_URL"),
+    ("http://127.0.0.1:80\t00", "abc", "ORCH_API_URL"),
+])
+def test_a_url_or_token_with_a_line_break_is_bad_input(monkeypatch: pytest.MonkeyPatch, tmp_path: object,
+                                                       url: str, token: str, names: str) -> None:
+    """A pasted value with a line break (or a space, or another control character) is the
+    user's input: a one-line refusal (exit 2), not an API "that cannot be reached"."""
+    monkeypatch.setenv("ORCH_API_URL", url)
+    monkeypatch.setenv("ORCH_API_TOKEN", token)
+    with pytest.raises(BadInput, match=names) as refused:
+        remote()
+    assert "\n" not in str(refused.value)
+    monkeypatch.setenv("ORCH_API_URL", "http://127.0.0.1:8000/api/v1/")
+    monkeypatch.setenv("ORCH_API_TOKEN", " abc\n")  # (whitespace around a value is only trimmed)
+    assert remote() == Remote("http://127.0.0.1:8000", "abc")
 
 
 def json_answer(status: str, body: object, extra: str = "") -> bytes:

@@ -25,5 +25,9 @@ result_expires = 24 * 3600
 
 task_default_queue = CONTROL_QUEUE
 broker_connection_retry_on_startup = True
-broker_transport_options = {"visibility_timeout": 3600}
+# Redis: no task of the platform has a priority, so each queue is one list, not four (kombu's
+# default steps 0, 3, 6, 9). A worker's wait for messages names every list of every queue it
+# consumes: a simulated fleet's process consumes the queues of hundreds of hosts. (A message
+# sent with a priority would still go to the one list: the steps only say where it goes.)
+broker_transport_options = {"visibility_timeout": 3600, "priority_steps": [0]}
 worker_hijack_root_logger = False

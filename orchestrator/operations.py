@@ -356,7 +356,7 @@ PLANS: dict[OpKind, Callable[[PlanInput], planner.Plan]] = {
 def _plan(p: Platform, s: Session, op: Operation, svc: Service, env: Environment) -> planner.Plan:
     # CPU limits cap a container, they reserve nothing: a host takes more than its cores.
     hosts = [replace(h, cpus=h.cpus * p.settings.cpu_overcommit)
-             for h in catalogue.host_loads(session=s)]
+             for h in catalogue.placement_loads(session=s)]
     plan = PLANS.get(op.kind)
     if plan is None:
         raise planner.PlanError(f"operation kind {op.kind} is not supported yet")

@@ -454,7 +454,7 @@ def move_port(node: NodeContext, job: Job, span: int) -> Job:
     holds and nothing answers on."""
     p = node.platform
     with node.port_lock, p.session() as s:
-        load = next(h for h in catalogue.host_loads(session=s) if h.name == node.host)
+        load = next(h for h in catalogue.placement_loads(session=s) if h.name == node.host)
         port = free_port(load.used_ports, p.settings.port_min, p.settings.port_max,
                          usable=lambda candidate: not node.accepts(node.address, candidate),
                          span=span)

@@ -19,6 +19,7 @@ from orchestrator.catalogue.hosts import (
     host_loads,
     host_views,
     list_hosts,
+    placement_loads,
     set_metrics_ports,
     watch_passed_since,
 )
@@ -192,6 +193,7 @@ __all__ = [
     "operation_public",
     "operation_version",
     "operations_public",
+    "placement_loads",
     "proxy_config",
     "proxy_jobs",
     "proxy_jobs_on",

@@ -21,9 +21,10 @@ import pytest
 from sqlalchemy.engine import Engine
 
 from orchestrator import catalogue, operations, requests
+from orchestrator.catalogue import hosts as catalogue_hosts
 from orchestrator.catalogue import operations as catalogue_operations
 from orchestrator.db import make_engines
-from orchestrator.models import OpState
+from orchestrator.models import JobState, OpState, ServiceType
 from orchestrator.settings import Settings
 from tests.conftest import DOCKER_URL, Cli, containers
 from tests.harness import (
@@ -36,7 +37,7 @@ from tests.harness import (
     retire,
 )
 from tests.helpers import jobs_json, op_json, op_of, ts
-from tests.unit.world import ENV, World, make_settings, make_world
+from tests.unit.world import ENV, IMAGE, World, make_settings, make_world
 
 pytestmark = pytest.mark.e2e
 
@@ -264,3 +265,34 @@ def test_a_cancel_racing_the_claim_of_its_operation_never_holds_the_service(pg_w
     assert world.operation(third.id or 0).state == OpState.running
     world.run_all()
     assert world.operation(third.id or 0).state == OpState.succeeded
+
+
+def test_two_plans_at_once_never_place_two_jobs_on_one_port(pg_world: World) -> None:
+    """Two services' deploys planned at once: the second reads the hosts' loads while the first
+    has placed its job and not committed. Each would choose the same port of the same host (and
+    count the same room free); placements take turns instead: the second waits for the first's
+    commit, and sees its job."""
+    world = pg_world
+    for name in ("a", "b"):
+        requests.add_service(world.platform, env=ENV, name=name, type=ServiceType.code, image=None,
+                             command="serve", scale=1, size="s")
+    real_loads = catalogue.host_loads
+    other: list[threading.Thread] = []
+
+    def loads_then_another_plan(**kwargs: Any) -> Any:
+        loads = real_loads(**kwargs)
+        if not other:  # the first plan has read; the second one runs now, to its commit if it can
+            other.append(threading.Thread(target=requests.request_push, args=(world.platform,),
+                                          kwargs={"env": ENV, "service": "b", "image": IMAGE}))
+            other[0].start()
+            other[0].join(timeout=3)  # (it waits for this plan's turn: then this one goes on first)
+        return loads
+
+    with patch.object(catalogue_hosts, "host_loads", loads_then_another_plan):
+        requests.request_push(world.platform, env=ENV, service="a", image=IMAGE)
+        other[0].join(timeout=30)
+    assert not other[0].is_alive()
+    (a,), (b,) = world.jobs("a"), world.jobs("b")
+    assert (a.host, a.port) != (b.host, b.port), (a.host, a.port)
+    world.run_all()
+    assert {j.state for j in world.jobs("a") + world.jobs("b")} == {JobState.running}

@@ -280,6 +280,7 @@ _STUCK = (select(Step).join(Operation, col(Operation.id) == col(Step.op_id))
 def drain(p: Platform, *, host: str) -> list[int]:
     """Stop placing jobs on ``host`` and move every job off it (start elsewhere, then stop)."""
     with p.session() as s:
+        catalogue.hold_placement(session=s)  # a plan under way commits first: its jobs are seen
         target = catalogue.get_host(session=s, name=host)
         if target.state == HostState.down:
             raise BadInput(f"host {host} is down: its jobs are recovered elsewhere already")
@@ -325,6 +326,7 @@ def remove(p: Platform, *, host: str) -> None:
     """Forget a host; refused while any job is active or stopping on it. Its lost jobs (the
     host went down and they were replaced, or not) are forgotten with it: they become stopped."""
     with p.session() as s:
+        catalogue.hold_placement(session=s)  # a plan under way commits first: its jobs are seen
         target = catalogue.get_host(session=s, name=host)
         remaining = s.exec(select(Job).where(
             Job.host == host, col(Job.state).in_((*ACTIVE_JOB_STATES, JobState.stopping)))).all()

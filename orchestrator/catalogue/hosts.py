@@ -87,9 +87,16 @@ def placement_loads(*, session: Session) -> list[HostLoad]:
     the loads without the other's new jobs, and chose the same port of the same host, and the
     same room twice (seen in 20 redeploys at once on 100 simulated hosts: the nodes then moved
     the jobs' ports, a third of their CPU; on Docker the second container may not bind at all)."""
+    hold_placement(session=session)
+    return host_loads(session=session)
+
+
+def hold_placement(*, session: Session) -> None:
+    """This transaction's turn at placing, until it ends (PostgreSQL; SQLite's writers take
+    turns already): also for what changes where jobs may go and then acts on the jobs a host has
+    (a drain, a host's removal), so that no plan places on the host unseen meanwhile."""
     if session.get_bind().dialect.name == "postgresql":
         session.connection().exec_driver_sql(f"SELECT pg_advisory_xact_lock({PLACEMENT_LOCK})")
-    return host_loads(session=session)
 
 
 def host_loads(*, session: Session) -> list[HostLoad]:

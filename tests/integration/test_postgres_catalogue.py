@@ -20,10 +20,11 @@ import psycopg
 import pytest
 from sqlalchemy.engine import Engine
 
-from orchestrator import catalogue, operations, requests
+from orchestrator import catalogue, fleet, operations, requests
 from orchestrator.catalogue import hosts as catalogue_hosts
 from orchestrator.catalogue import operations as catalogue_operations
 from orchestrator.db import make_engines
+from orchestrator.errors import BadInput
 from orchestrator.models import JobState, OpState, ServiceType
 from orchestrator.settings import Settings
 from tests.conftest import DOCKER_URL, Cli, containers
@@ -296,3 +297,64 @@ def test_two_plans_at_once_never_place_two_jobs_on_one_port(pg_world: World) -> 
     assert (a.host, a.port) != (b.host, b.port), (a.host, a.port)
     world.run_all()
     assert {j.state for j in world.jobs("a") + world.jobs("b")} == {JobState.running}
+
+
+def test_a_drain_while_a_plan_places_on_its_host_moves_that_job_too(pg_world: World) -> None:
+    """A drain marks its host and moves the jobs it has. A plan that read the host as up and
+    placed a job there, not committed yet, would leave that job on the drained host; the drain
+    waits for the plan's commit instead, and moves it."""
+    world = pg_world
+    requests.add_service(world.platform, env=ENV, name="b", type=ServiceType.code, image=None,
+                         command="serve", scale=1, size="s")
+    real_loads = catalogue.host_loads
+    draining: list[threading.Thread] = []
+
+    def loads_then_a_drain(**kwargs: Any) -> Any:
+        loads = real_loads(**kwargs)  # h1 up, and the lightest: the plan places there
+        if not draining:
+            draining.append(threading.Thread(target=fleet.drain, args=(world.platform,), kwargs={"host": "h1"}))
+            draining[0].start()
+            draining[0].join(timeout=3)  # (it waits for this plan's turn: then this one goes on first)
+        return loads
+
+    with patch.object(catalogue_hosts, "host_loads", loads_then_a_drain):
+        requests.request_push(world.platform, env=ENV, service="b", image=IMAGE)
+        draining[0].join(timeout=30)
+    assert not draining[0].is_alive()
+    world.run_all()  # the push, then the drain queued behind it
+    (job,) = world.jobs("b")
+    assert job.host == "h2" and job.state == JobState.running, (job.host, job.state)
+
+
+def test_a_host_removed_while_a_plan_places_on_it_is_refused(pg_world: World) -> None:
+    """A host's removal is refused while it has jobs: one a plan placed there, not committed
+    yet, counts (the removal waits for the plan's commit)."""
+    world = pg_world
+    requests.add_service(world.platform, env=ENV, name="b", type=ServiceType.code, image=None,
+                         command="serve", scale=1, size="s")
+    real_loads = catalogue.host_loads
+    removal: list[BaseException | None] = []  # what the removal came to: None, or its refusal
+    removing: list[threading.Thread] = []
+
+    def remove_h1() -> None:
+        try:
+            fleet.remove(world.platform, host="h1")
+            removal.append(None)
+        except BadInput as exc:
+            removal.append(exc)
+
+    def loads_then_a_removal(**kwargs: Any) -> Any:
+        loads = real_loads(**kwargs)
+        if not removing:
+            removing.append(threading.Thread(target=remove_h1))
+            removing[0].start()
+            removing[0].join(timeout=3)
+        return loads
+
+    with patch.object(catalogue_hosts, "host_loads", loads_then_a_removal):
+        requests.request_push(world.platform, env=ENV, service="b", image=IMAGE)
+        removing[0].join(timeout=30)
+    assert isinstance(removal[0], BadInput) and "still has 1 jobs" in str(removal[0]), removal
+    (job,) = world.jobs("b")
+    with world.platform.reader() as s:
+        assert job.host == "h1" and "h1" in {h.name for h in catalogue.list_hosts(session=s)}

@@ -281,7 +281,7 @@ def drain(p: Platform, *, host: str) -> list[int]:
     """Stop placing jobs on ``host`` and move every job off it (start elsewhere, then stop)."""
     with p.session() as s:
         catalogue.hold_placement(session=s)  # a plan under way commits first: its jobs are seen
-        target = catalogue.get_host(session=s, name=host)
+        target = catalogue.get_host(session=s, name=host, for_update=True)
         if target.state == HostState.down:
             raise BadInput(f"host {host} is down: its jobs are recovered elsewhere already")
         target.state = HostState.draining
@@ -313,7 +313,7 @@ def _start_for_each(p: Platform, services: list[int], kind: OpKind, trigger: OpT
 
 def undrain(p: Platform, *, host: str) -> None:
     with p.session() as s:
-        target = catalogue.get_host(session=s, name=host)
+        target = catalogue.get_host(session=s, name=host, for_update=True)
         if target.state != HostState.draining:
             raise BadInput(f"host {host} is {target.state}, not draining")
         target.state = HostState.up

@@ -6,7 +6,7 @@ routes operation: ``operations.start_next``)."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from sqlmodel import Session
@@ -252,8 +252,8 @@ def add_site(p: Platform, *, env: str, site: str, service: str, cert: str | None
     if (cert is None) != (key is None):
         raise BadInput("a TLS site needs both --cert and --key")
     chain = rules.check_certificate(name, cert, key) if cert is not None and key is not None else None
-    with p.session() as s:
-        environment, svc = catalogue.get_service(session=s, env=env, name=service)
+    with p.session() as s:  # (the row locked: the service's removal, ending meanwhile, sees the site)
+        environment, svc = catalogue.get_service(session=s, env=env, name=service, for_update=True)
         if svc.type != ServiceType.code:
             raise BadInput(f"sites route to code services; {service} is a {svc.type} service")
         if environment.http_port is None:
@@ -304,6 +304,21 @@ def set_health_path(p: Platform, *, env: str, service: str, path: str | None) ->
     (2xx/3xx); None: a TCP connect. Takes effect at the next redeploy, like variables."""
     update_service(p, env=env, service=service, health_path=path or "")
 
+
+def change_variables(p: Platform, *, env: str, service: str, values: dict[str, str] | None = None,
+                     unset: Sequence[str] = ()) -> None:
+    """Unset, then set, a service's user variables (the next redeploy takes them). The service's
+    row is locked until the commit: on PostgreSQL two changes at once each read the variables
+    before the other's commit, and the later write dropped what the earlier one set."""
+    if not values and not unset:
+        raise BadInput("give variables to set or unset")
+    with p.session() as s:
+        _, svc = catalogue.get_service(session=s, env=env, name=service, for_update=True)
+        if unset:
+            catalogue.unset_variables(session=s, service=svc, keys=unset)
+        if values:
+            catalogue.set_variables(session=s, service=svc, values=values)
+        s.commit()
 
 
 def update_service(p: Platform, *, env: str, service: str, image: str | None = None, command: str | None = None,

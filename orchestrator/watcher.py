@@ -227,20 +227,21 @@ def recover_down_hosts(p: Platform) -> None:
 
 
 def expire_leases(p: Platform, pass_started: float) -> list[int]:
-    """Fail running steps whose lease ran out and end their operations; returns the steps."""
+    """Fail running steps whose lease ran out and end their operations; returns the steps failed."""
     with p.reader() as s:  # (a write turn only when one is seen: every process watches, every pass)
         if s.exec(select(Step.id).where(Step.state == StepState.running,
                                         col(Step.lease_until) < utcnow())).first() is None:
             return []
     with p.session() as s:
         now = _write_lock(s, pass_started)
-        expired = list(s.exec(select(Step).where(Step.state == StepState.running,
-                                                 col(Step.lease_until) < now)))
-        for step in expired:
+        seen = list(s.exec(select(Step).where(Step.state == StepState.running, col(Step.lease_until) < now)))
+        expired = []
+        for step in seen:
             error = (f"the node running it ({step.node}) stopped answering (its lease ran out)")
             if not catalogue.end_step(session=s, step_id=step.id or 0, state=StepState.failed,
-                                      error=error, node=step.node):
-                continue  # it ended, or another node took it over, meanwhile
+                                      error=error, node=step.node, lease_ended_by=now):
+                continue  # it ended, another node took it over, or its node renewed it, meanwhile
+            expired.append(step)  # (only these end their operations: a finish ends one as it stands)
             _heal_later(s, step.op_id)
             if step.job_id and step.action in (StepAction.start, StepAction.stop):
                 catalogue.set_job_state(session=s, job_id=step.job_id, state=JobState.failed, error=error)

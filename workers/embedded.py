@@ -202,7 +202,7 @@ def _change(platform: Platform, *, variables: dict[str, str] | None = None,
             overlap: int | None = None) -> None:
     """What a user (variables) and support (the overlap) would set between the demo's steps."""
     with platform.session() as s:
-        _, svc = catalogue.get_service(session=s, env=DEMO_ENV, name=DEMO_SERVICE)
+        _, svc = catalogue.get_service(session=s, env=DEMO_ENV, name=DEMO_SERVICE, for_update=True)
         if variables:
             catalogue.set_variables(session=s, service=svc, values=variables)
         if overlap is not None:

@@ -580,16 +580,10 @@ def create_api(platform: Platform) -> FastAPI:
         return spec.shown(spec.variables_for(db, environment, service), show_secrets=show_secrets)
 
     @v1.patch("/envs/{env}/services/{svc}/variables", response_model=list[VariableView], tags=["variables"])
-    def change_variables(env: str, svc: str, body: VariablesBody, db: Db, _: Who) -> Any:
+    def change_variables(env: str, svc: str, body: VariablesBody, db: ReadDb, _: Who) -> Any:
         """Set and unset user variables; answers with the listing, secrets masked."""
+        requests.change_variables(platform, env=env, service=svc, values=body.set, unset=body.unset)
         environment, service = catalogue.get_service(session=db, env=env, name=svc)
-        if not body.set and not body.unset:
-            raise BadInput("give variables to set or unset")
-        if body.unset:
-            catalogue.unset_variables(session=db, service=service, keys=body.unset)
-        if body.set:
-            catalogue.set_variables(session=db, service=service, values=body.set)
-        db.commit()
         return spec.shown(spec.variables_for(db, environment, service), show_secrets=False)
 
     # Releases.

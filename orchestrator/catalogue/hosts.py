@@ -48,8 +48,12 @@ def add_host(*, session: Session, name: str, docker_url: str, address: str) -> H
     return host
 
 
-def get_host(*, session: Session, name: str) -> Host:
-    host = session.exec(select(Host).where(Host.name == name)).first()
+def get_host(*, session: Session, name: str, for_update: bool = False) -> Host:
+    """With ``for_update``, the host's row is locked until the transaction ends (PostgreSQL; the
+    watcher's mark of a host down then comes after, and is not written over)."""
+    query = select(Host).where(Host.name == name)
+    host = session.exec(query.with_for_update().execution_options(populate_existing=True) if for_update
+                        else query).first()
     if host is None:
         raise NotFound(f"no host named {name}")
     return host

@@ -4,7 +4,7 @@ are single UPDATE ... WHERE statements, so concurrent nodes and CLIs agree on wh
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import NamedTuple
 
 from sqlalchemy import Update, and_, bindparam, case, func, or_, update
@@ -396,14 +396,19 @@ def _moved_step(session: Session, query: Update) -> Step | None:
 
 
 def end_step(*, session: Session, step_id: int, state: StepState, error: str | None = None,
-             node: str | None = None, before: Sequence[StepState] = (StepState.running,)) -> bool:
+             node: str | None = None, before: Sequence[StepState] = (StepState.running,),
+             lease_ended_by: datetime | None = None) -> bool:
     """End a step that is in one of the ``before`` states (and, with ``node``, run by that node
-    process); False when it was not: another process ended it, or its lease passed to another
-    node. Whoever ends a step also moves its job."""
+    process; with ``lease_ended_by``, whose lease ran out by then: a renewal that committed since
+    it was read keeps it); False when it was not: another process ended it, or its lease passed
+    to another node, or was renewed. Whoever ends a step also moves its job."""
     where: dict[str, object] = {"w_id": step_id, "w_before": list(before)}
     if node is not None:
         where["w_node"] = node
-    return update_rows(session, _END_STEP_OF if node is not None else _END_STEP, where, Step, step_id,
+    if lease_ended_by is not None:
+        where["w_lease_ended_by"] = lease_ended_by
+    statement = _END_STEP_BY[node is not None, lease_ended_by is not None]
+    return update_rows(session, statement, where, Step, step_id,
                        {"state": state, "error": error, "finished_at": utcnow()}) == 1
 
 
@@ -422,6 +427,9 @@ def end_steps(*, session: Session, step_ids: Sequence[int], state: StepState, no
 _END_STEP = update(_STEP).where(_STEP.c.id == bindparam("w_id"),
                                 _STEP.c.state.in_(bindparam("w_before", expanding=True)))
 _END_STEP_OF = _END_STEP.where(_STEP.c.node == bindparam("w_node"))
+_EXPIRED = _STEP.c.lease_until < bindparam("w_lease_ended_by")
+_END_STEP_BY = {(False, False): _END_STEP, (True, False): _END_STEP_OF,  # (by node, by lease)
+                (False, True): _END_STEP.where(_EXPIRED), (True, True): _END_STEP_OF.where(_EXPIRED)}
 _END_STEPS = (update(_STEP).where(_STEP.c.id.in_(bindparam("w_ids", expanding=True)),
                                   _STEP.c.state.in_(bindparam("w_before", expanding=True)),
                                   _STEP.c.node == bindparam("w_node"))

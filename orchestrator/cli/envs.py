@@ -203,10 +203,7 @@ def vars_() -> None:
 def vars_set(ctx: Context, env_name: str, name: str, pairs: tuple[str, ...]) -> None:
     """Set user variables (KEY=VALUE...); a redeploy applies them."""
     updates = rules.parse_assignments(pairs)
-    with ctx.platform.session() as s:
-        _, svc = catalogue.get_service(session=s, env=env_name, name=name)
-        catalogue.set_variables(session=s, service=svc, values=updates)
-        s.commit()
+    requests.change_variables(ctx.platform, env=env_name, service=name, values=updates)
     click.echo(f"set {', '.join(updates)} on {name}: redeploy to apply")
 
 
@@ -216,10 +213,7 @@ def vars_set(ctx: Context, env_name: str, name: str, pairs: tuple[str, ...]) -> 
 @pass_ctx
 def vars_unset(ctx: Context, env_name: str, name: str, keys: tuple[str, ...]) -> None:
     """Remove user variables; a redeploy applies it."""
-    with ctx.platform.session() as s:
-        _, svc = catalogue.get_service(session=s, env=env_name, name=name)
-        catalogue.unset_variables(session=s, service=svc, keys=keys)
-        s.commit()
+    requests.change_variables(ctx.platform, env=env_name, service=name, unset=keys)
     click.echo(f"unset {', '.join(keys)} on {name}: redeploy to apply")
 
 

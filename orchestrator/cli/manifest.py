@@ -198,17 +198,18 @@ def _await_worker(p: Platform, env: str, service: str, target: str, pause: Calla
 def _change_service_row(p: Platform, env: str, change: SetVariables | UnsetVariables | RecordScale) -> None:
     """What no operation carries: variables (the next redeploy takes them), and the scale of a
     code service that runs nothing yet (its first push starts that many)."""
-    with p.session() as s:
-        _, svc = catalogue.get_service(session=s, env=env, name=change.service)
-        if isinstance(change, SetVariables):
-            catalogue.set_variables(session=s, service=svc, values=dict(change.values))
-        elif isinstance(change, UnsetVariables):
-            catalogue.unset_variables(session=s, service=svc, keys=change.keys)
-        else:
-            if catalogue.list_releases(session=s, service=svc):
-                raise BadInput(f"service {svc.name} was pushed meanwhile: apply again")
-            svc.scale = rules.check_scale(svc.type, change.scale)
-            s.add(svc)
+    if isinstance(change, SetVariables):
+        requests.change_variables(p, env=env, service=change.service, values=dict(change.values))
+        return
+    if isinstance(change, UnsetVariables):
+        requests.change_variables(p, env=env, service=change.service, unset=change.keys)
+        return
+    with p.session() as s:  # (the row locked: a push at once waits, and is seen)
+        _, svc = catalogue.get_service(session=s, env=env, name=change.service, for_update=True)
+        if catalogue.list_releases(session=s, service=svc):
+            raise BadInput(f"service {svc.name} was pushed meanwhile: apply again")
+        svc.scale = rules.check_scale(svc.type, change.scale)
+        s.add(svc)
         s.commit()
 
 

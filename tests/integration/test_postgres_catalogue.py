@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -18,14 +19,16 @@ from unittest.mock import patch
 import docker
 import psycopg
 import pytest
+from sqlalchemy import update
 from sqlalchemy.engine import Engine
+from sqlmodel import col
 
-from orchestrator import catalogue, fleet, operations, requests
+from orchestrator import catalogue, fleet, operations, requests, watcher
 from orchestrator.catalogue import hosts as catalogue_hosts
 from orchestrator.catalogue import operations as catalogue_operations
 from orchestrator.db import make_engines
 from orchestrator.errors import BadInput
-from orchestrator.models import JobState, OpState, ServiceType
+from orchestrator.models import HostState, JobState, OpState, ServiceType, Step, StepState, utcnow
 from orchestrator.settings import Settings
 from tests.conftest import DOCKER_URL, Cli, containers
 from tests.harness import (
@@ -358,3 +361,78 @@ def test_a_host_removed_while_a_plan_places_on_it_is_refused(pg_world: World) ->
     (job,) = world.jobs("b")
     with world.platform.reader() as s:
         assert job.host == "h1" and "h1" in {h.name for h in catalogue.list_hosts(session=s)}
+
+
+def test_two_variable_changes_at_once_both_stay(pg_world: World) -> None:
+    """Two `vars set` at once (one key each): the second reads the variables while the first
+    has written its key and not committed. It would write its own over them and drop the first's;
+    the service's row is locked until each commits instead."""
+    world = pg_world
+    world.code_service("web", scale=1)
+    real_set = catalogue.set_variables
+    other: list[threading.Thread] = []
+
+    def set_then_another(**kwargs: Any) -> None:
+        real_set(**kwargs)
+        if not other:
+            other.append(threading.Thread(target=requests.change_variables, args=(world.platform,),
+                                          kwargs={"env": ENV, "service": "web", "values": {"B": "2"}}))
+            other[0].start()
+            other[0].join(timeout=3)  # (it waits for this change's commit: then this one goes on first)
+
+    with patch.object(catalogue, "set_variables", set_then_another):
+        requests.change_variables(world.platform, env=ENV, service="web", values={"A": "1"})
+        other[0].join(timeout=30)
+    assert not other[0].is_alive()
+    assert world.service("web").variables == {"A": "1", "B": "2"}
+
+
+def test_a_lease_renewed_while_the_watcher_judges_it_keeps_its_step(pg_world: World) -> None:
+    """The watcher reads the steps whose lease ran out, then fails each. A node's renewal that
+    commits in between keeps its step running: the watcher's update looks at the lease again."""
+    world = pg_world
+    world.code_service("web", scale=1)
+    op = requests.request_redeploy(world.platform, env=ENV, service="web")
+    step = world.steps(op.id or 0)[0]
+    with world.platform.session() as s:  # begun by a node whose lease ran out a minute ago
+        s.exec(update(Step).where(col(Step.id) == step.id).values(
+            state=StepState.running, node="h1/late", lease_until=utcnow() - timedelta(seconds=60)))
+        s.commit()
+    real_end = catalogue.end_step
+
+    def renewed_meanwhile(**kwargs: Any) -> bool:
+        with world.platform.session() as s:  # the node's heartbeat renews it, and commits
+            s.exec(update(Step).where(col(Step.id) == step.id).values(lease_until=utcnow() + timedelta(seconds=15)))
+            s.commit()
+        return real_end(**kwargs)
+
+    with patch.object(catalogue, "end_step", renewed_meanwhile):
+        assert watcher.expire_leases(world.platform, time.monotonic()) == []  # (read as ran out: renewed)
+    assert world.steps(op.id or 0)[0].state == StepState.running
+    assert world.operation(op.id or 0).state == OpState.running
+
+
+def test_a_host_marked_down_while_it_is_undrained_stays_down(pg_world: World) -> None:
+    """An undrain reads its host (draining), then writes it up. The watcher marking the host
+    down in between (its heartbeats stopped) is not written over: the undrain holds the host's
+    row, and the watcher's mark comes after it."""
+    world = pg_world
+    fleet.drain(world.platform, host="h1")
+    world.silence("h1", 60)
+    real_get = catalogue.get_host
+    watching: list[threading.Thread] = []
+
+    def read_then_marked_down(**kwargs: Any) -> Any:
+        host = real_get(**kwargs)
+        if not watching:
+            watching.append(threading.Thread(target=watcher.silent_hosts, args=(world.platform, time.monotonic())))
+            watching[0].start()
+            watching[0].join(timeout=3)  # (it waits for the undrain's commit: then the undrain goes on first)
+        return host
+
+    with patch.object(catalogue, "get_host", read_then_marked_down):
+        fleet.undrain(world.platform, host="h1")
+        watching[0].join(timeout=30)
+    assert not watching[0].is_alive()
+    with world.platform.reader() as s:
+        assert catalogue.get_host(session=s, name="h1").state == HostState.down

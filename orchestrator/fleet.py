@@ -20,7 +20,7 @@ from sqlmodel import Session, col, select
 
 from orchestrator import catalogue, operations, service_types
 from orchestrator.db import table
-from orchestrator.errors import BadInput
+from orchestrator.errors import BadInput, NotFound
 from orchestrator.models import (
     ACTIVE_JOB_STATES,
     Host,
@@ -230,8 +230,14 @@ def _wanted_back(s: Session, job: HeldJob, host: str) -> bool:
 
 def host_lost(p: Platform, host: str) -> list[int]:
     """The host is down: its jobs are lost; every service left below its scale gets a recover
-    operation (trigger host-lost) that starts replacements on the other hosts."""
+    operation (trigger host-lost) that starts replacements on the other hosts. Nothing when it
+    is not down (any more: the watcher found it down in a read, and it beat since)."""
     with p.session() as s:
+        try:
+            if catalogue.get_host(session=s, name=host, for_update=True).state != HostState.down:
+                return []
+        except NotFound:  # removed meanwhile (it had no job left then)
+            return []
         jobs = list(s.exec(select(Job).where(Job.host == host,
                                              col(Job.state).in_(ACTIVE_JOB_STATES))))
         moved = [j for j in jobs if s.exec(  # one watcher moves each job, whoever runs this

@@ -209,14 +209,15 @@ def _fail_unstarted(p: Platform, op: Operation, error: str) -> None:
 
 
 def abandon(p: Platform, op_id: int, error: str, *, start: bool = True, heal: bool = False,
-            state: OpState = OpState.failed) -> bool:
+            state: OpState = OpState.failed, unless_sent: bool = False) -> bool:
     """End an operation whose steps will never all run (never sent, interrupted, cancelled):
     what did not start is skipped, the spec is put back, the service is free. With ``start``,
     the service's next queued operation starts; with ``heal``, the service is healed back to its
-    scale afterwards (a fault, not the request, ended it). False when it had ended already."""
+    scale afterwards (a fault, not the request, ended it). False when it had ended already, or
+    (``unless_sent``: it was found never sent) its first stage was sent since, by a slow process."""
     with p.session() as s:
         op = catalogue.get_operation(session=s, op_id=op_id, for_update=True)
-        if op.state not in (OpState.running, OpState.queued):
+        if op.state not in (OpState.running, OpState.queued) or (unless_sent and op.sent_at is not None):
             return False
         catalogue.skip_pending_steps(session=s, op_id=op_id)
         _forget_unstarted_jobs(s, op_id)

@@ -287,6 +287,7 @@ def _orphans(s: Session, now: datetime, settings: Settings) -> Orphans:
 
 def _end_orphans(p: Platform, pass_started: float) -> None:
     settings = p.settings
+    failed: set[int] = set()  # the operations of the steps failed here (one picked up meanwhile: not)
     with p.session() as s:
         found = _orphans(s, _write_lock(s, pass_started), settings)
         for step in found.lost_steps:
@@ -294,6 +295,7 @@ def _end_orphans(p: Platform, pass_started: float) -> None:
                                   before=(StepState.pending,),
                                   error=f"never picked up by the node of host {step.host} within "
                                         f"{settings.pickup_timeout:g}s: its message was lost"):
+                failed.add(step.op_id)
                 _heal_later(s, step.op_id)
                 if step.action in (StepAction.start, StepAction.start_proxy) and step.job_id:
                     catalogue.set_job_state(session=s, job_id=step.job_id, state=JobState.failed,
@@ -301,10 +303,10 @@ def _end_orphans(p: Platform, pass_started: float) -> None:
         s.commit()
     for op in found.unsent:
         operations.abandon(p, op.id or 0, "interrupted before its steps reached the broker (the process "
-                                          "that started it stopped)", heal=True)
+                                          "that started it stopped)", heal=True, unless_sent=True)
     for op in found.claimed:
         operations.start_claimed(p, op)
-    for op_id in sorted({st.op_id for st in found.lost_steps}):
+    for op_id in sorted(failed):  # (a finish ends an operation as its steps stand)
         operations.finish(p, op_id)
     for op_id, stage, env, service in found.late_stages:
         log.warning("operation %s: no advance sent stage %s (lost with its message or its node): "

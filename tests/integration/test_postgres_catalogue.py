@@ -28,7 +28,7 @@ from orchestrator.catalogue import hosts as catalogue_hosts
 from orchestrator.catalogue import operations as catalogue_operations
 from orchestrator.db import make_engines
 from orchestrator.errors import BadInput
-from orchestrator.models import HostState, JobState, OpState, ServiceType, Step, StepState, utcnow
+from orchestrator.models import HostState, JobState, Operation, OpState, ServiceType, Step, StepState, utcnow
 from orchestrator.settings import Settings
 from tests.conftest import DOCKER_URL, Cli, containers
 from tests.harness import (
@@ -436,3 +436,55 @@ def test_a_host_marked_down_while_it_is_undrained_stays_down(pg_world: World) ->
     assert not watching[0].is_alive()
     with world.platform.reader() as s:
         assert catalogue.get_host(session=s, name="h1").state == HostState.down
+
+
+def test_a_step_picked_up_while_the_watcher_judges_it_lost_keeps_its_operation(pg_world: World) -> None:
+    """The watcher reads the steps never picked up, then fails each. A node that began one in
+    between keeps it (the end looks at its state again); and the operation, none of whose steps
+    failed, is not finished: a finish ends an operation as its steps stand (it would have ended
+    as succeeded, its steps still running)."""
+    world = pg_world
+    world.code_service("web", scale=1)
+    op = requests.request_redeploy(world.platform, env=ENV, service="web")  # stage 0 sent, not run
+    with world.platform.session() as s:  # sent an hour ago, and never picked up
+        s.exec(update(Operation).where(col(Operation.id) == op.id).values(sent_at=utcnow() - timedelta(hours=1)))
+        s.commit()
+    first = world.steps(op.id or 0)[0]
+    real_end = catalogue.end_step
+
+    def picked_up_meanwhile(**kwargs: Any) -> bool:
+        with world.platform.session() as s:  # a node begins it, and commits
+            s.exec(update(Step).where(col(Step.id) == kwargs["step_id"]).values(
+                state=StepState.running, node=f"{first.host}/slow", lease_until=utcnow() + timedelta(seconds=15)))
+            s.commit()
+        return real_end(**kwargs)
+
+    with patch.object(catalogue, "end_step", picked_up_meanwhile):
+        watcher.end_orphans(world.platform, time.monotonic())
+    assert {st.state for st in world.steps(op.id or 0) if st.stage == 0} <= {StepState.running}
+    assert world.operation(op.id or 0).state == OpState.running
+
+
+def test_an_operation_sent_while_the_watcher_judges_it_unsent_is_not_abandoned(pg_world: World) -> None:
+    """The watcher finds an operation started long ago and never sent (the process that started
+    it stopped, it seems), then abandons it. Sent in between by that process after all (it was
+    only slow), it runs on."""
+    world = pg_world
+    world.code_service("web", scale=1)
+    op = requests.request_redeploy(world.platform, env=ENV, service="web")
+    with world.platform.session() as s:
+        s.exec(update(Operation).where(col(Operation.id) == op.id).values(
+            sent_at=None, started_at=utcnow() - timedelta(hours=1)))
+        s.commit()
+    real_abandon = operations.abandon
+
+    def sent_meanwhile(*args: Any, **kwargs: Any) -> bool:
+        with world.platform.session() as s:
+            catalogue.mark_sent(session=s, op_id=op.id or 0)
+            s.commit()
+        return real_abandon(*args, **kwargs)
+
+    with patch.object(operations, "abandon", sent_meanwhile):
+        watcher.end_orphans(world.platform, time.monotonic())
+    assert world.operation(op.id or 0).state == OpState.running
+    assert world.run_all() and world.operation(op.id or 0).state == OpState.succeeded

@@ -574,6 +574,19 @@ def test_a_host_lost_recover_that_finds_no_room_asks_for_a_heal(world: World) ->
     assert sorted(j.host for j in world.jobs("web")) == ["h2", "h2"]
 
 
+def test_a_host_that_beats_again_before_its_jobs_are_recovered_keeps_them(world: World) -> None:
+    """The watcher finds the down hosts that still have jobs in a read, then recovers each: a
+    host that beat again in between is up, and its jobs are not lost."""
+    world.code_service("web", scale=2)  # a job on each host
+    world.silence("h1", 60)
+    assert watcher.silent_hosts(world.platform, time.monotonic()) == ["h1"]
+    world.beat("h1")  # back, before the recover of its jobs
+    assert world.host("h1").state == HostState.up
+    assert fleet.host_lost(world.platform, "h1") == []
+    assert {j.state for j in world.jobs("web")} == {JobState.running}
+    assert not operations_of(world, "web", OpKind.recover)
+
+
 def test_a_job_whose_container_exited_fails_and_its_container_is_removed(world: World) -> None:
     world.code_service("web", scale=2)
     (job,) = [j for j in world.jobs("web") if j.host == "h1"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 from sqlalchemy import update
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from orchestrator.errors import NotFound
@@ -14,14 +15,22 @@ MAX_OUTPUT = 256 * 1024  # characters of a build's output kept with its step (th
 
 
 def store_source(*, session: Session, data: bytes) -> BuildSource:
-    """A pushed source, once per content."""
+    """A pushed source, once per content. The same content pushed to two services at once
+    (PostgreSQL: neither sees the other's row before it commits) is the other's row."""
     digest = hashlib.sha256(data).hexdigest()
-    found = session.exec(select(BuildSource).where(BuildSource.sha256 == digest)).first()
+    query = select(BuildSource).where(BuildSource.sha256 == digest)
+    found = session.exec(query).first()
     if found is not None:
         return found
     source = BuildSource(sha256=digest, data=data, size=len(data))
-    session.add(source)
-    session.flush()
+    try:
+        with session.begin_nested():  # (a savepoint: this transaction goes on after a clash)
+            session.add(source)
+    except IntegrityError:
+        found = session.exec(query).first()
+        if found is None:
+            raise
+        return found
     return source
 
 

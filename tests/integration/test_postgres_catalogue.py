@@ -488,3 +488,31 @@ def test_an_operation_sent_while_the_watcher_judges_it_unsent_is_not_abandoned(p
         watcher.end_orphans(world.platform, time.monotonic())
     assert world.operation(op.id or 0).state == OpState.running
     assert world.run_all() and world.operation(op.id or 0).state == OpState.succeeded
+
+
+def test_the_same_source_pushed_twice_at_once_is_one_row(pg_world: World) -> None:
+    """Two pushes of the same source (to two services) at once: the second's row clashes with the
+    first's on its content's digest once the first commits; it takes that row (it failed the
+    push, as "the catalogue is unavailable")."""
+    world = pg_world
+    data = b"the same directory, as a tar" * 100
+    stored: list[int | BaseException] = []
+
+    def store() -> None:
+        try:
+            with world.platform.session() as s:
+                source = catalogue.store_source(session=s, data=data)
+                s.commit()
+                stored.append(source.id or 0)
+        except Exception as exc:
+            stored.append(exc)
+
+    with world.platform.session() as s:
+        first = catalogue.store_source(session=s, data=data)
+        second = threading.Thread(target=store)
+        second.start()
+        second.join(timeout=1)  # (it waits for this transaction on the digest's unique index)
+        s.commit()
+        first_id = first.id
+    second.join(timeout=30)
+    assert stored == [first_id]

@@ -146,6 +146,14 @@ def reconcile(s: Session, *, host: str, containers: Sequence[Container], listed_
     others = sorted(set(present) - {j.id for j in jobs})
     ended = _ended(s, host, others)
     remove += [present[job_id] for job_id in others if job_id in ended]
+    # The services of the lost jobs it may take back, locked first (PostgreSQL; in one order): a
+    # recover that claims one meanwhile waits for this commit and sees the job back, or is seen
+    # (each read the other before its commit: the job came back and its replacement was placed).
+    back = sorted({job.service_id for job in jobs if job.state == JobState.lost
+                   and (container := present.get(job.id)) is not None and container.status == "running"})
+    if back:
+        s.exec(select(Service.id).where(col(Service.id).in_(back)).order_by(col(Service.id))
+               .with_for_update(key_share=True)).all()
     for job in jobs:
         container = present.get(job.id)
         if job.state == JobState.running:
@@ -211,8 +219,10 @@ def _died(s: Session, job: HeldJob, error: str) -> None:
 
 
 def _wanted_back(s: Session, job: HeldJob, host: str) -> bool:
-    """Whether a lost job whose container runs again should be taken back."""
-    svc = s.get(Service, job.service_id)
+    """Whether a lost job whose container runs again should be taken back (its service's row is
+    locked: ``reconcile``)."""
+    svc = s.exec(select(Service).where(col(Service.id) == job.service_id)
+                 .execution_options(populate_existing=True)).first()
     if svc is None:
         return False
     if svc.host == host and service_types.profile(svc.type).data_dir:

@@ -28,7 +28,20 @@ from orchestrator.catalogue import hosts as catalogue_hosts
 from orchestrator.catalogue import operations as catalogue_operations
 from orchestrator.db import make_engines
 from orchestrator.errors import BadInput
-from orchestrator.models import HostState, JobState, Operation, OpState, ServiceType, Step, StepState, utcnow
+from orchestrator.models import (
+    Host,
+    HostState,
+    Job,
+    JobState,
+    Operation,
+    OpKind,
+    OpState,
+    OpTrigger,
+    ServiceType,
+    Step,
+    StepState,
+    utcnow,
+)
 from orchestrator.settings import Settings
 from tests.conftest import DOCKER_URL, Cli, containers
 from tests.harness import (
@@ -516,3 +529,36 @@ def test_the_same_source_pushed_twice_at_once_is_one_row(pg_world: World) -> Non
         first_id = first.id
     second.join(timeout=30)
     assert stored == [first_id]
+
+
+def test_a_host_back_while_its_jobs_recover_is_planned_runs_no_job_too_many(pg_world: World) -> None:
+    """A host comes back with its lost job still running: its heartbeat takes the job back when
+    the service has no operation under way. A recover claiming and planning that service
+    meanwhile must see the job back (and place nothing), or be seen (and the job not taken):
+    each read the other before its commit, and the service ran a job more than its scale."""
+    world = pg_world
+    world.code_service("web", scale=1)
+    (job,) = world.jobs("web")
+    with world.platform.session() as s:  # its host went down, the job lost; no recover yet
+        s.exec(update(Host).where(col(Host.name) == job.host).values(state=HostState.down))
+        s.exec(update(Job).where(col(Job.id) == job.id).values(state=JobState.lost))
+        s.commit()
+    service_id = world.service("web").id or 0
+    real_active = catalogue.active_jobs
+    recovering: list[threading.Thread] = []
+
+    def read_then_a_recover(**kwargs: Any) -> Any:
+        found = real_active(**kwargs)
+        if not recovering:  # the heartbeat judges the job wanted back; a recover starts now
+            recovering.append(threading.Thread(target=fleet._start_for_each, args=(
+                world.platform, [service_id], OpKind.recover, OpTrigger.host_lost, job.host)))
+            recovering[0].start()
+            recovering[0].join(timeout=3)  # (it waits for the heartbeat's commit: then that goes on first)
+        return found
+
+    with patch.object(catalogue, "active_jobs", read_then_a_recover):
+        world.beat(job.host)
+        recovering[0].join(timeout=30)
+    assert not recovering[0].is_alive()
+    world.run_all()
+    assert [(j.id, j.state) for j in world.jobs("web")] == [(job.id, JobState.running)]

@@ -168,8 +168,8 @@ def add_service(p: Platform, *, env: str, name: str, type: ServiceType, image: s
                 command: str | None, scale: int, size: str) -> Operation | None:
     """A new service; databases, caches and the included types deploy at once, code services
     wait for their first push."""
-    with p.session() as s:
-        environment = catalogue.get_env(session=s, name=env)
+    with p.session() as s:  # (the environment's row locked: two services added at once see each other)
+        environment = catalogue.get_env(session=s, name=env, for_update=True)
         others = [(o.name, o.type) for o in catalogue.list_services(session=s, env=environment)]
         clashes = service_types.connection_clashes([*others, (name, type)])
         if clashes:

@@ -38,9 +38,12 @@ def create_env(*, session: Session, name: str, sandbox: bool) -> Environment:
     return env
 
 
-def get_env(*, session: Session, name: str) -> Environment:
-    env = session.exec(select(Environment).where(Environment.name == name,
-                                                 col(Environment.removed_at).is_(None))).first()
+def get_env(*, session: Session, name: str, for_update: bool = False) -> Environment:
+    """With ``for_update``, its row is locked until the transaction ends (PostgreSQL's FOR NO KEY
+    UPDATE: its services may still be added): what is decided on its services is decided once."""
+    query = select(Environment).where(Environment.name == name, col(Environment.removed_at).is_(None))
+    env = session.exec(query.with_for_update(key_share=True).execution_options(populate_existing=True)
+                       if for_update else query).first()
     if env is None:
         raise NotFound(f"no environment named {name}")
     return env
@@ -134,8 +137,11 @@ def mark_service_removed(*, session: Session, service: Service, data_deleted: bo
     session.add(service)
     session.flush()
     env = session.get(Environment, service.env_id)
-    if env is not None and env.removing and not list_services(session=session, env=env):
-        mark_env_removed(session=session, env=env)
+    if env is not None and env.removing:  # (its row locked: a service added meanwhile is seen)
+        env = session.exec(select(Environment).where(Environment.id == env.id).with_for_update(key_share=True)
+                           .execution_options(populate_existing=True)).first()
+        if env is not None and not list_services(session=session, env=env):
+            mark_env_removed(session=session, env=env)
 
 
 def _kept_data(session: Session, env: Environment, name: str, type: ServiceType) -> Service | None:

@@ -562,3 +562,35 @@ def test_a_host_back_while_its_jobs_recover_is_planned_runs_no_job_too_many(pg_w
     assert not recovering[0].is_alive()
     world.run_all()
     assert [(j.id, j.state) for j in world.jobs("web")] == [(job.id, JobState.running)]
+
+
+def test_two_services_added_at_once_see_each_other(pg_world: World) -> None:
+    """A redis service named "database" and a first postgresql service would both set
+    DATABASE_URL in code services: the second added is refused. Added at once, each read the
+    environment's services without the other; the environment's row is locked instead."""
+    world = pg_world
+    real_add = catalogue.add_service
+    other: list[threading.Thread] = []
+    refused: list[BaseException] = []
+
+    def add_cache() -> None:
+        try:
+            requests.add_service(world.platform, env=ENV, name="database", type=ServiceType.redis, image=None,
+                                 command=None, scale=1, size="s")
+        except BadInput as exc:
+            refused.append(exc)
+
+    def added_then_another(**kwargs: Any) -> Any:
+        service = real_add(**kwargs)
+        if not other:
+            other.append(threading.Thread(target=add_cache))
+            other[0].start()
+            other[0].join(timeout=3)  # (it waits for this one's commit: then this one goes on first)
+        return service
+
+    with patch.object(catalogue, "add_service", added_then_another):
+        requests.add_service(world.platform, env=ENV, name="orders", type=ServiceType.postgresql, image=None,
+                             command=None, scale=1, size="s")
+        other[0].join(timeout=30)
+    assert not other[0].is_alive()
+    assert len(refused) == 1 and "DATABASE_URL" in str(refused[0]), refused

@@ -268,20 +268,24 @@ def fail_steps_on_down_hosts(p: Platform) -> None:
         if s.exec(_STUCK.limit(1)).first() is None:
             return
     with p.session() as s:
-        stuck = list(s.exec(_STUCK))
-        for step in stuck:
+        # The down hosts' rows first, in one order (PostgreSQL): one that beats again meanwhile
+        # waits, or is up by the time its steps are read, and its node's steps run on.
+        s.exec(select(Host.name).where(Host.state == HostState.down).order_by(col(Host.name))
+               .with_for_update()).all()
+        failed: set[int] = set()
+        for step in s.exec(_STUCK).all():
             if not catalogue.end_step(session=s, step_id=step.id or 0, state=StepState.failed,
                                       before=(StepState.pending, StepState.running),
                                       error=f"host {step.host} is down: the step never ran there"):
                 continue
+            failed.add(step.op_id)  # (only these operations are finished: a finish ends one as it stands)
             if step.job_id:
                 job = s.get(Job, step.job_id)
                 if job is not None and job.state in ACTIVE_JOB_STATES:
                     catalogue.set_job_state(session=s, job_id=job.id, state=JobState.lost,
                                             error=f"host {step.host} went down")
-        op_ids = sorted({st.op_id for st in stuck})
         s.commit()
-    for op_id in op_ids:
+    for op_id in sorted(failed):
         operations.finish(p, op_id)
 
 

@@ -72,6 +72,10 @@ def _start(p: Platform, op: Operation) -> bool:
     op_id = op.id or 0
     try:
         with p.session() as s:
+            # The placement turn (PostgreSQL) is this transaction's first lock: a drain, a host's
+            # removal and a node's move of a port take it first too, and then rows this one would
+            # hold (the operation's, the service's) while waiting for it.
+            catalogue.hold_placement(session=s)
             if not catalogue.begin_operation(session=s, op_id=op_id):
                 return True  # another process started it (the watcher resumed a slow claim)
             svc = s.get(Service, op.service_id)
@@ -496,6 +500,12 @@ def finish(p: Platform, op_id: int) -> bool | None:
         failed = catalogue.failed_steps(session=s, op_id=op_id)  # (the others read only when one failed)
         # The chain stops at the first failed stage: later stages were never sent.
         if failed and unfinished_steps(catalogue.steps_of(session=s, op_id=op_id), failed[0].stage, op.sent_stage):
+            return None
+        if not failed and s.exec(select(Step.id).where(col(Step.op_id) == op_id, col(Step.state).in_(
+                (StepState.pending, StepState.running))).limit(1)).first() is not None:
+            # Never "succeeded" with steps still to run: whoever asked was mistaken (the stage's end
+            # or the watcher's nets finish it once they ended).
+            log.warning("operation %s: asked to finish with steps still to run and none failed: not yet", op_id)
             return None
         error = None
         if failed:

@@ -31,7 +31,9 @@ def assign_proxy_ports(*, session: Session, env: Environment, http_port: int | N
     lowest free ones of ``proxy_ports``. No two environments share a port."""
     if session.get_bind().dialect.name == "postgresql":
         # One assignment at a time (SQLite's writers are one at a time already): two at once
-        # would both see the same ports free.
+        # would both see the same ports free. The environment's row first (a service added locks
+        # it, then comes here): always that row, then this lock.
+        session.exec(select(Environment.id).where(Environment.id == env.id).with_for_update(key_share=True)).all()
         session.connection().exec_driver_sql("SELECT pg_advisory_xact_lock(7263001)")
     taken: set[int] = set()
     for other in session.exec(select(Environment).where(col(Environment.id) != env.id)):

@@ -97,7 +97,8 @@ def get_service(*, session: Session, env: str, name: str,
     environment = get_env(session=session, name=env)
     query = select(Service).where(Service.env_id == environment.id, Service.name == name,
                                   col(Service.removed_at).is_(None))
-    service = session.exec(query.with_for_update(key_share=True) if for_update else query).first()
+    service = session.exec(query.with_for_update(key_share=True).execution_options(populate_existing=True)
+                           if for_update else query).first()
     if service is None:
         raise NotFound(f"no service named {name} in environment {env}")
     return environment, service

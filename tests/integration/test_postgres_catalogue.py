@@ -100,6 +100,20 @@ def in_postgres(url: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
         return conn.execute(sql, params).fetchall()
 
 
+def blocked_or_ended(world: World, thread: threading.Thread, timeout: float = 15.0) -> None:
+    """Until ``thread`` ended, or a transaction of the world's database waits for a lock: the
+    race tests below hold one transaction open while another runs, which must either wait for it
+    (mended) or get through (the race), not merely be slow to get there."""
+    deadline = time.monotonic() + timeout
+    while thread.is_alive() and time.monotonic() < deadline:
+        if in_postgres(world.platform.settings.database_url,
+                       "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                       "AND wait_event_type = 'Lock'")[0][0]:
+            return
+        time.sleep(0.02)
+    assert not thread.is_alive() or time.monotonic() < deadline, "it neither ended nor waited for a lock"
+
+
 def test_push_redeploy_scale_with_postgres(pg_platform: tuple[Cli, str], pg_env: str, pg_url: str,
                                            docker_client: docker.DockerClient) -> None:
     cli, host = pg_platform
@@ -302,7 +316,7 @@ def test_two_plans_at_once_never_place_two_jobs_on_one_port(pg_world: World) -> 
             other.append(threading.Thread(target=requests.request_push, args=(world.platform,),
                                           kwargs={"env": ENV, "service": "b", "image": IMAGE}))
             other[0].start()
-            other[0].join(timeout=3)  # (it waits for this plan's turn: then this one goes on first)
+            blocked_or_ended(world, other[0])  # (it waits for this plan's turn: then this one goes on first)
         return loads
 
     with patch.object(catalogue_hosts, "host_loads", loads_then_another_plan):
@@ -330,7 +344,7 @@ def test_a_drain_while_a_plan_places_on_its_host_moves_that_job_too(pg_world: Wo
         if not draining:
             draining.append(threading.Thread(target=fleet.drain, args=(world.platform,), kwargs={"host": "h1"}))
             draining[0].start()
-            draining[0].join(timeout=3)  # (it waits for this plan's turn: then this one goes on first)
+            blocked_or_ended(world, draining[0])  # (it waits for this plan's turn: then this one goes on first)
         return loads
 
     with patch.object(catalogue_hosts, "host_loads", loads_then_a_drain):
@@ -364,7 +378,7 @@ def test_a_host_removed_while_a_plan_places_on_it_is_refused(pg_world: World) ->
         if not removing:
             removing.append(threading.Thread(target=remove_h1))
             removing[0].start()
-            removing[0].join(timeout=3)
+            blocked_or_ended(world, removing[0])
         return loads
 
     with patch.object(catalogue_hosts, "host_loads", loads_then_a_removal):
@@ -391,7 +405,7 @@ def test_two_variable_changes_at_once_both_stay(pg_world: World) -> None:
             other.append(threading.Thread(target=requests.change_variables, args=(world.platform,),
                                           kwargs={"env": ENV, "service": "web", "values": {"B": "2"}}))
             other[0].start()
-            other[0].join(timeout=3)  # (it waits for this change's commit: then this one goes on first)
+            blocked_or_ended(world, other[0])  # (it waits for this change's commit: then this one goes on first)
 
     with patch.object(catalogue, "set_variables", set_then_another):
         requests.change_variables(world.platform, env=ENV, service="web", values={"A": "1"})
@@ -440,7 +454,7 @@ def test_a_host_marked_down_while_it_is_undrained_stays_down(pg_world: World) ->
         if not watching:
             watching.append(threading.Thread(target=watcher.silent_hosts, args=(world.platform, time.monotonic())))
             watching[0].start()
-            watching[0].join(timeout=3)  # (it waits for the undrain's commit: then the undrain goes on first)
+            blocked_or_ended(world, watching[0])  # (it waits for the undrain's commit: then the undrain goes on first)
         return host
 
     with patch.object(catalogue, "get_host", read_then_marked_down):
@@ -524,7 +538,7 @@ def test_the_same_source_pushed_twice_at_once_is_one_row(pg_world: World) -> Non
         first = catalogue.store_source(session=s, data=data)
         second = threading.Thread(target=store)
         second.start()
-        second.join(timeout=1)  # (it waits for this transaction on the digest's unique index)
+        blocked_or_ended(world, second)  # (it waits for this transaction on the digest's unique index)
         s.commit()
         first_id = first.id
     second.join(timeout=30)
@@ -553,7 +567,7 @@ def test_a_host_back_while_its_jobs_recover_is_planned_runs_no_job_too_many(pg_w
             recovering.append(threading.Thread(target=fleet._start_for_each, args=(
                 world.platform, [service_id], OpKind.recover, OpTrigger.host_lost, job.host)))
             recovering[0].start()
-            recovering[0].join(timeout=3)  # (it waits for the heartbeat's commit: then that goes on first)
+            blocked_or_ended(world, recovering[0])  # (it waits for the heartbeat's commit: then that goes on first)
         return found
 
     with patch.object(catalogue, "active_jobs", read_then_a_recover):
@@ -585,7 +599,7 @@ def test_two_services_added_at_once_see_each_other(pg_world: World) -> None:
         if not other:
             other.append(threading.Thread(target=add_cache))
             other[0].start()
-            other[0].join(timeout=3)  # (it waits for this one's commit: then this one goes on first)
+            blocked_or_ended(world, other[0])  # (it waits for this one's commit: then this one goes on first)
         return service
 
     with patch.object(catalogue, "add_service", added_then_another):

@@ -27,6 +27,7 @@ from orchestrator import catalogue, fleet, operations, requests, watcher
 from orchestrator.catalogue import hosts as catalogue_hosts
 from orchestrator.catalogue import operations as catalogue_operations
 from orchestrator.db import make_engines
+from orchestrator.dispatch import BOXED, MAX_BOX
 from orchestrator.errors import BadInput
 from orchestrator.models import (
     Host,
@@ -608,3 +609,43 @@ def test_two_services_added_at_once_see_each_other(pg_world: World) -> None:
         other[0].join(timeout=30)
     assert not other[0].is_alive()
     assert len(refused) == 1 and "DATABASE_URL" in str(refused[0]), refused
+
+
+def test_a_step_claimed_by_a_host_back_while_the_watcher_fails_it_is_not_both(pg_world: World) -> None:
+    """The watcher fails the steps waiting for a host that is down. The host beating again and
+    its node claiming one of them meanwhile must not leave a step the node runs and the watcher
+    failed: the watcher holds the down hosts' rows (a claim locks its host's row first), so the
+    node's claim comes after and finds the step failed."""
+    world = pg_world
+    world.code_service("web", scale=1)
+    op = requests.request_redeploy(world.platform, env=ENV, service="web")  # stage 0 sent, not run
+    step = world.steps(op.id or 0)[0]
+    assert step.host is not None and step.state == StepState.pending
+    with world.platform.session() as s:
+        s.exec(update(Host).where(col(Host.name) == step.host).values(state=HostState.down))
+        s.commit()
+    real_end = catalogue.end_step
+    claiming: list[threading.Thread] = []
+    claimed: list[list[Any]] = []
+
+    def claim() -> None:  # the host's node, back: its claim of the host's waiting steps
+        with world.platform.session() as s:
+            taken, _more = catalogue.claim_host_steps(session=s, host=step.host or "", node=f"{step.host}/back",
+                                                      lease=15, actions=sorted(BOXED), most=MAX_BOX,
+                                                      silent_since=4)
+            s.commit()
+            claimed.append(list(taken))
+
+    def a_claim_meanwhile(**kwargs: Any) -> bool:
+        if not claiming:
+            claiming.append(threading.Thread(target=claim))
+            claiming[0].start()
+            blocked_or_ended(world, claiming[0])
+        return real_end(**kwargs)
+
+    with patch.object(catalogue, "end_step", a_claim_meanwhile):
+        fleet.fail_steps_on_down_hosts(world.platform)
+        claiming[0].join(timeout=30)
+    assert not claiming[0].is_alive()
+    failed = world.step(step.id or 0).state == StepState.failed
+    assert not (failed and claimed[0]), (claimed, world.step(step.id or 0).state)

@@ -649,3 +649,28 @@ def test_a_step_claimed_by_a_host_back_while_the_watcher_fails_it_is_not_both(pg
     assert not claiming[0].is_alive()
     failed = world.step(step.id or 0).state == StepState.failed
     assert not (failed and claimed[0]), (claimed, world.step(step.id or 0).state)
+
+
+def test_a_site_added_while_its_service_is_removed_goes_with_it(pg_world: World) -> None:
+    """A service's removal ends by deleting its sites. A site added meanwhile (the service read as
+    live, the removal's end not seeing the site yet) would stay, routed to a removed service, its
+    name taken for good; the site's request holds the service's row instead."""
+    world = pg_world
+    world.code_service("web", scale=1)
+    requests.request_remove_service(world.platform, env=ENV, service="web")  # sent, not run
+    real_add = catalogue.add_site
+    removing: list[threading.Thread] = []
+
+    def added_while_removed(**kwargs: Any) -> Any:
+        site = real_add(**kwargs)
+        if not removing:  # the removal runs to its end now
+            removing.append(threading.Thread(target=world.run_all))
+            removing[0].start()
+            blocked_or_ended(world, removing[0])
+        return site
+
+    with patch.object(catalogue, "add_site", added_while_removed):
+        requests.add_site(world.platform, env=ENV, site="shop.example", service="web")
+        removing[0].join(timeout=30)
+    assert not removing[0].is_alive()
+    assert in_postgres(world.platform.settings.database_url, "SELECT count(*) FROM site")[0][0] == 0

@@ -9,7 +9,8 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from itertools import pairwise
 from pathlib import Path
@@ -113,6 +114,35 @@ def blocked_or_ended(world: World, thread: threading.Thread, timeout: float = 15
             return
         time.sleep(0.02)
     assert not thread.is_alive() or time.monotonic() < deadline, "it neither ended nor waited for a lock"
+
+
+@contextmanager
+def meanwhile(world: World, owner: Any, name: str, action: Callable[[], object], *,
+              before: bool = False) -> Iterator[None]:
+    """``owner.name`` patched so that at its first call (after it, or ``before`` it) ``action``
+    runs in another thread until it ends or waits for a lock (``blocked_or_ended``): the caller's
+    transaction is still open, and goes on then. On leaving, the action ran, and ended."""
+    real = getattr(owner, name)
+    threads: list[threading.Thread] = []
+
+    def start_once() -> None:
+        if not threads:
+            threads.append(threading.Thread(target=action))
+            threads[0].start()
+            blocked_or_ended(world, threads[0])
+
+    def hooked(*args: Any, **kwargs: Any) -> Any:
+        if before:
+            start_once()
+        result = real(*args, **kwargs)
+        start_once()
+        return result
+
+    with patch.object(owner, name, hooked):
+        yield
+        assert threads, f"{name} was not called"
+        threads[0].join(timeout=30)
+    assert not threads[0].is_alive()
 
 
 def test_push_redeploy_scale_with_postgres(pg_platform: tuple[Cli, str], pg_env: str, pg_url: str,
@@ -308,22 +338,10 @@ def test_two_plans_at_once_never_place_two_jobs_on_one_port(pg_world: World) -> 
     for name in ("a", "b"):
         requests.add_service(world.platform, env=ENV, name=name, type=ServiceType.code, image=None,
                              command="serve", scale=1, size="s")
-    real_loads = catalogue.host_loads
-    other: list[threading.Thread] = []
-
-    def loads_then_another_plan(**kwargs: Any) -> Any:
-        loads = real_loads(**kwargs)
-        if not other:  # the first plan has read; the second one runs now, to its commit if it can
-            other.append(threading.Thread(target=requests.request_push, args=(world.platform,),
-                                          kwargs={"env": ENV, "service": "b", "image": IMAGE}))
-            other[0].start()
-            blocked_or_ended(world, other[0])  # (it waits for this plan's turn: then this one goes on first)
-        return loads
-
-    with patch.object(catalogue_hosts, "host_loads", loads_then_another_plan):
+    # The first plan has read the loads; the second one runs now, to its commit if it can.
+    with meanwhile(world, catalogue_hosts, "host_loads",
+                   lambda: requests.request_push(world.platform, env=ENV, service="b", image=IMAGE)):
         requests.request_push(world.platform, env=ENV, service="a", image=IMAGE)
-        other[0].join(timeout=30)
-    assert not other[0].is_alive()
     (a,), (b,) = world.jobs("a"), world.jobs("b")
     assert (a.host, a.port) != (b.host, b.port), (a.host, a.port)
     world.run_all()
@@ -337,21 +355,9 @@ def test_a_drain_while_a_plan_places_on_its_host_moves_that_job_too(pg_world: Wo
     world = pg_world
     requests.add_service(world.platform, env=ENV, name="b", type=ServiceType.code, image=None,
                          command="serve", scale=1, size="s")
-    real_loads = catalogue.host_loads
-    draining: list[threading.Thread] = []
-
-    def loads_then_a_drain(**kwargs: Any) -> Any:
-        loads = real_loads(**kwargs)  # h1 up, and the lightest: the plan places there
-        if not draining:
-            draining.append(threading.Thread(target=fleet.drain, args=(world.platform,), kwargs={"host": "h1"}))
-            draining[0].start()
-            blocked_or_ended(world, draining[0])  # (it waits for this plan's turn: then this one goes on first)
-        return loads
-
-    with patch.object(catalogue_hosts, "host_loads", loads_then_a_drain):
+    # The plan has read the loads (h1 up, and the lightest: it places there); a drain of h1 now.
+    with meanwhile(world, catalogue_hosts, "host_loads", lambda: fleet.drain(world.platform, host="h1")):
         requests.request_push(world.platform, env=ENV, service="b", image=IMAGE)
-        draining[0].join(timeout=30)
-    assert not draining[0].is_alive()
     world.run_all()  # the push, then the drain queued behind it
     (job,) = world.jobs("b")
     assert job.host == "h2" and job.state == JobState.running, (job.host, job.state)
@@ -363,9 +369,7 @@ def test_a_host_removed_while_a_plan_places_on_it_is_refused(pg_world: World) ->
     world = pg_world
     requests.add_service(world.platform, env=ENV, name="b", type=ServiceType.code, image=None,
                          command="serve", scale=1, size="s")
-    real_loads = catalogue.host_loads
     removal: list[BaseException | None] = []  # what the removal came to: None, or its refusal
-    removing: list[threading.Thread] = []
 
     def remove_h1() -> None:
         try:
@@ -374,17 +378,8 @@ def test_a_host_removed_while_a_plan_places_on_it_is_refused(pg_world: World) ->
         except BadInput as exc:
             removal.append(exc)
 
-    def loads_then_a_removal(**kwargs: Any) -> Any:
-        loads = real_loads(**kwargs)
-        if not removing:
-            removing.append(threading.Thread(target=remove_h1))
-            removing[0].start()
-            blocked_or_ended(world, removing[0])
-        return loads
-
-    with patch.object(catalogue_hosts, "host_loads", loads_then_a_removal):
+    with meanwhile(world, catalogue_hosts, "host_loads", remove_h1):
         requests.request_push(world.platform, env=ENV, service="b", image=IMAGE)
-        removing[0].join(timeout=30)
     assert isinstance(removal[0], BadInput) and "still has 1 jobs" in str(removal[0]), removal
     (job,) = world.jobs("b")
     with world.platform.reader() as s:
@@ -397,21 +392,9 @@ def test_two_variable_changes_at_once_both_stay(pg_world: World) -> None:
     the service's row is locked until each commits instead."""
     world = pg_world
     world.code_service("web", scale=1)
-    real_set = catalogue.set_variables
-    other: list[threading.Thread] = []
-
-    def set_then_another(**kwargs: Any) -> None:
-        real_set(**kwargs)
-        if not other:
-            other.append(threading.Thread(target=requests.change_variables, args=(world.platform,),
-                                          kwargs={"env": ENV, "service": "web", "values": {"B": "2"}}))
-            other[0].start()
-            blocked_or_ended(world, other[0])  # (it waits for this change's commit: then this one goes on first)
-
-    with patch.object(catalogue, "set_variables", set_then_another):
+    with meanwhile(world, catalogue, "set_variables",
+                   lambda: requests.change_variables(world.platform, env=ENV, service="web", values={"B": "2"})):
         requests.change_variables(world.platform, env=ENV, service="web", values={"A": "1"})
-        other[0].join(timeout=30)
-    assert not other[0].is_alive()
     assert world.service("web").variables == {"A": "1", "B": "2"}
 
 
@@ -447,21 +430,9 @@ def test_a_host_marked_down_while_it_is_undrained_stays_down(pg_world: World) ->
     world = pg_world
     fleet.drain(world.platform, host="h1")
     world.silence("h1", 60)
-    real_get = catalogue.get_host
-    watching: list[threading.Thread] = []
-
-    def read_then_marked_down(**kwargs: Any) -> Any:
-        host = real_get(**kwargs)
-        if not watching:
-            watching.append(threading.Thread(target=watcher.silent_hosts, args=(world.platform, time.monotonic())))
-            watching[0].start()
-            blocked_or_ended(world, watching[0])  # (it waits for the undrain's commit: then the undrain goes on first)
-        return host
-
-    with patch.object(catalogue, "get_host", read_then_marked_down):
+    # The undrain has read its host; the watcher's pass marks it down now.
+    with meanwhile(world, catalogue, "get_host", lambda: watcher.silent_hosts(world.platform, time.monotonic())):
         fleet.undrain(world.platform, host="h1")
-        watching[0].join(timeout=30)
-    assert not watching[0].is_alive()
     with world.platform.reader() as s:
         assert catalogue.get_host(session=s, name="h1").state == HostState.down
 
@@ -559,22 +530,10 @@ def test_a_host_back_while_its_jobs_recover_is_planned_runs_no_job_too_many(pg_w
         s.exec(update(Job).where(col(Job.id) == job.id).values(state=JobState.lost))
         s.commit()
     service_id = world.service("web").id or 0
-    real_active = catalogue.active_jobs
-    recovering: list[threading.Thread] = []
-
-    def read_then_a_recover(**kwargs: Any) -> Any:
-        found = real_active(**kwargs)
-        if not recovering:  # the heartbeat judges the job wanted back; a recover starts now
-            recovering.append(threading.Thread(target=fleet._start_for_each, args=(
-                world.platform, [service_id], OpKind.recover, OpTrigger.host_lost, job.host)))
-            recovering[0].start()
-            blocked_or_ended(world, recovering[0])  # (it waits for the heartbeat's commit: then that goes on first)
-        return found
-
-    with patch.object(catalogue, "active_jobs", read_then_a_recover):
+    # The heartbeat judges the job wanted back; a recover starts now.
+    with meanwhile(world, catalogue, "active_jobs", lambda: fleet._start_for_each(
+            world.platform, [service_id], OpKind.recover, OpTrigger.host_lost, job.host)):
         world.beat(job.host)
-        recovering[0].join(timeout=30)
-    assert not recovering[0].is_alive()
     world.run_all()
     assert [(j.id, j.state) for j in world.jobs("web")] == [(job.id, JobState.running)]
 
@@ -584,8 +543,6 @@ def test_two_services_added_at_once_see_each_other(pg_world: World) -> None:
     DATABASE_URL in code services: the second added is refused. Added at once, each read the
     environment's services without the other; the environment's row is locked instead."""
     world = pg_world
-    real_add = catalogue.add_service
-    other: list[threading.Thread] = []
     refused: list[BaseException] = []
 
     def add_cache() -> None:
@@ -595,19 +552,9 @@ def test_two_services_added_at_once_see_each_other(pg_world: World) -> None:
         except BadInput as exc:
             refused.append(exc)
 
-    def added_then_another(**kwargs: Any) -> Any:
-        service = real_add(**kwargs)
-        if not other:
-            other.append(threading.Thread(target=add_cache))
-            other[0].start()
-            blocked_or_ended(world, other[0])  # (it waits for this one's commit: then this one goes on first)
-        return service
-
-    with patch.object(catalogue, "add_service", added_then_another):
+    with meanwhile(world, catalogue, "add_service", add_cache):
         requests.add_service(world.platform, env=ENV, name="orders", type=ServiceType.postgresql, image=None,
                              command=None, scale=1, size="s")
-        other[0].join(timeout=30)
-    assert not other[0].is_alive()
     assert len(refused) == 1 and "DATABASE_URL" in str(refused[0]), refused
 
 
@@ -624,8 +571,6 @@ def test_a_step_claimed_by_a_host_back_while_the_watcher_fails_it_is_not_both(pg
     with world.platform.session() as s:
         s.exec(update(Host).where(col(Host.name) == step.host).values(state=HostState.down))
         s.commit()
-    real_end = catalogue.end_step
-    claiming: list[threading.Thread] = []
     claimed: list[list[Any]] = []
 
     def claim() -> None:  # the host's node, back: its claim of the host's waiting steps
@@ -636,17 +581,8 @@ def test_a_step_claimed_by_a_host_back_while_the_watcher_fails_it_is_not_both(pg
             s.commit()
             claimed.append(list(taken))
 
-    def a_claim_meanwhile(**kwargs: Any) -> bool:
-        if not claiming:
-            claiming.append(threading.Thread(target=claim))
-            claiming[0].start()
-            blocked_or_ended(world, claiming[0])
-        return real_end(**kwargs)
-
-    with patch.object(catalogue, "end_step", a_claim_meanwhile):
+    with meanwhile(world, catalogue, "end_step", claim, before=True):  # (it read the step stuck)
         fleet.fail_steps_on_down_hosts(world.platform)
-        claiming[0].join(timeout=30)
-    assert not claiming[0].is_alive()
     failed = world.step(step.id or 0).state == StepState.failed
     assert not (failed and claimed[0]), (claimed, world.step(step.id or 0).state)
 
@@ -658,19 +594,6 @@ def test_a_site_added_while_its_service_is_removed_goes_with_it(pg_world: World)
     world = pg_world
     world.code_service("web", scale=1)
     requests.request_remove_service(world.platform, env=ENV, service="web")  # sent, not run
-    real_add = catalogue.add_site
-    removing: list[threading.Thread] = []
-
-    def added_while_removed(**kwargs: Any) -> Any:
-        site = real_add(**kwargs)
-        if not removing:  # the removal runs to its end now
-            removing.append(threading.Thread(target=world.run_all))
-            removing[0].start()
-            blocked_or_ended(world, removing[0])
-        return site
-
-    with patch.object(catalogue, "add_site", added_while_removed):
+    with meanwhile(world, catalogue, "add_site", world.run_all):  # (the removal runs to its end now)
         requests.add_site(world.platform, env=ENV, site="shop.example", service="web")
-        removing[0].join(timeout=30)
-    assert not removing[0].is_alive()
     assert in_postgres(world.platform.settings.database_url, "SELECT count(*) FROM site")[0][0] == 0
